@@ -1,0 +1,39 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the scripts at the root are imported as modules by the tests
+sys.path.insert(0, str(ROOT / "tests"))
+
+# ../shared beside the checkout (real TinyStories sample + the Llama 2 tokenizer); absent on a user's clone
+SHARED = Path(os.environ.get("LLAMA_SHARED_DIR", ROOT.parent / "shared"))
+SHARED_STORIES = SHARED / "data" / "tinystories"
+LLAMA2_TOKENIZER = SHARED / "tokenizers" / "llama2.model"
+
+
+@pytest.fixture
+def shared_stories() -> Path:
+    if not (SHARED_STORIES / "TinyStories_all_data_sample.tar.gz").exists():
+        pytest.skip(f"real TinyStories sample not found at {SHARED_STORIES} (set LLAMA_SHARED_DIR)")
+    return SHARED_STORIES
+
+
+@pytest.fixture
+def llama2_tokenizer() -> Path:
+    if not LLAMA2_TOKENIZER.exists():
+        pytest.skip(f"Llama 2 tokenizer not found at {LLAMA2_TOKENIZER} (set LLAMA_SHARED_DIR)")
+    return LLAMA2_TOKENIZER
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)

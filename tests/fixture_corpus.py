@@ -1,0 +1,89 @@
+"""
+A small synthetic story corpus, generated from templates, for tests and the offline demo.
+
+The stories are simple on purpose (a tiny model learns them in a minute on a CPU) but
+varied enough to train a vocabulary and to tell a trained model from an untrained one.
+Output is deterministic for a given seed.
+
+    python tests/fixture_corpus.py out.txt --num_stories 2000            # <|endoftext|> format
+    python tests/fixture_corpus.py out_dir --num_stories 2000 --shards 4 # data00.json ... like TinyStories
+"""
+import argparse
+import json
+import os
+import random
+
+NAMES = ["Lily", "Tom", "Mia", "Ben", "Sue", "Max", "Anna", "Sam", "Lucy", "Tim", "Zoe", "Jack"]
+ANIMALS = ["cat", "dog", "bird", "bunny", "frog", "duck", "bear", "fox", "mouse", "fish"]
+THINGS = ["ball", "kite", "box", "hat", "book", "cake", "toy car", "flower", "drum", "boat"]
+COLORS = ["red", "blue", "green", "yellow", "big", "small", "shiny", "soft"]
+PLACES = ["park", "garden", "forest", "beach", "house", "yard", "lake", "hill"]
+FEELINGS = ["happy", "sad", "scared", "proud", "tired", "excited"]
+VERBS = ["play", "run", "jump", "sing", "dance", "swim", "read", "draw"]
+
+
+def make_story(rng: random.Random) -> str:
+    name, friend = rng.sample(NAMES, 2)
+    animal, thing, color = rng.choice(ANIMALS), rng.choice(THINGS), rng.choice(COLORS)
+    place, verb = rng.choice(PLACES), rng.choice(VERBS)
+    feeling = rng.choice(FEELINGS)
+    opening = rng.choice([
+        f"Once upon a time, there was a little {animal} named {name}.",
+        f"One day, a little {animal} named {name} went to the {place}.",
+        f"There was a {color} {animal} called {name} who lived near the {place}.",
+    ])
+    middle = [
+        f"{name} had a {color} {thing}. {name} loved to {verb} with the {thing} every day.",
+        f"At the {place}, {name} met {friend}. {friend} wanted to {verb} too.",
+        rng.choice([
+            f"But the {thing} fell into the water and {name} felt {feeling}.",
+            f"Then it started to rain, and {name} and {friend} ran under a tree.",
+            f"{friend} asked, \"Can I have the {thing}?\" {name} said, \"Yes, we can share.\"",
+        ]),
+        rng.choice([
+            f"{friend} helped {name} find the {thing} again.",
+            f"They waited until the sun came out, and then they could {verb} again.",
+            f"They took turns with the {thing} and laughed a lot.",
+        ]),
+    ]
+    ending = rng.choice([
+        f"{name} and {friend} were {feeling} and became best friends.",
+        f"That night, {name} went to sleep with the {thing} and dreamed about the {place}.",
+        "And they lived happily ever after.",
+    ])
+    return " ".join([opening] + middle[: rng.randint(2, 4)] + [ending])
+
+
+def make_stories(num_stories: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [make_story(rng) for _ in range(num_stories)]
+
+
+def write_endoftext(path: str, stories: list[str]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for story in stories:
+            f.write(story + "\n<|endoftext|>\n")
+
+
+def write_json_shards(out_dir: str, stories: list[str], shards: int) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    per = -(-len(stories) // shards)
+    for i in range(shards):
+        chunk = [{"story": s} for s in stories[i * per : (i + 1) * per]]
+        with open(os.path.join(out_dir, f"data{i:02d}.json"), "w", encoding="utf-8") as f:
+            json.dump(chunk, f)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", help="a .txt file, or a directory when --shards is given")
+    parser.add_argument("--num_stories", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--shards", type=int, default=0, help="write TinyStories-style dataNN.json shards")
+    args = parser.parse_args()
+    stories = make_stories(args.num_stories, args.seed)
+    if args.shards:
+        write_json_shards(args.out, stories, args.shards)
+    else:
+        write_endoftext(args.out, stories)
+    print(f"wrote {len(stories)} stories to {args.out}")
