@@ -1,0 +1,232 @@
+"""`tinystories.py download` end to end against a local HTTP server on 127.0.0.1 (no network): resume,
+restart when Range is ignored, server errors, local paths, HF_ENDPOINT, and unsafe archives."""
+import io
+import re
+import tarfile
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from fixture_corpus import make_stories, write_json_shards
+
+import tinystories as ts
+
+ARCHIVE_PATH = "/" + ts.TINYSTORIES_PATH
+
+
+class Handler(BaseHTTPRequestHandler):
+    # behaviour is set on the server: files {path: bytes}, honour_range, cut_once, fail, log [(path, Range)]
+    def do_GET(self):
+        srv = self.server
+        srv.log.append((self.path, self.headers.get("Range")))
+        if srv.fail:
+            return self.send_error(srv.fail)
+        body = srv.files.get(self.path)
+        if body is None:
+            return self.send_error(404)
+        start = 0
+        if (m := re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")) and srv.honour_range:
+            start = int(m[1])
+            if start >= len(body):
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(body)}")
+                self.end_headers()
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(len(body) - start))
+        self.end_headers()
+        data = body[start:]
+        if srv.cut_once:  # send half, then drop the connection
+            srv.cut_once = False
+            data = data[: len(data) // 2]
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    srv.files, srv.honour_range, srv.cut_once, srv.fail, srv.log = {}, True, False, None, []
+    srv.url = f"http://127.0.0.1:{srv.server_address[1]}"
+    thread = threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+@pytest.fixture(scope="module")
+def payload(tmp_path_factory):
+    """A TinyStories-style archive and a small sentencepiece model to serve."""
+    d = tmp_path_factory.mktemp("payload")
+    write_json_shards(str(d / "ts" / ts.TINYSTORIES_DIR), make_stories(400, seed=9), 4)
+    ts.train_vocab(d / "ts", 300, num_stories=200)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for p in ts.json_shards(d / "ts" / ts.TINYSTORIES_DIR):
+            tar.add(p, arcname=p.name)
+    return {"archive": buf.getvalue(), "tokenizer": (d / "ts" / "tok300.model").read_bytes(), "dir": d}
+
+
+@pytest.fixture(autouse=True)
+def no_wait(monkeypatch):
+    monkeypatch.setattr(ts, "RETRY_WAIT_S", 0.0)
+
+
+def serve(server, payload):
+    server.files = {ARCHIVE_PATH: payload["archive"], "/tok.model": payload["tokenizer"]}
+    return ["--url", server.url + ARCHIVE_PATH, "--tokenizer_url", server.url + "/tok.model"]
+
+
+def download(data, *args):
+    return ts.main(["download", "--data_dir", str(data), *args])
+
+
+def errors(capsys):
+    return [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+
+
+def assert_complete(data, payload):
+    assert [p.name for p in ts.json_shards(data / ts.TINYSTORIES_DIR)] == [f"data0{i}.json" for i in range(4)]
+    assert (data / "TinyStories_all_data.tar.gz").read_bytes() == payload["archive"]
+    assert (data / ts.LLAMA2_TOKENIZER).read_bytes() == payload["tokenizer"]
+    assert not [p for p in data.iterdir() if p.name.endswith(".part") or p.name.startswith(".")]
+
+
+def test_download_then_second_run_does_nothing(server, payload, tmp_path, capsys):
+    args = serve(server, payload)
+    assert download(tmp_path, *args) == 0
+    assert_complete(tmp_path, payload)
+    requests_made = len(server.log)
+    capsys.readouterr()
+    assert download(tmp_path, *args) == 0
+    assert len(server.log) == requests_made
+    assert capsys.readouterr().out.count("already present") == 2
+
+
+def test_interrupted_transfer_resumes_with_range(server, payload, tmp_path):
+    args = serve(server, payload)
+    server.cut_once = True
+    assert download(tmp_path, *args) == 0
+    assert_complete(tmp_path, payload)
+    (_, first), (_, second) = [entry for entry in server.log if entry[0] == ARCHIVE_PATH]
+    assert first is None and second == f"bytes={len(payload['archive']) // 2}-"
+
+
+def test_server_ignoring_range_starts_over(server, payload, tmp_path):
+    args = serve(server, payload)
+    server.cut_once, server.honour_range = True, False
+    assert download(tmp_path, *args) == 0
+    assert_complete(tmp_path, payload)  # a 200 answer replaced the partial file instead of being appended
+    assert [r for p, r in server.log if p == ARCHIVE_PATH][1].startswith("bytes=")
+
+
+def test_resume_in_a_later_run(server, payload, tmp_path, capsys):
+    args = serve(server, payload)
+    server.cut_once = True
+    assert download(tmp_path, *args, "--retries", "0") == 1
+    [err] = errors(capsys)
+    assert "run the same command again to resume" in err and "--url" in err
+    part = tmp_path / "TinyStories_all_data.tar.gz.part"
+    have = part.stat().st_size
+    assert 0 < have < len(payload["archive"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [part.name]  # nothing a later step could take for data
+    assert download(tmp_path, *args) == 0
+    assert_complete(tmp_path, payload)
+    assert [r for p, r in server.log if p == ARCHIVE_PATH][-1] == f"bytes={have}-"
+
+
+def test_complete_part_file_is_renamed(server, payload, tmp_path):
+    args = serve(server, payload)
+    (tmp_path / "TinyStories_all_data.tar.gz.part").write_bytes(payload["archive"])  # crashed just before rename
+    assert download(tmp_path, *args) == 0  # the server answers 416: nothing left to send
+    assert_complete(tmp_path, payload)
+
+
+def test_server_error_leaves_nothing_behind(server, payload, tmp_path, capsys):
+    args = serve(server, payload)
+    server.fail = 500
+    assert download(tmp_path, *args) == 1
+    [err] = errors(capsys)
+    assert "HTTP 500" in err and "--url" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unreachable_server_is_one_line(tmp_path, capsys):
+    assert download(tmp_path, "--url", "http://127.0.0.1:9/x.tar.gz", "--retries", "0") == 1
+    [err] = errors(capsys)
+    assert err.startswith("error: downloading http://127.0.0.1:9/x.tar.gz failed")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_truncated_archive_is_not_trusted(server, payload, tmp_path, capsys):
+    args = serve(server, payload)
+    server.files[ARCHIVE_PATH] = payload["archive"][:-200]  # complete as far as HTTP knows
+    assert download(tmp_path, *args) == 1
+    [err] = errors(capsys)
+    assert "cannot unpack" in err and "run download again" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_local_path_and_file_url(payload, tmp_path):
+    archive = tmp_path / "copy.tar.gz"
+    archive.write_bytes(payload["archive"])
+    tok = tmp_path / "tok.model"
+    tok.write_bytes(payload["tokenizer"])
+    for data, url in [(tmp_path / "a", str(archive)), (tmp_path / "b", archive.as_uri())]:
+        assert download(data, "--url", url, "--tokenizer_url", tok.as_uri()) == 0
+        assert len(ts.json_shards(data / ts.TINYSTORIES_DIR)) == 4
+        assert (data / ts.LLAMA2_TOKENIZER).read_bytes() == payload["tokenizer"]
+        assert not (data / "TinyStories_all_data.tar.gz").exists()  # used in place, not copied
+    assert download(tmp_path / "c", "--url", str(tmp_path / "missing.tar.gz")) == 1
+
+
+def test_hf_endpoint_sets_the_default_url(server, payload, tmp_path, monkeypatch):
+    serve(server, payload)
+    monkeypatch.setenv("HF_ENDPOINT", server.url + "/")
+    assert ts.default_url() == server.url + ARCHIVE_PATH
+    assert download(tmp_path, "--tokenizer_url", server.url + "/tok.model") == 0
+    assert_complete(tmp_path, payload)
+    monkeypatch.delenv("HF_ENDPOINT")
+    assert ts.default_url() == "https://huggingface.co" + ARCHIVE_PATH
+
+
+def test_tokenizer_failure_is_a_note(server, payload, tmp_path, capsys):
+    args = serve(server, payload)
+    server.files["/tok.model"] = b"<html>not a model</html>"
+    assert download(tmp_path, *args[:2], "--tokenizer_url", server.url + "/tok.model") == 0
+    assert download(tmp_path / "b", *args[:2], "--tokenizer_url", server.url + "/missing") == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note")]
+    assert len(notes) == 2 and "not a sentencepiece model" in notes[0] and "HTTP 404" in notes[1]
+    for data in (tmp_path, tmp_path / "b"):
+        assert not [p for p in data.iterdir() if "tokenizer" in p.name]
+
+
+def make_tar(path, member: tarfile.TarInfo, data=b"[]"):
+    with tarfile.open(path, "w:gz") as tar:
+        info = tarfile.TarInfo("data00.json")
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"[]"))
+        tar.addfile(member, io.BytesIO(data) if member.isfile() else None)
+
+
+@pytest.mark.parametrize("kind", ["parent", "absolute", "symlink", "hardlink"])
+def test_unsafe_archives_are_refused(tmp_path, capsys, kind):
+    member = tarfile.TarInfo({"parent": "../evil.json", "absolute": str(tmp_path / "abs.json")}.get(kind, "data01.json"))
+    if kind in ("symlink", "hardlink"):
+        member.type = tarfile.SYMTYPE if kind == "symlink" else tarfile.LNKTYPE
+        member.linkname = "/etc/passwd" if kind == "symlink" else "data00.json"
+    else:
+        member.size = 2
+    make_tar(tmp_path / "evil.tar.gz", member)
+    data = tmp_path / "data"
+    assert download(data, "--url", str(tmp_path / "evil.tar.gz"), "--tokenizer_url", str(tmp_path / "none")) == 1
+    [err] = errors(capsys)
+    assert "refusing to unpack" in err
+    assert list(data.iterdir()) == []  # no target, no temporary directory
+    assert not (tmp_path / "evil.json").exists() and not (tmp_path / "abs.json").exists()
