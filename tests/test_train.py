@@ -1,0 +1,415 @@
+import glob
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from fixture_corpus import make_stories, write_endoftext
+
+import tinystories
+import train
+from configurator import ConfigError, parse_config
+from model import ModelArgs, Transformer, from_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+TRAIN = str(ROOT / "train.py")
+CHECKPOINT_KEYS = {"model", "model_args", "optimizer", "scaler", "config", "iter_num", "tokens_seen",
+                   "best_val_loss", "loader_state", "rng_state", "tokenizer"}
+# a model small enough for ~10 ms iterations on one CPU thread
+TINY = ["--dataset=fixture", "--vocab_source=custom", "--vocab_size=512", "--dim=32", "--n_layers=2", "--n_heads=4",
+        "--n_kv_heads=2", "--multiple_of=16", "--max_seq_len=32", "--batch_size=8", "--gradient_accumulation_steps=2",
+        "--eval_iters=2", "--log_interval=1", "--warmup_iters=2", "--learning_rate=3e-3", "--device=cpu",
+        "--compile=False"]
+LOG_LINE = re.compile(r"^iter \d+ \| loss \d+\.\d{4} \| lr \d\.\d\de[+-]\d\d \| grad norm \d+\.\d{3} \| "
+                      r"\d+\.\d ms/iter \| [\d,]+ tokens/s \| MFU -$")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    # the synthetic corpus with its own 512-token vocabulary, made by the data stage's own functions
+    root = tmp_path_factory.mktemp("train_data")
+    text = root / "stories.txt"
+    write_endoftext(text, make_stories(1500, seed=3))
+    tinystories.train_vocab(root, 512, input=text, name="fixture")
+    tinystories.prepare(root, text, "fixture", vocab_size=512)
+    return root
+
+
+def run_train(args, data_dir, out_dir, torchrun=0, timeout=240) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # tiny models: one thread each is fastest on a shared CPU
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"] \
+        if torchrun else [sys.executable]
+    cmd = launcher + [TRAIN] + TINY + [f"--data_dir={data_dir}", f"--out_dir={out_dir}"] + list(args)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=out_dir.parent)
+
+
+def ok(result) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def read_metrics(out_dir) -> tuple[list[dict], list[dict]]:
+    with open(out_dir / "metrics.jsonl", encoding="utf-8") as f:
+        records = [json.loads(line) for line in f]
+    return [r for r in records if "loss" in r], [r for r in records if "val_loss" in r]
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in last, last
+    return last
+
+
+def main_error(argv) -> str:
+    # train.main() in this process: the message it exits with
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    message = str(e.value.code)
+    assert message.startswith("error: ") and "\n" not in message, message
+    return message
+
+
+@pytest.fixture(scope="session")
+def short_run(data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("short_run") / "out"
+    result = ok(run_train(["--max_iters=30", "--eval_interval=15"], data_dir, out))
+    return out, result
+
+
+# ----------------------------------------------------------------------------- the schedule
+
+
+def test_lr_warmup_starts_above_zero_and_reaches_the_peak():
+    lr, warmup = 1e-3, 10
+    assert train.get_lr(0, lr, warmup, 100, 1e-4) == pytest.approx(lr / warmup)
+    assert train.get_lr(warmup - 1, lr, warmup, 100, 1e-4) == pytest.approx(lr)
+    assert train.get_lr(warmup, lr, warmup, 100, 1e-4) == pytest.approx(lr)  # cosine starts at the peak
+    steps = [train.get_lr(i, lr, warmup, 100, 1e-4) for i in range(warmup)]
+    assert all(b > a > 0 for a, b in zip(steps, steps[1:]))
+
+
+def test_lr_cosine_decays_to_min_lr_and_stays_there():
+    lr, min_lr, warmup, decay = 1e-3, 1e-4, 10, 110
+    assert train.get_lr(60, lr, warmup, decay, min_lr) == pytest.approx((lr + min_lr) / 2)  # half-way
+    assert min_lr < train.get_lr(decay - 1, lr, warmup, decay, min_lr) < min_lr * 1.01  # last step of a run
+    assert train.get_lr(decay, lr, warmup, decay, min_lr) == min_lr
+    assert train.get_lr(10 * decay, lr, warmup, decay, min_lr) == min_lr
+    values = [train.get_lr(i, lr, warmup, decay, min_lr) for i in range(warmup, decay + 1)]
+    assert all(b <= a for a, b in zip(values, values[1:]))
+
+
+def test_lr_without_warmup_and_with_decay_equal_to_warmup():
+    assert train.get_lr(0, 1e-3, 0, 100, 0.0) == 1e-3
+    # decay ending where warmup ends: straight to min_lr, no division by zero
+    assert train.get_lr(10, 1e-3, 10, 10, 1e-5) == 1e-5
+
+
+def test_resolve_config_fills_in_the_derived_values():
+    c = train.resolve_config(train.default_config() | {"learning_rate": 6e-4, "max_iters": 500, "warmup_iters": 50})
+    assert c["min_lr"] == pytest.approx(6e-5) and c["lr_decay_iters"] == 500
+    assert c["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        assert c["dtype"] == "float32"
+    # explicit values win; None defaults can be overridden from the command line
+    c = train.resolve_config(parse_config(train.default_config(), ["--min_lr=0", "--lr_decay_iters=3000"]))
+    assert c["min_lr"] == 0 and c["lr_decay_iters"] == 3000
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"init_from": "resum"}, "init_from='resum' is not one of"),
+    ({"dtype": "fp16"}, "dtype='fp16'"),
+    ({"device": "tpu"}, "device='tpu'"),
+    ({"batch_size": 0}, "batch_size=0 must be at least 1"),
+    ({"warmup_iters": 500, "lr_decay_iters": 100}, "lr_decay_iters=100 is shorter than warmup_iters=500"),
+    ({"dim": 288, "n_heads": 5}, "dim=288 is not divisible by n_heads=5"),
+])
+def test_resolve_config_rejects_bad_values(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        train.resolve_config(train.default_config() | override)
+
+
+def test_accumulation_is_global_and_must_divide_by_the_world_size():
+    assert train.split_accumulation(8, 4) == 2 and train.split_accumulation(4, 1) == 4
+    with pytest.raises(ConfigError, match=r"gradient_accumulation_steps=3 must be divisible by .* \(2\)"):
+        train.split_accumulation(3, 2)
+
+
+def test_peak_flops():
+    assert train.resolve_peak_flops(1e12, "cuda") == 1e12
+    assert train.resolve_peak_flops("H100", "cpu") == 989e12
+    assert train.resolve_peak_flops("nvidia h100 pcie", "cpu") == 756e12
+    assert train.resolve_peak_flops(None, "cpu") is None  # no MFU on a CPU
+    with pytest.raises(ConfigError, match="unknown GPU"):
+        train.resolve_peak_flops("abacus", "cpu")
+
+
+def test_shipped_configs_reproduce_the_reference_shapes():
+    expected = {"260k": (260_032, 65_536), "15m": (15_191_712, 131_072), "42m": (41_689_600, 131_072),
+                "110m": (109_529_856, 131_072)}
+    for name, (params, tokens_per_iter) in expected.items():
+        path = ROOT / "config" / f"train_{name}.py"
+        c = train.resolve_config(parse_config(train.default_config(), [str(path)]))
+        with torch.device("meta"):  # shapes only, no memory
+            model = Transformer(ModelArgs.from_dict(c))
+        assert model.num_params() == params, name
+        assert c["batch_size"] * c["max_seq_len"] * c["gradient_accumulation_steps"] == tokens_per_iter, name
+        assert "val loss" in path.read_text(encoding="utf-8")
+    debug = train.resolve_config(parse_config(train.default_config(), [str(ROOT / "config" / "train_cpu_debug.py")]))
+    assert debug["dataset"] == "fixture" and debug["vocab_size"] == 512 and debug["device"] == "cpu"
+    assert len(glob.glob(str(ROOT / "config" / "*.py"))) >= 5
+
+
+# ----------------------------------------------------------------------------- checkpoints on disk
+
+
+def test_save_checkpoint_replaces_atomically(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    train.save_checkpoint(path, {"iter_num": 1})
+    train.save_checkpoint(path, {"iter_num": 2})
+    assert torch.load(path)["iter_num"] == 2
+    assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temporary file left behind
+
+
+KILLED_SAVE = """
+import os, sys, time
+import torch
+sys.path.insert(0, {root!r})
+import train
+
+path, ready, where = sys.argv[1:]
+
+def stall():
+    open(ready, "w").close()  # tell the test we are inside save_checkpoint, then wait for SIGKILL
+    time.sleep(120)
+
+class StallWhilePickling:
+    def __reduce__(self):
+        stall()
+        return (int, ())
+
+if where == "before_rename":  # everything written, not yet renamed
+    os.fsync = lambda fd: stall()
+obj = {{"iter_num": 2, "weights": torch.randn(512, 1024)}}
+if where == "mid_write":
+    obj["stall"] = StallWhilePickling()
+train.save_checkpoint(path, obj)
+"""
+
+
+@pytest.mark.parametrize("where", ["mid_write", "before_rename"])
+def test_sigkill_while_saving_keeps_the_previous_checkpoint(tmp_path, where):
+    path, ready = tmp_path / "ckpt.pt", tmp_path / "ready"
+    train.save_checkpoint(path, {"iter_num": 1, "weights": torch.ones(3)})
+    script = tmp_path / "save.py"
+    script.write_text(KILLED_SAVE.format(root=str(ROOT)), encoding="utf-8")
+    proc = subprocess.Popen([sys.executable, str(script), str(path), str(ready), where])
+    try:
+        deadline = time.time() + 120
+        while not ready.exists():
+            assert proc.poll() is None, "the saving process ended before it was killed"
+            assert time.time() < deadline, "the saving process never reached save_checkpoint"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    assert (tmp_path / "ckpt.pt.tmp").exists()  # the interrupted write went to the temporary file ...
+    old = torch.load(path)  # ... and the previous checkpoint is whole
+    assert old["iter_num"] == 1 and torch.equal(old["weights"], torch.ones(3))
+    train.save_checkpoint(path, {"iter_num": 3})  # and the next save goes through
+    assert torch.load(path)["iter_num"] == 3 and not (tmp_path / "ckpt.pt.tmp").exists()
+
+
+def test_truncate_metrics_drops_lines_after_the_checkpoint(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"iter": i, "loss": 1.0}) + "\n" for i in range(1, 9)), encoding="utf-8")
+    train.truncate_metrics(str(path), 5)
+    assert [json.loads(line)["iter"] for line in path.read_text(encoding="utf-8").splitlines()] == [1, 2, 3, 4, 5]
+
+
+# ----------------------------------------------------------------------------- real runs
+
+
+def test_short_run_learns_and_writes_its_outputs(short_run):
+    out, result = short_run
+    logs, evals = read_metrics(out)
+    assert [r["iter"] for r in logs] == list(range(1, 31))
+    assert set(logs[0]) == {"iter", "tokens", "loss", "lr", "grad_norm", "dt_ms", "tok_per_s", "mfu"}
+    assert set(evals[0]) == {"iter", "tokens", "train_loss", "val_loss"} and [r["iter"] for r in evals] == [15, 30]
+    assert logs[-1]["tokens"] == 30 * 2 * 8 * 32
+    first, last = sum(r["loss"] for r in logs[:3]) / 3, sum(r["loss"] for r in logs[-3:]) / 3
+    assert first > 5.5 and last < first - 1.0, (first, last)  # from about ln(512) = 6.2
+    assert evals[1]["val_loss"] < evals[0]["val_loss"]
+
+    lines = [line for line in result.stdout.splitlines() if line.startswith("iter ")]
+    assert len(lines) == 30 and all(LOG_LINE.match(line) for line in lines), lines[:2]
+
+    model, ckpt = from_checkpoint(out / "ckpt.pt")
+    assert set(ckpt) == CHECKPOINT_KEYS
+    assert ckpt["iter_num"] == 30 and ckpt["tokens_seen"] == 30 * 512
+    assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"])
+    assert ckpt["model_args"]["dim"] == 32 and ckpt["config"]["lr_decay_iters"] == 30
+    assert ckpt["best_val_loss"] == pytest.approx(evals[1]["val_loss"])
+    assert Path(ckpt["tokenizer"]).is_file() and len(ckpt["rng_state"]) == 1
+
+    info = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    assert info["config"]["batch_size"] == 8 and info["torch"] == torch.__version__ and "git" in info
+
+
+@pytest.mark.slow
+def test_resume_continues_exactly(data_dir, tmp_path):
+    # dropout on, so the restored RNG streams matter as much as the weights, optimizer and data position
+    common = ["--dropout=0.1", "--eval_interval=6", "--lr_decay_iters=12"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    ok(run_train(common + ["--max_iters=12"], data_dir, full))
+    ok(run_train(common + ["--max_iters=6"], data_dir, part))
+    ok(run_train(common + ["--max_iters=12", "--init_from=resume"], data_dir, part))
+    full_logs, full_evals = read_metrics(full)
+    part_logs, part_evals = read_metrics(part)
+    assert [r["iter"] for r in part_logs] == list(range(1, 13))  # no duplicate lines after resuming
+    for a, b in zip(full_logs, part_logs):
+        assert (a["iter"], a["loss"], a["grad_norm"], a["lr"], a["tokens"]) == \
+               (b["iter"], b["loss"], b["grad_norm"], b["lr"], b["tokens"])
+    assert full_evals == part_evals
+    a, b = torch.load(full / "ckpt.pt", weights_only=False), torch.load(part / "ckpt.pt", weights_only=False)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(short_run, data_dir, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(short_run[0], out)
+    before = (out / "ckpt.pt").read_bytes()
+    # a learning rate that truly diverges: the weights blow up within a few steps
+    result = run_train(["--init_from=resume", "--max_iters=60", "--eval_interval=5", "--learning_rate=1e6",
+                        "--warmup_iters=0"], data_dir, out)
+    last = assert_one_line_error(result, "at iteration", "training stopped",
+                                 f"the last good checkpoint is {out / 'ckpt.pt'} (iteration 30)")
+    assert re.search(r"is (nan|inf|-inf) at iteration 3\d", last), last
+    assert (out / "ckpt.pt").read_bytes() == before  # untouched, and still loads
+    assert from_checkpoint(out / "ckpt.pt")[1]["iter_num"] == 30
+
+
+def test_eval_only_evaluates_the_checkpoint(short_run, data_dir, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(short_run[0], out)
+    result = ok(run_train(["--init_from=resume", "--eval_only=True", "--max_iters=30"], data_dir, out))
+    assert re.search(r"eval at iteration 30: train loss \d\.\d{4}, val loss \d\.\d{4}", result.stdout), result.stdout
+
+
+# ----------------------------------------------------------------------------- failures: one line, exit 1
+
+
+def test_bad_config_is_a_one_line_error_without_traceback(data_dir, tmp_path):
+    result = run_train(["--learnig_rate=1e-3"], data_dir, tmp_path / "out")
+    assert_one_line_error(result, "unknown config key 'learnig_rate'", "did you mean 'learning_rate'")
+
+
+def test_no_shards_names_the_command_to_run(tmp_path):
+    message = main_error(TINY + ["--dataset=tinystories", f"--data_dir={tmp_path}", f"--out_dir={tmp_path / 'o'}"])
+    assert "python tinystories.py pretokenize --vocab_size 512" in message
+
+
+def test_vocab_size_mismatch(data_dir, tmp_path):
+    message = main_error(TINY + ["--vocab_size=1024", f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'o'}"])
+    assert "512-token vocabulary but vocab_size=1024" in message and "--vocab_size=512" in message
+
+
+def test_resume_without_a_checkpoint(data_dir, tmp_path):
+    message = main_error(TINY + ["--init_from=resume", f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'o'}"])
+    assert "no checkpoint at" in message and "ckpt.pt" in message
+
+
+def test_resume_with_other_model_args(short_run, data_dir):
+    message = main_error(TINY + ["--init_from=resume", "--dim=64", f"--data_dir={data_dir}",
+                                 f"--out_dir={short_run[0]}"])
+    assert "dim=32 (config: 64)" in message
+
+
+def test_cuda_out_of_memory_names_the_batch_size(monkeypatch):
+    def out_of_memory(config):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train, "train", out_of_memory)
+    message = main_error(["--batch_size=64", "--gradient_accumulation_steps=4"])
+    assert "batch_size=64" in message and "--batch_size=32 --gradient_accumulation_steps=8" in message
+
+
+def test_help_lists_the_settings(capsys):
+    train.main(["--help"])
+    out = capsys.readouterr().out
+    assert "learning_rate" in out and "gradient_accumulation_steps" in out and "rope_theta" in out
+
+
+def test_wandb_failures_never_stop_training(monkeypatch, tmp_path, capsys):
+    import types
+
+    class Broken(types.ModuleType):
+        def init(self, **kwargs):
+            raise RuntimeError("no network")
+
+    monkeypatch.setitem(sys.modules, "wandb", Broken("wandb"))
+    logger = train.WandbLogger(train.default_config(), str(tmp_path), resume=False)
+    logger.log({"loss": 1.0}, step=1)  # a no-op now
+    assert logger.run is None and "wandb disabled (RuntimeError: no network)" in capsys.readouterr().out
+
+    class Flaky(types.ModuleType):
+        def init(self, **kwargs):
+            return types.SimpleNamespace(id="abc", log=self.log)
+
+        def log(self, *args, **kwargs):
+            raise ConnectionError("lost")
+
+    monkeypatch.setitem(sys.modules, "wandb", Flaky("wandb"))
+    logger = train.WandbLogger(train.default_config(), str(tmp_path), resume=False)
+    assert logger.run is not None and (tmp_path / "wandb_run_id").read_text(encoding="utf-8") == "abc"
+    logger.log({"loss": 1.0}, step=1)
+    assert logger.run is None
+
+
+# ----------------------------------------------------------------------------- DDP and compile
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one_process(data_dir, tmp_path):
+    # gradient_accumulation_steps is global: 2 ranks x 2 micro-steps see the batches 1 process x 4 sees
+    args = ["--max_iters=5", "--eval_interval=5", "--gradient_accumulation_steps=4", "--batch_size=4"]
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    ok(run_train(args, data_dir, single))
+    result = ok(run_train(args, data_dir, ddp, torchrun=2))
+    assert "2 process(es) x 2 accumulation step(s)" in result.stdout
+    single_logs, _ = read_metrics(single)
+    ddp_logs, _ = read_metrics(ddp)
+    assert len(ddp_logs) == 5
+    for a, b in zip(single_logs, ddp_logs):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4, abs=1e-6)
+    ckpt = torch.load(ddp / "ckpt.pt", weights_only=False)
+    assert len(ckpt["rng_state"]) == 2 and not any(k.startswith("module.") for k in ckpt["model"])
+
+
+@pytest.mark.slow
+def test_compiled_model_saves_plain_names(data_dir, tmp_path, monkeypatch):
+    # torch.compile with the eager backend: the same wrapping (and _orig_mod. names) without a C++ compiler
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, backend="eager"))
+    config = parse_config(train.default_config(), TINY + ["--compile=True", "--max_iters=2", "--eval_interval=2",
+                                                          f"--data_dir={data_dir}", f"--out_dir={tmp_path}"])
+    train.train(config)
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    assert ckpt["model"] and not any("_orig_mod" in k for k in ckpt["model"])

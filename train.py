@@ -1,0 +1,589 @@
+"""
+Trains a small Llama on TinyStories (or your own data): on a CPU, one GPU, or several under torchrun.
+
+    python train.py config/train_cpu_debug.py                      # a tiny model, about a minute on a CPU
+    python train.py config/train_15m.py --batch_size=64            # a config file, then --key=value overrides
+    python train.py config/train_15m.py --init_from=resume         # continue out_dir/ckpt.pt exactly
+    torchrun --standalone --nproc_per_node=4 train.py config/train_110m.py
+    python train.py --help                                         # every setting and its default
+
+Several nodes (the data on each; out_dir on a shared filesystem so that every node can resume):
+
+    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST0 --master_port=29500 train.py CONFIG
+    torchrun --nnodes=2 --node_rank=1 --nproc_per_node=8 --master_addr=HOST0 --master_port=29500 train.py CONFIG
+    (without InfiniBand, prefix NCCL_IB_DISABLE=1)
+
+The settings are the plain Python names below; configurator.py explains the override rules.
+gradient_accumulation_steps is the global count: each of N processes does 1/N of it, so the
+tokens per iteration do not depend on the number of GPUs. Every run writes out_dir/config.json,
+out_dir/metrics.jsonl (one JSON object per log line and per eval) and out_dir/ckpt.pt.
+"""
+import inspect
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, fields
+from datetime import datetime, timezone
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import tinystories
+from configurator import ConfigError, format_config, parse_config
+from model import PEAK_FLOPS, ModelArgs, Transformer, from_checkpoint, peak_flops_for
+
+# -----------------------------------------------------------------------------
+# defaults: the 15M model of llama2.c (config/train_15m.py sets them explicitly)
+# I/O
+out_dir = "out"
+data_dir = "data"
+dataset = "tinystories"  # or the NAME of `python tinystories.py prepare --name NAME`
+eval_interval = 2000  # iterations between evals (and checkpoints)
+log_interval = 1
+eval_iters = 100  # batches per split per process at each eval
+eval_only = False  # evaluate once (the checkpoint when resuming) and exit
+always_save_checkpoint = False  # False: save at an eval only when val loss improves (and always at the end)
+init_from = "scratch"  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+# wandb logging (pip install wandb)
+wandb_log = False
+wandb_project = "llama-tiny"
+wandb_run_name = None  # None: the out_dir's name
+# data
+batch_size = 128  # micro-batch size per process
+max_seq_len = 256
+vocab_source = "llama2"  # 'llama2' (32,000 tokens) or 'custom' (data_dir/tok{vocab_size}.model)
+vocab_size = 32000
+num_workers = 0  # data loader worker processes
+# model (the remaining ModelArgs fields, e.g. hidden_dim and rope_theta, are settable too)
+dim = 288
+n_layers = 6
+n_heads = 6
+n_kv_heads = None  # None: n_heads
+multiple_of = 32
+dropout = 0.0
+# optimizer: AdamW
+gradient_accumulation_steps = 4  # global: split across processes under DDP
+learning_rate = 5e-4
+max_iters = 100000  # optimizer steps
+weight_decay = 1e-1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0  # 0 disables clipping
+# learning rate schedule: linear warmup, then cosine decay to min_lr
+decay_lr = True  # False: constant learning_rate
+warmup_iters = 1000
+lr_decay_iters = None  # None: max_iters
+min_lr = None  # None: learning_rate / 10
+# system
+device = "auto"  # 'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
+dtype = "auto"  # 'auto' (bfloat16, else float16 on CUDA; float32 elsewhere), 'float32', 'bfloat16', 'float16'
+compile = False  # torch.compile the model (use it on a GPU)
+seed = 1337
+peak_flops = None  # per-device peak FLOP/s for MFU, or a GPU name ('H100'); None: from the CUDA device's name
+# -----------------------------------------------------------------------------
+_CONFIG_KEYS = [k for k, v in globals().items()
+                if not k.startswith("_") and isinstance(v, (bool, int, float, str, type(None)))]
+
+EVAL_SEED = 2_147_483_647  # eval batches come from their own fixed stream, never the first training batches
+CHECKPOINT_NAME = "ckpt.pt"
+
+
+class TrainError(Exception):
+    # a failure during the run that the user can act on; main() prints it as one line
+    pass
+
+
+def default_config() -> dict:
+    config = {k: globals()[k] for k in _CONFIG_KEYS}
+    # the model's other settings come from ModelArgs itself, so they are never typed twice
+    for f in fields(ModelArgs):
+        config.setdefault(f.name, f.default)
+    return config
+
+
+def print0(*args, **kwargs):
+    # only rank 0 talks under torchrun
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def get_lr(it: int, learning_rate: float, warmup_iters: int, lr_decay_iters: int, min_lr: float) -> float:
+    # it counts optimizer steps from 0; step 0 already gets learning_rate / warmup_iters, never 0
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / warmup_iters
+    if it >= lr_decay_iters:
+        return min_lr
+    progress = (it - warmup_iters) / (lr_decay_iters - warmup_iters)  # 0 -> 1
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
+
+
+def cuda_has_bf16() -> bool:
+    # native bfloat16 only (Ampere and newer): emulated bf16 on a V100 or T4 is slow or fails under autocast
+    if "including_emulation" in inspect.signature(torch.cuda.is_bf16_supported).parameters:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return torch.cuda.is_bf16_supported()
+
+
+def resolve_config(config: dict) -> dict:
+    # fills in the 'auto' and None settings and checks values; the result is what the run records
+    c = dict(config)
+    choices = {"init_from": ("scratch", "resume"), "vocab_source": ("llama2", "custom"),
+               "dtype": ("auto", "float32", "bfloat16", "float16")}
+    for key, allowed in choices.items():
+        if c[key] not in allowed:
+            raise ConfigError(f"{key}={c[key]!r} is not one of {', '.join(map(repr, allowed))}")
+    for key in ("batch_size", "max_seq_len", "gradient_accumulation_steps", "eval_interval", "log_interval",
+                "eval_iters", "vocab_size", "dim", "n_layers", "n_heads"):
+        if c[key] < 1:
+            raise ConfigError(f"{key}={c[key]} must be at least 1")
+    for key in ("max_iters", "warmup_iters", "num_workers"):
+        if c[key] < 0:
+            raise ConfigError(f"{key}={c[key]} must not be negative")
+    if c["learning_rate"] <= 0:
+        raise ConfigError(f"learning_rate={c['learning_rate']} must be positive")
+
+    if c["min_lr"] is None:
+        c["min_lr"] = c["learning_rate"] / 10
+    if c["lr_decay_iters"] is None:
+        c["lr_decay_iters"] = c["max_iters"]
+    if not isinstance(c["lr_decay_iters"], int) or not isinstance(c["min_lr"], (int, float)):
+        raise ConfigError(f"lr_decay_iters must be an int and min_lr a number "
+                          f"(got {c['lr_decay_iters']!r}, {c['min_lr']!r})")
+    if c["decay_lr"] and c["lr_decay_iters"] < c["warmup_iters"]:
+        raise ConfigError(f"lr_decay_iters={c['lr_decay_iters']} is shorter than warmup_iters={c['warmup_iters']}; "
+                          f"lower --warmup_iters or raise --lr_decay_iters")
+
+    device_name = c["device"]
+    if device_name == "auto":
+        device_name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    device_type = device_name.split(":")[0]
+    if device_type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"device={c['device']!r}: use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={c['device']!r} but no CUDA GPU is visible; use --device=cpu (or auto)")
+    if device_type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device={c['device']!r} but MPS is not available; use --device=cpu (or auto)")
+    c["device"] = device_name
+
+    if c["dtype"] == "auto":
+        c["dtype"] = ("bfloat16" if cuda_has_bf16() else "float16") if device_type == "cuda" else "float32"
+    if c["dtype"] == "bfloat16" and device_type == "cuda" and not cuda_has_bf16():
+        raise ConfigError("this GPU has no bfloat16 support; use --dtype=float16 (or auto)")
+    try:
+        ModelArgs.from_dict(c)  # invalid shapes fail here, before any data is read
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return c
+
+
+def split_accumulation(steps: int, world_size: int) -> int:
+    # gradient_accumulation_steps is global: the tokens per iteration do not change with the number of GPUs
+    if steps % world_size:
+        raise ConfigError(f"gradient_accumulation_steps={steps} must be divisible by the number of processes "
+                          f"({world_size}): it is the global count, split across them; try "
+                          f"--gradient_accumulation_steps={max(world_size, steps // world_size * world_size)}")
+    return steps // world_size
+
+
+def resolve_peak_flops(setting, device_type: str):
+    # None means no meaningful MFU (a CPU); numbers pass through; a GPU name is looked up
+    if isinstance(setting, (int, float)) and not isinstance(setting, bool):
+        return float(setting)
+    if isinstance(setting, str):
+        for name, flops in PEAK_FLOPS.items():
+            if name.lower() in setting.lower():
+                return flops
+        raise ConfigError(f"peak_flops={setting!r}: unknown GPU; give a number (FLOP/s) or one of "
+                          + ", ".join(PEAK_FLOPS))
+    if setting is None and device_type == "cuda":
+        return peak_flops_for(torch.cuda.get_device_name())  # A100's figure when the name is unknown
+    if setting is None:
+        return None
+    raise ConfigError(f"peak_flops={setting!r}: give a number (FLOP/s), a GPU name, or None")
+
+
+def save_checkpoint(path, obj) -> None:
+    # to a temporary file, flushed to disk, then renamed over the old one: os.replace is atomic, so a
+    # crash or a kill at any moment leaves either the previous checkpoint or the new one, never half of one
+    path = os.fspath(path)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def get_rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()  # the current device's
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"].cpu())  # a checkpoint loaded onto a GPU moved it there
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"].cpu())
+
+
+def git_revision() -> str | None:
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], capture_output=True,
+                             text=True, timeout=10, cwd=os.path.dirname(os.path.abspath(__file__)))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() or None
+
+
+def append_jsonl(path, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def truncate_metrics(path, last_iter: int) -> None:
+    # a resumed run repeats the iterations after its checkpoint: drop the old lines for them
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                if json.loads(line)["iter"] <= last_iter:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                pass  # a line cut short by a crash
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
+class WandbLogger:
+    # imported only when asked for; any wandb failure turns it off with one warning, training goes on
+    def __init__(self, config: dict, out_dir: str, resume: bool):
+        self.run = None
+        try:
+            import wandb
+
+            id_file = os.path.join(out_dir, "wandb_run_id")
+            run_id = None  # a resumed run continues its wandb run, as its checkpoint continues the training
+            if resume and os.path.exists(id_file):
+                with open(id_file, encoding="utf-8") as f:
+                    run_id = f.read().strip()
+            self.run = wandb.init(project=config["wandb_project"], id=run_id, resume="allow" if run_id else None,
+                                  name=config["wandb_run_name"] or os.path.basename(os.path.abspath(out_dir)),
+                                  config=config)
+            with open(id_file, "w", encoding="utf-8") as f:
+                f.write(self.run.id)
+        except Exception as e:
+            self._disable(e)
+
+    def log(self, data: dict, step: int) -> None:
+        if self.run is not None:
+            try:
+                self.run.log(data, step=step)
+            except Exception as e:
+                self._disable(e)
+
+    def _disable(self, e: Exception) -> None:
+        print0(f"warning: wandb disabled ({type(e).__name__}: {e}); training continues")
+        self.run = None
+
+
+def wrap_ddp(model, device: str) -> DDP:
+    # the RoPE tables are buffers computed alike on every rank: no need to broadcast them at every forward
+    sync_buffers = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters \
+        else "broadcast_buffers"  # the older name, deprecated in recent PyTorch
+    device_ids = [torch.device(device).index] if device.startswith("cuda") else None
+    return DDP(model, device_ids=device_ids, **{sync_buffers: False})
+
+
+@torch.no_grad()
+def evaluate(model, shard_dir, c, rank, world_size, device, ctx) -> dict:
+    # fresh loaders with a fixed seed: the same batches at every eval, so evals compare like with like
+    model.eval()
+    losses = {}
+    for split in ("train", "val"):
+        loader = tinystories.BatchLoader(shard_dir, split, c["batch_size"], c["max_seq_len"], EVAL_SEED,
+                                         rank=rank, world_size=world_size, device=device)
+        total = torch.zeros((), device=device)
+        for _ in range(c["eval_iters"]):
+            x, y = loader.next_batch()
+            with ctx:
+                _, loss = model(x, y)
+            total += loss.float()
+        if world_size > 1:
+            dist.all_reduce(total)  # every rank evaluates its own batches; the mean is over all of them
+        losses[split] = total.item() / (c["eval_iters"] * world_size)
+    model.train()
+    return losses
+
+
+def train(config: dict) -> dict:
+    c = resolve_config(config)
+
+    # distributed: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE
+    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    rank, local_rank, world_size = 0, 0, 1
+    device = c["device"]
+    if ddp:
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+        world_size = int(os.environ["WORLD_SIZE"])
+        if device.startswith("cuda"):
+            device = f"cuda:{local_rank}"
+            torch.cuda.set_device(device)
+        if device.startswith("cuda"):
+            dist.init_process_group(backend="nccl", device_id=torch.device(device))
+        else:
+            dist.init_process_group(backend="gloo")
+    try:
+        return _train(c, ddp, rank, world_size, device)
+    finally:
+        if ddp and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(c: dict, ddp: bool, rank: int, world_size: int, device: str) -> dict:
+    master = rank == 0
+    device_type = device.split(":")[0]
+    accum_steps = split_accumulation(c["gradient_accumulation_steps"], world_size)  # per process
+    tokens_per_iter = c["gradient_accumulation_steps"] * c["batch_size"] * c["max_seq_len"]  # global
+    peak = resolve_peak_flops(c["peak_flops"], device_type)
+    ckpt_path = os.path.join(c["out_dir"], CHECKPOINT_NAME)
+    metrics_path = os.path.join(c["out_dir"], "metrics.jsonl")
+
+    torch.manual_seed(c["seed"] + rank)  # rank 0 draws the initial weights; DDP copies them to the others
+    np.random.seed(c["seed"] + rank)
+    random.seed(c["seed"] + rank)
+    if device_type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls
+    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[c["dtype"]]
+    ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
+
+    # data: the shard directory's meta.json says which tokenizer made it
+    shard_dir = tinystories.dataset_dir(c["data_dir"], c["dataset"], c["vocab_source"], c["vocab_size"])
+    meta = tinystories.read_meta(shard_dir)
+    if meta["vocab_size"] != c["vocab_size"]:
+        raise ConfigError(f"the data in {shard_dir} was tokenized with a {meta['vocab_size']}-token vocabulary but "
+                          f"vocab_size={c['vocab_size']}; set --vocab_size={meta['vocab_size']} or re-tokenize")
+    loader = tinystories.BatchLoader(shard_dir, "train", c["batch_size"], c["max_seq_len"], c["seed"], rank=rank,
+                                     world_size=world_size, device=device, num_workers=c["num_workers"])
+
+    # model, from scratch or from the checkpoint
+    model_args = ModelArgs.from_dict(c)
+    checkpoint, rng_to_restore, last_saved = None, None, None
+    iter_num, tokens_seen, best_val_loss = 0, 0, float("inf")
+    if c["init_from"] == "resume":
+        if not os.path.isfile(ckpt_path):
+            raise TrainError(f"init_from='resume' but there is no checkpoint at {ckpt_path}; "
+                             f"train from scratch first, or point --out_dir at the run to continue")
+        raw_model, checkpoint = from_checkpoint(ckpt_path, device)
+        saved = ModelArgs.from_dict(checkpoint["model_args"])
+        diffs = [f"{f.name}={getattr(saved, f.name)!r} (config: {getattr(model_args, f.name)!r})"
+                 for f in fields(ModelArgs) if getattr(saved, f.name) != getattr(model_args, f.name)]
+        if diffs:
+            raise ConfigError(f"{ckpt_path} was trained with {', '.join(diffs)}; resume with the run's own "
+                              f"config file and settings")
+        iter_num, tokens_seen = checkpoint["iter_num"], checkpoint["tokens_seen"]
+        last_saved = iter_num
+        best_val_loss = checkpoint["best_val_loss"]
+        if checkpoint.get("tokenizer") and checkpoint["tokenizer"] != meta["tokenizer"]:
+            print0(f"note: the checkpoint was trained on data from {checkpoint['tokenizer']}, "
+                   f"the data now comes from {meta['tokenizer']}")
+    else:
+        raw_model = Transformer(model_args).to(device)
+    optimizer = raw_model.configure_optimizers(c["weight_decay"], c["learning_rate"], (c["beta1"], c["beta2"]),
+                                               device_type)
+    # a no-op unless float16: it scales the loss so small gradients do not underflow
+    scaler = torch.amp.GradScaler(device_type, enabled=c["dtype"] == "float16")
+    if checkpoint is not None:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        # every rank has taken the same number of batches, so rank 0's loader state places them all
+        # (the loader also converts it when the number of processes or the batch shape changed)
+        loader.load_state_dict(checkpoint["loader_state"])
+        rng_states = checkpoint["rng_state"]  # one per rank
+        if len(rng_states) == world_size:
+            rng_to_restore = rng_states[rank]
+        else:
+            print0(f"note: {ckpt_path} was saved by {len(rng_states)} process(es), this run has {world_size}: "
+                   f"the data continues where it was, the random streams (dropout) are reseeded")
+            rng_to_restore = None
+            torch.manual_seed(c["seed"] + rank + iter_num * 1000)  # fresh streams, still deterministic
+        checkpoint = None  # free the memory before training
+
+    # torch.compile and DDP wrap the model; raw_model keeps the plain one for saving (no prefixes)
+    model = torch.compile(raw_model) if c["compile"] else raw_model
+    train_model = wrap_ddp(model, device) if ddp else model
+
+    print0("config:\n" + format_config(c))
+    if master and not c["eval_only"]:  # an eval-only run leaves out_dir as it is
+        os.makedirs(c["out_dir"], exist_ok=True)
+        run_info = {"config": c, "git": git_revision(), "torch": torch.__version__, "python": sys.version.split()[0],
+                    "world_size": world_size, "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "argv": sys.argv}
+        with open(os.path.join(c["out_dir"], "config.json"), "w", encoding="utf-8") as f:
+            json.dump(run_info, f, indent=2)
+        if c["init_from"] == "resume":
+            truncate_metrics(metrics_path, iter_num)
+        else:
+            if os.path.exists(metrics_path):
+                os.remove(metrics_path)  # a new run in this out_dir starts a new log
+            if os.path.exists(ckpt_path):
+                print0(f"note: {ckpt_path} will be overwritten by this new run (--init_from=resume continues it)")
+    print0(f"model: {raw_model.num_params():,} parameters ({raw_model.num_params(non_embedding=True):,} "
+           f"without the embedding); data: {shard_dir} ({meta['num_tokens']:,} tokens)")
+    print0(f"tokens per iteration: {tokens_per_iter:,} = {world_size} process(es) x {accum_steps} accumulation "
+           f"step(s) x {c['batch_size']} batch x {c['max_seq_len']} tokens; {c['max_iters']:,} iterations = "
+           f"{tokens_per_iter * c['max_iters']:,} tokens; device {device}, {c['dtype']}"
+           + (", compiled" if c["compile"] else ""))
+    wandb = WandbLogger(c, c["out_dir"], c["init_from"] == "resume") \
+        if c["wandb_log"] and master and not c["eval_only"] else None
+
+    def make_checkpoint() -> dict:
+        # the RNG streams of every rank (dropout differs per rank), so each continues exactly where it was
+        rng_states = [get_rng_state()]
+        if ddp:
+            rng_states = [None] * world_size
+            dist.all_gather_object(rng_states, get_rng_state())
+        return {"model": raw_model.state_dict(), "model_args": asdict(raw_model.args),
+                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "config": c,
+                "iter_num": iter_num, "tokens_seen": tokens_seen, "best_val_loss": best_val_loss,
+                "loader_state": loader.state_dict(), "rng_state": rng_states, "tokenizer": meta["tokenizer"]}
+
+    def stop_non_finite(what: str, value: float):
+        kept = f"the last good checkpoint is {ckpt_path} (iteration {last_saved})" if last_saved is not None \
+            else "no checkpoint was written"
+        raise TrainError(f"{what} is {value} at iteration {iter_num}; training stopped and {kept}. "
+                         f"Try a lower learning_rate, a grad_clip, or dtype=bfloat16/float32")
+
+    if c["eval_only"]:
+        losses = evaluate(model, shard_dir, c, rank, world_size, device, ctx)
+        print0(f"eval at iteration {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+        return {"iter_num": iter_num, **losses}
+    if iter_num >= c["max_iters"]:
+        print0(f"nothing to do: the checkpoint is at iteration {iter_num} and max_iters={c['max_iters']}")
+        return {"iter_num": iter_num}
+    if rng_to_restore is not None:
+        set_rng_state(rng_to_restore)  # last, so that nothing above draws from the restored streams
+
+    t_window, iters_in_window = time.perf_counter(), 0  # timing excludes evals and checkpoints
+    while iter_num < c["max_iters"]:
+        lr = get_lr(iter_num, c["learning_rate"], c["warmup_iters"], c["lr_decay_iters"], c["min_lr"]) \
+            if c["decay_lr"] else c["learning_rate"]
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        # gradient accumulation: accum_steps micro-batches per optimizer step on each process
+        loss_sum = torch.zeros((), device=device)
+        x, y = loader.next_batch()
+        for micro_step in range(accum_steps):
+            last = micro_step == accum_steps - 1
+            # under DDP the gradients are all-reduced once, in the last micro-step's backward
+            with nullcontext() if last or not ddp else train_model.no_sync():
+                with ctx:
+                    _, loss = train_model(x, y)
+                    loss = loss / accum_steps  # gradients add up over micro-steps: this makes them a mean
+                if not last:
+                    x, y = loader.next_batch()  # while the GPU works on the forward pass
+                scaler.scale(loss).backward()
+            loss_sum += loss.detach().float()
+        scaler.unscale_(optimizer)  # clip and report the true gradients, not the fp16-scaled ones
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(),
+                                                   c["grad_clip"] if c["grad_clip"] > 0 else float("inf"))
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        iter_num += 1
+        tokens_seen += tokens_per_iter
+        iters_in_window += 1
+
+        if iter_num % c["log_interval"] == 0 or iter_num == c["max_iters"]:
+            if ddp:
+                dist.all_reduce(loss_sum)  # SUM (gloo has no AVG): the mean over ranks of the micro-step means
+                loss_sum /= world_size
+            lossf = loss_sum.item()  # waits for the GPU, so the time below is real
+            dt = (time.perf_counter() - t_window) / iters_in_window
+            norm = grad_norm.item()
+            if not math.isfinite(lossf):
+                stop_non_finite("the training loss", lossf)
+            if not math.isfinite(norm) and not scaler.is_enabled():  # fp16's scaler skips such steps itself
+                stop_non_finite("the gradient norm", norm)
+            tok_per_s = tokens_per_iter / dt
+            mfu = raw_model.estimate_mfu(tokens_per_iter // world_size, dt, peak) if peak else None
+            print0(f"iter {iter_num} | loss {lossf:.4f} | lr {lr:.2e} | grad norm {norm:.3f} | "
+                   f"{dt * 1000:.1f} ms/iter | {tok_per_s:,.0f} tokens/s | "
+                   + (f"MFU {mfu * 100:.1f}%" if mfu is not None else "MFU -"))
+            record = {"iter": iter_num, "tokens": tokens_seen, "loss": lossf, "lr": lr, "grad_norm": norm,
+                      "dt_ms": dt * 1000, "tok_per_s": tok_per_s, "mfu": mfu}
+            if master:
+                append_jsonl(metrics_path, record)
+            if wandb:
+                wandb.log(record, step=iter_num)
+            t_window, iters_in_window = time.perf_counter(), 0
+
+        if iter_num % c["eval_interval"] == 0 or iter_num == c["max_iters"]:
+            losses = evaluate(model, shard_dir, c, rank, world_size, device, ctx)
+            for split, value in losses.items():
+                if not math.isfinite(value):
+                    stop_non_finite(f"the {split} loss", value)
+            print0(f"eval iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            record = {"iter": iter_num, "tokens": tokens_seen, "train_loss": losses["train"], "val_loss": losses["val"]}
+            if master:
+                append_jsonl(metrics_path, record)
+            if wandb:
+                wandb.log(record, step=iter_num)
+            improved = losses["val"] < best_val_loss
+            best_val_loss = min(best_val_loss, losses["val"])
+            if improved or c["always_save_checkpoint"] or iter_num == c["max_iters"]:
+                checkpoint = make_checkpoint()  # a collective under DDP: every rank takes part
+                if master:
+                    save_checkpoint(ckpt_path, checkpoint)
+                    print0(f"saved {ckpt_path} (iteration {iter_num})")
+                checkpoint, last_saved = None, iter_num
+            t_window, iters_in_window = time.perf_counter(), 0
+
+    print0(f"done: {iter_num} iterations, {tokens_seen:,} tokens, best val loss {best_val_loss:.4f}")
+    return {"iter_num": iter_num, "best_val_loss": best_val_loss}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print(__doc__)
+        print("settings and their defaults:\n" + format_config(default_config()))
+        return
+    config = None
+    try:
+        config = parse_config(default_config(), argv)
+        train(config)
+    except (ConfigError, TrainError, tinystories.DataError) as e:
+        sys.exit(f"error: {e}")
+    except torch.cuda.OutOfMemoryError:
+        b, a = config["batch_size"], config["gradient_accumulation_steps"]
+        sys.exit(f"error: CUDA out of memory with batch_size={b} (x {config['max_seq_len']} tokens per micro-batch); "
+                 f"try --batch_size={max(b // 2, 1)} --gradient_accumulation_steps={a * 2} (the same tokens per "
+                 f"iteration), or a shorter max_seq_len")
+    except KeyboardInterrupt:
+        sys.exit("interrupted; the last checkpoint (if any) is intact: --init_from=resume continues from it")
+
+
+if __name__ == "__main__":
+    main()
