@@ -1,0 +1,181 @@
+"""
+Generation speed of model.py for a 15M-shaped model (dim 288, 6 layers, 6 heads, vocab 32000,
+max_seq_len 256, random weights): 256 new tokens after BOS, batch 1, in tokens/s.
+
+Side by side in one process, runs alternating so that load from other processes hits all alike:
+  uncached   llama2.c's Python sample.py approach: a full forward over the whole sequence for every
+             new token (our model, called without the cache)
+  cached     model.generate: prefill, then one token at a time through the KV cache
+  what-if    cached, plus two changes proposed for model.py (code below, measured, not yet in
+             model.py): the classifier as h @ W^T with W^T stored contiguous (MKL's x @ W.T gemv is
+             ~3x slower on this AMD CPU than the same product against a contiguous transpose), and a
+             sampler that sorts only the head of the distribution and draws by inverse CDF instead
+             of sorting all 32,000 logits and calling torch.multinomial
+each greedy (temperature 0) and sampled the way run.c samples by default (temperature 1, top_p 0.9).
+A random model's next-token distribution is nearly uniform (10 nats; top_p 0.9 keeps ~26,000
+tokens), unlike a trained one's, so the final norm's weight is set to --norm_scale 7.5, which brings
+it to ~1 nat per token (a trained 15M model's validation loss is ~1.07) and a nucleus of ~100 tokens.
+The greedy tokens of all three are checked to agree (the first 255: at the 256th the cache slides its
+window while the uncached loop crops its input). References on this project's 2-core CPU (the
+issue's): llama2.c's sample.py about 34 tokens/s, llama2.c's run.c (make runfast, one thread) about
+130 tokens/s.
+
+    python bench/bench_sample.py                      # CPU, float32, one thread (as run.c's reference)
+    python bench/bench_sample.py --threads 2 --repeats 5
+    python bench/bench_sample.py --compile            # adds torch.compile'd cached decoding
+    python bench/bench_sample.py --device cuda --dtype bfloat16 --compile
+"""
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # model.py lives at the repo root
+import model as model_py  # noqa: E402
+
+REFERENCE_TOK_S = {"llama2.c sample.py (no cache)": 34.0, "llama2.c run.c, one thread": 130.0}
+SAMPLING = {"greedy": dict(temperature=0.0), "T=1 top_p=0.9": dict(temperature=1.0, top_p=0.9)}
+
+
+@torch.inference_mode()
+def generate_uncached(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None):
+    # llama2.c's sample.py: re-run the whole (cropped) sequence for each new token
+    for _ in range(max_new_tokens):
+        logits, _ = model(idx[:, -model.args.max_seq_len:])  # (B, 1, vocab): last position only
+        next_token = model_py.sample_next(logits[:, -1, :], temperature, top_k, top_p)
+        idx = torch.cat((idx, next_token[:, None]), dim=1)
+    return idx
+
+
+class TransposedClassifier(nn.Module):
+    # what-if for model.py's inference path: logits = h @ W^T with W^T kept as its own contiguous copy
+    def __init__(self, weight):
+        super().__init__()
+        self.register_buffer("weight_t", weight.detach().t().contiguous())  # (dim, vocab)
+
+    def forward(self, h):
+        return h @ self.weight_t
+
+
+def fast_sample_next(logits, temperature=1.0, top_k=None, top_p=None, head=1024):
+    # what-if for model.sample_next: the same distribution as filter_logits + softmax + multinomial
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    V = logits.size(-1)
+    k = min(top_k or (head if top_p is not None else V), V)
+    values, index = torch.topk(logits, k)  # (B, k), sorted descending
+    if top_p is not None:
+        # probabilities of the (top_k-filtered) distribution, sorted; the head of top_k=None must reach top_p
+        probs = values.softmax(-1) if top_k else (values - logits.logsumexp(-1, keepdim=True)).exp()
+        cumulative = probs.cumsum(-1)
+        if top_k is None and k < V and (cumulative[:, -1] < top_p).any():
+            return fast_sample_next(logits, 1.0, top_k, top_p, head=V)  # a flat distribution: sort it all
+        values = values.masked_fill(cumulative - probs >= top_p, -float("inf"))
+    cdf = values.softmax(-1).cumsum(-1)  # (B, k)
+    u = torch.rand(cdf.size(0), 1, device=cdf.device) * cdf[:, -1:]
+    choice = torch.searchsorted(cdf, u, right=True).clamp_(max=k - 1)  # inverse CDF: no torch.multinomial
+    return index.gather(-1, choice).squeeze(-1)
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch's default)")
+    parser.add_argument("--new_tokens", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile'd cached decoding")
+    parser.add_argument("--skip_uncached", action="store_true")
+    parser.add_argument("--norm_scale", type=float, default=7.5, help="final norm weight (1 = random init)")
+    args = parser.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit("error: --device cuda but no CUDA device is available")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+
+    torch.manual_seed(0)
+    ours = model_py.Transformer(model_py.ModelArgs()).eval()  # the 15M shape
+    with torch.no_grad():
+        ours.norm.weight.fill_(args.norm_scale)  # a trained model's peakedness, see above
+    ours = ours.to(args.device, dtype)
+    whatif = copy.deepcopy(ours)
+    whatif.output = TransposedClassifier(whatif.output.weight)
+    idx = torch.tensor([[1]], device=args.device)  # BOS
+    n = args.new_tokens
+    where = f"{args.device} {args.dtype}" + (f", {torch.get_num_threads()} thread(s)" if args.device == "cpu" else "")
+    print(f"15M-shaped model ({ours.num_params() / 1e6:.2f}M params), {n} new tokens, batch 1, {where}")
+
+    def run_ours(m, sampling):
+        return m.generate(idx, n, **sampling)
+
+    def run_whatif(m, sampling):
+        original, model_py.sample_next = model_py.sample_next, fast_sample_next  # generate_stream's global
+        try:
+            return m.generate(idx, n, **sampling)
+        finally:
+            model_py.sample_next = original
+
+    variants = {} if args.skip_uncached else {"uncached (llama2.c sample.py style)":
+                                              (ours, lambda m, s: generate_uncached(m, idx, n, **s))}
+    variants["cached: model.generate"] = (ours, run_ours)
+    variants["cached + proposed model.py changes"] = (whatif, run_whatif)
+    if args.compile:
+        compiled = copy.deepcopy(ours)
+        compiled.forward = torch.compile(compiled.forward, dynamic=True)  # generate_stream calls self(...)
+        t0 = time.perf_counter()
+        run_ours(compiled, SAMPLING["greedy"])  # compiles prefill and decode
+        sync(args.device)
+        print(f"torch.compile warm-up: {time.perf_counter() - t0:.1f} s")
+        variants["cached, torch.compile'd forward"] = (compiled, run_ours)
+
+    results = {}
+    for label, sampling in SAMPLING.items():
+        for m, fn in variants.values():  # warm-up (allocations, kernels) outside the timing
+            fn(m, {**sampling})
+        times = {name: [] for name in variants}
+        outputs = {}
+        for _ in range(args.repeats):
+            for name, (m, fn) in variants.items():
+                torch.manual_seed(1)
+                sync(args.device)
+                t0 = time.perf_counter()
+                outputs[name] = fn(m, sampling)
+                sync(args.device)
+                times[name].append(time.perf_counter() - t0)
+        if label == "greedy":
+            tokens = {name: out[0, 1:n].tolist() for name, out in outputs.items()}
+            first = next(iter(tokens.values()))
+            agree = all(t == first for t in tokens.values())
+            print(f"greedy tokens agree across variants (first {n - 1}): {agree}")
+        results[label] = {name: (n / statistics.median(t), n / min(t)) for name, t in times.items()}
+
+    width = max(map(len, variants)) + 2
+    print(f"\n{'tokens/s (median / best)':<{width}}" + "".join(f"{label:>24}" for label in SAMPLING))
+    for name in variants:
+        print(f"{name:<{width}}" + "".join(f"{results[label][name][0]:>15.1f} / {results[label][name][1]:<6.1f}"
+                                           for label in SAMPLING))
+    base = "uncached (llama2.c sample.py style)"
+    for label in SAMPLING:
+        cached = results[label]["cached: model.generate"][0]
+        line = f"{label}: cached / uncached = {cached / results[label][base][0]:.1f}x; " if base in results[label] else ""
+        line += "; ".join(f"{k} {cached / v:.2f}x" for k, v in REFERENCE_TOK_S.items())
+        best = results[label]["cached + proposed model.py changes"][0]
+        print(line + f" (with the proposed changes: {best / REFERENCE_TOK_S['llama2.c run.c, one thread']:.2f}x run.c)")
+    print("references: " + ", ".join(f"{k} ~{v:.0f} tok/s" for k, v in REFERENCE_TOK_S.items())
+          + " (the issue's figures for this project's 2-core CPU)")
+
+
+if __name__ == "__main__":
+    main()

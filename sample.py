@@ -1,0 +1,226 @@
+"""
+Generate stories from a trained model, streamed to stdout as the tokens come.
+
+    python sample.py --prompt="Once upon a time" --num_samples=3
+    python sample.py --checkpoint=out/ckpt.pt --temperature=0              # greedy
+    python sample.py --checkpoint=stories15M.bin --tokenizer=data/llama2.model --top_p=0.9
+    python sample.py --prompt_file=prompt.txt --max_new_tokens=500 --device=cuda --compile=True
+
+The tokenizer is the one recorded in the checkpoint (--tokenizer overrides it; a llama2.c .bin
+records none). Each story stops at the end-of-story token (BOS or EOS) or after max_new_tokens;
+samples are separated by a line of dashes. Settings and timing go to stderr, stories to stdout.
+"""
+import os
+import pickle
+import sys
+import time
+
+import torch
+
+from configurator import ConfigError, parse_config
+
+DEFAULTS = {
+    "checkpoint": "out/ckpt.pt",  # train.py's checkpoint, or a llama2.c model file (.bin)
+    "tokenizer": "",  # sentencepiece .model; "" = the one recorded in the checkpoint
+    "prompt": "",  # text the stories start with ("" = from scratch)
+    "prompt_file": "",  # or read the prompt from this file (one trailing newline dropped)
+    "num_samples": 1,
+    "max_new_tokens": 256,
+    "temperature": 1.0,  # 0 = greedy (argmax); higher is more random
+    "top_k": None,  # keep only the k most likely tokens (None or 0 = all)
+    "top_p": 0.9,  # nucleus sampling: the smallest set of tokens with this much probability (1.0 = all)
+    "seed": 1337,
+    "device": "auto",  # auto = cuda, else mps, else cpu
+    "dtype": "auto",  # float32 | bfloat16 | float16; auto = bfloat16 (or float16) on cuda, float32 elsewhere
+    "compile": False,  # torch.compile the forward pass (pays off on a GPU for long generations)
+    # CPU threads (0 = torch's default). Batch-1 decoding is many small matmuls: on a shared 2-core machine
+    # one thread gave 110 tokens/s for the 15M model where two gave 18-26 (OpenMP threads spinning)
+    "threads": 1,
+}
+SEPARATOR = "-" * 40
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class SampleError(Exception):
+    pass
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SampleError(f"--device={name} but no CUDA device is available (use --device=cpu)")
+    return name
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    if name == "auto":
+        if device.startswith("cuda"):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if name not in DTYPES:
+        raise SampleError(f"--dtype={name}: choose auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def check_settings(cfg: dict) -> dict:
+    # the configurator checks types against the defaults; these are the ranges
+    if cfg["num_samples"] < 1 or cfg["max_new_tokens"] < 1:
+        raise SampleError("--num_samples and --max_new_tokens must be at least 1")
+    if cfg["threads"] < 0:
+        raise SampleError(f"--threads={cfg['threads']} must be >= 0 (0 = torch's default)")
+    if cfg["temperature"] < 0:
+        raise SampleError(f"--temperature={cfg['temperature']} must be >= 0 (0 = greedy)")
+    top_k = cfg["top_k"]
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0):
+        raise SampleError(f"--top_k={top_k!r} must be a positive integer, or None / 0 for no limit")
+    if not 0 < cfg["top_p"] <= 1:
+        raise SampleError(f"--top_p={cfg['top_p']} must be in (0, 1] (1 = no limit)")
+    if cfg["prompt"] and cfg["prompt_file"]:
+        raise SampleError("give --prompt or --prompt_file, not both")
+    return {**cfg, "top_k": top_k or None, "top_p": None if cfg["top_p"] == 1 else cfg["top_p"]}
+
+
+def read_prompt(cfg: dict) -> str:
+    if not cfg["prompt_file"]:
+        return cfg["prompt"]
+    if not os.path.isfile(cfg["prompt_file"]):
+        raise SampleError(f"prompt file not found: {cfg['prompt_file']}")
+    with open(cfg["prompt_file"], encoding="utf-8") as f:
+        text = f.read()
+    return text[:-1] if text.endswith("\n") else text
+
+
+def load_model(path: str, device: str):
+    from model import from_checkpoint
+
+    try:
+        return from_checkpoint(path, device)
+    except FileNotFoundError as e:
+        raise SampleError(str(e)) from None
+    except (OSError, ValueError, RuntimeError, EOFError, KeyError, pickle.UnpicklingError) as e:
+        # torch.load and the llama2.c reader say what is wrong; keep the first line
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise SampleError(f"cannot load checkpoint {path}: {first}") from None
+
+
+def load_tokenizer(cfg: dict, checkpoint: dict, vocab_size: int):
+    from tokenizer import Tokenizer
+
+    path = cfg["tokenizer"] or checkpoint.get("tokenizer")
+    if not path:
+        raise SampleError(f"{cfg['checkpoint']} records no tokenizer (a llama2.c file?): "
+                          "pass --tokenizer=path/to/tokenizer.model")
+    if path.endswith(".bin"):
+        raise SampleError(f"{path} looks like llama2.c's tokenizer.bin; pass the sentencepiece .model it was made from")
+    if not os.path.isfile(path):
+        hint = "" if cfg["tokenizer"] else " (the path recorded in the checkpoint; pass --tokenizer=PATH)"
+        raise SampleError(f"tokenizer not found: {path}{hint}")
+    try:
+        tok = Tokenizer(path)
+    except (OSError, ValueError) as e:
+        raise SampleError(str(e)) from None
+    if tok.vocab_size != vocab_size:
+        # a mismatched tokenizer gives fluent-looking gibberish (llama2.c #263): refuse instead
+        raise SampleError(f"tokenizer {path} has {tok.vocab_size} tokens but the model's vocab_size is "
+                          f"{vocab_size}: pass the tokenizer the model was trained with (--tokenizer=PATH)")
+    return tok
+
+
+def encode_prompt(tok, text: str, max_seq_len: int) -> list[int]:
+    ids = tok.encode(text, bos=True)
+    if len(ids) >= max_seq_len:  # at least one position must be left for a new token
+        raise SampleError(f"the prompt is {len(ids)} tokens (with BOS) but the model's context is {max_seq_len}: "
+                          f"shorten it to at most {max_seq_len - 1} tokens")
+    return ids
+
+
+def stop_ids(tok) -> set[int]:
+    # TinyStories shards put BOS before each story, so a model ends a story by starting the next
+    return {i for i in (tok.bos_id, tok.eos_id) if i >= 0}
+
+
+def until_stop(tokens, stops: set[int], out: list[int]):
+    # ints from model.generate_stream's (1,) tensors, ending before the first stop token; kept in out
+    for t in tokens:
+        t = int(t)
+        if t in stops:
+            return
+        out.append(t)
+        yield t
+
+
+def generate_story(model, tok, prompt_ids: list[int], cfg: dict, write) -> list[int]:
+    """Streams one story (the prompt's text, then the new text) through write(str); returns the new ids."""
+    device = model.freqs_cos.device
+    idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
+    stream = model.generate_stream(idx, cfg["max_new_tokens"], cfg["temperature"], cfg["top_k"], cfg["top_p"])
+    new: list[int] = []
+    write(tok.decode(prompt_ids))
+    # decode_stream keeps sentencepiece's leading-space rule and holds back the bytes of a
+    # multi-byte character until it is complete, so the text equals tok.decode of all ids
+    for text in tok.decode_stream(until_stop(stream, stop_ids(tok), new), prev_id=prompt_ids[-1]):
+        write(text)
+    return new
+
+
+def setup(argv):
+    stray = [a for a in argv if not a.startswith("-") and not a.endswith(".py")]
+    if stray:  # `--prompt "Once upon"` reaches us as two words
+        raise SampleError(f"unexpected argument {stray[0]!r}: settings are --key=value, "
+                          "e.g. --prompt=\"Once upon a time\"")
+    try:
+        cfg = check_settings(parse_config(DEFAULTS, argv))
+    except ConfigError as e:
+        raise SampleError(str(e)) from None
+    prompt = read_prompt(cfg)
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+    device = resolve_device(cfg["device"])
+    dtype = resolve_dtype(cfg["dtype"], device)
+    model, checkpoint = load_model(cfg["checkpoint"], device)
+    tok = load_tokenizer(cfg, checkpoint, model.args.vocab_size)
+    prompt_ids = encode_prompt(tok, prompt, model.args.max_seq_len)
+    model = model.to(dtype=dtype).eval()  # the KV cache follows the weights' dtype
+    if cfg["compile"]:
+        # generate_stream calls self(...), which runs this instance attribute: the cached decode step compiled
+        model.forward = torch.compile(model.forward)
+    print(f"{model.num_params() / 1e6:.1f}M parameters from {cfg['checkpoint']}, tokenizer {tok.model_path}, "
+          f"{device} {str(dtype).removeprefix('torch.')}, {torch.get_num_threads()} CPU thread(s)", file=sys.stderr)
+    return cfg, model, tok, prompt_ids
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        cfg, model, tok, prompt_ids = setup(argv)
+    except SampleError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    if hasattr(sys.stdout, "reconfigure"):  # a console that cannot show a character shows an escape, not a crash
+        sys.stdout.reconfigure(errors="backslashreplace")
+
+    def write(text):
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    torch.manual_seed(cfg["seed"])
+    n_tokens, seconds = 0, 0.0
+    try:
+        for i in range(cfg["num_samples"]):
+            if i:
+                write(f"\n{SEPARATOR}\n")
+            t0 = time.perf_counter()
+            n_tokens += len(generate_story(model, tok, prompt_ids, cfg, write))
+            seconds += time.perf_counter() - t0
+        write("\n")
+    except KeyboardInterrupt:
+        write("\n")
+        sys.exit(130)
+    print(f"{n_tokens} tokens in {seconds:.2f} s: {n_tokens / max(seconds, 1e-9):.1f} tokens/s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

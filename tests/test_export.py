@@ -1,0 +1,473 @@
+"""export.py: llama2.c files (versions 0, 1, 2) and tokenizer.bin read back byte by byte, a run.c-style
+forward pass on the exported file, Hugging Face agreement (logits, greedy generation, tokenizer), and
+the command line. The helpers at the top (tiny tokenizer, tiny model, checkpoint) are shared with
+test_sample.py."""
+import dataclasses
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fixture_corpus import make_stories
+
+import export
+from export import ExportError
+from model import ModelArgs, Transformer, from_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+EXTRA_TEXT = ["Ünïcödé naïve café 😀 日本", "tabs\tand  double  spaces", "Tom said, \"Hi!\"\n\nThe end."]
+
+
+def train_tokenizer(out_dir: Path, vocab_size: int = 400) -> Path:
+    # llama2.c's trainer choices (BPE, byte fallback, ids unk=0 bos=1 eos=2), on the synthetic stories
+    import sentencepiece as spm
+
+    lines = [line for s in make_stories(300, seed=0) for line in s.split("\n") if line.strip()] + EXTRA_TEXT
+    prefix = out_dir / f"tok{vocab_size}"
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_prefix=str(prefix), model_type="bpe", vocab_size=vocab_size,
+        self_test_sample_size=0, input_format="text", character_coverage=1.0, num_threads=1, split_digits=True,
+        allow_whitespace_only_pieces=True, byte_fallback=True, normalization_rule_name="identity", minloglevel=2)
+    return prefix.with_suffix(".model")
+
+
+def tiny_model(vocab_size=400, n_kv_heads=2, seed=0, std=0.3, **kw) -> Transformer:
+    # weights far larger than the 0.02 init, so attention and RoPE matter: a wrong permutation or
+    # layout changes the logits by whole units instead of hiding below the tolerance
+    args = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=n_kv_heads, vocab_size=vocab_size, max_seq_len=64,
+                multiple_of=16)
+    torch.manual_seed(seed)
+    model = Transformer(ModelArgs(**{**args, **kw}))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, std) if p.dim() == 2 else p.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def save_checkpoint(path: Path, model: Transformer, tokenizer) -> Path:
+    torch.save({"model": model.state_dict(), "model_args": dataclasses.asdict(model.args),
+                "tokenizer": str(tokenizer) if tokenizer else None}, path)
+    return path
+
+
+def shape_of(args) -> dict:
+    # multiple_of only derives hidden_dim; the files store hidden_dim itself
+    return {k: v for k, v in dataclasses.asdict(args).items() if k != "multiple_of"}
+
+
+def logits_of(model, tokens):
+    with torch.no_grad():
+        return model(tokens, targets=tokens)[0]
+
+
+@pytest.fixture(scope="session")
+def sp_model(tmp_path_factory) -> Path:
+    return train_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(params=[4, 2], ids=["mha", "gqa"])
+def model(request):
+    return tiny_model(n_kv_heads=request.param)
+
+
+TOKENS = torch.randint(0, 400, (2, 40), generator=torch.Generator().manual_seed(1))
+
+
+# ---------------------------------------------------------------- llama2.c model files
+
+
+@pytest.mark.parametrize("version", [0, 1])
+def test_llama2c_float32_round_trip_is_exact(tmp_path, model, version):
+    path = tmp_path / "model.bin"
+    export.write_llama2c(path, model, version)
+    loaded, checkpoint = export.load_llama2c(path)
+    assert checkpoint["tokenizer"] is None and checkpoint["llama2c_version"] == version
+    assert shape_of(loaded.args) == shape_of(model.args)
+    for name, t in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], t), name
+    assert torch.equal(logits_of(loaded, TOKENS), logits_of(model, TOKENS))
+
+
+def test_llama2c_int8_round_trip_within_quantisation_error(tmp_path, model):
+    path = tmp_path / "model.bin"
+    info = export.write_llama2c(path, model, version=2, group_size=16)
+    loaded, _ = export.load_llama2c(path)
+    state = loaded.state_dict()
+    for name, t in model.state_dict().items():
+        if t.dim() == 1:  # norms stay float32
+            assert torch.equal(state[name], t), name
+        else:  # each value within half a quantisation step of its group
+            step = t.reshape(-1, 16).abs().amax(1, keepdim=True) / 127
+            assert ((state[name] - t).reshape(-1, 16).abs() <= step / 2 + 1e-7).all(), name
+    assert info["max_quant_error"] <= 0.3 * 4 / 127  # |w| < ~4 std
+    ref, out = logits_of(model, TOKENS), logits_of(loaded, TOKENS)
+    # end to end the error stays small (this deliberately chaotic model amplifies it more than a trained one)
+    assert (out - ref).abs().mean() < 0.05 * ref.abs().mean()
+    assert (out.argmax(-1) == ref.argmax(-1)).float().mean() > 0.8
+    n_norm = sum(t.numel() for t in model.parameters() if t.dim() == 1)
+    n_matrix = sum(t.numel() for t in model.parameters() if t.dim() == 2)  # tied embedding counted once
+    assert os.path.getsize(path) == 256 + 4 * n_norm + n_matrix + 4 * n_matrix // 16  # int8 + a scale per group
+
+
+def test_quantize_q80_handles_zero_groups_and_exact_values():
+    w = torch.cat([torch.zeros(8), torch.linspace(-127, 127, 8)])
+    q, scale = export.quantize_q80(w, 8)
+    assert scale[0] == 0 and (q[:8] == 0).all()  # no NaN from 0 / 0
+    assert torch.equal(export.dequantize_q80(q, scale, 8), w.round())
+
+
+def test_headers_byte_by_byte(tmp_path, model):
+    a = model.args
+    params = (a.dim, a.hidden_dim, a.n_layers, a.n_heads, a.n_kv_heads, a.vocab_size, a.max_seq_len)
+    export.write_llama2c(tmp_path / "v0.bin", model, 0)
+    assert struct.unpack("<7i", (tmp_path / "v0.bin").read_bytes()[:28]) == params
+    for version in (1, 2):
+        export.write_llama2c(tmp_path / "v.bin", model, version, group_size=16)
+        head = (tmp_path / "v.bin").read_bytes()[:256]
+        assert struct.unpack_from("<I", head)[0] == 0x616B3432 and head[:4] == b"24ka"
+        assert struct.unpack_from("<i7iB", head, 4) == (version, *params, 1)  # shared classifier
+        end = 37
+        if version == 2:
+            assert struct.unpack_from("<i", head, 37)[0] == 16
+            end = 41
+        assert head[end:] == bytes(256 - end)
+
+
+def test_untied_classifier_marked_in_header_and_refused_on_load(tmp_path):
+    model = tiny_model()
+    model.output.weight = torch.nn.Parameter(torch.randn_like(model.output.weight))  # untie
+    export.write_llama2c(tmp_path / "v0.bin", model, 0)
+    assert struct.unpack("<7i", (tmp_path / "v0.bin").read_bytes()[:28])[5] == -model.args.vocab_size
+    header = export.read_llama2c_header(tmp_path / "v0.bin")
+    assert not header["shared"]
+    tensors = export.read_llama2c_tensors(tmp_path / "v0.bin", header)
+    assert torch.equal(tensors["output.weight"], model.output.weight.detach())
+    with pytest.raises(ExportError, match="separate classifier"):
+        export.load_llama2c(tmp_path / "v0.bin")
+
+
+def read_v0_by_hand(path):
+    # llama2.c's legacy layout, written out here independently of export.llama2c_layout
+    dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len = np.fromfile(path, dtype="<i4", count=7).tolist()
+    data, pos = np.fromfile(path, dtype="<f4", offset=28), 0
+    head, kv_dim = dim // n_heads, n_kv * dim // n_heads
+
+    def take(*shape):
+        nonlocal pos
+        n = int(np.prod(shape))
+        pos += n
+        return data[pos - n : pos].reshape(shape)
+
+    w = {"tok": take(abs(vocab), dim), "rms_att": take(n_layers, dim), "wq": take(n_layers, dim, dim),
+         "wk": take(n_layers, kv_dim, dim), "wv": take(n_layers, kv_dim, dim), "wo": take(n_layers, dim, dim),
+         "rms_ffn": take(n_layers, dim), "w1": take(n_layers, hidden, dim), "w2": take(n_layers, dim, hidden),
+         "w3": take(n_layers, hidden, dim), "rms_final": take(dim), "cos": take(seq_len, head // 2),
+         "sin": take(seq_len, head // 2)}
+    w["cls"] = w["tok"] if vocab > 0 else take(-vocab, dim)
+    assert pos == data.size
+    return (dim, hidden, n_layers, n_heads, n_kv, abs(vocab), seq_len), w
+
+
+def runc_generate(w, p, prompt, steps):
+    # run.c's forward() and greedy loop, transcribed to numpy float32: one token at a time, KV cache,
+    # RoPE on interleaved pairs with freq 10000^(-i/head_size), GQA head h reading kv head h // kv_mul
+    dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len = p
+    hs, kv_mul = dim // n_heads, n_heads // n_kv
+    kcache = np.zeros((n_layers, seq_len, n_kv * hs), np.float32)
+    vcache = np.zeros_like(kcache)
+
+    def rmsnorm(x, weight):
+        return weight * (x / np.sqrt(np.mean(x * x) + 1e-5))
+
+    def rope(vec, pos):
+        i = np.arange(0, vec.size, 2)
+        freq = 1.0 / 10000.0 ** ((i % hs) / hs)
+        c, s = np.cos(pos * freq), np.sin(pos * freq)
+        v0, v1 = vec[i].copy(), vec[i + 1].copy()
+        vec[i], vec[i + 1] = v0 * c - v1 * s, v0 * s + v1 * c
+
+    tokens, out = list(prompt), []
+    for pos in range(len(prompt) + steps - 1):
+        x = w["tok"][tokens[pos]].astype(np.float32)
+        for layer in range(n_layers):
+            xb = rmsnorm(x, w["rms_att"][layer])
+            q, k, v = w["wq"][layer] @ xb, w["wk"][layer] @ xb, w["wv"][layer] @ xb
+            rope(q, pos)
+            rope(k, pos)
+            kcache[layer, pos], vcache[layer, pos] = k, v
+            att_out = np.zeros(dim, np.float32)
+            for h in range(n_heads):
+                kv = slice((h // kv_mul) * hs, (h // kv_mul + 1) * hs)
+                scores = kcache[layer, : pos + 1, kv] @ q[h * hs : (h + 1) * hs] / np.sqrt(hs)
+                att = np.exp(scores - scores.max())
+                att_out[h * hs : (h + 1) * hs] = (att / att.sum()) @ vcache[layer, : pos + 1, kv]
+            x = x + w["wo"][layer] @ att_out
+            xb = rmsnorm(x, w["rms_ffn"][layer])
+            h1, h3 = w["w1"][layer] @ xb, w["w3"][layer] @ xb
+            x = x + w["w2"][layer] @ (h1 / (1 + np.exp(-h1)) * h3)
+        logits = w["cls"] @ rmsnorm(x, w["rms_final"])
+        if pos >= len(prompt) - 1:
+            nxt = int(np.argmax(logits))
+            out.append(nxt)
+            tokens.append(nxt)
+    return out
+
+
+def test_version0_matches_runc_forward_greedy(tmp_path, model):
+    # the issue's "greedy run.c output equals sample.py's", with run.c's algorithm in numpy
+    export.write_llama2c(tmp_path / "model.bin", model, 0)
+    params, w = read_v0_by_hand(tmp_path / "model.bin")
+    a = model.args
+    assert params == (a.dim, a.hidden_dim, a.n_layers, a.n_heads, a.n_kv_heads, a.vocab_size, a.max_seq_len)
+    sd = model.state_dict()
+    assert np.array_equal(w["wk"][1], sd["layers.1.attention.wk.weight"].numpy())
+    assert np.array_equal(w["w2"][0], sd["layers.0.feed_forward.w2.weight"].numpy())
+    freq = 10000.0 ** (-np.arange(0, a.dim // a.n_heads, 2) / (a.dim // a.n_heads))
+    assert np.allclose(w["cos"], np.cos(np.outer(np.arange(a.max_seq_len), freq)), atol=1e-5)
+    prompt = [1, 17, 250, 3]
+    ours = model.generate(torch.tensor([prompt]), 20, temperature=0.0)[0, len(prompt):].tolist()
+    assert runc_generate(w, params, prompt, 20) == ours
+    assert len(set(ours)) > 3  # a varied sequence, not one token repeated
+
+
+def test_group_size_must_divide_hidden_dim(tmp_path):
+    # the 260K shape: dim 64 is a multiple of 64 but hidden_dim 172 is not (llama2.c exported it anyway)
+    model = tiny_model(vocab_size=512, dim=64, n_heads=8, n_kv_heads=4, multiple_of=4, std=0.02)
+    assert model.args.hidden_dim == 172
+    with pytest.raises(ExportError, match=r"hidden_dim=172.*--group_size=4"):
+        export.write_llama2c(tmp_path / "q.bin", model, version=2, group_size=64)
+    assert not any(tmp_path.iterdir())  # nothing written, not even a temporary file
+    export.write_llama2c(tmp_path / "q.bin", model, version=2, group_size=4)
+    assert export.read_llama2c_header(tmp_path / "q.bin")["group_size"] == 4
+
+
+def test_default_group_size_divides_both():
+    # llama2.c's 64 halved until it fits: 15M (288, 768) -> 32; 260K (64, 172) -> 4; 110M (768, 2048) -> 64
+    for dim, hidden, expected in ((288, 768, 32), (64, 172, 4), (768, 2048, 64)):
+        args = ModelArgs(dim=dim, hidden_dim=hidden, n_heads=8 if dim == 64 else 6, vocab_size=512)
+        assert export.default_group_size(args) == expected
+
+
+def test_truncated_file_is_a_clear_error(tmp_path, model):
+    path = tmp_path / "model.bin"
+    export.write_llama2c(path, model, 1)
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(ExportError, match="truncated"):
+        export.load_llama2c(path)
+
+
+def test_from_checkpoint_reads_bin(tmp_path, model):
+    export.write_llama2c(tmp_path / "model.bin", model, 0)
+    loaded, checkpoint = from_checkpoint(tmp_path / "model.bin")
+    assert checkpoint["tokenizer"] is None and shape_of(ModelArgs(**checkpoint["model_args"])) == shape_of(model.args)
+    assert torch.equal(logits_of(loaded, TOKENS), logits_of(model, TOKENS))
+
+
+def test_atomic_write_keeps_the_old_file_on_error(tmp_path):
+    path = tmp_path / "out.bin"
+    path.write_bytes(b"old")
+    with pytest.raises(RuntimeError), export.atomic_open(path) as f:
+        f.write(b"new, half written")
+        raise RuntimeError("crash")
+    assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["out.bin"]
+    with export.atomic_open(path) as f:
+        f.write(b"new")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.read_bytes() == b"new" and path.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
+
+
+# ---------------------------------------------------------------- tokenizer.bin
+
+
+def runc_decode(pieces, ids, bos_id):
+    # run.c's decode(): strip the leading space after BOS, "<0xHH>" pieces are raw bytes
+    out = b""
+    for prev, tok in zip([bos_id] + ids, ids):
+        piece = pieces[tok][0]
+        if prev == bos_id and piece.startswith(b" "):
+            piece = piece[1:]
+        if len(piece) == 6 and piece.startswith(b"<0x") and piece.endswith(b">"):
+            piece = bytes([int(piece[3:5], 16)])
+        out += piece
+    return out.decode("utf-8", errors="replace")
+
+
+def check_tokenizer_bin(tmp_path, sp_path, texts):
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(sp_path))
+    export.write_tokenizer_bin(tmp_path / "tokenizer.bin", sp_path)
+    max_len, pieces = export.read_tokenizer_bin(tmp_path / "tokenizer.bin", sp.vocab_size())
+    assert max_len == max(len(b) for b, _ in pieces)
+    for i, (b, score) in enumerate(pieces):
+        assert score == np.float32(sp.get_score(i))
+        expected = {sp.bos_id(): "\n<s>\n", sp.eos_id(): "\n</s>\n"}.get(i, sp.id_to_piece(i).replace("\u2581", " "))
+        assert b == expected.encode("utf-8"), i
+    for text in texts:
+        ids = sp.encode(text)
+        assert runc_decode(pieces, ids, sp.bos_id()) == sp.decode(ids)
+
+
+def test_tokenizer_bin_pieces_scores_and_decoding(tmp_path, sp_model):
+    check_tokenizer_bin(tmp_path, sp_model, make_stories(5, seed=3) + ["naïve 🐱 über\nnew line"])
+
+
+def test_tokenizer_bin_llama2(tmp_path, llama2_tokenizer):
+    check_tokenizer_bin(tmp_path, llama2_tokenizer, make_stories(5, seed=3) + ["naïve 🐱 über\nnew line"])
+
+
+# ---------------------------------------------------------------- Hugging Face
+
+
+@pytest.fixture(scope="module")
+def transformers():
+    return pytest.importorskip("transformers")
+
+
+def test_rope_permutation_inverts():
+    w = torch.randn(6 * 8, 20)
+    for heads in (6, 3, 1):
+        assert torch.equal(export._rope_unpermute(export._rope_permute(w, heads), heads), w)
+    assert not torch.equal(export._rope_permute(w, 6), w)
+
+
+@pytest.mark.slow
+def test_hf_logits_and_greedy_generation_match(tmp_path, model, transformers, sp_model):
+    export.write_hf(tmp_path, model, sp_model)
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path, local_files_only=True,
+                                                       attn_implementation="eager").eval()
+    assert hf.config.num_key_value_heads == model.args.n_kv_heads
+    ref = logits_of(model, TOKENS)
+    with torch.no_grad():
+        assert (hf(TOKENS).logits - ref).abs().max() < 1e-4
+        prompt = TOKENS[:1, :5]
+        theirs = hf.generate(prompt, max_new_tokens=30, do_sample=False, eos_token_id=None, pad_token_id=0)
+    ours = model.generate(prompt, 30, temperature=0.0)
+    assert ours.tolist() == theirs.tolist()
+    # the in-memory conversion (for test_model's agreement test) is the same mapping
+    with torch.no_grad():
+        assert (export.to_hf_model(model)(TOKENS).logits - ref).abs().max() < 1e-4
+        # and the test can tell: without the RoPE permutation the logits are far off
+        unpermuted = {theirs: model.state_dict()[ours] for ours, theirs, _ in export.hf_name_map(model.args)}
+        hf.load_state_dict(unpermuted, strict=True)
+        assert (hf(TOKENS).logits - ref).abs().max() > 0.1
+
+
+def test_hf_round_trip_and_dtype(tmp_path, model, transformers):
+    export.write_hf(tmp_path / "f32", model)
+    loaded, checkpoint = export.load_hf(tmp_path / "f32")
+    assert shape_of(loaded.args) == shape_of(model.args) and checkpoint["tokenizer"] is None
+    for name, t in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], t), name
+    from safetensors import safe_open
+
+    export.write_hf(tmp_path / "bf16", model, dtype="bfloat16")
+    with safe_open(tmp_path / "bf16" / "model.safetensors", "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+        assert "lm_head.weight" not in f.keys()  # tied
+    config = json.loads((tmp_path / "bf16" / "config.json").read_text(encoding="utf-8"))
+    assert config["dtype"] == "bfloat16" and config["tie_word_embeddings"] is True
+    loaded, _ = export.load_hf(tmp_path / "bf16")
+    assert torch.equal(loaded.state_dict()["norm.weight"], model.norm.weight.detach().bfloat16().float())
+
+
+def check_hf_tokenizer(tmp_path, sp_path, transformers, vocab_size):
+    import sentencepiece as spm
+
+    export.write_hf(tmp_path, tiny_model(vocab_size=vocab_size, dim=16, n_heads=2, n_kv_heads=1, n_layers=1),
+                    sp_path)
+    sp = spm.SentencePieceProcessor(model_file=str(sp_path))
+    # ordinary story text (single spaces; transformers' converted tokenizer differs from
+    # sentencepiece on runs of spaces, a transformers matter)
+    texts = make_stories(20, seed=5) + ["Tom said, \"Hi!\"\n\nThe end.", "naïve café über 🐱", ""]
+    for cls in (transformers.AutoTokenizer, transformers.LlamaTokenizer):
+        tok = cls.from_pretrained(tmp_path, local_files_only=True)
+        assert (tok.bos_token_id, tok.eos_token_id) == (sp.bos_id(), sp.eos_id())
+        for text in texts:
+            ids = tok(text)["input_ids"]
+            assert ids == [sp.bos_id()] + sp.encode(text), text
+            assert tok.decode(ids, skip_special_tokens=True) == sp.decode(ids[1:])
+
+
+def test_hf_tokenizer_loads_offline_and_encodes_like_sentencepiece(tmp_path, sp_model, transformers):
+    pytest.importorskip("google.protobuf", reason="transformers needs protobuf to read a sentencepiece model")
+    check_hf_tokenizer(tmp_path, sp_model, transformers, 400)
+
+
+def test_hf_tokenizer_llama2(tmp_path, llama2_tokenizer, transformers):
+    pytest.importorskip("google.protobuf", reason="transformers needs protobuf to read a sentencepiece model")
+    check_hf_tokenizer(tmp_path, llama2_tokenizer, transformers, 32000)
+
+
+# ---------------------------------------------------------------- command line
+
+
+def run_cli(capsys, *argv):
+    with pytest.raises(SystemExit) as exit_info:
+        export.main(list(map(str, argv)))
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err
+
+
+def test_cli_writes_every_format(tmp_path, sp_model, capsys):
+    model = tiny_model()
+    ckpt = save_checkpoint(tmp_path / "ckpt.pt", model, sp_model)
+    for version in (0, 1, 2):
+        export.main([str(tmp_path / f"v{version}" / "model.bin"), f"--checkpoint={ckpt}", f"--version={version}"]
+                    + (["--group_size=16"] if version == 2 else []))
+        assert sorted(os.listdir(tmp_path / f"v{version}")) == ["model.bin", "tokenizer.bin"]
+        assert export.read_llama2c_header(tmp_path / f"v{version}" / "model.bin")["version"] == version
+    export.main([str(tmp_path / "hf"), f"--checkpoint={ckpt}", "--format=hf", "--dtype=float16"])
+    assert sorted(os.listdir(tmp_path / "hf")) == ["config.json", "model.safetensors", "tokenizer.model",
+                                                   "tokenizer_config.json"]
+    # import: a llama2.c file plus its tokenizer -> our checkpoint, and an HF directory -> our checkpoint
+    export.main([str(tmp_path / "from_bin.pt"), f"--checkpoint={tmp_path / 'v0' / 'model.bin'}", "--format=pt",
+                 f"--tokenizer={sp_model}"])
+    export.main([str(tmp_path / "from_hf.pt"), f"--checkpoint={tmp_path / 'hf'}", "--format=pt"])
+    for name in ("from_bin.pt", "from_hf.pt"):
+        loaded, checkpoint = from_checkpoint(tmp_path / name)
+        assert Path(checkpoint["tokenizer"]).read_bytes() == sp_model.read_bytes()
+    assert torch.equal(from_checkpoint(tmp_path / "from_bin.pt")[0].norm.weight, model.norm.weight)
+    out = capsys.readouterr().out
+    assert "llama2.c version 2" in out and "quantisation error" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--format=onnx"], "--format=onnx"),
+    (["--dtype=bfloat16"], "--dtype applies to --format=hf only"),
+    (["--group_size=32"], "--group_size applies to"),
+    (["--version=3"], "--version=3"),
+    (["--format=hf", "--version=1"], "--version applies"),
+    (["--format=hf", "--dtype=float8"], "--dtype=float8"),
+    (["--version=2", "--group_size=48"], "must divide dim=64 and hidden_dim=176"),
+    (["--checkpoint=missing.pt"], "no checkpoint at missing.pt"),
+    (["--tokenizer=missing.model"], "tokenizer not found"),
+    (["--bogus=1"], "unknown config key 'bogus'"),
+])
+def test_cli_errors_are_one_line(tmp_path, sp_model, capsys, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    save_checkpoint(tmp_path / "ckpt.pt", tiny_model(), sp_model)
+    code, out, err = run_cli(capsys, "model.bin", "--checkpoint=ckpt.pt", *args)
+    assert code == 1 and err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "model.bin").exists()
+
+
+def test_cli_vocab_mismatch_and_usage(tmp_path, sp_model, capsys):
+    ckpt = save_checkpoint(tmp_path / "ckpt.pt", tiny_model(vocab_size=500), sp_model)
+    code, _, err = run_cli(capsys, tmp_path / "m.bin", f"--checkpoint={ckpt}")
+    assert code == 1 and "has 400 tokens but the model has vocab_size=500" in err
+    code, _, err = run_cli(capsys, f"--checkpoint={ckpt}")
+    assert code == 1 and err.startswith("error: usage: python export.py OUT")
+
+
+def test_cli_subprocess_error_has_no_traceback(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "export.py"), str(tmp_path / "m.bin"),
+                             f"--checkpoint={tmp_path / 'missing.pt'}"], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith("error: no checkpoint at")

@@ -1,0 +1,241 @@
+"""sample.py and the sampling filters: top-k / top-p semantics on hand-made logits, streaming text that
+equals a full decode (byte fallback included), stopping at the end of a story, determinism under a
+seed, and one-line errors for bad input."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_export import save_checkpoint, tiny_model, train_tokenizer
+
+import export
+import sample
+from model import filter_logits, sample_next
+from tokenizer import Tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+INF = float("inf")
+
+
+@pytest.fixture(scope="module")
+def sp_model(tmp_path_factory) -> Path:
+    return train_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, sp_model) -> Path:
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "ckpt.pt", tiny_model(), sp_model)
+
+
+# ---------------------------------------------------------------- filters on hand-made logits
+
+
+def test_top_k_keeps_the_k_largest():
+    logits = torch.tensor([[1.0, 4.0, 2.0, 3.0], [0.0, -1.0, 5.0, 1.0]])
+    out = filter_logits(logits, top_k=2)
+    assert torch.equal(out, torch.tensor([[-INF, 4.0, -INF, 3.0], [-INF, -INF, 5.0, 1.0]]))
+    assert torch.equal(filter_logits(logits, top_k=10), logits)  # k beyond the vocabulary: no-op
+    assert torch.equal(logits, torch.tensor([[1.0, 4.0, 2.0, 3.0], [0.0, -1.0, 5.0, 1.0]]))  # input untouched
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = torch.tensor([[0.05, 0.5, 0.15, 0.3]])
+    logits = probs.log()
+    keep = lambda p: (filter_logits(logits, top_p=p) > -INF).tolist()[0]
+    assert keep(0.4) == [False, True, False, False]  # 0.5 alone reaches 0.4
+    assert keep(0.75) == [False, True, False, True]  # 0.5 + 0.3
+    assert keep(0.9) == [False, True, True, True]  # 0.5 + 0.3 + 0.15
+    assert keep(1e-6) == [False, True, False, False]  # the most likely token always stays
+    assert keep(1.0) == [True] * 4
+    # the kept logits are unchanged: renormalising is the softmax's job
+    assert torch.equal(filter_logits(logits, top_p=0.75)[0, [1, 3]], logits[0, [1, 3]])
+
+
+def test_top_k_then_top_p_and_rows_independent():
+    logits = torch.tensor([[0.05, 0.5, 0.15, 0.3], [0.7, 0.1, 0.1, 0.1]]).log()
+    out = filter_logits(logits, top_k=3, top_p=0.6)
+    assert (out > -INF).tolist() == [[False, True, False, True], [True, False, False, False]]
+
+
+def test_sampling_never_picks_a_filtered_token():
+    torch.manual_seed(0)
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]]).repeat(2000, 1)
+    picks = sample_next(logits, temperature=1.5, top_k=3)
+    assert set(picks.tolist()) == {0, 1, 2}
+    picks = sample_next(logits, temperature=1.0, top_p=0.5)
+    assert set(picks.tolist()) <= {0, 1}
+    assert torch.equal(sample_next(logits[:3], temperature=0.0), torch.zeros(3, dtype=torch.long))
+
+
+def test_settings_are_checked_and_normalised():
+    cfg = sample.check_settings({**sample.DEFAULTS, "top_k": 0, "top_p": 1.0})
+    assert cfg["top_k"] is None and cfg["top_p"] is None  # both mean "no limit"
+    for bad in ({"top_p": 0.0}, {"top_p": 1.5}, {"temperature": -1.0}, {"top_k": -3}, {"num_samples": 0},
+                {"prompt": "a", "prompt_file": "b"}):
+        with pytest.raises(sample.SampleError):
+            sample.check_settings({**sample.DEFAULTS, **bad})
+
+
+# ---------------------------------------------------------------- streaming and stopping
+
+
+class ScriptedModel:
+    # stands in for a Transformer: generate_stream yields (1,) tensors from a script
+    freqs_cos = torch.zeros(1)
+
+    def __init__(self, script):
+        self.script, self.calls = script, []
+
+    def generate_stream(self, idx, max_new_tokens, temperature, top_k, top_p):
+        self.calls.append(idx.tolist())
+        for t in self.script[:max_new_tokens]:
+            yield torch.tensor([t])
+
+
+def story(model, tok, prompt_ids, **cfg):
+    pieces = []
+    new = sample.generate_story(model, tok, prompt_ids, {**sample.DEFAULTS, **cfg}, pieces.append)
+    return new, pieces
+
+
+def test_stream_stops_at_bos_and_eos(sp_model):
+    tok = Tokenizer(sp_model)
+    body = tok.encode("The cat sat.", bos=False)
+    for stop in (tok.bos_id, tok.eos_id):
+        new, pieces = story(ScriptedModel(body + [stop] + body), tok, [tok.bos_id])
+        assert new == body and "".join(pieces) == "The cat sat."
+    new, _ = story(ScriptedModel(body * 10), tok, [tok.bos_id], max_new_tokens=5)
+    assert new == (body * 10)[:5]
+
+
+def test_streamed_text_equals_full_decode_with_byte_fallback(sp_model):
+    tok = Tokenizer(sp_model)
+    prompt = tok.encode("Once upon a time")
+    continuation = tok.encode(" there was über 🐱 and\na cat.", bos=False)
+    assert sum(tok.sp.is_byte(i) for i in continuation) >= 6  # ü and 🐱 are split into bytes
+    model = ScriptedModel(continuation)
+    new, pieces = story(model, tok, prompt)
+    assert model.calls == [[prompt]]  # the prompt is encoded with BOS
+    assert "".join(pieces) == tok.decode(prompt + new) == "Once upon a time there was über 🐱 and\na cat."
+    assert not any("\ufffd" in p for p in pieces)  # no half characters on the way
+
+
+def test_real_model_stops_at_end_of_story_token(sp_model, monkeypatch):
+    model, tok = tiny_model(), Tokenizer(sp_model)
+    prompt = tok.encode("Once upon a time")
+    greedy = model.generate(torch.tensor([prompt]), 12, temperature=0.0)[0, len(prompt):].tolist()
+    stop = greedy[4]
+    monkeypatch.setattr(tok, "eos_id", stop)  # pretend the model's 5th token ends the story
+    new, _ = story(model, tok, prompt, temperature=0.0)
+    assert new == greedy[: greedy.index(stop)]
+
+
+# ---------------------------------------------------------------- the command line
+
+
+def run_main(capsys, *argv):
+    code = 0
+    try:
+        sample.main([*map(str, argv), "--threads=0"])  # 0: leave this process's torch threads alone
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_greedy_output_equals_model_generate(ckpt, sp_model, capsys, tmp_path):
+    model, tok = tiny_model(), Tokenizer(sp_model)
+    prompt = tok.encode("Once upon a time")
+    ids = model.generate(torch.tensor([prompt]), 20, temperature=0.0)[0].tolist()
+    stops = {tok.bos_id, tok.eos_id}
+    end = next((i for i in range(len(prompt), len(ids)) if ids[i] in stops), len(ids))
+    expected = tok.decode(ids[:end]) + "\n"
+    code, out, err = run_main(capsys, f"--checkpoint={ckpt}", "--prompt=Once upon a time", "--temperature=0",
+                              "--max_new_tokens=20")
+    assert code == 0 and out == expected and "tokens/s" in err
+    # a llama2.c file of the same model, with the tokenizer given, samples the same
+    export.write_llama2c(tmp_path / "model.bin", model, 0)
+    code, out, _ = run_main(capsys, f"--checkpoint={tmp_path / 'model.bin'}", f"--tokenizer={sp_model}",
+                            "--prompt=Once upon a time", "--temperature=0", "--max_new_tokens=20")
+    assert code == 0 and out == expected
+    # and so does a prompt file (its trailing newline dropped)
+    (tmp_path / "prompt.txt").write_text("Once upon a time\n", encoding="utf-8")
+    code, out, _ = run_main(capsys, f"--checkpoint={ckpt}", f"--prompt_file={tmp_path / 'prompt.txt'}",
+                            "--temperature=0", "--max_new_tokens=20")
+    assert code == 0 and out == expected
+
+
+def test_samples_are_separated(ckpt, capsys):
+    code, out, _ = run_main(capsys, f"--checkpoint={ckpt}", "--num_samples=3", "--max_new_tokens=8", "--seed=3")
+    assert code == 0 and out.count("\n" + sample.SEPARATOR + "\n") == 2
+
+
+def run_script(*argv, cwd):
+    return subprocess.run([sys.executable, str(ROOT / "sample.py"), *map(str, argv)], capture_output=True,
+                          text=True, cwd=cwd, timeout=120)
+
+
+@pytest.mark.slow
+def test_same_seed_same_stories_in_separate_processes(ckpt, tmp_path):
+    args = [f"--checkpoint={ckpt}", "--num_samples=2", "--max_new_tokens=30", "--temperature=1.0", "--top_k=50"]
+    first, second = run_script(*args, "--seed=7", cwd=tmp_path), run_script(*args, "--seed=7", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == second.stdout and len(first.stdout) > 40
+    other = run_script(*args, "--seed=8", cwd=tmp_path)
+    assert other.stdout != first.stdout
+
+
+def test_llama2_vocabulary(llama2_tokenizer, tmp_path, capsys):
+    model = tiny_model(vocab_size=32000, dim=32, n_heads=2, n_kv_heads=1, n_layers=1)
+    ckpt = save_checkpoint(tmp_path / "ckpt.pt", model, llama2_tokenizer)
+    code, out, err = run_main(capsys, f"--checkpoint={ckpt}", "--prompt=Once upon a time", "--max_new_tokens=10")
+    assert code == 0 and out.startswith("Once upon a time"), err
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory, sp_model):
+    d = tmp_path_factory.mktemp("bad")
+    model = tiny_model()
+    export.write_llama2c(d / "model.bin", model, 0)
+    return {
+        "ckpt": save_checkpoint(d / "ckpt.pt", model, sp_model),
+        "lost_tokenizer": save_checkpoint(d / "lost.pt", model, d / "moved" / "tok.model"),
+        "big_vocab": save_checkpoint(d / "big.pt", tiny_model(vocab_size=512), sp_model),
+        "bin": d / "model.bin",
+        "dir": d,
+    }
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--checkpoint=nowhere/ckpt.pt"], "error: no checkpoint at nowhere/ckpt.pt"),
+    (["--checkpoint={lost_tokenizer}"], "error: tokenizer not found: {dir}/moved/tok.model (the path recorded"),
+    (["--checkpoint={ckpt}", "--tokenizer=nowhere.model"], "error: tokenizer not found: nowhere.model"),
+    (["--checkpoint={big_vocab}"], "has 400 tokens but the model's vocab_size is 512"),
+    (["--checkpoint={bin}"], "records no tokenizer (a llama2.c file?): pass --tokenizer="),
+    (["--checkpoint={ckpt}", "--prompt=" + "Once upon a time " * 30], "but the model's context is 64"),
+    (["--checkpoint={ckpt}", "--prompt", "Once upon a time"], "unexpected argument 'Once upon a time'"),
+    (["--checkpoint={ckpt}", "--prompt_file=nowhere.txt"], "prompt file not found: nowhere.txt"),
+    (["--checkpoint={ckpt}", "--top_p=2"], "--top_p=2.0 must be in (0, 1]"),
+    (["--checkpoint={ckpt}", "--temprature=0"], "did you mean 'temperature'"),
+    (["--checkpoint={ckpt}", "--dtype=float8"], "--dtype=float8"),
+    (["--checkpoint={dir}/model.bin", "--tokenizer={dir}/model.bin"], "looks like llama2.c's tokenizer.bin"),
+])
+def test_bad_input_is_one_line_error(bad_inputs, capsys, argv, message, monkeypatch):
+    monkeypatch.chdir(bad_inputs["dir"])
+    code, out, err = run_main(capsys, *(a.format(**bad_inputs) for a in argv))
+    assert code == 1 and out == "" and err.count("\n") == 1 and err.startswith("error: "), err
+    assert message.format(**bad_inputs) in err
+
+
+def test_bad_checkpoint_file_is_one_line_error(tmp_path, capsys):
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    code, _, err = run_main(capsys, f"--checkpoint={tmp_path / 'junk.pt'}")
+    assert code == 1 and err.startswith(f"error: cannot load checkpoint {tmp_path / 'junk.pt'}: ")
+    assert err.count("\n") == 1
+
+
+def test_error_in_a_real_process_has_no_traceback(bad_inputs, tmp_path):
+    result = run_script(f"--checkpoint={bad_inputs['big_vocab']}", cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1 and "vocab_size is 512" in result.stderr
