@@ -32,7 +32,7 @@ The readers (load_llama2c, load_hf) are the inverse; model.from_checkpoint uses 
 """
 import json
 import os
-import pickle
+import shutil
 import struct
 import sys
 import tempfile
@@ -55,7 +55,10 @@ class ExportError(ValueError):  # bad input: the command lines print it as one l
     pass
 
 
-def _tmp_beside(path) -> str:
+@contextmanager
+def atomic_write(path):
+    # `with atomic_write(p) as tmp:` gives a temporary path beside p; when the block succeeds it is flushed
+    # to disk and renamed over p in one step, so a crash or an error never leaves half a file behind
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
@@ -63,31 +66,9 @@ def _tmp_beside(path) -> str:
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make the exported files private
-    return tmp
-
-
-def atomic_path(path, write) -> None:
-    # write(tmp) fills a temporary file beside path, which then replaces path in one rename:
-    # a crash or an error never leaves half a file behind
-    tmp = _tmp_beside(path)
     try:
-        write(tmp)
+        yield tmp
         with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-@contextmanager
-def atomic_open(path, mode="wb"):
-    # `with atomic_open(p) as f:` for code that writes to a file object; same guarantee as atomic_path
-    tmp = _tmp_beside(path)
-    try:
-        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
-            yield f
-            f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
@@ -184,7 +165,8 @@ def _check_runc_compatible(args: ModelArgs) -> None:
 
 
 def write_llama2c(path, model: Transformer, version: int = 0, group_size: int | None = None) -> dict:
-    """Writes model as a llama2.c file; returns {"bytes": size, "max_quant_error": float or None}."""
+    """Writes model as a llama2.c file; returns {"bytes": size, "group_size", "max_quant_error"} (None, None
+    below version 2). Bad settings fail before any file is written."""
     args = model.args
     _check_runc_compatible(args)
     state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
@@ -196,7 +178,7 @@ def write_llama2c(path, model: Transformer, version: int = 0, group_size: int | 
         check_group_size(args, group_size)
     params = [args.dim, args.hidden_dim, args.n_layers, args.n_heads, args.n_kv_heads, args.vocab_size, args.max_seq_len]
     max_err = 0.0
-    with atomic_open(path) as f:
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
         if version == 0:
             params[5] = params[5] if shared else -params[5]
             f.write(struct.pack("<7i", *params))
@@ -217,7 +199,8 @@ def write_llama2c(path, model: Transformer, version: int = 0, group_size: int | 
                 max_err = max(max_err, (dequantize_q80(q, scale, group_size) - t.flatten()).abs().max().item())
                 f.write(q.numpy().tobytes())
                 f.write(scale.numpy().astype("<f4").tobytes())
-    return {"bytes": os.path.getsize(path), "max_quant_error": max_err if version == 2 else None}
+    return {"bytes": os.path.getsize(path), "group_size": group_size if version == 2 else None,
+            "max_quant_error": max_err if version == 2 else None}
 
 
 def read_llama2c_header(path) -> dict:
@@ -288,12 +271,15 @@ def load_llama2c(path, device="cpu"):
     # run.c recomputes RoPE and ignores the stored tables (version 0); so do we
     state = {k: v for k, v in tensors.items() if not k.startswith("freqs_")}
     state["output.weight"] = state["tok_embeddings.weight"]
-    args = header["params"]
+    return _as_checkpoint(header["params"], state, device, tokenizer=None, llama2c_version=header["version"],
+                          source=os.path.abspath(path))
+
+
+def _as_checkpoint(args: ModelArgs, state: dict, device, **info):
+    # (model, checkpoint dict) as model.from_checkpoint returns them; strict: a missing tensor is an error
     model = Transformer(args)
     model.load_state_dict(state, strict=True)
-    checkpoint = {"model": model.state_dict(), "model_args": asdict(args), "tokenizer": None,
-                  "llama2c_version": header["version"], "source": os.path.abspath(path)}
-    return model.to(device), checkpoint
+    return model.to(device), {"model": model.state_dict(), "model_args": asdict(args), **info}
 
 
 # ---------------------------------------------------------------- llama2.c tokenizer.bin
@@ -322,25 +308,11 @@ def tokenizer_bin_pieces(sp) -> list[tuple[bytes, float]]:
 
 def write_tokenizer_bin(path, sp_model_path) -> int:
     pieces = tokenizer_bin_pieces(_sentencepiece(sp_model_path))
-    with atomic_open(path) as f:
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
         f.write(struct.pack("<I", max(len(b) for b, _ in pieces)))
         for b, score in pieces:
             f.write(struct.pack("<fi", score, len(b)) + b)
     return len(pieces)
-
-
-def read_tokenizer_bin(path, vocab_size: int):
-    """-> (max_token_length, [(piece bytes, score)]); the file does not store the vocab size."""
-    with open(path, "rb") as f:
-        data = f.read()
-    (max_len,), pos, pieces = struct.unpack_from("<I", data), 4, []
-    for _ in range(vocab_size):
-        score, n = struct.unpack_from("<fi", data, pos)
-        pieces.append((data[pos + 8 : pos + 8 + n], score))
-        pos += 8 + n
-    if pos != len(data):
-        raise ExportError(f"{path}: {len(data) - pos} bytes left after {vocab_size} tokens")
-    return max_len, pieces
 
 
 # ---------------------------------------------------------------- Hugging Face
@@ -439,16 +411,18 @@ def write_hf(out_dir, model: Transformer, tokenizer_path=None, dtype="float32") 
         written.append(os.path.join(out_dir, name))
         return written[-1]
 
-    atomic_path(out("model.safetensors"), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    with atomic_write(out("model.safetensors")) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})
     bos = eos = None
     if tokenizer_path:
         sp = _sentencepiece(tokenizer_path)
         bos, eos = sp.bos_id(), (sp.eos_id() if sp.eos_id() >= 0 else None)
-        with open(tokenizer_path, "rb") as src, atomic_open(out("tokenizer.model")) as f:
-            f.write(src.read())
-        with atomic_open(out("tokenizer_config.json"), "w") as f:
+        with atomic_write(out("tokenizer.model")) as tmp:
+            shutil.copyfile(tokenizer_path, tmp)
+        with atomic_write(out("tokenizer_config.json")) as tmp, open(tmp, "w", encoding="utf-8") as f:
             json.dump(hf_tokenizer_config(sp, args.max_seq_len), f, indent=2)
-    with atomic_open(out("config.json"), "w") as f:  # last: a directory with a config is complete
+    # last: a directory with a config is complete
+    with atomic_write(out("config.json")) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(hf_config(args, bos, eos, dtype, tied), f, indent=2)
     return written
 
@@ -473,25 +447,9 @@ def load_hf(path, device="cpu"):
     state = from_hf_state_dict({k: v.float() for k, v in load_file(weights_path).items()}, args)
     if not _shared_classifier(state):
         raise ExportError(f"{path} has an untied lm_head; model.py ties it to the token embedding")
-    model = Transformer(args)
-    model.load_state_dict(state, strict=True)
     tokenizer = os.path.join(path, "tokenizer.model")
-    checkpoint = {"model": model.state_dict(), "model_args": asdict(args), "source": os.path.abspath(path),
-                  "tokenizer": os.path.abspath(tokenizer) if os.path.isfile(tokenizer) else None}
-    return model.to(device), checkpoint
-
-
-def to_hf_model(model: Transformer, attn_implementation="eager"):
-    """An in-memory transformers.LlamaForCausalLM with model's weights (for agreement tests)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    state = {k: v.detach().cpu().float() for k, v in model.state_dict().items()}
-    config = {k: v for k, v in hf_config(model.args).items() if k not in ("architectures", "model_type", "dtype",
-                                                                          "torch_dtype", "rope_theta")}
-    hf = LlamaForCausalLM(LlamaConfig(**config, attn_implementation=attn_implementation))
-    hf_state = to_hf_state_dict(state, model.args, tied=False)  # lm_head given explicitly, so strict loading works
-    hf.load_state_dict(hf_state, strict=True)
-    return hf.eval()
+    return _as_checkpoint(args, state, device, source=os.path.abspath(path),
+                          tokenizer=os.path.abspath(tokenizer) if os.path.isfile(tokenizer) else None)
 
 
 # ---------------------------------------------------------------- command line
@@ -526,16 +484,17 @@ def run(out, cfg) -> list[str]:
 
     try:
         model, checkpoint = load_any(cfg["checkpoint"])
-    except (OSError, RuntimeError, EOFError, KeyError, pickle.UnpicklingError) as e:
-        if isinstance(e, FileNotFoundError):
-            raise
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]  # torch.load's messages run long
-        raise ExportError(f"cannot load checkpoint {cfg['checkpoint']}: {first}") from None
+    except FileNotFoundError:
+        raise  # its message says what to do
+    except (OSError, ValueError, RuntimeError, KeyError) as e:  # not a model file, or a damaged one
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]  # torch's messages run long
+        raise ExportError(f"cannot load --checkpoint={cfg['checkpoint']}: {first}") from None
     tokenizer = cfg["tokenizer"] or checkpoint.get("tokenizer")
     if tokenizer:
         if not os.path.isfile(tokenizer):
             raise ExportError(f"tokenizer not found: {tokenizer} (pass --tokenizer=path/to/tokenizer.model)")
-        n = _sentencepiece(tokenizer).vocab_size()
+        sp = _sentencepiece(tokenizer)
+        n = sp.vocab_size()
         if n != model.args.vocab_size:
             raise ExportError(f"tokenizer {tokenizer} has {n} tokens but the model has vocab_size="
                               f"{model.args.vocab_size}: pass the tokenizer the model was trained with")
@@ -546,16 +505,12 @@ def run(out, cfg) -> list[str]:
     if fmt == "llama2c":
         if os.path.isdir(out) or os.path.basename(out) == "tokenizer.bin":
             raise ExportError(f"{out}: give a model file path such as out/model.bin (tokenizer.bin goes beside it)")
-        if version == 2:
-            group_size = default_group_size(model.args) if group_size is None else group_size
-            check_group_size(model.args, group_size)  # before any file is written
         info = write_llama2c(out, model, version, group_size)
-        detail = (f", group size {group_size}, max abs quantisation error {info['max_quant_error']:.2e}"
+        detail = (f", group size {info['group_size']}, max abs quantisation error {info['max_quant_error']:.2e}"
                   if version == 2 else "")
         print(f"wrote {out} (llama2.c version {version}, {info['bytes'] / 1e6:.1f} MB{detail})")
         written = [out]
         if tokenizer:
-            sp = _sentencepiece(tokenizer)
             if sp.bos_id() != 1:
                 print(f"warning: run.c assumes BOS=1, this tokenizer's BOS is {sp.bos_id()}", file=sys.stderr)
             tok_path = os.path.join(os.path.dirname(os.path.abspath(out)), "tokenizer.bin")
@@ -571,7 +526,8 @@ def run(out, cfg) -> list[str]:
         return written
     state = {"model": model.state_dict(), "model_args": asdict(model.args),
              "tokenizer": os.path.abspath(tokenizer) if tokenizer else None}
-    atomic_path(out, lambda tmp: torch.save(state, tmp))
+    with atomic_write(out) as tmp:
+        torch.save(state, tmp)
     print(f"wrote {out} (checkpoint for sample.py / fine-tuning)")
     return [out]
 

@@ -4,6 +4,7 @@ Trains a small Llama on TinyStories (or your own data): on a CPU, one GPU, or se
     python train.py config/train_cpu_debug.py                      # a tiny model, about a minute on a CPU
     python train.py config/train_15m.py --batch_size=64            # a config file, then --key=value overrides
     python train.py config/train_15m.py --init_from=resume         # continue out_dir/ckpt.pt exactly
+    python train.py config/train_15m.py --init_from=stories15M.bin --out_dir=out/ft --learning_rate=1e-4 --warmup_iters=100 --max_iters=2000
     torchrun --standalone --nproc_per_node=4 train.py config/train_110m.py
     python train.py --help                                         # every setting and its default
 
@@ -13,11 +14,16 @@ Several nodes (the data on each; out_dir on a shared filesystem so that every no
     torchrun --nnodes=2 --node_rank=1 --nproc_per_node=8 --master_addr=HOST0 --master_port=29500 train.py CONFIG
     (without InfiniBand, prefix NCCL_IB_DISABLE=1)
 
+--init_from=PATH fine-tunes a trained model: one of our .pt checkpoints or a llama2.c model file
+(llama2.c's published stories15M/42M/110M.bin need data in the Llama 2 vocabulary). Its weights and
+shape are used (a note lists where the config differs); the optimizer, data and iteration count start afresh.
+
 The settings are the plain Python names below; configurator.py explains the override rules.
 gradient_accumulation_steps is the global count: each of N processes does 1/N of it, so the
 tokens per iteration do not depend on the number of GPUs. Every run writes out_dir/config.json,
 out_dir/metrics.jsonl (one JSON object per log line and per eval) and out_dir/ckpt.pt.
 """
+import filecmp
 import inspect
 import json
 import math
@@ -50,7 +56,9 @@ log_interval = 1
 eval_iters = 100  # batches per split per process at each eval
 eval_only = False  # evaluate once (the checkpoint when resuming) and exit
 always_save_checkpoint = False  # False: save at an eval only when val loss improves (and always at the end)
-init_from = "scratch"  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+# 'scratch'; 'resume': out_dir/ckpt.pt with its optimizer, data position and RNG, exactly where it stopped;
+# or a PATH to fine-tune (a train.py .pt, a llama2.c .bin): its weights and shape, a fresh run from iteration 0
+init_from = "scratch"
 # wandb logging (pip install wandb)
 wandb_log = False
 wandb_project = "llama-tiny"
@@ -92,7 +100,6 @@ _CONFIG_KEYS = [k for k, v in globals().items()
                 if not k.startswith("_") and isinstance(v, (bool, int, float, str, type(None)))]
 
 EVAL_SEED = 2_147_483_647  # eval batches come from their own fixed stream, never the first training batches
-CHECKPOINT_NAME = "ckpt.pt"
 
 
 class TrainError(Exception):
@@ -134,11 +141,13 @@ def cuda_has_bf16() -> bool:
 def resolve_config(config: dict) -> dict:
     # fills in the 'auto' and None settings and checks values; the result is what the run records
     c = dict(config)
-    choices = {"init_from": ("scratch", "resume"), "vocab_source": ("llama2", "custom"),
-               "dtype": ("auto", "float32", "bfloat16", "float16")}
+    choices = {"vocab_source": ("llama2", "custom"), "dtype": ("auto", "float32", "bfloat16", "float16")}
     for key, allowed in choices.items():
         if c[key] not in allowed:
             raise ConfigError(f"{key}={c[key]!r} is not one of {', '.join(map(repr, allowed))}")
+    if c["init_from"] not in ("scratch", "resume") and not os.path.exists(c["init_from"]):
+        raise ConfigError(f"init_from={c['init_from']!r} is not 'scratch', 'resume' or an existing checkpoint "
+                          f"to fine-tune (a train.py .pt or a llama2.c .bin)")
     for key in ("batch_size", "max_seq_len", "gradient_accumulation_steps", "eval_interval", "log_interval",
                 "eval_iters", "vocab_size", "dim", "n_layers", "n_heads"):
         if c[key] < 1:
@@ -225,6 +234,38 @@ def save_checkpoint(path, obj) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def load_checkpoint(path: str, meta: dict, shard_dir, device: str) -> dict:
+    # checked against the data before anything trains: weights made for another vocabulary would
+    # train on tokens that mean something else, without any error
+    if not os.path.exists(path):  # (a missing fine-tuning PATH was reported by resolve_config)
+        raise TrainError(f"init_from='resume' but there is no checkpoint at {path}; "
+                         f"train from scratch first, or point --out_dir at the run to continue")
+    try:
+        _, checkpoint = from_checkpoint(path, device)
+    except (ValueError, OSError) as e:  # not a checkpoint, or a truncated one; the message names the file
+        raise TrainError(str(e)) from None
+    n, trained = checkpoint["model_args"]["vocab_size"], checkpoint.get("config")
+    if trained:  # train.py's checkpoints record the data they were trained on
+        hint = (f"it was trained with --dataset={trained['dataset']} --vocab_source={trained['vocab_source']} "
+                f"--vocab_size={trained['vocab_size']}")
+    elif n == 32000:
+        hint = ("llama2.c's stories15M/42M/110M.bin need data in the Llama 2 vocabulary: --vocab_source=llama2 "
+                "--vocab_size=32000 (made by python tinystories.py pretokenize)")
+    else:
+        hint = f"use data made with its own {n}-token tokenizer {checkpoint.get('tokenizer') or ''}".rstrip()
+    if n != meta["vocab_size"]:
+        raise TrainError(f"{path} has a {n}-token vocabulary but the data in {shard_dir} was tokenized with "
+                         f"{meta['vocab_size']} tokens; {hint}")
+    saved, current = checkpoint.get("tokenizer"), meta["tokenizer"]
+    if saved and saved != current:
+        if not (os.path.isfile(saved) and os.path.isfile(current)):
+            print0(f"note: {path} was trained on data from {saved}, the data now comes from {current}")
+        elif not filecmp.cmp(saved, current, shallow=False):  # a copy elsewhere is the same tokenizer
+            raise TrainError(f"{path} was trained with the tokenizer {saved} but the data in {shard_dir} was made "
+                             f"with {current}: the same vocabulary size, different tokens; {hint}")
+    return checkpoint
 
 
 def get_rng_state() -> dict:
@@ -341,15 +382,12 @@ def train(config: dict) -> dict:
 
     # distributed: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    rank, local_rank, world_size = 0, 0, 1
-    device = c["device"]
+    rank, world_size, device = 0, 1, c["device"]
     if ddp:
-        rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-        world_size = int(os.environ["WORLD_SIZE"])
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         if device.startswith("cuda"):
-            device = f"cuda:{local_rank}"
+            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"  # one GPU per process on each node
             torch.cuda.set_device(device)
-        if device.startswith("cuda"):
             dist.init_process_group(backend="nccl", device_id=torch.device(device))
         else:
             dist.init_process_group(backend="gloo")
@@ -366,7 +404,7 @@ def _train(c: dict, ddp: bool, rank: int, world_size: int, device: str) -> dict:
     accum_steps = split_accumulation(c["gradient_accumulation_steps"], world_size)  # per process
     tokens_per_iter = c["gradient_accumulation_steps"] * c["batch_size"] * c["max_seq_len"]  # global
     peak = resolve_peak_flops(c["peak_flops"], device_type)
-    ckpt_path = os.path.join(c["out_dir"], CHECKPOINT_NAME)
+    ckpt_path = os.path.join(c["out_dir"], "ckpt.pt")
     metrics_path = os.path.join(c["out_dir"], "metrics.jsonl")
 
     torch.manual_seed(c["seed"] + rank)  # rank 0 draws the initial weights; DDP copies them to the others
@@ -374,8 +412,7 @@ def _train(c: dict, ddp: bool, rank: int, world_size: int, device: str) -> dict:
     random.seed(c["seed"] + rank)
     if device_type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 matmuls
-    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[c["dtype"]]
-    ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
+    ctx = nullcontext() if c["dtype"] == "float32" else torch.autocast(device_type, dtype=getattr(torch, c["dtype"]))
 
     # data: the shard directory's meta.json says which tokenizer made it
     shard_dir = tinystories.dataset_dir(c["data_dir"], c["dataset"], c["vocab_source"], c["vocab_size"])
@@ -386,34 +423,42 @@ def _train(c: dict, ddp: bool, rank: int, world_size: int, device: str) -> dict:
     loader = tinystories.BatchLoader(shard_dir, "train", c["batch_size"], c["max_seq_len"], c["seed"], rank=rank,
                                      world_size=world_size, device=device, num_workers=c["num_workers"])
 
-    # model, from scratch or from the checkpoint
-    model_args = ModelArgs.from_dict(c)
+    # model: from scratch, or from a checkpoint. 'resume' continues out_dir/ckpt.pt with everything it saved;
+    # a PATH (fine-tuning) gives the weights and the shape only: a new run, from iteration 0
+    resume = c["init_from"] == "resume"
+    init_path = ckpt_path if resume else c["init_from"]
     checkpoint, rng_to_restore, last_saved = None, None, None
     iter_num, tokens_seen, best_val_loss = 0, 0, float("inf")
-    if c["init_from"] == "resume":
-        if not os.path.isfile(ckpt_path):
-            raise TrainError(f"init_from='resume' but there is no checkpoint at {ckpt_path}; "
-                             f"train from scratch first, or point --out_dir at the run to continue")
-        raw_model, checkpoint = from_checkpoint(ckpt_path, device)
-        saved = ModelArgs.from_dict(checkpoint["model_args"])
-        diffs = [f"{f.name}={getattr(saved, f.name)!r} (config: {getattr(model_args, f.name)!r})"
-                 for f in fields(ModelArgs) if getattr(saved, f.name) != getattr(model_args, f.name)]
-        if diffs:
-            raise ConfigError(f"{ckpt_path} was trained with {', '.join(diffs)}; resume with the run's own "
-                              f"config file and settings")
-        iter_num, tokens_seen = checkpoint["iter_num"], checkpoint["tokens_seen"]
-        last_saved = iter_num
-        best_val_loss = checkpoint["best_val_loss"]
-        if checkpoint.get("tokenizer") and checkpoint["tokenizer"] != meta["tokenizer"]:
-            print0(f"note: the checkpoint was trained on data from {checkpoint['tokenizer']}, "
-                   f"the data now comes from {meta['tokenizer']}")
-    else:
-        raw_model = Transformer(model_args).to(device)
+    if c["init_from"] != "scratch":
+        checkpoint = load_checkpoint(init_path, meta, shard_dir, device)
+        saved, wanted = ModelArgs.from_dict(checkpoint["model_args"]), ModelArgs.from_dict(c)
+        # multiple_of only derives hidden_dim, which is compared itself
+        diffs = [f.name for f in fields(ModelArgs)
+                 if f.name != "multiple_of" and getattr(saved, f.name) != getattr(wanted, f.name)]
+        describe = lambda names: ", ".join(f"{k}={getattr(saved, k)!r} (config: {getattr(wanted, k)!r})"
+                                           for k in names)
+        if resume and diffs:
+            raise ConfigError(f"{init_path} was trained with {describe(diffs)}; resume with the run's own config "
+                              f"file and settings")
+        if not resume:  # fine-tuning: the shape is the checkpoint's; dropout and max_seq_len stay the config's
+            shape = [f.name for f in fields(ModelArgs) if f.name not in ("dropout", "max_seq_len")]
+            changed = [k for k in diffs if k in shape]
+            if changed:
+                print0(f"note: the model's shape comes from {init_path}: {describe(changed)}")
+            if "max_seq_len" in diffs:
+                print0(f"note: training with max_seq_len={c['max_seq_len']}; {init_path} was trained with "
+                       f"{saved.max_seq_len}")
+            c.update({k: getattr(saved, k) for k in shape})
+    raw_model = Transformer(ModelArgs.from_dict(c)).to(device)
+    if checkpoint is not None:
+        raw_model.load_state_dict(checkpoint["model"])
     optimizer = raw_model.configure_optimizers(c["weight_decay"], c["learning_rate"], (c["beta1"], c["beta2"]),
                                                device_type)
     # a no-op unless float16: it scales the loss so small gradients do not underflow
     scaler = torch.amp.GradScaler(device_type, enabled=c["dtype"] == "float16")
-    if checkpoint is not None:
+    if resume:
+        iter_num, tokens_seen = checkpoint["iter_num"], checkpoint["tokens_seen"]
+        best_val_loss, last_saved = checkpoint["best_val_loss"], iter_num
         optimizer.load_state_dict(checkpoint["optimizer"])
         scaler.load_state_dict(checkpoint["scaler"])
         # every rank has taken the same number of batches, so rank 0's loader state places them all
@@ -425,9 +470,8 @@ def _train(c: dict, ddp: bool, rank: int, world_size: int, device: str) -> dict:
         else:
             print0(f"note: {ckpt_path} was saved by {len(rng_states)} process(es), this run has {world_size}: "
                    f"the data continues where it was, the random streams (dropout) are reseeded")
-            rng_to_restore = None
             torch.manual_seed(c["seed"] + rank + iter_num * 1000)  # fresh streams, still deterministic
-        checkpoint = None  # free the memory before training
+    checkpoint = None  # free the memory before training
 
     # torch.compile and DDP wrap the model; raw_model keeps the plain one for saving (no prefixes)
     model = torch.compile(raw_model) if c["compile"] else raw_model
@@ -441,7 +485,7 @@ def _train(c: dict, ddp: bool, rank: int, world_size: int, device: str) -> dict:
                     "argv": sys.argv}
         with open(os.path.join(c["out_dir"], "config.json"), "w", encoding="utf-8") as f:
             json.dump(run_info, f, indent=2)
-        if c["init_from"] == "resume":
+        if resume:
             truncate_metrics(metrics_path, iter_num)
         else:
             if os.path.exists(metrics_path):
@@ -454,7 +498,7 @@ def _train(c: dict, ddp: bool, rank: int, world_size: int, device: str) -> dict:
            f"step(s) x {c['batch_size']} batch x {c['max_seq_len']} tokens; {c['max_iters']:,} iterations = "
            f"{tokens_per_iter * c['max_iters']:,} tokens; device {device}, {c['dtype']}"
            + (", compiled" if c["compile"] else ""))
-    wandb = WandbLogger(c, c["out_dir"], c["init_from"] == "resume") \
+    wandb = WandbLogger(c, c["out_dir"], resume) \
         if c["wandb_log"] and master and not c["eval_only"] else None
 
     def make_checkpoint() -> dict:

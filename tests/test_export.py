@@ -271,11 +271,11 @@ def test_from_checkpoint_reads_bin(tmp_path, model):
 def test_atomic_write_keeps_the_old_file_on_error(tmp_path):
     path = tmp_path / "out.bin"
     path.write_bytes(b"old")
-    with pytest.raises(RuntimeError), export.atomic_open(path) as f:
+    with pytest.raises(RuntimeError), export.atomic_write(path) as tmp, open(tmp, "wb") as f:
         f.write(b"new, half written")
         raise RuntimeError("crash")
     assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["out.bin"]
-    with export.atomic_open(path) as f:
+    with export.atomic_write(path) as tmp, open(tmp, "wb") as f:
         f.write(b"new")
     umask = os.umask(0)
     os.umask(umask)
@@ -298,12 +298,24 @@ def runc_decode(pieces, ids, bos_id):
     return out.decode("utf-8", errors="replace")
 
 
+def read_tokenizer_bin(path, vocab_size: int):
+    # -> (max_token_length, [(piece bytes, score)]); the file does not store the vocab size
+    data = Path(path).read_bytes()
+    (max_len,), pos, pieces = struct.unpack_from("<I", data), 4, []
+    for _ in range(vocab_size):
+        score, n = struct.unpack_from("<fi", data, pos)
+        pieces.append((data[pos + 8 : pos + 8 + n], score))
+        pos += 8 + n
+    assert pos == len(data), f"{len(data) - pos} bytes left after {vocab_size} tokens"
+    return max_len, pieces
+
+
 def check_tokenizer_bin(tmp_path, sp_path, texts):
     import sentencepiece as spm
 
     sp = spm.SentencePieceProcessor(model_file=str(sp_path))
     export.write_tokenizer_bin(tmp_path / "tokenizer.bin", sp_path)
-    max_len, pieces = export.read_tokenizer_bin(tmp_path / "tokenizer.bin", sp.vocab_size())
+    max_len, pieces = read_tokenizer_bin(tmp_path / "tokenizer.bin", sp.vocab_size())
     assert max_len == max(len(b) for b, _ in pieces)
     for i, (b, score) in enumerate(pieces):
         assert score == np.float32(sp.get_score(i))
@@ -337,6 +349,18 @@ def test_rope_permutation_inverts():
     assert not torch.equal(export._rope_permute(w, 6), w)
 
 
+def to_hf_model(model: Transformer):
+    # an in-memory transformers.LlamaForCausalLM with model's weights, through the same name map
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    state = {k: v.detach().cpu().float() for k, v in model.state_dict().items()}
+    config = {k: v for k, v in export.hf_config(model.args).items()
+              if k not in ("architectures", "model_type", "dtype", "torch_dtype", "rope_theta")}
+    hf = LlamaForCausalLM(LlamaConfig(**config, attn_implementation="eager"))
+    hf.load_state_dict(export.to_hf_state_dict(state, model.args, tied=False), strict=True)  # lm_head explicit
+    return hf.eval()
+
+
 @pytest.mark.slow
 def test_hf_logits_and_greedy_generation_match(tmp_path, model, transformers, sp_model):
     export.write_hf(tmp_path, model, sp_model)
@@ -350,9 +374,9 @@ def test_hf_logits_and_greedy_generation_match(tmp_path, model, transformers, sp
         theirs = hf.generate(prompt, max_new_tokens=30, do_sample=False, eos_token_id=None, pad_token_id=0)
     ours = model.generate(prompt, 30, temperature=0.0)
     assert ours.tolist() == theirs.tolist()
-    # the in-memory conversion (for test_model's agreement test) is the same mapping
+    # the in-memory conversion is the same mapping
     with torch.no_grad():
-        assert (export.to_hf_model(model)(TOKENS).logits - ref).abs().max() < 1e-4
+        assert (to_hf_model(model)(TOKENS).logits - ref).abs().max() < 1e-4
         # and the test can tell: without the RoPE permutation the logits are far off
         unpermuted = {theirs: model.state_dict()[ours] for ours, theirs, _ in export.hf_name_map(model.args)}
         hf.load_state_dict(unpermuted, strict=True)
@@ -464,6 +488,17 @@ def test_cli_vocab_mismatch_and_usage(tmp_path, sp_model, capsys):
     assert code == 1 and "has 400 tokens but the model has vocab_size=500" in err
     code, _, err = run_cli(capsys, f"--checkpoint={ckpt}")
     assert code == 1 and err.startswith("error: usage: python export.py OUT")
+
+
+def test_cli_unreadable_checkpoint_is_one_line(tmp_path, capsys):
+    text = tmp_path / "notes.txt"
+    text.write_text("not a model\n", encoding="utf-8")
+    for path in (text, tmp_path / "notes.bin"):  # torch.load's error, and the llama2.c reader's
+        if path.suffix == ".bin":
+            path.write_bytes(text.read_bytes())
+        code, _, err = run_cli(capsys, tmp_path / "m.bin", f"--checkpoint={path}")
+        assert code == 1 and err.startswith(f"error: cannot load --checkpoint={path}: ") and err.count("\n") == 1, err
+    assert not (tmp_path / "m.bin").exists()
 
 
 def test_cli_subprocess_error_has_no_traceback(tmp_path):

@@ -1,3 +1,4 @@
+import dataclasses
 import glob
 import json
 import os
@@ -13,6 +14,7 @@ import pytest
 import torch
 from fixture_corpus import make_stories, write_endoftext
 
+import export
 import tinystories
 import train
 from configurator import ConfigError, parse_config
@@ -130,7 +132,7 @@ def test_resolve_config_fills_in_the_derived_values():
 
 
 @pytest.mark.parametrize("override, message", [
-    ({"init_from": "resum"}, "init_from='resum' is not one of"),
+    ({"init_from": "resum"}, "init_from='resum' is not 'scratch', 'resume' or an existing checkpoint"),
     ({"dtype": "fp16"}, "dtype='fp16'"),
     ({"device": "tpu"}, "device='tpu'"),
     ({"batch_size": 0}, "batch_size=0 must be at least 1"),
@@ -312,6 +314,47 @@ def test_eval_only_evaluates_the_checkpoint(short_run, data_dir, tmp_path):
     assert re.search(r"eval at iteration 30: train loss \d\.\d{4}, val loss \d\.\d{4}", result.stdout), result.stdout
 
 
+# ----------------------------------------------------------------------------- fine-tuning: init_from=PATH
+
+
+def test_finetune_from_a_llama2c_file(short_run, data_dir, tmp_path):
+    # the short run's model through llama2.c's format (as the published stories*.bin), then trained on:
+    # the weights carry over (the loss starts where the source model is, not at ln(512) = 6.2) and the
+    # shape comes from the file, whatever the config says
+    source = tmp_path / "source.bin"
+    export.write_llama2c(source, from_checkpoint(short_run[0] / "ckpt.pt")[0])
+    _, source_evals = read_metrics(short_run[0])
+    out = tmp_path / "ft"
+    result = ok(run_train([f"--init_from={source}", "--dim=64", "--max_iters=8", "--eval_interval=4"], data_dir, out))
+    assert f"note: the model's shape comes from {source}: dim=32 (config: 64)" in result.stdout
+    logs, evals = read_metrics(out)
+    assert [r["iter"] for r in logs] == list(range(1, 9)) and logs[0]["tokens"] == 2 * 8 * 32  # a new run
+    assert abs(logs[0]["loss"] - source_evals[-1]["train_loss"]) < 0.3, (logs[0], source_evals[-1])
+    assert evals[-1]["val_loss"] < source_evals[-1]["val_loss"]  # and training goes on from there
+    model, ckpt = from_checkpoint(out / "ckpt.pt")
+    assert ckpt["iter_num"] == 8 and ckpt["model_args"]["dim"] == 32 and ckpt["config"]["dim"] == 32
+    assert ckpt["config"]["init_from"] == str(source)
+
+
+def test_finetune_vocab_mismatch_names_the_data_it_needs(data_dir, tmp_path):
+    # a llama2.c file with the Llama 2 vocabulary against data in a 512-token one
+    path = tmp_path / "stories.bin"
+    export.write_llama2c(path, Transformer(ModelArgs(dim=32, n_layers=1, n_heads=4, vocab_size=32000, max_seq_len=32)))
+    message = main_error(TINY + [f"--init_from={path}", f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'o'}"])
+    assert f"{path} has a 32000-token vocabulary but the data in" in message and "with 512 tokens" in message
+    assert "--vocab_source=llama2 --vocab_size=32000" in message
+
+
+def test_finetune_from_a_missing_or_unreadable_file(data_dir, tmp_path):
+    missing = tmp_path / "stories15M.bin"
+    message = main_error(TINY + [f"--init_from={missing}", f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'o'}"])
+    assert f"init_from='{missing}' is not 'scratch', 'resume' or an existing checkpoint" in message
+    text = tmp_path / "notes.txt"
+    text.write_text("not a model\n", encoding="utf-8")
+    message = main_error(TINY + [f"--init_from={text}", f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'o'}"])
+    assert f"{text} is not a checkpoint written by train.py" in message
+
+
 # ----------------------------------------------------------------------------- failures: one line, exit 1
 
 
@@ -339,6 +382,39 @@ def test_resume_with_other_model_args(short_run, data_dir):
     message = main_error(TINY + ["--init_from=resume", "--dim=64", f"--data_dir={data_dir}",
                                  f"--out_dir={short_run[0]}"])
     assert "dim=32 (config: 64)" in message
+
+
+def test_resume_on_another_vocabulary(short_run, data_dir, tmp_path):
+    # out_dir holds a run on other data: a different vocabulary size, or the same size from another tokenizer
+    out = tmp_path / "out"
+    out.mkdir()
+    ckpt = torch.load(short_run[0] / "ckpt.pt", weights_only=False)
+    other = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=16, vocab_size=1024,
+                                  max_seq_len=32))
+    trained = ckpt["config"] | {"dataset": "mine", "vocab_size": 1024}
+    torch.save(ckpt | {"model": other.state_dict(), "model_args": dataclasses.asdict(other.args), "config": trained},
+               out / "ckpt.pt")
+    message = main_error(TINY + ["--init_from=resume", f"--data_dir={data_dir}", f"--out_dir={out}"])
+    assert "has a 1024-token vocabulary but the data in" in message
+    assert "it was trained with --dataset=mine --vocab_source=custom --vocab_size=1024" in message
+
+    tokenizer = tmp_path / "other.model"
+    tokenizer.write_bytes(b"another tokenizer")
+    torch.save(ckpt | {"tokenizer": str(tokenizer)}, out / "ckpt.pt")
+    message = main_error(TINY + ["--init_from=resume", f"--data_dir={data_dir}", f"--out_dir={out}"])
+    assert f"trained with the tokenizer {tokenizer}" in message and "the same vocabulary size, different tokens" in message
+
+    (out / "ckpt.pt").write_bytes(b"cut short")  # a truncated copy
+    message = main_error(TINY + ["--init_from=resume", f"--data_dir={data_dir}", f"--out_dir={out}"])
+    assert "is not a checkpoint written by train.py" in message
+
+
+@pytest.mark.parametrize("source, fragment", [("dim = (\n", ":1: syntax error"),
+                                              ("dim = undefined_name\n", "NameError: name 'undefined_name'")])
+def test_config_file_that_raises(data_dir, tmp_path, source, fragment):
+    config = tmp_path / "broken.py"
+    config.write_text(source, encoding="utf-8")
+    assert fragment in main_error([str(config)] + TINY + [f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'o'}"])
 
 
 def test_cuda_out_of_memory_names_the_batch_size(monkeypatch):
