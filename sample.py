@@ -5,9 +5,10 @@ Generate stories from a trained model, streamed to stdout as the tokens come.
     python sample.py --checkpoint=out/ckpt.pt --temperature=0              # greedy
     python sample.py --checkpoint=stories15M.bin --tokenizer=data/llama2.model --top_p=0.9
     python sample.py --prompt_file=prompt.txt --max_new_tokens=500 --device=cuda --compile=True
+    python sample.py --checkpoint=out/hf                                    # export.py --format=hf's directory
 
-The tokenizer is the one recorded in the checkpoint (--tokenizer overrides it; a llama2.c .bin
-records none). Each story stops at the end-of-story token (BOS or EOS) or after max_new_tokens;
+The tokenizer is the one recorded in the checkpoint, or a Hugging Face directory's tokenizer.model
+(--tokenizer overrides it; a llama2.c .bin records none). Each story stops at the end-of-story token (BOS or EOS) or after max_new_tokens;
 samples are separated by a line of dashes. Settings and timing go to stderr, stories to stdout.
 """
 import os
@@ -19,24 +20,30 @@ import torch
 
 from configurator import ConfigError, parse_config
 
-DEFAULTS = {
-    "checkpoint": "out/ckpt.pt",  # train.py's checkpoint, or a llama2.c model file (.bin)
-    "tokenizer": "",  # sentencepiece .model; "" = the one recorded in the checkpoint
-    "prompt": "",  # text the stories start with ("" = from scratch)
-    "prompt_file": "",  # or read the prompt from this file (one trailing newline dropped)
-    "num_samples": 1,
-    "max_new_tokens": 256,
-    "temperature": 1.0,  # 0 = greedy (argmax); higher is more random
-    "top_k": None,  # keep only the k most likely tokens (None or 0 = all)
-    "top_p": 0.9,  # nucleus sampling: the smallest set of tokens with this much probability (1.0 = all)
-    "seed": 1337,
-    "device": "auto",  # auto = cuda, else mps, else cpu
-    "dtype": "auto",  # float32 | bfloat16 | float16; auto = bfloat16 (or float16) on cuda, float32 elsewhere
-    "compile": False,  # torch.compile the forward pass (pays off on a GPU for long generations)
-    # CPU threads (0 = torch's default). Batch-1 decoding is many small matmuls: on a shared 2-core machine
-    # one thread gave 110 tokens/s for the 15M model where two gave 18-26 (OpenMP threads spinning)
-    "threads": 1,
+# name: (default, help). --help prints them; parse_config checks the types against the defaults.
+OPTIONS = {
+    "checkpoint": ("out/ckpt.pt", "train.py's checkpoint, a llama2.c .bin, or a Hugging Face directory"),
+    "tokenizer": ("", "sentencepiece .model; \"\" = the one recorded in the checkpoint"),
+    "prompt": ("", "text the stories start with (\"\" = from scratch)"),
+    "prompt_file": ("", "or read the prompt from this file (one trailing newline dropped)"),
+    "num_samples": (1, "stories to generate"),
+    "max_new_tokens": (256, "at most this many new tokens per story (fewer if the story ends)"),
+    "temperature": (1.0, "0 = greedy (argmax); higher is more random"),
+    "top_k": (None, "keep only the k most likely tokens (None or 0 = all)"),
+    "top_p": (0.9, "nucleus sampling: the fewest tokens with this much probability (1.0 = all)"),
+    "seed": (1337, "random seed: the same seed and settings give the same stories"),
+    "device": ("auto", "auto = cuda, else mps, else cpu"),
+    "dtype": ("auto", "float32 | bfloat16 | float16; auto = bfloat16 (or float16) on cuda, else float32"),
+    "compile": (False, "torch.compile the forward pass (pays off on a GPU for long generations)"),
+    # Batch-1 decoding is hundreds of tiny ops a token, each a parallel region whose threads wait for the
+    # slowest. On this project's 2-core CPU, idle, two threads were no faster than one for any model size
+    # (260K, 15M, 42M, 110M: equal within noise); with one core busy elsewhere, two threads fell to 46
+    # tokens/s for the 15M model where one kept 121 (OpenMP threads spin-waiting for the descheduled one).
+    # A laptop always has something else running, so one thread is the default; try --threads=0 on an
+    # idle many-core machine for the larger models.
+    "threads": (1, "CPU threads (0 = torch's default, one per physical core)"),
 }
+DEFAULTS = {name: default for name, (default, _) in OPTIONS.items()}
 SEPARATOR = "-" * 40
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -50,8 +57,18 @@ def resolve_device(name: str) -> str:
         if torch.cuda.is_available():
             return "cuda"
         return "mps" if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device = torch.device(name)
+    except RuntimeError:  # torch lists every device type it knows, over a long line
+        raise SampleError(f"--device={name} is not a device: use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise SampleError(f"--device={name} but no CUDA device is available (use --device=cpu)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise SampleError(f"--device={name} but there are {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise SampleError(f"--device={name} but MPS is not available (use --device=cpu)")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise SampleError(f"--device={name}: sample.py runs on cpu, cuda or mps")
     return name
 
 
@@ -88,8 +105,11 @@ def read_prompt(cfg: dict) -> str:
         return cfg["prompt"]
     if not os.path.isfile(cfg["prompt_file"]):
         raise SampleError(f"prompt file not found: {cfg['prompt_file']}")
-    with open(cfg["prompt_file"], encoding="utf-8") as f:
-        text = f.read()
+    try:
+        with open(cfg["prompt_file"], encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise SampleError(f"prompt file {cfg['prompt_file']} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     return text[:-1] if text.endswith("\n") else text
 
 
@@ -166,6 +186,15 @@ def generate_story(model, tok, prompt_ids: list[int], cfg: dict, write) -> list[
     return new
 
 
+def usage() -> str:
+    # defaults as they are typed on the command line: text without quotes
+    shown = {name: '""' if d == "" else d if isinstance(d, str) else repr(d) for name, (d, _) in OPTIONS.items()}
+    width = max(len(f"--{name}={value}") for name, value in shown.items())
+    lines = ["usage: python sample.py [config.py ...] [--key=value ...]", "", __doc__.strip(), "", "options:"]
+    lines += [f"  {f'--{name}={shown[name]}':<{width}}  {text}" for name, (_, text) in OPTIONS.items()]
+    return "\n".join(lines)
+
+
 def setup(argv):
     stray = [a for a in argv if not a.startswith("-") and not a.endswith(".py")]
     if stray:  # `--prompt "Once upon"` reaches us as two words
@@ -194,6 +223,9 @@ def setup(argv):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if "--help" in argv or "-h" in argv:
+        print(usage())
+        return
     try:
         cfg, model, tok, prompt_ids = setup(argv)
     except SampleError as e:
@@ -219,6 +251,10 @@ def main(argv=None):
     except KeyboardInterrupt:
         write("\n")
         sys.exit(130)
+    except BrokenPipeError:  # `python sample.py | head`: the reader has gone, so stop quietly
+        # (Python's recipe: point stdout at devnull so the flush at exit does not fail again)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
     print(f"{n_tokens} tokens in {seconds:.2f} s: {n_tokens / max(seconds, 1e-9):.1f} tokens/s", file=sys.stderr)
 
 

@@ -13,12 +13,14 @@ from model import (
     ModelArgs,
     Transformer,
     apply_rope,
+    causal_attention_in_blocks,
     filter_logits,
     from_checkpoint,
     precompute_rope,
     sample_next,
 )
 
+INF = float("inf")
 REFERENCE_CONFIGS = {  # llama2.c's TinyStories models and their published parameter counts (tied embeddings)
     "260K": (dict(dim=64, n_layers=5, n_heads=8, n_kv_heads=4, vocab_size=512, multiple_of=4, max_seq_len=512),
              260_032),
@@ -289,6 +291,51 @@ def test_rope_is_a_rotation_with_the_relative_position_property():
 
 # ------------------------------------------------------------------ training
 
+@pytest.mark.parametrize("T, block", [(40, 16), (64, 64), (10, 64)])
+def test_blocked_attention_equals_causal_attention(T, block):
+    # the CPU dropout path (training with dropout > 0) computes causal attention 64 queries at a time
+    g = torch.Generator().manual_seed(19)
+    q, k, v = torch.randn(2, 4, T, 8, generator=g), torch.randn(2, 2, T, 8, generator=g), torch.randn(2, 2, T, 8,
+                                                                                                    generator=g)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert torch.allclose(causal_attention_in_blocks(q, k, v, 0.0, block=block), ref, atol=1e-5)
+    # with dropout, each output is on average the dropout-free one (inverted dropout keeps the mean)
+    torch.manual_seed(0)
+    mean = torch.stack([causal_attention_in_blocks(q, k, v, 0.3, block=block) for _ in range(3000)]).mean(0)
+    assert (mean - ref).abs().max() < 0.1 and (mean - ref).abs().mean() < 0.02
+    # and with the same dropout draws, a later key or value never reaches an earlier query
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, T - 3:] += 1.0
+    v2[:, :, T - 3:] += 1.0
+    torch.manual_seed(1)
+    a = causal_attention_in_blocks(q, k, v, 0.3, block=block)
+    torch.manual_seed(1)
+    b = causal_attention_in_blocks(q, k2, v2, 0.3, block=block)
+    assert torch.equal(a[:, :, :T - 3], b[:, :, :T - 3]) and not torch.equal(a, b)
+
+
+def test_dropout_is_stochastic_in_training_causal_and_off_in_eval():
+    m = tiny_model(seed=3, dropout=0.2, n_kv_heads=2)
+    plain = tiny_model(seed=3, dropout=0.0, n_kv_heads=2)  # the same weights
+    tokens = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(20))
+    changed = tokens.clone()
+    changed[:, 15] = (changed[:, 15] + 1) % 64
+    m.train()
+    torch.manual_seed(1)
+    a = all_logits(m, tokens)
+    b = all_logits(m, tokens)
+    assert (a - b).abs().max() > 1e-2  # a new dropout mask each call
+    torch.manual_seed(1)
+    c = all_logits(m, changed)  # the same masks: a later token still never reaches an earlier position
+    assert torch.allclose(a[:, :15], c[:, :15], atol=1e-5, rtol=0)
+    _, loss = m(tokens, tokens)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())
+    m.eval()
+    with torch.no_grad():
+        assert torch.equal(all_logits(m, tokens), all_logits(plain, tokens))
+
+
 @pytest.mark.parametrize("n_kv_heads", [2])
 def test_overfits_one_batch(n_kv_heads):
     torch.manual_seed(0)
@@ -495,6 +542,97 @@ def test_sample_next_respects_temperature_zero_and_filters():
     draws = torch.stack([sample_next(logits, 1.0, top_k=2) for _ in range(200)])
     assert set(draws.unique().tolist()) == {1, 2}  # only the top 2, and both of them
     assert set(torch.stack([sample_next(logits, 5.0, top_k=1) for _ in range(20)]).unique().tolist()) == {1}
+
+
+def filter_by_full_sort(logits, top_k=None, top_p=None):
+    # the plain definition: sort the whole vocabulary, keep the smallest prefix whose mass reaches top_p
+    logits = logits.clone()
+    if top_k is not None:
+        logits[logits < torch.topk(logits, top_k).values[:, [-1]]] = -INF
+    sorted_logits, order = torch.sort(logits, descending=True)
+    probs = sorted_logits.softmax(-1)
+    drop = probs.cumsum(-1) - probs >= top_p
+    logits[drop.scatter(-1, order, drop)] = -INF
+    return logits
+
+
+@pytest.mark.parametrize("scale", [4.0, 0.1], ids=["peaked", "flat"])
+def test_top_p_over_a_large_vocabulary_equals_the_full_sort(scale):
+    # filter_logits sorts only the 1024 most likely tokens and sorts them all when those do not reach
+    # top_p (the flat rows: 1024 of 5000 near-equal tokens hold ~20% of the mass)
+    logits = torch.randn(3, 5000, generator=torch.Generator().manual_seed(17)) * scale
+    for top_k, top_p in [(None, 0.5), (None, 0.9), (None, 0.99), (2000, 0.9), (50, 0.9)]:
+        ours = filter_logits(logits, top_k=top_k, top_p=top_p)
+        assert torch.equal(ours, filter_by_full_sort(logits, top_k, top_p)), (top_k, top_p)
+        kept = torch.isfinite(ours).sum(-1)
+        assert kept.min() >= 1 and kept.max() < 5000
+
+
+def test_sample_next_draws_from_the_filtered_distribution():
+    logits = torch.tensor([[1.5, 0.2, 1.0, -0.5, 0.6, 0.0]]).log_softmax(-1)
+    n = 40_000
+    for temperature, top_k, top_p in [(1.0, None, None), (0.7, None, 0.8), (1.3, 4, None), (1.0, 4, 0.7)]:
+        torch.manual_seed(3)
+        draws = sample_next(logits.expand(n, -1), temperature, top_k, top_p)
+        freq = torch.bincount(draws, minlength=6).double() / n
+        expected = filter_logits(logits / temperature, top_k, top_p).softmax(-1)[0].double()
+        assert torch.all(freq[expected == 0] == 0), (temperature, top_k, top_p)  # filtered: never drawn
+        # 4.5 standard deviations of a binomial frequency
+        assert torch.all((freq - expected).abs() <= 4.5 * (expected * (1 - expected) / n).sqrt() + 1e-9), (
+            temperature, top_k, top_p, freq, expected)
+        torch.manual_seed(3)
+        assert torch.equal(draws, sample_next(logits.expand(n, -1), temperature, top_k, top_p))  # seeded
+
+
+def test_generation_classifier_copy_is_per_generation_and_follows_training():
+    # generate_stream multiplies by a contiguous copy of output.weight.t() (faster on CPU); the copy must
+    # give the same logits, never leak into state_dict or autograd, and never outlive the generation
+    m = tiny_model(max_seq_len=32)
+    prompt = torch.randint(0, 64, (1, 5), generator=torch.Generator().manual_seed(18))
+    stream = m.generate_stream(prompt, 10, temperature=0.0)
+    next(stream)
+    copy = m._classifier_t
+    assert copy is not None and copy.is_contiguous() and torch.equal(copy, m.output.weight.t())
+    assert not any("classifier" in k for k in m.state_dict())
+    with torch.no_grad():
+        fast, _ = m(prompt)  # the copy is in use
+    slow = all_logits(m, prompt)[:, -1:]  # grad enabled: the module's own weight
+    assert torch.allclose(fast, slow, atol=1e-5) and slow.requires_grad
+    stream.close()  # a caller that stops early
+    assert m._classifier_t is None
+
+    # training between generations (the fused AdamW step does not bump the weight's _version)
+    opt = m.configure_optimizers(0.0, 0.1, (0.9, 0.95), "cpu")
+    outputs = []
+    for _ in range(3):
+        outputs.append(m.generate(prompt, 10, temperature=0.0))
+        assert torch.equal(outputs[-1], greedy_without_cache(m, prompt, 10))
+        m.train()
+        _, loss = m(prompt[:, :-1], prompt[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        m.eval()
+    assert len({tuple(o[0].tolist()) for o in outputs}) == 3  # training did change what it generates
+
+
+@pytest.mark.slow
+def test_compiled_generation_follows_the_weights():
+    # sample.py --compile: a compiled forward must read each generation's new classifier copy, not bake
+    # the first one into its graph
+    m = tiny_model(max_seq_len=16)
+    prompt = torch.randint(0, 64, (1, 5), generator=torch.Generator().manual_seed(18))
+    expected = []
+    for scale in (1.0, -1.0):
+        with torch.no_grad():
+            m.output.weight.mul_(scale)
+        expected.append(greedy_without_cache(m, prompt, 6))
+    m.forward = torch.compile(m.forward, dynamic=True)
+    for scale, want in zip((-1.0, -1.0), expected, strict=True):  # back to the original weights, then flipped
+        with torch.no_grad():
+            m.output.weight.mul_(scale)
+        assert torch.equal(m.generate(prompt, 6, temperature=0.0), want)
+    assert not torch.equal(*expected)
 
 
 # ------------------------------------------------------------------ checkpoints

@@ -1,6 +1,7 @@
 """sample.py and the sampling filters: top-k / top-p semantics on hand-made logits, streaming text that
 equals a full decode (byte fallback included), stopping at the end of a story, determinism under a
 seed, and one-line errors for bad input."""
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ from test_export import save_checkpoint, tiny_model, train_tokenizer
 
 import export
 import sample
-from model import filter_logits, sample_next
+from model import filter_logits, from_checkpoint, sample_next
 from tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,7 +73,7 @@ def test_settings_are_checked_and_normalised():
     cfg = sample.check_settings({**sample.DEFAULTS, "top_k": 0, "top_p": 1.0})
     assert cfg["top_k"] is None and cfg["top_p"] is None  # both mean "no limit"
     for bad in ({"top_p": 0.0}, {"top_p": 1.5}, {"temperature": -1.0}, {"top_k": -3}, {"num_samples": 0},
-                {"prompt": "a", "prompt_file": "b"}):
+                {"prompt": "a", "prompt_file": "b"}, {"threads": -1}):
         with pytest.raises(sample.SampleError):
             sample.check_settings({**sample.DEFAULTS, **bad})
 
@@ -166,6 +167,34 @@ def test_greedy_output_equals_model_generate(ckpt, sp_model, capsys, tmp_path):
     assert code == 0 and out == expected
 
 
+def test_hugging_face_directory_loads_and_samples(sp_model, capsys, tmp_path):
+    # export.py --format=hf's directory is a checkpoint too: same weights, its own tokenizer.model
+    model = tiny_model()
+    export.write_hf(tmp_path / "hf", model, sp_model)
+    loaded, checkpoint = from_checkpoint(tmp_path / "hf")
+    assert dataclasses.replace(loaded.args, multiple_of=1) == dataclasses.replace(model.args, multiple_of=1)
+    assert checkpoint["tokenizer"] == str((tmp_path / "hf" / "tokenizer.model").resolve())
+    tokens = torch.randint(0, 400, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens, tokens)[0], model(tokens, tokens)[0])
+    code, out, err = run_main(capsys, f"--checkpoint={tmp_path / 'hf'}", "--prompt=Once upon a time",
+                              "--temperature=0", "--max_new_tokens=20")
+    assert code == 0 and "tokens/s" in err and "hf/tokenizer.model" in err
+    save_checkpoint(tmp_path / "ckpt.pt", model, sp_model)
+    code, expected, _ = run_main(capsys, f"--checkpoint={tmp_path / 'ckpt.pt'}", "--prompt=Once upon a time",
+                                 "--temperature=0", "--max_new_tokens=20")
+    assert code == 0 and out == expected
+
+
+def test_help_lists_every_option_with_its_default(capsys):
+    for flag in ("--help", "-h"):
+        code, out, err = run_main(capsys, flag)
+        assert code == 0 and err == "" and out.startswith("usage: python sample.py")
+        for name, default in sample.DEFAULTS.items():
+            shown = '""' if default == "" else default if isinstance(default, str) else repr(default)
+            assert f"--{name}={shown} " in out, name
+
+
 def test_samples_are_separated(ckpt, capsys):
     code, out, _ = run_main(capsys, f"--checkpoint={ckpt}", "--num_samples=3", "--max_new_tokens=8", "--seed=3")
     assert code == 0 and out.count("\n" + sample.SEPARATOR + "\n") == 2
@@ -204,7 +233,22 @@ def bad_inputs(tmp_path_factory, sp_model):
         "big_vocab": save_checkpoint(d / "big.pt", tiny_model(vocab_size=512), sp_model),
         "bin": d / "model.bin",
         "dir": d,
+        "not_utf8": write_bytes(d / "latin1.txt", "Once upon a time, café".encode("latin-1")),
+        "damaged_hf": damaged_hf(d / "damaged_hf", model),
+        "empty_dir": write_bytes(d / "empty" / "notes.txt", b"").parent,
     }
+
+
+def damaged_hf(d: Path, model) -> Path:
+    export.write_hf(d, model)
+    (d / "model.safetensors").write_bytes(b"not safetensors")
+    return d
+
+
+def write_bytes(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -220,6 +264,10 @@ def bad_inputs(tmp_path_factory, sp_model):
     (["--checkpoint={ckpt}", "--temprature=0"], "did you mean 'temperature'"),
     (["--checkpoint={ckpt}", "--dtype=float8"], "--dtype=float8"),
     (["--checkpoint={dir}/model.bin", "--tokenizer={dir}/model.bin"], "looks like llama2.c's tokenizer.bin"),
+    (["--checkpoint={ckpt}", "--prompt_file={not_utf8}"], "is not UTF-8 text"),
+    (["--checkpoint={ckpt}", "--device=gpu"], "--device=gpu is not a device: use auto, cpu, cuda, cuda:N or mps"),
+    (["--checkpoint={empty_dir}"], "config.json not found"),
+    (["--checkpoint={damaged_hf}"], "is not a Hugging Face Llama directory (SafetensorError"),
 ])
 def test_bad_input_is_one_line_error(bad_inputs, capsys, argv, message, monkeypatch):
     monkeypatch.chdir(bad_inputs["dir"])
@@ -239,3 +287,13 @@ def test_error_in_a_real_process_has_no_traceback(bad_inputs, tmp_path):
     result = run_script(f"--checkpoint={bad_inputs['big_vocab']}", cwd=tmp_path)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.count("\n") == 1 and "vocab_size is 512" in result.stderr
+
+
+def test_reader_closing_the_pipe_stops_quietly(ckpt, tmp_path):
+    # `python sample.py | head -c 20`: no BrokenPipeError traceback when the reader goes away
+    proc = subprocess.Popen([sys.executable, str(ROOT / "sample.py"), f"--checkpoint={ckpt}", "--num_samples=1000",
+                             "--max_new_tokens=60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+    proc.stdout.read(20)
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and b"Traceback" not in err, err.decode()
