@@ -4,7 +4,7 @@ max_seq_len 256, random weights): 256 new tokens after BOS, batch 1, in tokens/s
 
 Side by side in one process, runs alternating so that load from other processes hits all alike:
   uncached   llama2.c's Python sample.py approach: a full forward over the whole sequence for every
-             new token (our model, called without the cache)
+             new token (our model called without the cache, nor the classifier copy; the same sampler)
   cached     model.generate: prefill, then one token at a time through the KV cache, with the
              classifier against a contiguous (dim, vocab) copy of its weight (MKL's h @ W.T is ~3x
              slower on this CPU) and the sampler that sorts only the head of the distribution and
@@ -17,6 +17,10 @@ The greedy tokens of all variants are checked to agree (the first 255: at the 25
 window while the uncached loop crops its input). References on this project's 2-core CPU (the
 issue's): llama2.c's sample.py about 34 tokens/s, llama2.c's run.c (make runfast, one thread) about
 130 tokens/s.
+
+Measured there (one thread, median of 5, three runs, the machine shared): uncached 28 tokens/s; cached
+greedy 131-143 (1.0-1.1x run.c), sampled 112-128 (0.86-0.99x); --compile'd greedy 163, sampled 138.
+Before the classifier copy and the new sampler: cached greedy 100-116, sampled 66-76.
 
     python bench/bench_sample.py                      # CPU, float32, one thread (as run.c's reference)
     python bench/bench_sample.py --threads 2 --repeats 5
