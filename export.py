@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from model import ModelArgs, Transformer, precompute_rope
+from model import ModelArgs, Transformer, from_checkpoint, precompute_rope
 
 MAGIC = 0x616B3432  # "ak42" read as a big-endian word; the bytes on disk are "24ka"
 HEADER_BYTES = 256  # versions 1 and 2
@@ -455,13 +455,6 @@ def load_hf(path, device="cpu"):
 # ---------------------------------------------------------------- command line
 
 
-def load_any(path, device="cpu"):
-    # our .pt, a llama2.c .bin (both through model.from_checkpoint), or an HF directory
-    from model import from_checkpoint
-
-    return load_hf(path, device) if os.path.isdir(path) else from_checkpoint(path, device)
-
-
 def run(out, cfg) -> list[str]:
     fmt, version, group_size, dtype = cfg["format"], cfg["version"], cfg["group_size"], cfg["dtype"]
     if fmt not in ("llama2c", "hf", "pt"):
@@ -483,7 +476,7 @@ def run(out, cfg) -> list[str]:
         raise ExportError(f"--dtype={dtype}: choose one of {', '.join(DTYPES)}")
 
     try:
-        model, checkpoint = load_any(cfg["checkpoint"])
+        model, checkpoint = from_checkpoint(cfg["checkpoint"])  # .pt, llama2.c .bin or HF directory
     except FileNotFoundError:
         raise  # its message says what to do
     except (OSError, ValueError, RuntimeError, KeyError) as e:  # not a model file, or a damaged one
