@@ -106,6 +106,55 @@ def causal_attention_in_blocks(q, k, v, dropout_p: float, block: int = 64):
     return torch.cat(out, dim=2)  # (B, n_heads, T, head_dim)
 
 
+def _head_chunks(n_heads_total: int, T: int):
+    # groups of heads whose (T, T) score matrices take about 2 MB together: they stay in cache
+    step = max(1, 2**19 // (T * T))
+    return [slice(s, min(s + step, n_heads_total)) for s in range(0, n_heads_total, step)]
+
+
+class SmallHeadCausalAttention(torch.autograd.Function):
+    """Causal attention for CPU training with tiny heads (head_dim <= 8, T <= 512: the 260K model).
+    PyTorch's CPU flash kernel takes queries 32 - 64 at a time below 768 tokens, and with 8-wide heads
+    its per-block overhead is most of the work. Here each group of heads gets its whole (T, T) score
+    matrix at once, small enough for the cache, and the backward pass recomputes it instead of keeping
+    it. The narrow products are written transposed (v^T p^T rather than p v): MKL runs those 4-6x faster.
+    260K model (B 32, T 512, 2 threads), one layer's attention forward + backward: 0.30 s -> 0.15 s."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu", cast_inputs=torch.float32)
+    def forward(ctx, q, k, v):
+        # q, k, v: (B, heads, T, head_dim), k and v already repeated to the query heads
+        B, H, T, hd = q.shape
+        q, k, v = (t.reshape(B * H, T, hd) for t in (q, k, v))
+        mask = torch.full((T, T), -float("inf"), dtype=q.dtype, device=q.device).triu_(1)  # -inf above the diagonal
+        y_t = q.new_empty(B * H, hd, T)
+        for s in _head_chunks(B * H, T):
+            p = torch.baddbmm(mask, q[s], k[s].transpose(1, 2), alpha=hd**-0.5).softmax(-1)  # (heads, T, T)
+            torch.bmm(v[s].transpose(1, 2), p.transpose(1, 2), out=y_t[s])  # y^T = v^T p^T
+        y = y_t.transpose(1, 2).contiguous()  # (B * H, T, hd)
+        ctx.save_for_backward(q, k, v, y, mask)
+        ctx.shape = (B, H, T, hd)
+        return y.view(B, H, T, hd)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cpu")
+    def backward(ctx, dy):
+        q, k, v, y, mask = ctx.saved_tensors
+        n, T, hd = q.shape
+        dy = dy.reshape(n, T, hd)
+        dy_dot_y = (dy * y).sum(-1, keepdim=True)  # (n, T, 1): each row's sum of p * dp
+        dq_t, dk_t, dv_t = (q.new_empty(n, hd, T) for _ in range(3))
+        for s in _head_chunks(n, T):
+            p = torch.baddbmm(mask, q[s], k[s].transpose(1, 2), alpha=hd**-0.5).softmax(-1)  # recomputed
+            torch.bmm(dy[s].transpose(1, 2), p, out=dv_t[s])  # dv^T = dy^T p
+            ds = torch.bmm(dy[s], v[s].transpose(1, 2))  # dp = dy v^T, (heads, T, T)
+            ds.sub_(dy_dot_y[s]).mul_(p)  # through the softmax: ds = p * (dp - sum(p * dp))
+            torch.bmm(k[s].transpose(1, 2), ds.transpose(1, 2), out=dq_t[s])  # dq^T = k^T ds^T
+            torch.bmm(q[s].transpose(1, 2), ds, out=dk_t[s])  # dk^T = q^T ds
+        dq, dk, dv = dq_t.transpose(1, 2) * hd**-0.5, dk_t.transpose(1, 2) * hd**-0.5, dv_t.transpose(1, 2)
+        return dq.reshape(ctx.shape), dk.reshape(ctx.shape), dv.reshape(ctx.shape)
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -133,6 +182,10 @@ class Attention(nn.Module):
             dropout_p = self.dropout if self.training else 0.0
             if dropout_p > 0 and x.device.type == "cpu":
                 y = causal_attention_in_blocks(q, k, v, dropout_p)
+            elif x.device.type == "cpu" and self.head_dim <= 8 and T <= 512:
+                rep = self.n_heads // self.n_kv_heads
+                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, n_heads, T, head_dim)
+                y = SmallHeadCausalAttention.apply(q, k, v)
             else:  # flash kernels (CUDA with or without dropout, CPU without)
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True, dropout_p=dropout_p)
         else:  # generation: write this chunk into the cache at start_pos, attend to all that came before

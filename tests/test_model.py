@@ -317,6 +317,36 @@ def test_blocked_attention_equals_causal_attention(T, block):
     assert torch.equal(a[:, :, :T - 3], b[:, :, :T - 3]) and not torch.equal(a, b)
 
 
+@pytest.mark.parametrize("n_heads, n_kv_heads, T, head_dim", [(4, 4, 37, 8), (4, 2, 64, 8), (4, 1, 300, 4)])
+def test_small_head_attention_equals_sdpa_forward_and_backward(n_heads, n_kv_heads, T, head_dim):
+    # the CPU path for tiny heads (the 260K model) computes its own gradients: check them against autograd
+    # through PyTorch's attention, in float64 so that any difference is a wrong formula, not rounding
+    g = torch.Generator().manual_seed(23)
+    q = torch.randn(3, n_heads, T, head_dim, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(3, n_kv_heads, T, head_dim, generator=g, dtype=torch.float64, requires_grad=True)
+            for _ in range(2))
+    rep = n_heads // n_kv_heads
+    ours = model.SmallHeadCausalAttention.apply(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1))
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    dy = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    grads = torch.autograd.grad(ours, (q, k, v), dy)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), dy)
+    assert (ours - ref).abs().max() < 1e-12
+    for a, b in zip(grads, ref_grads):
+        assert (a - b).abs().max() < 1e-12
+
+
+def test_small_head_attention_is_used_on_cpu_for_tiny_heads_only(monkeypatch):
+    calls = []
+    original = model.SmallHeadCausalAttention.apply
+    monkeypatch.setattr(model.SmallHeadCausalAttention, "apply", lambda *a: calls.append(1) or original(*a))
+    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(4))
+    tiny_model(n_heads=4)(tokens, tokens)  # head dim 32 / 4 = 8
+    assert len(calls) == 2  # one per layer
+    tiny_model(n_heads=2)(tokens, tokens)  # head dim 16: PyTorch's flash kernel is faster there
+    assert len(calls) == 2
+
+
 def test_dropout_is_stochastic_in_training_causal_and_off_in_eval():
     m = tiny_model(seed=3, dropout=0.2, n_kv_heads=2)
     plain = tiny_model(seed=3, dropout=0.0, n_kv_heads=2)  # the same weights
