@@ -24,6 +24,7 @@ tokens per iteration do not depend on the number of GPUs. Every run writes out_d
 out_dir/metrics.jsonl (one JSON object per log line and per eval) and out_dir/ckpt.pt.
 """
 import filecmp
+import gc
 import inspect
 import json
 import math
@@ -136,6 +137,26 @@ def cuda_has_bf16() -> bool:
     if "including_emulation" in inspect.signature(torch.cuda.is_bf16_supported).parameters:
         return torch.cuda.is_bf16_supported(including_emulation=False)
     return torch.cuda.is_bf16_supported()
+
+
+def keep_freed_memory(enabled: bool = True) -> bool:
+    """On Linux (glibc): serve large tensors from the heap and keep freed memory there for the next
+    step, instead of returning each one to the system. By default glibc maps every block above 32 MB
+    fresh from the kernel, so the 15M model's 4096 x 32000 logits and their gradients (0.5 GB each)
+    were paged in from zero at every step: 1.6 s of a 4.4 s CPU step went to the cross-entropy, 0.2 s
+    with this. The process keeps its peak memory until it exits. Returns whether it applied."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # macOS, Windows, musl: nothing to tune
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters
+    applied = mallopt(M_MMAP_MAX, 0 if enabled else 65536)  # 65536: glibc's default
+    if enabled:
+        applied &= mallopt(M_TRIM_THRESHOLD, 2**31 - 1)  # never hand the heap's top back
+    return applied == 1
 
 
 def resolve_config(config: dict) -> dict:
@@ -392,9 +413,15 @@ def train(config: dict) -> dict:
         else:
             dist.init_process_group(backend="gloo")
     try:
-        return _train(c, ddp, rank, world_size, device)
+        result = _train(c, ddp, rank, world_size, device)
+        if ddp:
+            dist.barrier()  # no rank tears down its process group while another still talks to it
+        return result
     finally:
         if ddp and dist.is_initialized():
+            # DDP's reducer holds the process group; left to interpreter shutdown, gloo's threads can be
+            # destroyed still running ("terminate called without an active exception", SIGABRT)
+            gc.collect()
             dist.destroy_process_group()
 
 
@@ -412,6 +439,8 @@ def _train(c: dict, ddp: bool, rank: int, world_size: int, device: str) -> dict:
     random.seed(c["seed"] + rank)
     if device_type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 matmuls
+    elif device_type == "cpu":
+        keep_freed_memory()
     ctx = nullcontext() if c["dtype"] == "float32" else torch.autocast(device_type, dtype=getattr(torch, c["dtype"]))
 
     # data: the shard directory's meta.json says which tokenizer made it
