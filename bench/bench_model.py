@@ -2,25 +2,26 @@
 Training-step throughput of model.py: forward + backward + grad clip + AdamW step, in tokens/s,
 for the 260K config (batch 32 x 512, vocab 512) and the 15M config (batch 16 x 256, vocab 32000).
 
-Beside ours, in the same process and on the same batch, it times a llama2.c-style baseline: the same
-Llama written the way llama2.c's model.py writes it (our own code, below, kept separate so that every
-change to model.py shows up against it), with llama2.c's choices: key/value heads repeated into new
-tensors for grouped-query attention (repeat_kv) instead of SDPA's enable_gqa, and torch's default
-AdamW, which on a CPU is a per-parameter Python loop (llama2.c asks for fused only on CUDA). Both get
-identical weights first and must give the same loss. Steps of the two alternate, so load from other
-processes on a shared machine slows both alike; the figures are the median and the best step. It
-also prints the ratio to the issue's fixed reference (llama2.c's train.py on the 2-core CPU this
-project was developed on, float32, no compile: 2.4 s per 260K step, 4.7 s per 15M step), which only
-means something on that machine, and only when nothing else runs there.
+Beside ours, on the same weights and batch, it times a llama2.c-style baseline: the same Llama written
+the way llama2.c's model.py writes it (our own code, below, kept separate so that every change to
+model.py shows up against it), with llama2.c's choices: key/value heads repeated into new tensors for
+grouped-query attention (repeat_kv) instead of SDPA's enable_gqa, PyTorch's attention for every head
+size, torch's default AdamW (on a CPU a per-parameter Python loop; llama2.c asks for fused only on
+CUDA) and glibc's default allocator settings. Both must give the same loss. Each model is timed in a
+fresh process of its own, one after the other (train.keep_freed_memory() changes the whole process),
+so on a shared machine run it twice; the figures are the median and the best step. It also prints
+the ratio to the issue's fixed reference (llama2.c's train.py on the 2-core CPU this project was
+developed on, float32, no compile: 2.4 s per 260K step, 4.7 s per 15M step), which only means
+something on that machine, and only when nothing else runs there.
 
-Findings on that CPU (2 cores, float32; details in the model engineer's report): the step is matrix
-multiplies (MKL), PyTorch's CPU flash-attention kernel (at T <= 512 it computes the masked half of
-causal attention too, and with the 260K's head_dim 8 it is most of that step) and the cross-entropy
-over the 4096 x 32000 logits; all identical in both models. Fused AdamW (now model.py's default on
-CPU) cuts the 15M optimizer step from ~150 ms to ~10 ms. torch.compile: ~+10% on 260K, ~0 on 15M,
-25-40 s to compile (cold). Tried and dropped: F.rms_norm, a cheaper RoPE, fused QKV / w1-w3 matmuls
-(each < 1% of a step), query-chunked causal attention (slower), THP_MEM_ALLOC_ENABLE=1 (the isolated
-cross-entropy ran 4x faster, the whole 15M step ~20% slower).
+Findings on that CPU (2 cores, float32): the 15M step is matrix multiplies (MKL, ~70% of the CPU's
+peak) and the cross-entropy over the 4096 x 32000 logits, which took 1.6 s of 4.4 s until
+train.keep_freed_memory() stopped glibc from paging the 0.5 GB logits and gradients in from zero at
+every step (0.2 s now). The 260K step was 78% PyTorch's CPU flash attention, slow with 8-wide heads;
+model.SmallHeadCausalAttention halves it. Fused AdamW (model.py's default on CPU too) cuts the 15M
+optimizer step from ~150 ms to ~10 ms. torch.compile: ~+10% on 260K, ~0 on 15M, 25-40 s to compile.
+Tried and dropped: F.rms_norm, a cheaper RoPE, fused QKV / w1-w3 matmuls (each < 1% of a step),
+query-chunked causal attention (slower), THP_MEM_ALLOC_ENABLE=1 (slower than keeping freed memory).
 
     python bench/bench_model.py                                  # CPU, float32, eager, both configs
     python bench/bench_model.py --compile                        # ours torch.compile'd (compile time shown)
@@ -29,7 +30,9 @@ cross-entropy ran 4x faster, the whole 15M step ~20% slower).
 """
 import argparse
 import contextlib
+import json
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,6 +43,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # model.py lives at the repo root
 import model  # noqa: E402
+import train  # noqa: E402
 
 CONFIGS = {  # name -> (model args, batch size); the sequence length is max_seq_len
     "260k": (dict(dim=64, n_layers=5, n_heads=8, n_kv_heads=4, vocab_size=512, multiple_of=4, max_seq_len=512), 32),
@@ -148,15 +152,14 @@ def sync(device):
 class Runner:
     """One model + optimizer and a timed training step."""
 
-    def __init__(self, name, net, device, dtype, compile_):
-        self.name, self.raw, self.device = name, net, device
+    def __init__(self, net, device, dtype, compile_):
+        self.raw, self.device = net, device
         self.optimizer = net.configure_optimizers(0.1, 5e-4, (0.9, 0.95), device.type)
         self.net = torch.compile(net) if compile_ else net
         # float32 runs without autocast; bf16/fp16 the way train.py does it (weights stay fp32)
         self.ctx = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
                     else contextlib.nullcontext())
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-        self.times = []
 
     def step(self, x, y):
         sync(self.device)
@@ -173,61 +176,87 @@ class Runner:
         return time.perf_counter() - t0
 
 
-def bench_config(cfg_name, args, device, dtype):
+def build(cfg_name, which, device):
     margs, batch_size = CONFIGS[cfg_name]
     margs = model.ModelArgs(**margs)
-    T = margs.max_seq_len
-    tokens = batch_size * T
-    torch.manual_seed(1337)
-    ours = model.Transformer(margs).to(device)
-    x = torch.randint(0, margs.vocab_size, (batch_size, T), device=device)
-    y = torch.randint(0, margs.vocab_size, (batch_size, T), device=device)
-    print(f"\n== {cfg_name}: {ours.num_params():,} params, batch {batch_size} x {T} = {tokens:,} tokens/step, "
-          f"{device.type} {str(dtype).removeprefix('torch.')}, threads {torch.get_num_threads()}")
+    torch.manual_seed(1337)  # the same weights and batch for both models
+    net = model.Transformer(margs)
+    if which == "baseline":
+        base = Baseline(margs)
+        base.load_state_dict(net.state_dict())
+        net = base
+    x = torch.randint(0, margs.vocab_size, (batch_size, margs.max_seq_len))
+    y = torch.randint(0, margs.vocab_size, (batch_size, margs.max_seq_len))
+    return net.to(device), x.to(device), y.to(device)
 
-    runners = [Runner("ours" + (" (compiled)" if args.compile else ""), ours, device, dtype, args.compile)]
+
+def time_model(cfg_name, which, args, device, dtype) -> dict:
+    """Times one model in this process; main() runs it in a child process per model (see below)."""
+    if which == "ours" and device.type == "cpu":
+        train.keep_freed_memory()  # as train.py sets it up; llama2.c keeps glibc's defaults
+    net, x, y = build(cfg_name, which, device)
+    r = Runner(net, device, dtype, args.compile if which == "ours" else args.baseline_compile)
+    t0 = time.perf_counter()
+    r.step(x, y)  # compiles (when asked) and warms the allocator
+    first = time.perf_counter() - t0
+    for _ in range(args.warmup):
+        r.step(x, y)
+    times = [r.step(x, y) for _ in range(args.steps)]
+    return {"median": statistics.median(times), "best": min(times), "first": first}
+
+
+def bench_config(cfg_name, args, device, dtype):
+    ours, x, y = build(cfg_name, "ours", device)
+    a = ours.args
+    T = a.max_seq_len
+    tokens = x.numel()
+    print(f"\n== {cfg_name}: {ours.num_params():,} params, batch {x.size(0)} x {T} = {tokens:,} tokens/step, "
+          f"{device.type} {str(dtype).removeprefix('torch.')}, threads {torch.get_num_threads()}")
+    names = {"ours": "ours" + (" (compiled)" if args.compile else "")}
     if not args.no_baseline:
-        base = Baseline(margs).to(device)
-        base.load_state_dict(ours.state_dict())
-        with torch.no_grad(), runners[0].ctx:
+        base, _, _ = build(cfg_name, "baseline", device)
+        ctx = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+        with torch.no_grad(), ctx:
             diff = abs(ours(x, y)[1].item() - base(x, y)[1].item())
         print(f"same weights, same batch: |loss(ours) - loss(baseline)| = {diff:.2e}")
         if diff > (1e-4 if dtype == torch.float32 else 5e-2):
             raise SystemExit(f"error: the baseline and model.py disagree (loss difference {diff:.2e})")
-        runners.append(Runner("llama2.c-style baseline" + (" (compiled)" if args.baseline_compile else ""),
-                              base, device, dtype, args.baseline_compile))
+        names["baseline"] = "llama2.c-style baseline" + (" (compiled)" if args.baseline_compile else "")
+        del base
+    del ours
 
-    for r in runners:  # the first step(s) compile (when asked) and warm the allocator
-        t0 = time.perf_counter()
-        r.step(x, y)
-        first = time.perf_counter() - t0
-        for _ in range(args.warmup):
-            r.step(x, y)
-        r.first = first
-    for _ in range(args.steps):  # alternate, so a busy neighbour slows both alike
-        for r in runners:
-            r.times.append(r.step(x, y))
-
+    # Each model is timed in a fresh process of its own: train.keep_freed_memory() changes how the whole
+    # process allocates, so a baseline sharing our process would silently get it too.
     results = {}
-    for r in runners:
-        med, best = statistics.median(r.times), min(r.times)
-        results[r.name] = med
-        line = (f"{r.name:<34} {tokens / med:>10,.0f} tok/s (median {med * 1e3:8.1f} ms/step, "
-                f"best {best * 1e3:8.1f} ms = {tokens / best:,.0f} tok/s)")
-        if r.net is not r.raw:  # inductor caches kernels on disk: a repeated run compiles much faster
-            line += f"; compile ~{max(r.first - med, 0.0):.1f} s (first step {r.first:.1f} s)"
+    for which, name in names.items():
+        cmd = [sys.executable, __file__, "--config", cfg_name, "--model", which, *child_args(args)]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode:
+            raise SystemExit(f"error: timing {which} failed:\n{out.stderr}")
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        results[which] = r["median"]
+        line = (f"{name:<34} {tokens / r['median']:>10,.0f} tok/s (median {r['median'] * 1e3:8.1f} ms/step, "
+                f"best {r['best'] * 1e3:8.1f} ms = {tokens / r['best']:,.0f} tok/s)")
+        if "compiled" in name:  # inductor caches kernels on disk: a repeated run compiles much faster
+            line += f"; compile ~{max(r['first'] - r['median'], 0.0):.1f} s (first step {r['first']:.1f} s)"
         if device.type == "cuda":  # both run the same model, so ours' FLOP count serves both
             peak = model.peak_flops_for(torch.cuda.get_device_name())
-            line += f"; MFU {100 * ours.estimate_mfu(tokens, med, peak, seq_len=T):.1f}% of {peak / 1e12:.0f} TFLOPS"
-        print(line)
-    ours_s = results[runners[0].name]
-    if len(runners) > 1:
-        print(f"speedup over the llama2.c-style baseline, same run: {results[runners[1].name] / ours_s:.2f}x")
+            mfu = model.Transformer(a).estimate_mfu(tokens, r["median"], peak, seq_len=T)
+            line += f"; MFU {100 * mfu:.1f}% of {peak / 1e12:.0f} TFLOPS"
+        print(line, flush=True)
+    if "baseline" in results:
+        print(f"speedup over the llama2.c-style baseline, same run: {results['baseline'] / results['ours']:.2f}x")
     ref = REFERENCE_S_PER_STEP[cfg_name]
     if device.type == "cpu" and dtype == torch.float32:
         print(f"vs the issue's fixed reference ({ref} s/step = {tokens / ref:,.0f} tok/s on the 2-core dev CPU): "
-              f"{ref / ours_s:.2f}x")
+              f"{ref / results['ours']:.2f}x")
     return results
+
+
+def child_args(args) -> list:
+    flags = ["--device", args.device, "--dtype", args.dtype, "--steps", str(args.steps),
+             "--warmup", str(args.warmup), "--threads", str(args.threads)]
+    return flags + [f"--{name}" for name in ("compile", "baseline_compile") if getattr(args, name)]
 
 
 def main():
@@ -241,8 +270,10 @@ def main():
     p.add_argument("--baseline_compile", action="store_true", help="torch.compile the baseline too")
     p.add_argument("--no_baseline", action="store_true", help="time model.py only")
     p.add_argument("--steps", type=int, default=5, help="timed steps per model")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps after the first")
+    p.add_argument("--warmup", type=int, default=4,
+                   help="untimed steps after the first (on a CPU the heap settles over the first few)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--model", choices=["ours", "baseline"], help=argparse.SUPPRESS)  # a child process's job
     args = p.parse_args()
 
     device = torch.device(args.device)
@@ -262,6 +293,9 @@ def main():
         torch.set_float32_matmul_precision("high")  # TF32 matmuls, as train.py sets on CUDA
         name = torch.cuda.get_device_name()
         print(f"device: {name}, peak {model.peak_flops_for(name) / 1e12:.0f} TFLOPS (bf16 dense) assumed for MFU")
+    if args.model:  # a child started by bench_config: time one model, report as one JSON line
+        print(json.dumps(time_model(args.config, args.model, args, device, dtype)))
+        return
     print(f"torch {torch.__version__}")
     for name in CONFIGS if args.config == "all" else [args.config]:
         bench_config(name, args, device, dtype)

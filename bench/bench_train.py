@@ -45,6 +45,8 @@ def bench_config(name: str, args) -> dict:
     torch.manual_seed(0)
     if on_gpu:
         torch.set_float32_matmul_precision("high")
+    elif device_type == "cpu":
+        train.keep_freed_memory()
     ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[c["dtype"]]
     ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
     raw_model = Transformer(ModelArgs.from_dict(c)).to(device)
@@ -102,7 +104,8 @@ def main():
     parser.add_argument("--world_size", type=int, default=1,
                         help="GPUs the recipe would run on (splits its accumulation; default 1)")
     parser.add_argument("--iters", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=5,
+                        help="untimed steps first: compilation, and on a CPU the heap settling (train.keep_freed_memory)")
     parser.add_argument("--peak_flops", default=None, help="FLOP/s or GPU name for MFU (default: from the GPU)")
     args = parser.parse_args()
     if args.peak_flops is not None:
