@@ -336,6 +336,18 @@ def test_small_head_attention_equals_sdpa_forward_and_backward(n_heads, n_kv_hea
         assert (a - b).abs().max() < 1e-12
 
 
+def test_small_head_attention_under_cpu_bfloat16_autocast():
+    # train.py --device=cpu --dtype=bfloat16: the attention runs in float32 inside, the loss stays close
+    m = tiny_model(std=None, n_heads=4, n_kv_heads=2).train()  # head dim 8: the small-head path
+    tokens = torch.randint(0, 64, (4, 32), generator=torch.Generator().manual_seed(6))
+    _, loss32 = m(tokens, tokens)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, loss16 = m(tokens, tokens)
+    loss16.backward()
+    assert abs(loss16.item() - loss32.item()) < 0.05
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
+
+
 def test_small_head_attention_is_used_on_cpu_for_tiny_heads_only(monkeypatch):
     calls = []
     original = model.SmallHeadCausalAttention.apply
