@@ -321,6 +321,26 @@ def test_resume_continues_exactly(data_dir, tmp_path):
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_mixed_precision_on_cpu_learns_and_resumes_exactly(data_dir, tmp_path, dtype):
+    # the AMP code paths a GPU run takes (autocast; for float16 the GradScaler, its state in the
+    # checkpoint and its unscale before clipping), exercised on CPU autocast
+    common = [f"--dtype={dtype}", "--eval_interval=5", "--lr_decay_iters=10"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    ok(run_train(common + ["--max_iters=10"], data_dir, full))
+    ok(run_train(common + ["--max_iters=5"], data_dir, part))
+    ok(run_train(common + ["--max_iters=10", "--init_from=resume"], data_dir, part))
+    full_logs, _ = read_metrics(full)
+    part_logs, _ = read_metrics(part)
+    assert [(r["loss"], r["grad_norm"]) for r in full_logs] == [(r["loss"], r["grad_norm"]) for r in part_logs]
+    assert full_logs[-1]["loss"] < full_logs[0]["loss"] - 0.1
+    assert all(r["grad_norm"] < 10 for r in full_logs)  # unscaled before clipping and logging (scale: 65536)
+    ckpt = torch.load(full / "ckpt.pt", weights_only=False)
+    assert ckpt["config"]["dtype"] == dtype
+    assert (ckpt["scaler"].get("scale", 0) > 0) == (dtype == "float16")  # a disabled scaler saves nothing
+    assert all(v.dtype == torch.float32 for v in ckpt["model"].values())  # weights stay float32 under autocast
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(short_run, data_dir, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(short_run[0], out)
