@@ -155,6 +155,14 @@ class SmallHeadCausalAttention(torch.autograd.Function):
         return dq.reshape(ctx.shape), dk.reshape(ctx.shape), dv.reshape(ctx.shape)
 
 
+@torch.compiler.disable  # torch.compile would unroll the loop over head groups: ~10 min to compile 260K
+def small_head_causal_attention(q, k, v):
+    # q: (B, n_heads, T, head_dim); k, v: (B, n_kv_heads, T, head_dim)
+    rep = q.size(1) // k.size(1)
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, n_heads, T, head_dim)
+    return SmallHeadCausalAttention.apply(q, k, v)
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -183,9 +191,7 @@ class Attention(nn.Module):
             if dropout_p > 0 and x.device.type == "cpu":
                 y = causal_attention_in_blocks(q, k, v, dropout_p)
             elif x.device.type == "cpu" and self.head_dim <= 8 and T <= 512:
-                rep = self.n_heads // self.n_kv_heads
-                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, n_heads, T, head_dim)
-                y = SmallHeadCausalAttention.apply(q, k, v)
+                y = small_head_causal_attention(q, k, v)
             else:  # flash kernels (CUDA with or without dropout, CPU without)
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True, dropout_p=dropout_p)
         else:  # generation: write this chunk into the cache at start_pos, attend to all that came before

@@ -325,8 +325,7 @@ def test_small_head_attention_equals_sdpa_forward_and_backward(n_heads, n_kv_hea
     q = torch.randn(3, n_heads, T, head_dim, generator=g, dtype=torch.float64, requires_grad=True)
     k, v = (torch.randn(3, n_kv_heads, T, head_dim, generator=g, dtype=torch.float64, requires_grad=True)
             for _ in range(2))
-    rep = n_heads // n_kv_heads
-    ours = model.SmallHeadCausalAttention.apply(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1))
+    ours = model.small_head_causal_attention(q, k, v)
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     dy = torch.randn(ref.shape, generator=g, dtype=torch.float64)
     grads = torch.autograd.grad(ours, (q, k, v), dy)
