@@ -1,8 +1,8 @@
 """
 The Llama model, in one file: RMSNorm, rotary embeddings, grouped-query attention through
-PyTorch's scaled_dot_product_attention (flash kernels; in blocks on CPU when training with dropout),
-a SwiGLU feed-forward, token embeddings tied to the output layer, and a preallocated KV cache for
-generation.
+PyTorch's scaled_dot_product_attention (flash kernels; on CPU, in blocks when training with dropout,
+and our own for heads 8 wide or less), a SwiGLU feed-forward, token embeddings tied to the output
+layer, and a preallocated KV cache for generation.
 
 Weight names follow Meta's release (wq wk wv wo, w1 w2 w3), so the llama2.c and Hugging Face
 exports in export.py map one to one. Read bottom-up: ModelArgs, RMSNorm, RoPE, Attention,
