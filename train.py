@@ -139,7 +139,7 @@ def cuda_has_bf16() -> bool:
     return torch.cuda.is_bf16_supported()
 
 
-def keep_freed_memory(enabled: bool = True) -> bool:
+def keep_freed_memory() -> bool:
     """On Linux (glibc): serve large tensors from the heap and keep freed memory there for the next
     step, instead of returning each one to the system. By default glibc maps every block above 32 MB
     fresh from the kernel, so the 15M model's 4096 x 32000 logits and their gradients (0.5 GB each)
@@ -153,10 +153,8 @@ def keep_freed_memory(enabled: bool = True) -> bool:
     except (OSError, AttributeError):  # macOS, Windows, musl: nothing to tune
         return False
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters
-    applied = mallopt(M_MMAP_MAX, 0 if enabled else 65536)  # 65536: glibc's default
-    if enabled:
-        applied &= mallopt(M_TRIM_THRESHOLD, 2**31 - 1)  # never hand the heap's top back
-    return applied == 1
+    # no block mapped on its own, and the heap's top never handed back
+    return mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
 
 
 def resolve_config(config: dict) -> dict:

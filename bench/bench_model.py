@@ -207,8 +207,7 @@ def time_model(cfg_name, which, args, device, dtype) -> dict:
 
 def bench_config(cfg_name, args, device, dtype):
     ours, x, y = build(cfg_name, "ours", device)
-    a = ours.args
-    T = a.max_seq_len
+    T = ours.args.max_seq_len
     tokens = x.numel()
     print(f"\n== {cfg_name}: {ours.num_params():,} params, batch {x.size(0)} x {T} = {tokens:,} tokens/step, "
           f"{device.type} {str(dtype).removeprefix('torch.')}, threads {torch.get_num_threads()}")
@@ -223,7 +222,6 @@ def bench_config(cfg_name, args, device, dtype):
             raise SystemExit(f"error: the baseline and model.py disagree (loss difference {diff:.2e})")
         names["baseline"] = "llama2.c-style baseline" + (" (compiled)" if args.baseline_compile else "")
         del base
-    del ours
 
     # Each model is timed in a fresh process of its own: train.keep_freed_memory() changes how the whole
     # process allocates, so a baseline sharing our process would silently get it too.
@@ -241,7 +239,7 @@ def bench_config(cfg_name, args, device, dtype):
             line += f"; compile ~{max(r['first'] - r['median'], 0.0):.1f} s (first step {r['first']:.1f} s)"
         if device.type == "cuda":  # both run the same model, so ours' FLOP count serves both
             peak = model.peak_flops_for(torch.cuda.get_device_name())
-            mfu = model.Transformer(a).estimate_mfu(tokens, r["median"], peak, seq_len=T)
+            mfu = ours.estimate_mfu(tokens, r["median"], peak, seq_len=T)
             line += f"; MFU {100 * mfu:.1f}% of {peak / 1e12:.0f} TFLOPS"
         print(line, flush=True)
     if "baseline" in results:
