@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import runtime
 from model import ModelArgs, Transformer, from_checkpoint, precompute_rope
 
 MAGIC = 0x616B3432  # "ak42" read as a big-endian word; the bytes on disk are "24ka"
@@ -394,16 +395,13 @@ def hf_tokenizer_config(sp, max_seq_len: int) -> dict:
     }
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 def write_hf(out_dir, model: Transformer, tokenizer_path=None, dtype="float32") -> list[str]:
     from safetensors.torch import save_file  # test/export-only dependency
 
     args = model.args
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     tied = _shared_classifier(state)
-    tensors = {k: v.to(DTYPES[dtype]).contiguous() for k, v in to_hf_state_dict(state, args, tied).items()}
+    tensors = {k: v.to(runtime.DTYPES[dtype]).contiguous() for k, v in to_hf_state_dict(state, args, tied).items()}
     os.makedirs(out_dir, exist_ok=True)
     written = []
 
@@ -472,16 +470,15 @@ def run(out, cfg) -> list[str]:
         raise ExportError("--dtype applies to --format=hf only: llama2.c files are float32 (versions 0, 1) or "
                           "int8 (version 2), and --format=pt keeps the checkpoint's weights")
     dtype = dtype or "float32"
-    if dtype not in DTYPES:
-        raise ExportError(f"--dtype={dtype}: choose one of {', '.join(DTYPES)}")
+    if dtype not in runtime.DTYPES:
+        raise ExportError(f"--dtype={dtype}: choose one of {', '.join(runtime.DTYPES)}")
 
     try:
         model, checkpoint = from_checkpoint(cfg["checkpoint"])  # .pt, llama2.c .bin or HF directory
     except FileNotFoundError:
         raise  # its message says what to do
     except (OSError, ValueError, RuntimeError, KeyError) as e:  # not a model file, or a damaged one
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]  # torch's messages run long
-        raise ExportError(f"cannot load --checkpoint={cfg['checkpoint']}: {first}") from None
+        raise ExportError(f"cannot load --checkpoint={cfg['checkpoint']}: {runtime.first_line(e)}") from None
     tokenizer = cfg["tokenizer"] or checkpoint.get("tokenizer")
     if tokenizer:
         if not os.path.isfile(tokenizer):

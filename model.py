@@ -313,7 +313,7 @@ class Transformer(nn.Module):
         T = seq_len or a.max_seq_len
         return 6 * self.num_params() + 12 * a.n_layers * a.n_heads * (a.dim // a.n_heads) * T
 
-    def estimate_mfu(self, tokens_per_iter: int, dt: float, peak_flops: float = 312e12, seq_len=None) -> float:
+    def estimate_mfu(self, tokens_per_iter: int, dt: float, peak_flops: float, seq_len=None) -> float:
         # model FLOPs utilisation: achieved FLOP/s over the device's peak (bf16 dense)
         return self.flops_per_token(seq_len) * tokens_per_iter / dt / peak_flops
 
@@ -415,28 +415,6 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
     u = (1.0 - torch.rand(cdf.size(0), 1, device=cdf.device, dtype=cdf.dtype)) * cdf[:, -1:]  # (B, 1)
     choice = torch.searchsorted(cdf, u)  # (B, 1)
     return (choice if index is None else index.gather(-1, choice)).squeeze(-1)
-
-
-# bf16 dense tensor-core peaks in FLOP/s, for estimate_mfu; matched against torch.cuda.get_device_name()
-PEAK_FLOPS = {
-    "H200": 989e12,
-    "H100 PCIe": 756e12,
-    "H100": 989e12,  # SXM
-    "A100": 312e12,
-    "A10G": 70e12,
-    "L4": 121e12,
-    "RTX 4090": 165e12,
-    "RTX 3090": 71e12,
-    "V100": 125e12,  # fp16; no bf16
-    "T4": 65e12,  # fp16; no bf16
-}
-
-
-def peak_flops_for(device_name: str, default: float = 312e12) -> float:
-    for name, flops in PEAK_FLOPS.items():  # most specific names come first
-        if name in device_name:
-            return flops
-    return default
 
 
 def from_checkpoint(path, device="cpu"):

@@ -18,6 +18,8 @@ import time
 
 import torch
 
+import cpu_speedups
+import runtime
 from configurator import ConfigError, parse_config
 
 # name: (default, help). --help prints them; parse_config checks the types against the defaults.
@@ -42,44 +44,14 @@ OPTIONS = {
     # A laptop always has something else running, so one thread is the default; try --threads=0 on an
     # idle many-core machine for the larger models.
     "threads": (1, "CPU threads (0 = torch's default, one per physical core)"),
+    "cpu_speedups": (True, "faster CPU kernels for the same math (cpu_speedups.py); False = plain PyTorch"),
 }
 DEFAULTS = {name: default for name, (default, _) in OPTIONS.items()}
 SEPARATOR = "-" * 40
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class SampleError(Exception):
     pass
-
-
-def resolve_device(name: str) -> str:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        return "mps" if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:  # torch lists every device type it knows, over a long line
-        raise SampleError(f"--device={name} is not a device: use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SampleError(f"--device={name} but no CUDA device is available (use --device=cpu)")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise SampleError(f"--device={name} but there are {torch.cuda.device_count()} CUDA device(s)")
-    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise SampleError(f"--device={name} but MPS is not available (use --device=cpu)")
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise SampleError(f"--device={name}: sample.py runs on cpu, cuda or mps")
-    return name
-
-
-def resolve_dtype(name: str, device: str) -> torch.dtype:
-    if name == "auto":
-        if device.startswith("cuda"):
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    if name not in DTYPES:
-        raise SampleError(f"--dtype={name}: choose auto, {', '.join(DTYPES)}")
-    return DTYPES[name]
 
 
 def check_settings(cfg: dict) -> dict:
@@ -122,8 +94,7 @@ def load_model(path: str, device: str):
         raise SampleError(str(e)) from None
     except (OSError, ValueError, RuntimeError, EOFError, KeyError, pickle.UnpicklingError) as e:
         # torch.load and the llama2.c reader say what is wrong; keep the first line
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise SampleError(f"cannot load checkpoint {path}: {first}") from None
+        raise SampleError(f"cannot load checkpoint {path}: {runtime.first_line(e)}") from None
 
 
 def load_tokenizer(cfg: dict, checkpoint: dict, vocab_size: int):
@@ -205,10 +176,11 @@ def setup(argv):
     except ConfigError as e:
         raise SampleError(str(e)) from None
     prompt = read_prompt(cfg)
+    cpu_speedups.ENABLED = cfg["cpu_speedups"]
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
-    device = resolve_device(cfg["device"])
-    dtype = resolve_dtype(cfg["dtype"], device)
+    device = runtime.resolve_device(cfg["device"])
+    dtype = runtime.DTYPES[runtime.resolve_dtype(cfg["dtype"], device)]
     model, checkpoint = load_model(cfg["checkpoint"], device)
     tok = load_tokenizer(cfg, checkpoint, model.args.vocab_size)
     prompt_ids = encode_prompt(tok, prompt, model.args.max_seq_len)
@@ -228,7 +200,7 @@ def main(argv=None):
         return
     try:
         cfg, model, tok, prompt_ids = setup(argv)
-    except SampleError as e:
+    except (SampleError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     if hasattr(sys.stdout, "reconfigure"):  # a console that cannot show a character shows an escape, not a crash

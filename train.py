@@ -42,9 +42,11 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import cpu_speedups as speedups  # the module; `cpu_speedups` below is the setting
+import runtime
 import tinystories
 from configurator import ConfigError, format_config, parse_config
-from model import PEAK_FLOPS, ModelArgs, Transformer, from_checkpoint, peak_flops_for
+from model import ModelArgs, Transformer, from_checkpoint
 
 # -----------------------------------------------------------------------------
 # defaults: the 15M model of llama2.c (config/train_15m.py sets them explicitly)
@@ -94,6 +96,7 @@ min_lr = None  # None: learning_rate / 10
 device = "auto"  # 'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = "auto"  # 'auto' (bfloat16, else float16 on CUDA; float32 elsewhere), 'float32', 'bfloat16', 'float16'
 compile = False  # torch.compile the model (use it on a GPU)
+cpu_speedups = True  # faster CPU kernels for the same math (cpu_speedups.py); False: the plain PyTorch path
 seed = 1337
 peak_flops = None  # per-device peak FLOP/s for MFU, or a GPU name ('H100'); None: from the CUDA device's name
 # -----------------------------------------------------------------------------
@@ -132,31 +135,6 @@ def get_lr(it: int, learning_rate: float, warmup_iters: int, lr_decay_iters: int
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
 
 
-def cuda_has_bf16() -> bool:
-    # native bfloat16 only (Ampere and newer): emulated bf16 on a V100 or T4 is slow or fails under autocast
-    if "including_emulation" in inspect.signature(torch.cuda.is_bf16_supported).parameters:
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    return torch.cuda.is_bf16_supported()
-
-
-def keep_freed_memory() -> bool:
-    """On Linux (glibc): serve large tensors from the heap and keep freed memory there for the next
-    step, instead of returning each one to the system. By default glibc maps every block above 32 MB
-    fresh from the kernel, so the 15M model's 4096 x 32000 logits and their gradients (0.5 GB each)
-    were paged in from zero at every step: 1.6 s of a 4.4 s CPU step went to the cross-entropy, 0.2 s
-    with this. The process keeps its peak memory until it exits. Returns whether it applied."""
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # macOS, Windows, musl: nothing to tune
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters
-    # no block mapped on its own, and the heap's top never handed back
-    return mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
-
-
 def resolve_config(config: dict) -> dict:
     # fills in the 'auto' and None settings and checks values; the result is what the run records
     c = dict(config)
@@ -188,22 +166,8 @@ def resolve_config(config: dict) -> dict:
         raise ConfigError(f"lr_decay_iters={c['lr_decay_iters']} is shorter than warmup_iters={c['warmup_iters']}; "
                           f"lower --warmup_iters or raise --lr_decay_iters")
 
-    device_name = c["device"]
-    if device_name == "auto":
-        device_name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    device_type = device_name.split(":")[0]
-    if device_type not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"device={c['device']!r}: use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
-    if device_type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={c['device']!r} but no CUDA GPU is visible; use --device=cpu (or auto)")
-    if device_type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"device={c['device']!r} but MPS is not available; use --device=cpu (or auto)")
-    c["device"] = device_name
-
-    if c["dtype"] == "auto":
-        c["dtype"] = ("bfloat16" if cuda_has_bf16() else "float16") if device_type == "cuda" else "float32"
-    if c["dtype"] == "bfloat16" and device_type == "cuda" and not cuda_has_bf16():
-        raise ConfigError("this GPU has no bfloat16 support; use --dtype=float16 (or auto)")
+    c["device"] = runtime.resolve_device(c["device"])
+    c["dtype"] = runtime.resolve_dtype(c["dtype"], c["device"])
     try:
         ModelArgs.from_dict(c)  # invalid shapes fail here, before any data is read
     except ValueError as e:
@@ -221,20 +185,23 @@ def split_accumulation(steps: int, world_size: int) -> int:
 
 
 def resolve_peak_flops(setting, device_type: str):
-    # None means no meaningful MFU (a CPU); numbers pass through; a GPU name is looked up
+    # None means no meaningful MFU (a CPU, an unknown GPU); numbers pass through; a GPU name is looked up
     if isinstance(setting, (int, float)) and not isinstance(setting, bool):
         return float(setting)
     if isinstance(setting, str):
-        for name, flops in PEAK_FLOPS.items():
-            if name.lower() in setting.lower():
-                return flops
-        raise ConfigError(f"peak_flops={setting!r}: unknown GPU; give a number (FLOP/s) or one of "
-                          + ", ".join(PEAK_FLOPS))
-    if setting is None and device_type == "cuda":
-        return peak_flops_for(torch.cuda.get_device_name())  # A100's figure when the name is unknown
-    if setting is None:
+        if (flops := runtime.peak_flops_for(setting)) is None:
+            raise ConfigError(f"peak_flops={setting!r}: unknown GPU; give a number (FLOP/s) or one of "
+                              + ", ".join(runtime.PEAK_FLOPS))
+        return flops
+    if setting is not None:
+        raise ConfigError(f"peak_flops={setting!r}: give a number (FLOP/s), a GPU name, or None")
+    if device_type != "cuda":
         return None
-    raise ConfigError(f"peak_flops={setting!r}: give a number (FLOP/s), a GPU name, or None")
+    name = torch.cuda.get_device_name()
+    if (flops := runtime.peak_flops_for(name)) is None:
+        print0(f"warning: no bf16 peak known for {name!r}, so no MFU is shown; pass --peak_flops=FLOP/s "
+               f"(its dense bf16 tensor-core peak, e.g. --peak_flops=312e12 for an A100)")
+    return flops
 
 
 def save_checkpoint(path, obj) -> None:
@@ -410,12 +377,14 @@ def train(config: dict) -> dict:
             dist.init_process_group(backend="nccl", device_id=torch.device(device))
         else:
             dist.init_process_group(backend="gloo")
+    speedups_before, speedups.ENABLED = speedups.ENABLED, c["cpu_speedups"]
     try:
         result = _train(c, ddp, rank, world_size, device)
         if ddp:
             dist.barrier()  # no rank tears down its process group while another still talks to it
         return result
     finally:
+        speedups.ENABLED = speedups_before
         if ddp and dist.is_initialized():
             # DDP's reducer holds the process group; left to interpreter shutdown, gloo's threads can be
             # destroyed still running ("terminate called without an active exception", SIGABRT)
@@ -432,14 +401,10 @@ def _train(c: dict, ddp: bool, rank: int, world_size: int, device: str) -> dict:
     ckpt_path = os.path.join(c["out_dir"], "ckpt.pt")
     metrics_path = os.path.join(c["out_dir"], "metrics.jsonl")
 
-    torch.manual_seed(c["seed"] + rank)  # rank 0 draws the initial weights; DDP copies them to the others
-    np.random.seed(c["seed"] + rank)
-    random.seed(c["seed"] + rank)
+    runtime.seed_everything(c["seed"] + rank)  # rank 0 draws the initial weights; DDP copies them to the others
     if device_type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 matmuls
-    elif device_type == "cpu":
-        keep_freed_memory()
-    ctx = nullcontext() if c["dtype"] == "float32" else torch.autocast(device_type, dtype=getattr(torch, c["dtype"]))
+    ctx = runtime.autocast(device, c["dtype"])
 
     # data: the shard directory's meta.json says which tokenizer made it
     shard_dir = tinystories.dataset_dir(c["data_dir"], c["dataset"], c["vocab_source"], c["vocab_size"])
@@ -644,6 +609,8 @@ def main(argv: list[str] | None = None) -> None:
     config = None
     try:
         config = parse_config(default_config(), argv)
+        if config["cpu_speedups"] and runtime.resolve_device(config["device"]) == "cpu":
+            speedups.keep_freed_memory()  # process-wide, hence here and not inside train()
         train(config)
     except (ConfigError, TrainError, tinystories.DataError) as e:
         sys.exit(f"error: {e}")

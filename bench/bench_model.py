@@ -8,7 +8,7 @@ model.py shows up against it), with llama2.c's choices: key/value heads repeated
 grouped-query attention (repeat_kv) instead of SDPA's enable_gqa, PyTorch's attention for every head
 size, torch's default AdamW (on a CPU a per-parameter Python loop; llama2.c asks for fused only on
 CUDA) and glibc's default allocator settings. Both must give the same loss. Each model is timed in a
-fresh process of its own, one after the other (train.keep_freed_memory() changes the whole process),
+fresh process of its own, one after the other (cpu_speedups.keep_freed_memory() changes the whole process),
 so on a shared machine run it twice; the figures are the median and the best step. It also prints
 the ratio to the issue's fixed reference (llama2.c's train.py on the 2-core CPU this project was
 developed on, float32, no compile: 2.4 s per 260K step, 4.7 s per 15M step), which only means
@@ -16,7 +16,7 @@ something on that machine, and only when nothing else runs there.
 
 Findings on that CPU (2 cores, float32): the 15M step is matrix multiplies (MKL, ~70% of the CPU's
 peak) and the cross-entropy over the 4096 x 32000 logits, which took 1.6 s of 4.4 s until
-train.keep_freed_memory() stopped glibc from paging the 0.5 GB logits and gradients in from zero at
+cpu_speedups.keep_freed_memory() stopped glibc from paging the 0.5 GB logits and gradients in from zero at
 every step (0.2 s now). The 260K step was 78% PyTorch's CPU flash attention, slow with 8-wide heads;
 model.SmallHeadCausalAttention halves it. Fused AdamW (model.py's default on CPU too) cuts the 15M
 optimizer step from ~150 ms to ~10 ms. torch.compile: ~+10% on 260K, ~0 on 15M, 25-40 s to compile.
@@ -42,8 +42,9 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # model.py lives at the repo root
+import cpu_speedups  # noqa: E402
 import model  # noqa: E402
-import train  # noqa: E402
+import runtime  # noqa: E402
 
 CONFIGS = {  # name -> (model args, batch size); the sequence length is max_seq_len
     "260k": (dict(dim=64, n_layers=5, n_heads=8, n_kv_heads=4, vocab_size=512, multiple_of=4, max_seq_len=512), 32),
@@ -193,7 +194,7 @@ def build(cfg_name, which, device):
 def time_model(cfg_name, which, args, device, dtype) -> dict:
     """Times one model in this process; main() runs it in a child process per model (see below)."""
     if which == "ours" and device.type == "cpu":
-        train.keep_freed_memory()  # as train.py sets it up; llama2.c keeps glibc's defaults
+        cpu_speedups.keep_freed_memory()  # as train.py sets it up; llama2.c keeps glibc's defaults
     net, x, y = build(cfg_name, which, device)
     r = Runner(net, device, dtype, args.compile if which == "ours" else args.baseline_compile)
     t0 = time.perf_counter()
@@ -223,7 +224,7 @@ def bench_config(cfg_name, args, device, dtype):
         names["baseline"] = "llama2.c-style baseline" + (" (compiled)" if args.baseline_compile else "")
         del base
 
-    # Each model is timed in a fresh process of its own: train.keep_freed_memory() changes how the whole
+    # Each model is timed in a fresh process of its own: cpu_speedups.keep_freed_memory() changes how the whole
     # process allocates, so a baseline sharing our process would silently get it too.
     results = {}
     for which, name in names.items():
@@ -238,7 +239,7 @@ def bench_config(cfg_name, args, device, dtype):
         if "compiled" in name:  # inductor caches kernels on disk: a repeated run compiles much faster
             line += f"; compile ~{max(r['first'] - r['median'], 0.0):.1f} s (first step {r['first']:.1f} s)"
         if device.type == "cuda":  # both run the same model, so ours' FLOP count serves both
-            peak = model.peak_flops_for(torch.cuda.get_device_name())
+            peak = runtime.peak_flops_for(torch.cuda.get_device_name())
             mfu = ours.estimate_mfu(tokens, r["median"], peak, seq_len=T)
             line += f"; MFU {100 * mfu:.1f}% of {peak / 1e12:.0f} TFLOPS"
         print(line, flush=True)
@@ -290,7 +291,7 @@ def main():
         torch.cuda.set_device(device)  # so get_device_name() and the FLOP peak describe this GPU
         torch.set_float32_matmul_precision("high")  # TF32 matmuls, as train.py sets on CUDA
         name = torch.cuda.get_device_name()
-        print(f"device: {name}, peak {model.peak_flops_for(name) / 1e12:.0f} TFLOPS (bf16 dense) assumed for MFU")
+        print(f"device: {name}, peak {runtime.peak_flops_for(name) / 1e12:.0f} TFLOPS (bf16 dense) assumed for MFU")
     if args.model:  # a child started by bench_config: time one model, report as one JSON line
         print(json.dumps(time_model(args.config, args.model, args, device, dtype)))
         return

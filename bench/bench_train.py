@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 
+import cpu_speedups  # noqa: E402
 import train  # noqa: E402  (after the path tweak: bench/ runs as a script)
 from configurator import parse_config  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
@@ -46,7 +47,7 @@ def bench_config(name: str, args) -> dict:
     if on_gpu:
         torch.set_float32_matmul_precision("high")
     elif device_type == "cpu":
-        train.keep_freed_memory()
+        cpu_speedups.keep_freed_memory()
     ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[c["dtype"]]
     ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
     raw_model = Transformer(ModelArgs.from_dict(c)).to(device)
@@ -105,7 +106,7 @@ def main():
                         help="GPUs the recipe would run on (splits its accumulation; default 1)")
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=5,
-                        help="untimed steps first: compilation, and on a CPU the heap settling (train.keep_freed_memory)")
+                        help="untimed steps first: compilation, and on a CPU the heap settling (cpu_speedups.keep_freed_memory)")
     parser.add_argument("--peak_flops", default=None, help="FLOP/s or GPU name for MFU (default: from the GPU)")
     args = parser.parse_args()
     if args.peak_flops is not None:

@@ -455,13 +455,6 @@ def test_estimate_mfu_is_the_formula_by_hand():
         (6 * n_params + 12 * L * H * Q * 128) * tokens / dt / 312e12)
 
 
-def test_peak_flops_lookup():
-    assert model.peak_flops_for("NVIDIA H100 80GB HBM3") == 989e12
-    assert model.peak_flops_for("NVIDIA H100 PCIe") == 756e12
-    assert model.peak_flops_for("NVIDIA A100-SXM4-80GB") == 312e12
-    assert model.peak_flops_for("Some Future GPU", default=1.0) == 1.0
-
-
 # ------------------------------------------------------------------ generation and sampling
 
 def greedy_without_cache(m, idx, n):
