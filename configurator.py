@@ -7,16 +7,20 @@ A config file is plain Python (see config/), run in its own namespace: every top
 assigns (except _private ones, imports, functions and classes) must be a known key. A --key=value
 is read as a Python literal (64, 3e-4, None, True, 'text'); for a string key the text is taken as
 it is, so --out_dir=out/run-1 needs no quotes. An int is accepted where a float is expected (and a
-whole float such as 2e5 where an int is), any type replaces a None default, and a value may itself
-contain '='. Anything else (an unknown key, a wrong type, a missing file) is a ConfigError whose
+whole float such as 2e5 where an int is), and a value may itself contain '='. A None default takes
+the types its annotation allows (`n_kv_heads: int | None = None`, passed in `types`), or anything when
+it has none. Anything else (an unknown key, a wrong type, a missing file) is a ConfigError whose
 one-line message says what to change.
 
-parse_config() is pure, so the tests call it directly; train.py and sample.py share it.
+parse_config() is pure, so the tests call it directly; train.py, sample.py and export.py share it.
+The dict it returns also says which keys the files and the command line set (`.given`): a resumed run
+keeps its checkpoint's value of every setting that is not given again.
 """
 import ast
 import difflib
 import os
 import types
+import typing
 
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
@@ -32,31 +36,48 @@ def _unknown_key(key: str, valid, where: str) -> ConfigError:
     return ConfigError(f"unknown config key '{key}' ({where}); {hint}")
 
 
-def _coerce(key: str, value, default, where: str):
-    # returns value as the default's type, or raises; a None default takes anything
-    if default is None:
-        return value
-    expected = type(default)
-    if value is None:
-        raise ConfigError(f"{key} cannot be None ({where}); it is a {expected.__name__} (default {default!r})")
+class Config(dict):
+    """The settings, plus `given`: the keys a config file or the command line set."""
+
+    given: set
+
+
+def allowed_types(annotation) -> tuple:
+    # `int | None` -> (int,); `float | str | None` -> (float, str)
+    return tuple(t for t in (typing.get_args(annotation) or (annotation,)) if t is not type(None))
+
+
+def _convert(value, expected: type):
+    # value as an `expected`, or None when it is not one
     if expected is bool:
-        if isinstance(value, bool):
-            return value
-    elif expected is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):  # an int is fine for a float
-            return float(value)
-    elif expected is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():  # --max_iters=2e5
-            return int(value)
-    elif isinstance(value, expected):
+        return value if isinstance(value, bool) else None
+    if isinstance(value, bool):
+        return None
+    if expected is float and isinstance(value, (int, float)):  # an int is fine for a float
+        return float(value)
+    if expected is int and isinstance(value, float) and value.is_integer():  # --max_iters=2e5
+        return int(value)
+    return value if isinstance(value, expected) else None
+
+
+def _coerce(key: str, value, default, where: str, annotation=None):
+    # returns value as the default's type (or one its annotation allows), or raises
+    if default is None and annotation is None:
         return value
-    raise ConfigError(f"{key}={value!r} ({where}) has the wrong type: expected {expected.__name__} "
-                      f"like the default {default!r}, got {type(value).__name__}")
+    expected = allowed_types(annotation) if default is None else (type(default),)
+    if value is None:
+        if default is None:
+            return None
+        raise ConfigError(f"{key} cannot be None ({where}); it is a {expected[0].__name__} (default {default!r})")
+    for t in expected:
+        if (converted := _convert(value, t)) is not None:
+            return converted
+    like = f"like the default {default!r}" if default is not None else "or None"
+    raise ConfigError(f"{key}={value!r} ({where}) has the wrong type: expected "
+                      f"{' or '.join(t.__name__ for t in expected)} {like}, got {type(value).__name__}")
 
 
-def _parse_cli_value(raw: str, default):
+def _parse_cli_value(raw: str, default, annotation=None):
     # the text after '=' on the command line, read according to the default's type
     if isinstance(default, bool):
         word = raw.strip().lower()
@@ -69,7 +90,8 @@ def _parse_cli_value(raw: str, default):
         value = ast.literal_eval(raw)
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
         return raw  # not a literal: plain text (a path, a name)
-    if isinstance(default, str) and not isinstance(value, str):
+    text_setting = isinstance(default, str) or (default is None and allowed_types(annotation) == (str,))
+    if text_setting and not isinstance(value, str):
         return raw  # --wandb_run_name=2024 is the text '2024'
     return value
 
@@ -93,17 +115,21 @@ def _read_config_file(path: str) -> dict:
     }
 
 
-def parse_config(defaults: dict, argv: list[str]) -> dict:
-    """defaults: {key: default value}; argv: config files and --key=value (e.g. sys.argv[1:]).
-    Returns a new dict: the defaults with the files applied in order, then the overrides."""
-    config = dict(defaults)
+def parse_config(defaults: dict, argv: list[str], types: dict | None = None) -> Config:
+    """defaults: {key: default value}; argv: config files and --key=value (e.g. sys.argv[1:]); types:
+    {key: annotation} for keys whose default is None. Returns a new dict: the defaults with the files
+    applied in order, then the overrides."""
+    types = types or {}
+    config = Config(defaults)
+    config.given = set()
     files = [a for a in argv if not a.startswith("-")]
     overrides = [a for a in argv if a.startswith("-")]
     for path in files:
         for key, value in _read_config_file(path).items():
             if key not in defaults:
                 raise _unknown_key(key, defaults, f"in {path}")
-            config[key] = _coerce(key, value, defaults[key], f"in {path}")
+            config[key] = _coerce(key, value, defaults[key], f"in {path}", types.get(key))
+            config.given.add(key)
     for arg in overrides:
         if not arg.startswith("--") or arg == "--":
             raise ConfigError(f"cannot read argument '{arg}': settings are --key=value, config files are paths")
@@ -114,7 +140,9 @@ def parse_config(defaults: dict, argv: list[str]) -> dict:
             if not isinstance(defaults[key], bool):
                 raise ConfigError(f"{arg} needs a value: --{key}=VALUE (default {defaults[key]!r})")
             raw = "True"  # a bare --flag switches a boolean on
-        config[key] = _coerce(key, _parse_cli_value(raw, defaults[key]), defaults[key], f"from {arg}")
+        value = _parse_cli_value(raw, defaults[key], types.get(key))
+        config[key] = _coerce(key, value, defaults[key], f"from {arg}", types.get(key))
+        config.given.add(key)
     return config
 
 

@@ -4,7 +4,7 @@ Trains a small Llama on TinyStories (or your own data): on a CPU, one GPU, or se
     python train.py config/train_cpu_debug.py                      # a tiny model, about a minute on a CPU
     python train.py config/train_15m.py --batch_size=64            # a config file, then --key=value overrides
     python train.py config/train_15m.py --init_from=resume         # continue out_dir/ckpt.pt exactly
-    python train.py config/train_15m.py --init_from=stories15M.bin --out_dir=out/ft --learning_rate=1e-4 --warmup_iters=100 --max_iters=2000
+    python train.py config/train_15m.py --init_from=stories15M.bin --out_dir=out/ft --learning_rate=1e-4
     torchrun --standalone --nproc_per_node=4 train.py config/train_110m.py
     python train.py --help                                         # every setting and its default
 
@@ -14,35 +14,34 @@ Several nodes (the data on each; out_dir on a shared filesystem so that every no
     torchrun --nnodes=2 --node_rank=1 --nproc_per_node=8 --master_addr=HOST0 --master_port=29500 train.py CONFIG
     (without InfiniBand, prefix NCCL_IB_DISABLE=1)
 
---init_from=PATH fine-tunes a trained model: one of our .pt checkpoints or a llama2.c model file
-(llama2.c's published stories15M/42M/110M.bin need data in the Llama 2 vocabulary). Its weights and
-shape are used (a note lists where the config differs); the optimizer, data and iteration count start afresh.
+--init_from=PATH fine-tunes a trained model: one of our .pt checkpoints, a llama2.c model file or a Hugging
+Face directory (llama2.c's published stories15M/42M/110M.bin need data in the Llama 2 vocabulary). Its
+weights and shape are used (a note lists where the config differs); the optimizer, data and iteration
+count start afresh. --init_from=resume continues out_dir/ckpt.pt with the settings it was trained with:
+a setting given again on the command line (or in a config file) replaces the checkpoint's, with a note.
 
 The settings are the plain Python names below; configurator.py explains the override rules.
 gradient_accumulation_steps is the global count: each of N processes does 1/N of it, so the
 tokens per iteration do not depend on the number of GPUs. Every run writes out_dir/config.json,
-out_dir/metrics.jsonl (one JSON object per log line and per eval) and out_dir/ckpt.pt.
+out_dir/metrics.jsonl (one JSON object per log line and per eval) and out_dir/ckpt.pt (runs.py).
 """
 import filecmp
 import gc
 import inspect
-import json
 import math
 import os
-import random
-import subprocess
 import sys
 import time
+import typing
 from contextlib import nullcontext
 from dataclasses import asdict, fields
-from datetime import datetime, timezone
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import cpu_speedups as speedups  # the module; `cpu_speedups` below is the setting
+import runs
 import runtime
 import tinystories
 from configurator import ConfigError, format_config, parse_config
@@ -60,25 +59,18 @@ eval_iters = 100  # batches per split per process at each eval
 eval_only = False  # evaluate once (the checkpoint when resuming) and exit
 always_save_checkpoint = False  # False: save at an eval only when val loss improves (and always at the end)
 # 'scratch'; 'resume': out_dir/ckpt.pt with its optimizer, data position and RNG, exactly where it stopped;
-# or a PATH to fine-tune (a train.py .pt, a llama2.c .bin): its weights and shape, a fresh run from iteration 0
+# or a PATH to fine-tune (a train.py .pt, a llama2.c .bin, an HF directory): a fresh run from iteration 0
 init_from = "scratch"
 # wandb logging (pip install wandb)
 wandb_log = False
 wandb_project = "llama-tiny"
-wandb_run_name = None  # None: the out_dir's name
+wandb_run_name: str | None = None  # None: the out_dir's name
 # data
 batch_size = 128  # micro-batch size per process
-max_seq_len = 256
 vocab_source = "llama2"  # 'llama2' (32,000 tokens) or 'custom' (data_dir/tok{vocab_size}.model)
-vocab_size = 32000
 num_workers = 0  # data loader worker processes
-# model (the remaining ModelArgs fields, e.g. hidden_dim and rope_theta, are settable too)
-dim = 288
-n_layers = 6
-n_heads = 6
-n_kv_heads = None  # None: n_heads
-multiple_of = 32
-dropout = 0.0
+# model: every field of ModelArgs (model.py) is a setting, with its default (the 15M model): dim,
+# n_layers, n_heads, n_kv_heads, vocab_size, hidden_dim, multiple_of, norm_eps, max_seq_len, dropout, rope_theta
 # optimizer: AdamW
 gradient_accumulation_steps = 4  # global: split across processes under DDP
 learning_rate = 5e-4
@@ -90,20 +82,26 @@ grad_clip = 1.0  # 0 disables clipping
 # learning rate schedule: linear warmup, then cosine decay to min_lr
 decay_lr = True  # False: constant learning_rate
 warmup_iters = 1000
-lr_decay_iters = None  # None: max_iters
-min_lr = None  # None: learning_rate / 10
+lr_decay_iters: int | None = None  # None: max_iters
+min_lr: float | None = None  # None: learning_rate / 10
 # system
 device = "auto"  # 'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = "auto"  # 'auto' (bfloat16, else float16 on CUDA; float32 elsewhere), 'float32', 'bfloat16', 'float16'
 compile = False  # torch.compile the model (use it on a GPU)
 cpu_speedups = True  # faster CPU kernels for the same math (cpu_speedups.py); False: the plain PyTorch path
 seed = 1337
-peak_flops = None  # per-device peak FLOP/s for MFU, or a GPU name ('H100'); None: from the CUDA device's name
+peak_flops: float | str | None = None  # the GPU's peak FLOP/s for MFU, or its name ('H100'); None: looked up
 # -----------------------------------------------------------------------------
 _CONFIG_KEYS = [k for k, v in globals().items()
                 if not k.startswith("_") and isinstance(v, (bool, int, float, str, type(None)))]
 
 EVAL_SEED = 2_147_483_647  # eval batches come from their own fixed stream, never the first training batches
+# what a resumed run takes from its checkpoint unless the setting is given again: it continues as it was
+RESUMED_SETTINGS = ("dataset", "vocab_source", "batch_size", "gradient_accumulation_steps", "learning_rate",
+                    "min_lr", "max_iters", "warmup_iters", "lr_decay_iters", "decay_lr", "weight_decay", "beta1",
+                    "beta2", "grad_clip", "dtype", "seed") + tuple(f.name for f in fields(ModelArgs))
+# of the model's fields, what a resumed or fine-tuned run may change: the rest is the weights' shape
+NOT_SHAPE = ("dropout", "max_seq_len")
 
 
 class TrainError(Exception):
@@ -113,10 +111,20 @@ class TrainError(Exception):
 
 def default_config() -> dict:
     config = {k: globals()[k] for k in _CONFIG_KEYS}
-    # the model's other settings come from ModelArgs itself, so they are never typed twice
-    for f in fields(ModelArgs):
+    for f in fields(ModelArgs):  # the model's settings come from ModelArgs itself, never typed twice
         config.setdefault(f.name, f.default)
     return config
+
+
+def setting_types() -> dict:
+    # what a None default may become: --n_kv_heads=abc is an error here, not a crash later
+    hints = typing.get_type_hints(ModelArgs) | typing.get_type_hints(sys.modules[__name__])
+    defaults = default_config()
+    return {k: t for k, t in hints.items() if k in defaults and defaults[k] is None}
+
+
+def parse_settings(argv: list[str]) -> dict:
+    return parse_config(default_config(), argv, setting_types())
 
 
 def print0(*args, **kwargs):
@@ -144,34 +152,90 @@ def resolve_config(config: dict) -> dict:
             raise ConfigError(f"{key}={c[key]!r} is not one of {', '.join(map(repr, allowed))}")
     if c["init_from"] not in ("scratch", "resume") and not os.path.exists(c["init_from"]):
         raise ConfigError(f"init_from={c['init_from']!r} is not 'scratch', 'resume' or an existing checkpoint "
-                          f"to fine-tune (a train.py .pt or a llama2.c .bin)")
-    for key in ("batch_size", "max_seq_len", "gradient_accumulation_steps", "eval_interval", "log_interval",
-                "eval_iters", "vocab_size", "dim", "n_layers", "n_heads"):
-        if c[key] < 1:
+                          f"to fine-tune (a train.py .pt, a llama2.c .bin or a Hugging Face directory)")
+    at_least_one = ("batch_size", "max_seq_len", "gradient_accumulation_steps", "eval_interval", "log_interval",
+                    "eval_iters", "vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim",
+                    "multiple_of")
+    for key in at_least_one:
+        if c[key] is not None and c[key] < 1:
             raise ConfigError(f"{key}={c[key]} must be at least 1")
     for key in ("max_iters", "warmup_iters", "num_workers"):
         if c[key] < 0:
             raise ConfigError(f"{key}={c[key]} must not be negative")
-    if c["learning_rate"] <= 0:
-        raise ConfigError(f"learning_rate={c['learning_rate']} must be positive")
+    for key in ("learning_rate", "norm_eps", "rope_theta"):
+        if c[key] <= 0:
+            raise ConfigError(f"{key}={c[key]} must be positive")
+    if not 0 <= c["dropout"] < 1:
+        raise ConfigError(f"dropout={c['dropout']} must be in [0, 1)")
 
     if c["min_lr"] is None:
         c["min_lr"] = c["learning_rate"] / 10
-    if c["lr_decay_iters"] is None:
-        c["lr_decay_iters"] = c["max_iters"]
-    if not isinstance(c["lr_decay_iters"], int) or not isinstance(c["min_lr"], (int, float)):
-        raise ConfigError(f"lr_decay_iters must be an int and min_lr a number "
-                          f"(got {c['lr_decay_iters']!r}, {c['min_lr']!r})")
-    if c["decay_lr"] and c["lr_decay_iters"] < c["warmup_iters"]:
+    if c["decay_lr"] and c["lr_decay_iters"] is not None and c["lr_decay_iters"] < c["warmup_iters"]:
         raise ConfigError(f"lr_decay_iters={c['lr_decay_iters']} is shorter than warmup_iters={c['warmup_iters']}; "
                           f"lower --warmup_iters or raise --lr_decay_iters")
-
+    if c["lr_decay_iters"] is None:
+        c["lr_decay_iters"] = c["max_iters"]
     c["device"] = runtime.resolve_device(c["device"])
     c["dtype"] = runtime.resolve_dtype(c["dtype"], c["device"])
     try:
         ModelArgs.from_dict(c)  # invalid shapes fail here, before any data is read
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    return c
+
+
+def warn_about_the_schedule(c: dict) -> None:
+    # a smoke run (--max_iters=20 with a config's 1000 warmup steps) is legitimate: run it, but say so
+    if c["decay_lr"] and c["max_iters"] < c["warmup_iters"]:
+        reached = get_lr(c["max_iters"] - 1, c["learning_rate"], c["warmup_iters"], c["lr_decay_iters"], c["min_lr"])
+        print0(f"warning: max_iters={c['max_iters']} ends inside warmup_iters={c['warmup_iters']}: the learning "
+               f"rate only climbs to {reached:.1e} of {c['learning_rate']:.1e}; pass e.g. "
+               f"--warmup_iters={max(1, c['max_iters'] // 10)} to warm up and decay within the run")
+
+
+def settings_for_resume(c: dict, saved: dict, given: set, path: str) -> dict:
+    """The settings a resumed run continues with: the checkpoint's, except those given again."""
+    c = dict(c)
+    changed, kept = [], []
+    for key in RESUMED_SETTINGS:
+        if key not in saved or saved[key] == c[key]:
+            continue
+        if key in given:
+            changed.append(f"{key} {saved[key]!r} -> {c[key]!r}")
+        else:
+            kept.append(f"{key}={saved[key]!r}")
+            c[key] = saved[key]
+    # (a different vocab_size is left to check_vocabulary, which says which data the model needs)
+    shape_keys = {f.name for f in fields(ModelArgs)} - set(NOT_SHAPE) - {"vocab_size"}
+    shape = [k.split()[0] for k in changed if k.split()[0] in shape_keys]
+    if shape:
+        raise ConfigError(f"{path} was trained with " + ", ".join(f"{k}={saved[k]!r} (config: {c[k]!r})" for k in shape)
+                          + "; a resumed run keeps the model's shape: drop those settings, or start a new run")
+    try:
+        runtime.resolve_dtype(c["dtype"], c["device"])
+    except ConfigError:  # a bf16 run resumed on a GPU without bf16
+        kept = [k for k in kept if not k.startswith("dtype=")]
+        changed.append(f"dtype {saved['dtype']!r} -> {runtime.resolve_dtype('auto', c['device'])!r} (this device)")
+        c["dtype"] = runtime.resolve_dtype("auto", c["device"])
+    if kept:
+        print0(f"note: continuing with the checkpoint's {', '.join(kept)} (give a setting again to change it)")
+    if changed:
+        print0(f"note: changed on resume: {', '.join(changed)}")
+    return c
+
+
+def settings_for_finetune(c: dict, saved_args: dict, path: str) -> dict:
+    # the model's shape is the checkpoint's; dropout and max_seq_len stay the config's
+    c = dict(c)
+    saved, wanted = ModelArgs.from_dict(saved_args), ModelArgs.from_dict(c)
+    shape = [f.name for f in fields(ModelArgs) if f.name not in NOT_SHAPE + ("multiple_of",)]
+    diffs = [k for k in shape if getattr(saved, k) != getattr(wanted, k)]  # multiple_of only derives hidden_dim
+    if diffs:
+        print0(f"note: the model's shape comes from {path}: "
+               + ", ".join(f"{k}={getattr(saved, k)!r} (config: {getattr(wanted, k)!r})" for k in diffs))
+    if saved.max_seq_len != c["max_seq_len"]:
+        print0(f"note: training with max_seq_len={c['max_seq_len']}; {path} was trained with {saved.max_seq_len}")
+    c.update({k: getattr(saved, k) for k in shape})
     return c
 
 
@@ -222,16 +286,18 @@ def save_checkpoint(path, obj) -> None:
             os.close(fd)
 
 
-def load_checkpoint(path: str, meta: dict, shard_dir, device: str) -> dict:
-    # checked against the data before anything trains: weights made for another vocabulary would
-    # train on tokens that mean something else, without any error
+def read_checkpoint(path: str, device: str) -> dict:
     if not os.path.exists(path):  # (a missing fine-tuning PATH was reported by resolve_config)
         raise TrainError(f"init_from='resume' but there is no checkpoint at {path}; "
                          f"train from scratch first, or point --out_dir at the run to continue")
     try:
-        _, checkpoint = from_checkpoint(path, device)
+        return from_checkpoint(path, device)[1]
     except (ValueError, OSError) as e:  # not a checkpoint, or a truncated one; the message names the file
         raise TrainError(str(e)) from None
+
+
+def check_vocabulary(checkpoint: dict, path: str, meta: dict, shard_dir) -> None:
+    # weights made for another vocabulary would train on tokens that mean something else, without any error
     n, trained = checkpoint["model_args"]["vocab_size"], checkpoint.get("config")
     if trained:  # train.py's checkpoints record the data they were trained on
         hint = (f"it was trained with --dataset={trained['dataset']} --vocab_source={trained['vocab_source']} "
@@ -251,87 +317,30 @@ def load_checkpoint(path: str, meta: dict, shard_dir, device: str) -> dict:
         elif not filecmp.cmp(saved, current, shallow=False):  # a copy elsewhere is the same tokenizer
             raise TrainError(f"{path} was trained with the tokenizer {saved} but the data in {shard_dir} was made "
                              f"with {current}: the same vocabulary size, different tokens; {hint}")
-    return checkpoint
 
 
-def get_rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()  # the current device's
-    return state
+def open_dataset(c: dict):
+    # the shard directory's meta.json says which tokenizer made it
+    shard_dir = tinystories.dataset_dir(c["data_dir"], c["dataset"], c["vocab_source"], c["vocab_size"])
+    meta = tinystories.read_meta(shard_dir)
+    if meta["vocab_size"] != c["vocab_size"]:
+        raise ConfigError(f"the data in {shard_dir} was tokenized with a {meta['vocab_size']}-token vocabulary but "
+                          f"vocab_size={c['vocab_size']}; set --vocab_size={meta['vocab_size']} or re-tokenize")
+    return shard_dir, meta
 
 
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"].cpu())  # a checkpoint loaded onto a GPU moved it there
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"].cpu())
-
-
-def git_revision() -> str | None:
-    try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], capture_output=True,
-                             text=True, timeout=10, cwd=os.path.dirname(os.path.abspath(__file__)))
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if out.returncode != 0:
-        return None
-    return out.stdout.strip() or None
-
-
-def append_jsonl(path, record: dict) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def truncate_metrics(path, last_iter: int) -> None:
-    # a resumed run repeats the iterations after its checkpoint: drop the old lines for them
-    if not os.path.exists(path):
-        return
-    kept = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                if json.loads(line)["iter"] <= last_iter:
-                    kept.append(line)
-            except (ValueError, KeyError, TypeError):
-                pass  # a line cut short by a crash
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.writelines(kept)
-    os.replace(path + ".tmp", path)
-
-
-class WandbLogger:
-    # imported only when asked for; any wandb failure turns it off with one warning, training goes on
-    def __init__(self, config: dict, out_dir: str, resume: bool):
-        self.run = None
-        try:
-            import wandb
-
-            id_file = os.path.join(out_dir, "wandb_run_id")
-            run_id = None  # a resumed run continues its wandb run, as its checkpoint continues the training
-            if resume and os.path.exists(id_file):
-                with open(id_file, encoding="utf-8") as f:
-                    run_id = f.read().strip()
-            self.run = wandb.init(project=config["wandb_project"], id=run_id, resume="allow" if run_id else None,
-                                  name=config["wandb_run_name"] or os.path.basename(os.path.abspath(out_dir)),
-                                  config=config)
-            with open(id_file, "w", encoding="utf-8") as f:
-                f.write(self.run.id)
-        except Exception as e:
-            self._disable(e)
-
-    def log(self, data: dict, step: int) -> None:
-        if self.run is not None:
-            try:
-                self.run.log(data, step=step)
-            except Exception as e:
-                self._disable(e)
-
-    def _disable(self, e: Exception) -> None:
-        print0(f"warning: wandb disabled ({type(e).__name__}: {e}); training continues")
-        self.run = None
+def setup_distributed(c: dict):
+    # torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; returns (ddp, rank, world_size, device)
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return False, 0, 1, c["device"]
+    rank, world_size, device = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), c["device"]
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"  # one GPU per process on each node
+        torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl", device_id=torch.device(device))
+    else:
+        dist.init_process_group(backend="gloo")
+    return True, rank, world_size, device
 
 
 def wrap_ddp(model, device: str) -> DDP:
@@ -364,22 +373,16 @@ def evaluate(model, shard_dir, c, rank, world_size, device, ctx) -> dict:
 
 
 def train(config: dict) -> dict:
+    """Runs training with config (train.py's settings, e.g. from parse_settings); returns the final figures.
+    config.given, when present, names the settings the user set; a plain dict counts every non-None one."""
+    given = getattr(config, "given", None)
+    if given is None:
+        given = {k for k, v in config.items() if v is not None}
     c = resolve_config(config)
-
-    # distributed: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE
-    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    rank, world_size, device = 0, 1, c["device"]
-    if ddp:
-        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        if device.startswith("cuda"):
-            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"  # one GPU per process on each node
-            torch.cuda.set_device(device)
-            dist.init_process_group(backend="nccl", device_id=torch.device(device))
-        else:
-            dist.init_process_group(backend="gloo")
+    ddp, rank, world_size, device = setup_distributed(c)
     speedups_before, speedups.ENABLED = speedups.ENABLED, c["cpu_speedups"]
     try:
-        result = _train(c, ddp, rank, world_size, device)
+        result = run(c, given, ddp, rank, world_size, device)
         if ddp:
             dist.barrier()  # no rank tears down its process group while another still talks to it
         return result
@@ -392,55 +395,35 @@ def train(config: dict) -> dict:
             dist.destroy_process_group()
 
 
-def _train(c: dict, ddp: bool, rank: int, world_size: int, device: str) -> dict:
+def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str) -> dict:
     master = rank == 0
     device_type = device.split(":")[0]
-    accum_steps = split_accumulation(c["gradient_accumulation_steps"], world_size)  # per process
-    tokens_per_iter = c["gradient_accumulation_steps"] * c["batch_size"] * c["max_seq_len"]  # global
-    peak = resolve_peak_flops(c["peak_flops"], device_type)
     ckpt_path = os.path.join(c["out_dir"], "ckpt.pt")
     metrics_path = os.path.join(c["out_dir"], "metrics.jsonl")
 
-    runtime.seed_everything(c["seed"] + rank)  # rank 0 draws the initial weights; DDP copies them to the others
+    # the settings: a resumed run continues with its checkpoint's; a fine-tune takes the model's shape
+    resume = c["init_from"] == "resume"
+    checkpoint = None
+    if resume:
+        checkpoint = read_checkpoint(ckpt_path, device)
+        c = settings_for_resume(c, checkpoint.get("config") or {}, given, ckpt_path)
+    shard_dir, meta = open_dataset(c)
+    if c["init_from"] != "scratch":
+        init_path = ckpt_path if resume else c["init_from"]
+        checkpoint = checkpoint or read_checkpoint(init_path, device)
+        check_vocabulary(checkpoint, init_path, meta, shard_dir)
+        if not resume:
+            c = settings_for_finetune(c, checkpoint["model_args"], init_path)
+    warn_about_the_schedule(c)
+    accum_steps = split_accumulation(c["gradient_accumulation_steps"], world_size)  # per process
+    tokens_per_iter = c["gradient_accumulation_steps"] * c["batch_size"] * c["max_seq_len"]  # global
+    peak = resolve_peak_flops(c["peak_flops"], device_type)
+    ctx = runtime.autocast(device, c["dtype"])
     if device_type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 matmuls
-    ctx = runtime.autocast(device, c["dtype"])
 
-    # data: the shard directory's meta.json says which tokenizer made it
-    shard_dir = tinystories.dataset_dir(c["data_dir"], c["dataset"], c["vocab_source"], c["vocab_size"])
-    meta = tinystories.read_meta(shard_dir)
-    if meta["vocab_size"] != c["vocab_size"]:
-        raise ConfigError(f"the data in {shard_dir} was tokenized with a {meta['vocab_size']}-token vocabulary but "
-                          f"vocab_size={c['vocab_size']}; set --vocab_size={meta['vocab_size']} or re-tokenize")
-    loader = tinystories.BatchLoader(shard_dir, "train", c["batch_size"], c["max_seq_len"], c["seed"], rank=rank,
-                                     world_size=world_size, device=device, num_workers=c["num_workers"])
-
-    # model: from scratch, or from a checkpoint. 'resume' continues out_dir/ckpt.pt with everything it saved;
-    # a PATH (fine-tuning) gives the weights and the shape only: a new run, from iteration 0
-    resume = c["init_from"] == "resume"
-    init_path = ckpt_path if resume else c["init_from"]
-    checkpoint, rng_to_restore, last_saved = None, None, None
-    iter_num, tokens_seen, best_val_loss = 0, 0, float("inf")
-    if c["init_from"] != "scratch":
-        checkpoint = load_checkpoint(init_path, meta, shard_dir, device)
-        saved, wanted = ModelArgs.from_dict(checkpoint["model_args"]), ModelArgs.from_dict(c)
-        # multiple_of only derives hidden_dim, which is compared itself
-        diffs = [f.name for f in fields(ModelArgs)
-                 if f.name != "multiple_of" and getattr(saved, f.name) != getattr(wanted, f.name)]
-        describe = lambda names: ", ".join(f"{k}={getattr(saved, k)!r} (config: {getattr(wanted, k)!r})"
-                                           for k in names)
-        if resume and diffs:
-            raise ConfigError(f"{init_path} was trained with {describe(diffs)}; resume with the run's own config "
-                              f"file and settings")
-        if not resume:  # fine-tuning: the shape is the checkpoint's; dropout and max_seq_len stay the config's
-            shape = [f.name for f in fields(ModelArgs) if f.name not in ("dropout", "max_seq_len")]
-            changed = [k for k in diffs if k in shape]
-            if changed:
-                print0(f"note: the model's shape comes from {init_path}: {describe(changed)}")
-            if "max_seq_len" in diffs:
-                print0(f"note: training with max_seq_len={c['max_seq_len']}; {init_path} was trained with "
-                       f"{saved.max_seq_len}")
-            c.update({k: getattr(saved, k) for k in shape})
+    # the model, the optimizer and the data, restored from the checkpoint when resuming
+    runtime.seed_everything(c["seed"] + rank)  # rank 0 draws the initial weights; DDP copies them to the others
     raw_model = Transformer(ModelArgs.from_dict(c)).to(device)
     if checkpoint is not None:
         raw_model.load_state_dict(checkpoint["model"])
@@ -448,11 +431,15 @@ def _train(c: dict, ddp: bool, rank: int, world_size: int, device: str) -> dict:
                                                device_type)
     # a no-op unless float16: it scales the loss so small gradients do not underflow
     scaler = torch.amp.GradScaler(device_type, enabled=c["dtype"] == "float16")
+    loader = tinystories.BatchLoader(shard_dir, "train", c["batch_size"], c["max_seq_len"], c["seed"], rank=rank,
+                                     world_size=world_size, device=device, num_workers=c["num_workers"])
+    iter_num, tokens_seen, best_val_loss, last_saved, rng_to_restore = 0, 0, float("inf"), None, None
     if resume:
         iter_num, tokens_seen = checkpoint["iter_num"], checkpoint["tokens_seen"]
         best_val_loss, last_saved = checkpoint["best_val_loss"], iter_num
         optimizer.load_state_dict(checkpoint["optimizer"])
-        scaler.load_state_dict(checkpoint["scaler"])
+        if scaler.is_enabled() and checkpoint["scaler"]:  # a bf16 or float32 run saved an empty state
+            scaler.load_state_dict(checkpoint["scaler"])
         # every rank has taken the same number of batches, so rank 0's loader state places them all
         # (the loader also converts it when the number of processes or the batch shape changed)
         loader.load_state_dict(checkpoint["loader_state"])
@@ -463,6 +450,7 @@ def _train(c: dict, ddp: bool, rank: int, world_size: int, device: str) -> dict:
             print0(f"note: {ckpt_path} was saved by {len(rng_states)} process(es), this run has {world_size}: "
                    f"the data continues where it was, the random streams (dropout) are reseeded")
             torch.manual_seed(c["seed"] + rank + iter_num * 1000)  # fresh streams, still deterministic
+        print0(f"resuming from iteration {iter_num:,} ({tokens_seen:,} tokens) of {ckpt_path}")
     checkpoint = None  # free the memory before training
 
     # torch.compile and DDP wrap the model; raw_model keeps the plain one for saving (no prefixes)
@@ -472,13 +460,9 @@ def _train(c: dict, ddp: bool, rank: int, world_size: int, device: str) -> dict:
     print0("config:\n" + format_config(c))
     if master and not c["eval_only"]:  # an eval-only run leaves out_dir as it is
         os.makedirs(c["out_dir"], exist_ok=True)
-        run_info = {"config": c, "git": git_revision(), "torch": torch.__version__, "python": sys.version.split()[0],
-                    "world_size": world_size, "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                    "argv": sys.argv}
-        with open(os.path.join(c["out_dir"], "config.json"), "w", encoding="utf-8") as f:
-            json.dump(run_info, f, indent=2)
+        runs.write_run_info(c["out_dir"], c, world_size)
         if resume:
-            truncate_metrics(metrics_path, iter_num)
+            runs.truncate_metrics(metrics_path, iter_num)
         else:
             if os.path.exists(metrics_path):
                 os.remove(metrics_path)  # a new run in this out_dir starts a new log
@@ -490,19 +474,14 @@ def _train(c: dict, ddp: bool, rank: int, world_size: int, device: str) -> dict:
            f"step(s) x {c['batch_size']} batch x {c['max_seq_len']} tokens; {c['max_iters']:,} iterations = "
            f"{tokens_per_iter * c['max_iters']:,} tokens; device {device}, {c['dtype']}"
            + (", compiled" if c["compile"] else ""))
-    wandb = WandbLogger(c, c["out_dir"], resume) \
+    wandb = runs.WandbLogger(c, c["out_dir"], resume, say=print0) \
         if c["wandb_log"] and master and not c["eval_only"] else None
 
-    def make_checkpoint() -> dict:
-        # the RNG streams of every rank (dropout differs per rank), so each continues exactly where it was
-        rng_states = [get_rng_state()]
-        if ddp:
-            rng_states = [None] * world_size
-            dist.all_gather_object(rng_states, get_rng_state())
-        return {"model": raw_model.state_dict(), "model_args": asdict(raw_model.args),
-                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "config": c,
-                "iter_num": iter_num, "tokens_seen": tokens_seen, "best_val_loss": best_val_loss,
-                "loader_state": loader.state_dict(), "rng_state": rng_states, "tokenizer": meta["tokenizer"]}
+    def log(record: dict) -> None:
+        if master:
+            runs.append_jsonl(metrics_path, record)
+        if wandb:
+            wandb.log(record, step=iter_num)
 
     def stop_non_finite(what: str, value: float):
         kept = f"the last good checkpoint is {ckpt_path} (iteration {last_saved})" if last_saved is not None \
@@ -518,7 +497,7 @@ def _train(c: dict, ddp: bool, rank: int, world_size: int, device: str) -> dict:
         print0(f"nothing to do: the checkpoint is at iteration {iter_num} and max_iters={c['max_iters']}")
         return {"iter_num": iter_num}
     if rng_to_restore is not None:
-        set_rng_state(rng_to_restore)  # last, so that nothing above draws from the restored streams
+        runs.set_rng_state(rng_to_restore)  # last, so that nothing above draws from the restored streams
 
     t_window, iters_in_window = time.perf_counter(), 0  # timing excludes evals and checkpoints
     while iter_num < c["max_iters"]:
@@ -567,12 +546,8 @@ def _train(c: dict, ddp: bool, rank: int, world_size: int, device: str) -> dict:
             print0(f"iter {iter_num} | loss {lossf:.4f} | lr {lr:.2e} | grad norm {norm:.3f} | "
                    f"{dt * 1000:.1f} ms/iter | {tok_per_s:,.0f} tokens/s | "
                    + (f"MFU {mfu * 100:.1f}%" if mfu is not None else "MFU -"))
-            record = {"iter": iter_num, "tokens": tokens_seen, "loss": lossf, "lr": lr, "grad_norm": norm,
-                      "dt_ms": dt * 1000, "tok_per_s": tok_per_s, "mfu": mfu}
-            if master:
-                append_jsonl(metrics_path, record)
-            if wandb:
-                wandb.log(record, step=iter_num)
+            log({"iter": iter_num, "tokens": tokens_seen, "loss": lossf, "lr": lr, "grad_norm": norm,
+                 "dt_ms": dt * 1000, "tok_per_s": tok_per_s, "mfu": mfu})
             t_window, iters_in_window = time.perf_counter(), 0
 
         if iter_num % c["eval_interval"] == 0 or iter_num == c["max_iters"]:
@@ -581,19 +556,23 @@ def _train(c: dict, ddp: bool, rank: int, world_size: int, device: str) -> dict:
                 if not math.isfinite(value):
                     stop_non_finite(f"the {split} loss", value)
             print0(f"eval iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-            record = {"iter": iter_num, "tokens": tokens_seen, "train_loss": losses["train"], "val_loss": losses["val"]}
-            if master:
-                append_jsonl(metrics_path, record)
-            if wandb:
-                wandb.log(record, step=iter_num)
+            log({"iter": iter_num, "tokens": tokens_seen, "train_loss": losses["train"], "val_loss": losses["val"]})
             improved = losses["val"] < best_val_loss
             best_val_loss = min(best_val_loss, losses["val"])
             if improved or c["always_save_checkpoint"] or iter_num == c["max_iters"]:
-                checkpoint = make_checkpoint()  # a collective under DDP: every rank takes part
+                # the RNG streams of every rank (dropout differs per rank), so each continues exactly
+                rng_states = [runs.get_rng_state()]
+                if ddp:
+                    rng_states = [None] * world_size
+                    dist.all_gather_object(rng_states, runs.get_rng_state())  # every rank takes part
                 if master:
-                    save_checkpoint(ckpt_path, checkpoint)
+                    save_checkpoint(ckpt_path, {
+                        "model": raw_model.state_dict(), "model_args": asdict(raw_model.args),
+                        "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "config": c,
+                        "iter_num": iter_num, "tokens_seen": tokens_seen, "best_val_loss": best_val_loss,
+                        "loader_state": loader.state_dict(), "rng_state": rng_states, "tokenizer": meta["tokenizer"]})
                     print0(f"saved {ckpt_path} (iteration {iter_num})")
-                checkpoint, last_saved = None, iter_num
+                last_saved = iter_num
             t_window, iters_in_window = time.perf_counter(), 0
 
     print0(f"done: {iter_num} iterations, {tokens_seen:,} tokens, best val loss {best_val_loss:.4f}")
@@ -608,7 +587,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     config = None
     try:
-        config = parse_config(default_config(), argv)
+        config = parse_settings(argv)
         if config["cpu_speedups"] and runtime.resolve_device(config["device"]) == "cpu":
             speedups.keep_freed_memory()  # process-wide, hence here and not inside train()
         train(config)

@@ -119,3 +119,33 @@ def test_single_dash_and_bare_double_dash_are_errors():
         with pytest.raises(ConfigError, match="--key=value"):
             parse_config(DEFAULTS, [arg])
 
+
+
+TYPES = {"min_lr": float | None, "wandb_run_name": str | None}
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("--min_lr=abc", "min_lr='abc' (from --min_lr=abc) has the wrong type: expected float or None, got str"),
+    ("--min_lr=True", "expected float or None, got bool"),
+])
+def test_none_defaults_are_checked_against_their_annotation(arg, message):
+    with pytest.raises(ConfigError) as e:
+        parse_config(DEFAULTS, [arg], types=TYPES)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_annotated_none_defaults_still_take_their_types_and_none():
+    config = parse_config(DEFAULTS, ["--min_lr=0", "--wandb_run_name=2024"], types=TYPES)
+    assert config["min_lr"] == 0.0 and isinstance(config["min_lr"], float)
+    assert config["wandb_run_name"] == "2024"  # text, as the annotation says
+    assert parse_config(DEFAULTS, ["--min_lr=None"], types=TYPES)["min_lr"] is None
+    assert parse_config({"n": None}, ["--n=2e3"], types={"n": int | None})["n"] == 2000
+    with pytest.raises(ConfigError, match="expected int or None, got float"):
+        parse_config({"n": None}, ["--n=1.5"], types={"n": int | None})
+
+
+def test_the_result_records_which_keys_were_given(tmp_path):
+    path = write(tmp_path, "c.py", "batch_size = 64\n")  # the default's value, but set on purpose
+    config = parse_config(DEFAULTS, [path, "--compile=False", "--min_lr=1e-5"])
+    assert config.given == {"batch_size", "compile", "min_lr"}
+    assert parse_config(DEFAULTS, []).given == set()
