@@ -1,11 +1,12 @@
 """
 The offline quick start: the whole pipeline on CPU in a few minutes, with no download.
 
-    python demo.py                          # data/fixture/, out/debug/, then a story
+    python demo.py                          # data/fixture/, out/debug/, then two stories
     python demo.py --max_iters=100          # any --key=value goes to train.py (a shorter run here)
+    python demo.py --data_dir=/tmp/d --out_dir=/tmp/o   # somewhere else than ./data and ./out/debug
 
 It generates a small synthetic story corpus (tests/fixture_corpus.py), fits a 512-token
-vocabulary to it, tokenizes it, trains config/train_cpu_debug.py and samples a story, printing
+vocabulary to it, tokenizes it, trains config/train_cpu_debug.py and samples two stories, printing
 each command before running it, so you can rerun any step by hand. The real thing is the same
 commands with `tinystories.py download` / `pretokenize` and a GPU config: see README.md.
 """
@@ -27,16 +28,19 @@ def run(*args: str) -> None:
     print(f"({time.time() - t0:.0f} s)", flush=True)
 
 
-def main(train_overrides: list[str]) -> None:
-    bad = [a for a in train_overrides if not (a.startswith("--") and "=" in a)]
+def main(argv: list[str]) -> None:
+    bad = [a for a in argv if not (a.startswith("--") and "=" in a)]
     if bad:
         sys.exit(f"error: demo.py takes only --key=value settings for train.py, not {bad[0]!r}")
-    out_dir = next((a.split("=", 1)[1] for a in train_overrides if a.startswith("--out_dir=")), "out/debug")
-    stories = os.path.join("data", "fixture_stories.txt")
+    settings = dict(a[2:].split("=", 1) for a in argv)
+    data_dir, out_dir = settings.get("data_dir", "data"), settings.get("out_dir", "out/debug")
+    stories = os.path.join(data_dir, "fixture_stories.txt")
     run("tests/fixture_corpus.py", stories, "--num_stories", "5000")
-    run("tinystories.py", "train_vocab", "--input", stories, "--name", "fixture", "--vocab_size", "512")
-    run("tinystories.py", "prepare", "--input", stories, "--name", "fixture", "--vocab_size", "512")
-    run("train.py", "config/train_cpu_debug.py", *train_overrides)
+    run("tinystories.py", "train_vocab", "--input", stories, "--name", "fixture", "--vocab_size", "512",
+        "--data_dir", data_dir)
+    run("tinystories.py", "prepare", "--input", stories, "--name", "fixture", "--vocab_size", "512",
+        "--data_dir", data_dir)
+    run("train.py", "config/train_cpu_debug.py", *argv)
     run("sample.py", f"--checkpoint={out_dir}/ckpt.pt", "--prompt=Once upon a time", "--max_new_tokens=200",
         "--temperature=0.8", "--num_samples=2")
     print("\nDone. Next: the full TinyStories run on a GPU (README.md, 'Quick start').")

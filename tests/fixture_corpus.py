@@ -60,6 +60,7 @@ def make_stories(num_stories: int, seed: int = 0) -> list[str]:
 
 
 def write_endoftext(path: str, stories: list[str]) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         for story in stories:
             f.write(story + "\n<|endoftext|>\n")

@@ -220,6 +220,7 @@ def test_llama2_vocabulary(llama2_tokenizer, tmp_path, capsys):
     ckpt = save_checkpoint(tmp_path / "ckpt.pt", model, llama2_tokenizer)
     code, out, err = run_main(capsys, f"--checkpoint={ckpt}", "--prompt=Once upon a time", "--max_new_tokens=10")
     assert code == 0 and out.startswith("Once upon a time"), err
+    assert len(out[len("Once upon a time"):].strip()) >= 5, out  # new text, not only the echoed prompt
 
 
 @pytest.fixture(scope="module")
