@@ -1,459 +1,73 @@
 """
-Export a trained model to other runtimes, and read their files back.
+Export a trained model to other runtimes, or import theirs as one of our checkpoints.
 
-    python export.py model.bin --checkpoint=out/ckpt.pt --format=llama2c [--version=0|1|2] [--group_size=N]
-    python export.py hf_dir --checkpoint=out/ckpt.pt --format=hf [--dtype=float32|bfloat16|float16]
-    python export.py out/ckpt15M.pt --checkpoint=stories15M.bin --format=pt --tokenizer=tokenizer.model
+    python export.py out/model.bin --checkpoint=out/ckpt.pt                  # llama2.c version 0, for run.c
+    python export.py out/model_q80.bin --checkpoint=out/ckpt.pt --version=2  # int8, for runq.c
+    python export.py out/hf --checkpoint=out/ckpt.pt --format=hf             # a Hugging Face directory
+    python export.py 15m.pt --checkpoint=stories15M.bin --format=pt --tokenizer=data/llama2_tokenizer.model
 
---format=llama2c writes llama2.c's model file and, beside it, tokenizer.bin (run.c's tokenizer).
-All integers and floats are little-endian; weight matrices are PyTorch's (out_features, in_features)
-row-major, which is what run.c's matmul(W (d, n), x (n,)) expects.
-  version 0 (legacy, what run.c reads): 7 int32 (dim, hidden_dim, n_layers, n_heads, n_kv_heads,
-      vocab_size, max_seq_len; vocab_size negative when the classifier is not shared), then float32:
-      token embedding, attention norms, wq, wk, wv, wo, ffn norms, w1, w2, w3 (each for all layers),
-      final norm, RoPE cos and sin tables (max_seq_len, head_dim/2), [classifier if not shared].
-  version 1: a 256-byte header (uint32 magic "ak42" 0x616b3432, int32 version, the 7 int32,
-      uint8 shared-classifier flag, zero padding), then float32: attention norms, ffn norms, final
-      norm, token embedding, wq, wk, wv, wo, w1, w2, w3, [classifier].
-  version 2 (runq.c, Q8_0): the same header plus int32 group_size after the flag; float32 norms
-      (attention, ffn, final), then per matrix (token embedding, wq, wk, wv, wo, w1, w2, w3,
-      [classifier]) its int8 values followed by its float32 scales, one scale per group_size values.
-      runq.c quantises activations in groups along each matrix's rows, so group_size must divide
-      dim AND hidden_dim; by default it is the largest power of two up to 64 that does.
-  tokenizer.bin: uint32 max_token_length, then per token: float32 score, int32 byte length, the
-      UTF-8 bytes of the piece with '▁' replaced by ' ' (BOS is '\\n<s>\\n', EOS '\\n</s>\\n', byte
-      tokens stay '<0x0A>' for run.c to turn into a byte).
---format=hf writes a Hugging Face directory (config.json, model.safetensors, tokenizer.model,
-tokenizer_config.json) that transformers' LlamaForCausalLM / AutoTokenizer load offline.
---format=pt writes our own checkpoint (model, model_args, tokenizer) from a llama2.c file or an HF
-directory, so sample.py and fine-tuning can start from it.
-
-The readers (load_llama2c, load_hf) are the inverse; model.from_checkpoint uses load_llama2c for .bin.
+--format=llama2c writes llama2.c's model file and, beside it, the tokenizer in run.c's format named after
+it (out/model.bin -> out/model.tokenizer.bin), so exports with different vocabularies can share a folder.
+run.c reads version 0 only (on version 1 it stops with "malloc failed!"); runq.c reads version 2; version
+1 (float32 with a header) is read by this project's sample.py and train.py. The command to run is printed.
+--format=hf writes config.json, model.safetensors and, with a tokenizer, tokenizer.model,
+tokenizer_config.json and generation_config.json (generate() stops at EOS or BOS, as sample.py does).
+Loading it needs: pip install transformers safetensors protobuf sentencepiece (without protobuf,
+AutoTokenizer fails with a misleading "`tiktoken` is required").
+--format=pt writes our own checkpoint (model, model_args, tokenizer) from a llama2.c file or a Hugging
+Face directory, so sample.py and fine-tuning can start from it.
+The file formats are described in checkpoint.py, which reads and writes them.
 """
-import json
 import os
-import shutil
-import struct
+import shlex
 import sys
-import tempfile
-from contextlib import contextmanager
 from dataclasses import asdict
 
-import numpy as np
-import torch
-from tqdm import tqdm
-
 import runtime
-from model import ModelArgs, Transformer, from_checkpoint, precompute_rope
+from checkpoint import (
+    from_checkpoint,
+    load_sentencepiece,
+    save_checkpoint,
+    write_hf,
+    write_llama2c,
+    write_tokenizer_bin,
+)
+from configurator import ConfigError, parse_config
 
-MAGIC = 0x616B3432  # "ak42" read as a big-endian word; the bytes on disk are "24ka"
-HEADER_BYTES = 256  # versions 1 and 2
-# run.c hard-codes these; a model trained with others would silently run wrong there
-RUNC_ROPE_THETA, RUNC_NORM_EPS = 10000.0, 1e-5
+# name: (default, help). --help prints them; parse_config checks the types against the defaults.
+OPTIONS = {
+    "checkpoint": ("out/ckpt.pt", "the model: train.py's checkpoint, a llama2.c .bin, or a Hugging Face dir"),
+    "format": ("llama2c", "llama2c (file + tokenizer for run.c) | hf (Hugging Face directory) | pt (ours)"),
+    "version": (None, "llama2c: 0 (None) = float32 for run.c, 1 = float32 + header, 2 = int8 for runq.c"),
+    "group_size": (None, "--version=2: values per int8 scale; None = largest power of 2 <= 64 dividing dim,"
+                         " hidden_dim"),
+    "dtype": (None, "hf only: float32 | bfloat16 | float16; None = float32"),
+    "tokenizer": ("", "sentencepiece .model to export with the model; \"\" = the checkpoint's own"),
+}
+DEFAULTS = {name: default for name, (default, _) in OPTIONS.items()}
+RUNNERS = {0: "run", 2: "runq"}  # llama2.c's programs (run.c, runq.c), by the file version each reads
 
 
-class ExportError(ValueError):  # bad input: the command lines print it as one line
+class ExportError(ValueError):  # bad options: printed as one line
     pass
 
 
-@contextmanager
-def atomic_write(path):
-    # `with atomic_write(p) as tmp:` gives a temporary path beside p; when the block succeeds it is flushed
-    # to disk and renamed over p in one step, so a crash or an error never leaves half a file behind
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make the exported files private
-    try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+def usage() -> str:
+    # defaults as they are typed on the command line: text without quotes
+    shown = {name: '""' if d == "" else d if isinstance(d, str) else repr(d)
+             for name, (d, _) in OPTIONS.items()}
+    width = max(len(f"--{name}={value}") for name, value in shown.items())
+    lines = ["usage: python export.py OUT [--key=value ...]", "", __doc__.strip(), "", "options:"]
+    lines += [f"  {f'--{name}={shown[name]}':<{width}}  {text}" for name, (_, text) in OPTIONS.items()]
+    return "\n".join(lines)
 
 
-# ---------------------------------------------------------------- llama2.c model files
+def tokenizer_bin_path(model_path: str) -> str:
+    # out/model.bin -> out/model.tokenizer.bin: each model file has its own, whatever its vocabulary
+    return model_path.removesuffix(".bin") + ".tokenizer.bin"
 
 
-def _shared_classifier(state_dict) -> bool:
-    return "output.weight" not in state_dict or torch.equal(state_dict["output.weight"],
-                                                            state_dict["tok_embeddings.weight"])
-
-
-def _layer_names(args: ModelArgs, name: str) -> list[str]:
-    return [f"layers.{i}.{name}.weight" for i in range(args.n_layers)]
-
-
-def llama2c_layout(args: ModelArgs, version: int, shared: bool) -> list[tuple[str, tuple, str]]:
-    """The file's tensors in order: (state_dict name, shape, kind) with kind 'f32' or 'q8'.
-    The writer and the reader both walk this list, so they cannot disagree."""
-    head_dim, kv_dim = args.dim // args.n_heads, args.n_kv_heads * (args.dim // args.n_heads)
-    shape = {
-        "tok_embeddings": (args.vocab_size, args.dim), "attention_norm": (args.dim,), "ffn_norm": (args.dim,),
-        "attention.wq": (args.dim, args.dim), "attention.wk": (kv_dim, args.dim),
-        "attention.wv": (kv_dim, args.dim), "attention.wo": (args.dim, args.dim),
-        "feed_forward.w1": (args.hidden_dim, args.dim), "feed_forward.w2": (args.dim, args.hidden_dim),
-        "feed_forward.w3": (args.hidden_dim, args.dim), "norm": (args.dim,), "output": (args.vocab_size, args.dim),
-    }
-    matrices = ["attention.wq", "attention.wk", "attention.wv", "attention.wo",
-                "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"]
-
-    def entry(name, kind="f32"):
-        # "layers.3.attention.wq.weight" -> "attention.wq"; "norm.weight" -> "norm"
-        key = name.removesuffix(".weight")
-        key = key.split(".", 2)[2] if key.startswith("layers.") else key
-        return name, shape[key], kind
-
-    def per_layer(names, kind="f32"):
-        return [entry(n, kind) for name in names for n in _layer_names(args, name)]
-
-    classifier = [] if shared else ["output.weight"]
-    if version == 0:
-        return ([entry("tok_embeddings.weight")] + per_layer(["attention_norm"])
-                + per_layer(matrices[:4]) + per_layer(["ffn_norm"]) + per_layer(matrices[4:])
-                + [entry("norm.weight"), ("freqs_cos", (args.max_seq_len, head_dim // 2), "f32"),
-                   ("freqs_sin", (args.max_seq_len, head_dim // 2), "f32")]
-                + [entry(n) for n in classifier])
-    norms = per_layer(["attention_norm", "ffn_norm"]) + [entry("norm.weight")]
-    if version == 1:
-        return norms + [entry("tok_embeddings.weight")] + per_layer(matrices) + [entry(n) for n in classifier]
-    if version == 2:
-        return (norms + [entry("tok_embeddings.weight", "q8")] + per_layer(matrices, "q8")
-                + [entry(n, "q8") for n in classifier])
-    raise ExportError(f"unknown llama2.c version {version}: choose 0, 1 or 2")
-
-
-def check_group_size(args: ModelArgs, group_size: int) -> None:
-    # runq.c quantises each matmul's input in groups of group_size along the row (in_features):
-    # that is dim for every matrix except w2, whose rows are hidden_dim long
-    if group_size < 1 or args.dim % group_size or args.hidden_dim % group_size:
-        g = np.gcd(args.dim, args.hidden_dim)
-        best = max(d for d in range(1, min(max(group_size, 1), g) + 1) if g % d == 0)
-        raise ExportError(f"--group_size={group_size} must divide dim={args.dim} and hidden_dim={args.hidden_dim} "
-                          f"(every quantised row); try --group_size={best}")
-
-
-def default_group_size(args: ModelArgs, largest: int = 64) -> int:
-    # llama2.c halves 64 until it divides dim; we also need it to divide hidden_dim
-    group_size = largest
-    while args.dim % group_size or args.hidden_dim % group_size:
-        group_size //= 2
-    return group_size
-
-
-def quantize_q80(w: torch.Tensor, group_size: int):
-    # symmetric int8 per group of group_size consecutive values: w ~ q * scale, |q| <= 127
-    groups = w.float().reshape(-1, group_size)  # (numel / group_size, group_size)
-    scale = groups.abs().amax(dim=1) / 127.0
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero group stays zero, not NaN
-    q = torch.round(groups / safe[:, None]).to(torch.int8)
-    return q.flatten(), scale
-
-
-def dequantize_q80(q: torch.Tensor, scale: torch.Tensor, group_size: int) -> torch.Tensor:
-    return (q.float().reshape(-1, group_size) * scale[:, None]).flatten()
-
-
-def _check_runc_compatible(args: ModelArgs) -> None:
-    if args.rope_theta != RUNC_ROPE_THETA or args.norm_eps != RUNC_NORM_EPS:
-        raise ExportError(f"llama2.c's run.c hard-codes rope_theta={RUNC_ROPE_THETA:g} and norm_eps={RUNC_NORM_EPS:g}; "
-                          f"this model has rope_theta={args.rope_theta:g}, norm_eps={args.norm_eps:g} (use --format=hf)")
-
-
-def write_llama2c(path, model: Transformer, version: int = 0, group_size: int | None = None) -> dict:
-    """Writes model as a llama2.c file; returns {"bytes": size, "group_size", "max_quant_error"} (None, None
-    below version 2). Bad settings fail before any file is written."""
-    args = model.args
-    _check_runc_compatible(args)
-    state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
-    state["freqs_cos"], state["freqs_sin"] = precompute_rope(args.dim // args.n_heads, args.max_seq_len, args.rope_theta)
-    shared = _shared_classifier(state)
-    layout = llama2c_layout(args, version, shared)
-    if version == 2:
-        group_size = default_group_size(args) if group_size is None else group_size
-        check_group_size(args, group_size)
-    params = [args.dim, args.hidden_dim, args.n_layers, args.n_heads, args.n_kv_heads, args.vocab_size, args.max_seq_len]
-    max_err = 0.0
-    with atomic_write(path) as tmp, open(tmp, "wb") as f:
-        if version == 0:
-            params[5] = params[5] if shared else -params[5]
-            f.write(struct.pack("<7i", *params))
-        else:
-            header = struct.pack("<Ii7iB", MAGIC, version, *params, int(shared))
-            if version == 2:
-                header += struct.pack("<i", group_size)
-            f.write(header + b"\0" * (HEADER_BYTES - len(header)))
-        # progress bar on a terminal only: quantising a 110M model takes a while
-        for name, shape, kind in tqdm(layout, desc=f"writing {os.path.basename(path)}", unit=" tensors",
-                                      disable=None, leave=False):
-            t = state[name]
-            assert tuple(t.shape) == shape, (name, t.shape, shape)
-            if kind == "f32":
-                f.write(t.numpy().astype("<f4").tobytes())
-            else:
-                q, scale = quantize_q80(t, group_size)
-                max_err = max(max_err, (dequantize_q80(q, scale, group_size) - t.flatten()).abs().max().item())
-                f.write(q.numpy().tobytes())
-                f.write(scale.numpy().astype("<f4").tobytes())
-    return {"bytes": os.path.getsize(path), "group_size": group_size if version == 2 else None,
-            "max_quant_error": max_err if version == 2 else None}
-
-
-def read_llama2c_header(path) -> dict:
-    """{"version", "params": ModelArgs, "shared": bool, "group_size": int or None, "offset": first weight byte}"""
-    with open(path, "rb") as f:
-        head = f.read(HEADER_BYTES)
-    if len(head) < 28:
-        raise ExportError(f"{path} is too short to be a llama2.c model file")
-    (magic,) = struct.unpack_from("<I", head)
-    if magic == MAGIC:
-        if len(head) < HEADER_BYTES:
-            raise ExportError(f"{path}: truncated llama2.c header")
-        version, *params, shared = struct.unpack_from("<i7iB", head, 4)
-        if version not in (1, 2):
-            raise ExportError(f"{path}: llama2.c version {version} is not supported (0, 1 and 2 are)")
-        group_size = struct.unpack_from("<i", head, 37)[0] if version == 2 else None
-        offset, shared = HEADER_BYTES, bool(shared)
-    else:  # legacy: no magic, the sign of vocab_size says whether the classifier is shared
-        version, group_size, offset = 0, None, 28
-        params = list(struct.unpack_from("<7i", head))
-        shared, params[5] = params[5] > 0, abs(params[5])
-    if min(params) <= 0:
-        raise ExportError(f"{path} is not a llama2.c model file (header {params})")
-    dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, max_seq_len = params
-    try:
-        args = ModelArgs(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads, vocab_size=vocab_size,
-                         hidden_dim=hidden_dim, max_seq_len=max_seq_len, norm_eps=RUNC_NORM_EPS,
-                         rope_theta=RUNC_ROPE_THETA)
-    except (ValueError, ZeroDivisionError) as e:
-        raise ExportError(f"{path} is not a llama2.c model file (header {params}: {e})") from None
-    if version == 2:
-        check_group_size(args, group_size)
-    return {"version": version, "params": args, "shared": shared, "group_size": group_size, "offset": offset}
-
-
-def read_llama2c_tensors(path, header: dict) -> dict:
-    """name -> float32 tensor for every entry of the file's layout (int8 matrices dequantised)."""
-    args, version, gs = header["params"], header["version"], header["group_size"]
-    layout = llama2c_layout(args, version, header["shared"])
-    sizes = [int(np.prod(shape)) * (4 if kind == "f32" else 1) + (int(np.prod(shape)) // gs * 4 if kind == "q8" else 0)
-             for _, shape, kind in layout]
-    expected, actual = header["offset"] + sum(sizes), os.path.getsize(path)
-    if expected != actual:
-        raise ExportError(f"{path} is {actual} bytes but a version-{version} file with {asdict(args)} "
-                          f"takes {expected}: truncated, or not a llama2.c model file")
-    data = np.memmap(path, dtype=np.uint8, mode="r")
-    out, pos = {}, header["offset"]
-    for (name, shape, kind), size in zip(layout, sizes):
-        n = int(np.prod(shape))
-        if kind == "f32":
-            t = torch.from_numpy(np.frombuffer(data, dtype="<f4", count=n, offset=pos).astype(np.float32))
-        else:
-            q = torch.from_numpy(np.frombuffer(data, dtype=np.int8, count=n, offset=pos).copy())
-            scale = torch.from_numpy(np.frombuffer(data, dtype="<f4", count=n // gs, offset=pos + n).astype(np.float32))
-            t = dequantize_q80(q, scale, gs)
-        out[name] = t.reshape(shape)
-        pos += size
-    del data
-    return out
-
-
-def load_llama2c(path, device="cpu"):
-    """A llama2.c model file (version 0, 1 or 2; int8 is dequantised) -> (model, checkpoint dict)."""
-    header = read_llama2c_header(path)
-    if not header["shared"]:
-        raise ExportError(f"{path} has a separate classifier matrix; model.py ties it to the token embedding")
-    tensors = read_llama2c_tensors(path, header)
-    # run.c recomputes RoPE and ignores the stored tables (version 0); so do we
-    state = {k: v for k, v in tensors.items() if not k.startswith("freqs_")}
-    state["output.weight"] = state["tok_embeddings.weight"]
-    return _as_checkpoint(header["params"], state, device, tokenizer=None, llama2c_version=header["version"],
-                          source=os.path.abspath(path))
-
-
-def _as_checkpoint(args: ModelArgs, state: dict, device, **info):
-    # (model, checkpoint dict) as model.from_checkpoint returns them; strict: a missing tensor is an error
-    model = Transformer(args)
-    model.load_state_dict(state, strict=True)
-    return model.to(device), {"model": model.state_dict(), "model_args": asdict(args), **info}
-
-
-# ---------------------------------------------------------------- llama2.c tokenizer.bin
-
-
-def _sentencepiece(path):
-    import sentencepiece as spm
-
-    if not os.path.isfile(path):
-        raise ExportError(f"tokenizer not found: {path}")
-    return spm.SentencePieceProcessor(model_file=os.fspath(path))
-
-
-def tokenizer_bin_pieces(sp) -> list[tuple[bytes, float]]:
-    # run.c prints pieces as they are, so '▁' becomes a space; BOS/EOS get llama2.c's visible markers
-    pieces = []
-    for i in range(sp.vocab_size()):
-        piece = sp.id_to_piece(i)
-        if i == sp.bos_id():
-            piece = "\n<s>\n"
-        elif i == sp.eos_id():
-            piece = "\n</s>\n"
-        pieces.append((piece.replace("\u2581", " ").encode("utf-8"), sp.get_score(i)))
-    return pieces
-
-
-def write_tokenizer_bin(path, sp_model_path) -> int:
-    pieces = tokenizer_bin_pieces(_sentencepiece(sp_model_path))
-    with atomic_write(path) as tmp, open(tmp, "wb") as f:
-        f.write(struct.pack("<I", max(len(b) for b, _ in pieces)))
-        for b, score in pieces:
-            f.write(struct.pack("<fi", score, len(b)) + b)
-    return len(pieces)
-
-
-# ---------------------------------------------------------------- Hugging Face
-
-
-def _rope_permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    # Meta rotates interleaved pairs (0,1),(2,3)...; HF's rotate_half rotates (i, i + head_dim/2).
-    # Reordering each head's output rows [0,2,4,...,1,3,5,...] makes HF's rotation equal ours.
-    out, inp = w.shape
-    return w.view(n_heads, out // n_heads // 2, 2, inp).transpose(1, 2).reshape(out, inp)
-
-
-def _rope_unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    out, inp = w.shape
-    return w.view(n_heads, 2, out // n_heads // 2, inp).transpose(1, 2).reshape(out, inp)
-
-
-def hf_name_map(args: ModelArgs) -> list[tuple[str, str, int | None]]:
-    """(our name, HF name, heads to RoPE-permute or None): the one mapping both directions use.
-    wk is permuted with n_kv_heads, not n_heads (the GQA mistake of llama2.c #431)."""
-    names = [("tok_embeddings.weight", "model.embed_tokens.weight", None), ("norm.weight", "model.norm.weight", None),
-             ("output.weight", "lm_head.weight", None)]
-    per_layer = [("attention.wq", "self_attn.q_proj", args.n_heads), ("attention.wk", "self_attn.k_proj", args.n_kv_heads),
-                 ("attention.wv", "self_attn.v_proj", None), ("attention.wo", "self_attn.o_proj", None),
-                 ("feed_forward.w1", "mlp.gate_proj", None), ("feed_forward.w2", "mlp.down_proj", None),
-                 ("feed_forward.w3", "mlp.up_proj", None), ("attention_norm", "input_layernorm", None),
-                 ("ffn_norm", "post_attention_layernorm", None)]
-    for i in range(args.n_layers):
-        names += [(f"layers.{i}.{ours}.weight", f"model.layers.{i}.{theirs}.weight", heads)
-                  for ours, theirs, heads in per_layer]
-    return names
-
-
-def to_hf_state_dict(state_dict: dict, args: ModelArgs, tied: bool | None = None) -> dict:
-    # tied (default: detected): lm_head is left out, HF ties it to embed_tokens from config.json
-    tied = _shared_classifier(state_dict) if tied is None else tied
-    out = {}
-    for ours, theirs, heads in hf_name_map(args):
-        if ours == "output.weight" and tied:
-            continue
-        t = state_dict[ours]
-        out[theirs] = (_rope_permute(t, heads) if heads else t).contiguous()
-    return out
-
-
-def from_hf_state_dict(hf_state: dict, args: ModelArgs) -> dict:
-    out = {}
-    for ours, theirs, heads in hf_name_map(args):
-        if theirs not in hf_state:
-            continue  # a missing key is reported by load_state_dict(strict=True)
-        t = hf_state[theirs]
-        out[ours] = (_rope_unpermute(t, heads) if heads else t).contiguous()
-    out.setdefault("output.weight", out.get("tok_embeddings.weight"))  # tied: HF stores embed_tokens only
-    return out
-
-
-def hf_config(args: ModelArgs, bos_id=None, eos_id=None, dtype="float32", tied=True) -> dict:
-    return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "hidden_size": args.dim, "intermediate_size": args.hidden_dim, "num_hidden_layers": args.n_layers,
-        "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads,
-        "head_dim": args.dim // args.n_heads, "vocab_size": args.vocab_size,
-        "max_position_embeddings": args.max_seq_len, "rms_norm_eps": args.norm_eps, "hidden_act": "silu",
-        # transformers 5 reads rope_parameters, 4.x reads rope_theta
-        "rope_theta": args.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": args.rope_theta},
-        "tie_word_embeddings": tied, "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
-        "bos_token_id": bos_id, "eos_token_id": eos_id, "dtype": dtype, "torch_dtype": dtype, "use_cache": True,
-    }
-
-
-def hf_tokenizer_config(sp, max_seq_len: int) -> dict:
-    return {
-        "tokenizer_class": "LlamaTokenizer", "bos_token": sp.id_to_piece(sp.bos_id()),
-        "eos_token": sp.id_to_piece(sp.eos_id()) if sp.eos_id() >= 0 else None,
-        "unk_token": sp.id_to_piece(sp.unk_id()), "pad_token": None,
-        "add_bos_token": True, "add_eos_token": False, "legacy": True,
-        # keep decode exact: no " ," -> "," clean-up
-        "clean_up_tokenization_spaces": False, "model_max_length": max_seq_len,
-    }
-
-
-def write_hf(out_dir, model: Transformer, tokenizer_path=None, dtype="float32") -> list[str]:
-    from safetensors.torch import save_file  # test/export-only dependency
-
-    args = model.args
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    tied = _shared_classifier(state)
-    tensors = {k: v.to(runtime.DTYPES[dtype]).contiguous() for k, v in to_hf_state_dict(state, args, tied).items()}
-    os.makedirs(out_dir, exist_ok=True)
-    written = []
-
-    def out(name):
-        written.append(os.path.join(out_dir, name))
-        return written[-1]
-
-    with atomic_write(out("model.safetensors")) as tmp:
-        save_file(tensors, tmp, metadata={"format": "pt"})
-    bos = eos = None
-    if tokenizer_path:
-        sp = _sentencepiece(tokenizer_path)
-        bos, eos = sp.bos_id(), (sp.eos_id() if sp.eos_id() >= 0 else None)
-        with atomic_write(out("tokenizer.model")) as tmp:
-            shutil.copyfile(tokenizer_path, tmp)
-        with atomic_write(out("tokenizer_config.json")) as tmp, open(tmp, "w", encoding="utf-8") as f:
-            json.dump(hf_tokenizer_config(sp, args.max_seq_len), f, indent=2)
-    # last: a directory with a config is complete
-    with atomic_write(out("config.json")) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        json.dump(hf_config(args, bos, eos, dtype, tied), f, indent=2)
-    return written
-
-
-def load_hf(path, device="cpu"):
-    """A Hugging Face Llama directory (config.json + model.safetensors) -> (model, checkpoint dict)."""
-    from safetensors.torch import load_file
-
-    config_path, weights_path = os.path.join(path, "config.json"), os.path.join(path, "model.safetensors")
-    for p in (config_path, weights_path):
-        if not os.path.isfile(p):
-            raise ExportError(f"{p} not found (only single-file model.safetensors directories are read)")
-    with open(config_path, encoding="utf-8") as f:
-        c = json.load(f)
-    rope_theta = (c.get("rope_parameters") or {}).get("rope_theta", c.get("rope_theta", 10000.0))
-    args = ModelArgs(dim=c["hidden_size"], n_layers=c["num_hidden_layers"], n_heads=c["num_attention_heads"],
-                     n_kv_heads=c.get("num_key_value_heads"), vocab_size=c["vocab_size"],
-                     hidden_dim=c["intermediate_size"], max_seq_len=c.get("max_position_embeddings", 2048),
-                     norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=float(rope_theta))
-    if c.get("head_dim", args.dim // args.n_heads) != args.dim // args.n_heads:
-        raise ExportError(f"{config_path}: head_dim {c['head_dim']} != hidden_size / num_attention_heads")
-    state = from_hf_state_dict({k: v.float() for k, v in load_file(weights_path).items()}, args)
-    if not _shared_classifier(state):
-        raise ExportError(f"{path} has an untied lm_head; model.py ties it to the token embedding")
-    tokenizer = os.path.join(path, "tokenizer.model")
-    return _as_checkpoint(args, state, device, source=os.path.abspath(path),
-                          tokenizer=os.path.abspath(tokenizer) if os.path.isfile(tokenizer) else None)
-
-
-# ---------------------------------------------------------------- command line
-
-
-def run(out, cfg) -> list[str]:
+def check_options(cfg: dict) -> dict:
     fmt, version, group_size, dtype = cfg["format"], cfg["version"], cfg["group_size"], cfg["dtype"]
     if fmt not in ("llama2c", "hf", "pt"):
         raise ExportError(f"--format={fmt}: choose llama2c, hf or pt")
@@ -461,18 +75,29 @@ def run(out, cfg) -> list[str]:
         raise ExportError("--version applies to --format=llama2c only")
     version = 0 if version is None else version
     if version not in (0, 1, 2):
-        raise ExportError(f"--version={version}: choose 0 (run.c), 1 (float32, versioned header) or 2 (int8, runq.c)")
+        raise ExportError(f"--version={version}: choose 0 (run.c), 1 (float32, versioned header) or 2 "
+                          "(int8, runq.c)")
     if group_size is not None and not (fmt == "llama2c" and version == 2):
         raise ExportError("--group_size applies to --format=llama2c --version=2 only")
     if group_size is not None and not isinstance(group_size, int):
         raise ExportError(f"--group_size={group_size!r} must be an integer")
     if dtype is not None and fmt != "hf":
-        raise ExportError("--dtype applies to --format=hf only: llama2.c files are float32 (versions 0, 1) or "
-                          "int8 (version 2), and --format=pt keeps the checkpoint's weights")
+        raise ExportError("--dtype applies to --format=hf only: llama2.c files are float32 (versions 0, 1) "
+                          "or int8 (version 2), and --format=pt keeps the checkpoint's weights")
     dtype = dtype or "float32"
     if dtype not in runtime.DTYPES:
         raise ExportError(f"--dtype={dtype}: choose one of {', '.join(runtime.DTYPES)}")
+    return {**cfg, "version": version, "dtype": dtype}
 
+
+def run(out: str, cfg: dict) -> list[str]:
+    cfg = check_options(cfg)
+    fmt, version = cfg["format"], cfg["version"]
+    if fmt == "llama2c" and (os.path.isdir(out) or out.endswith("tokenizer.bin")):
+        raise ExportError(f"{out}: give a model file path such as out/model.bin (its tokenizer goes "
+                          "beside it)")
+    if fmt == "hf" and os.path.isfile(out):
+        raise ExportError(f"{out} is a file; --format=hf writes a directory")
     try:
         model, checkpoint = from_checkpoint(cfg["checkpoint"])  # .pt, llama2.c .bin or HF directory
     except FileNotFoundError:
@@ -483,61 +108,59 @@ def run(out, cfg) -> list[str]:
     if tokenizer:
         if not os.path.isfile(tokenizer):
             raise ExportError(f"tokenizer not found: {tokenizer} (pass --tokenizer=path/to/tokenizer.model)")
-        sp = _sentencepiece(tokenizer)
-        n = sp.vocab_size()
-        if n != model.args.vocab_size:
-            raise ExportError(f"tokenizer {tokenizer} has {n} tokens but the model has vocab_size="
-                              f"{model.args.vocab_size}: pass the tokenizer the model was trained with")
+        sp = load_sentencepiece(tokenizer)
+        if sp.vocab_size() != model.args.vocab_size:
+            raise ExportError(f"tokenizer {tokenizer} has {sp.vocab_size()} tokens but the model has "
+                              f"vocab_size={model.args.vocab_size}: pass the tokenizer the model was "
+                              "trained with")
     else:
         print(f"note: {cfg['checkpoint']} records no tokenizer; pass --tokenizer=PATH to export one too",
               file=sys.stderr)
 
     if fmt == "llama2c":
-        if os.path.isdir(out) or os.path.basename(out) == "tokenizer.bin":
-            raise ExportError(f"{out}: give a model file path such as out/model.bin (tokenizer.bin goes beside it)")
-        info = write_llama2c(out, model, version, group_size)
-        detail = (f", group size {info['group_size']}, max abs quantisation error {info['max_quant_error']:.2e}"
-                  if version == 2 else "")
+        info = write_llama2c(out, model, version, cfg["group_size"])
+        detail = (f", group size {info['group_size']}, max abs quantisation error "
+                  f"{info['max_quant_error']:.2e}" if version == 2 else "")
         print(f"wrote {out} (llama2.c version {version}, {info['bytes'] / 1e6:.1f} MB{detail})")
         written = [out]
         if tokenizer:
             if sp.bos_id() != 1:
                 print(f"warning: run.c assumes BOS=1, this tokenizer's BOS is {sp.bos_id()}", file=sys.stderr)
-            tok_path = os.path.join(os.path.dirname(os.path.abspath(out)), "tokenizer.bin")
-            write_tokenizer_bin(tok_path, tokenizer)
-            print(f"wrote {tok_path} ({sp.vocab_size()} tokens)")
-            written.append(tok_path)
+            written.append(tokenizer_bin_path(out))
+            write_tokenizer_bin(written[-1], tokenizer)
+            print(f"wrote {written[-1]} ({sp.vocab_size()} tokens, run.c's tokenizer format)")
+        if version not in RUNNERS:
+            print("version 1 is read by sample.py and train.py; llama2.c's run.c reads version 0 (on "
+                  "version 1 it stops with 'malloc failed!') and runq.c version 2")
+        else:
+            z = shlex.quote(written[-1]) if tokenizer else "TOKENIZER.bin  (export one with --tokenizer=PATH)"
+            program = RUNNERS[version]
+            print(f"run it with llama2.c's {program}.c: ./{program} {shlex.quote(out)} -z {z}")
         return written
     if fmt == "hf":
-        if os.path.isfile(out):
-            raise ExportError(f"{out} is a file; --format=hf writes a directory")
-        written = write_hf(out, model, tokenizer, dtype)
-        print(f"wrote {out}/ ({', '.join(os.path.basename(p) for p in written)}; {dtype})")
+        written = write_hf(out, model, tokenizer, cfg["dtype"])
+        print(f"wrote {out}/ ({', '.join(os.path.basename(p) for p in written)}; {cfg['dtype']})")
+        print(f"load it with transformers (pip install transformers safetensors protobuf sentencepiece): "
+              f"AutoModelForCausalLM.from_pretrained({out!r}), AutoTokenizer.from_pretrained({out!r})")
         return written
-    state = {"model": model.state_dict(), "model_args": asdict(model.args),
-             "tokenizer": os.path.abspath(tokenizer) if tokenizer else None}
-    with atomic_write(out) as tmp:
-        torch.save(state, tmp)
+    save_checkpoint(out, {"model": model.state_dict(), "model_args": asdict(model.args),
+                          "tokenizer": os.path.abspath(tokenizer) if tokenizer else None})
     print(f"wrote {out} (checkpoint for sample.py / fine-tuning)")
     return [out]
 
 
-DEFAULTS = {"checkpoint": "out/ckpt.pt", "format": "llama2c", "version": None, "group_size": None,
-            "dtype": None, "tokenizer": ""}
-
-
 def main(argv=None):
-    from configurator import ConfigError, parse_config
-
     argv = sys.argv[1:] if argv is None else argv
+    if "--help" in argv or "-h" in argv:
+        print(usage())
+        return
     outs = [a for a in argv if not a.startswith("-")]
     try:
         if len(outs) != 1:
-            raise ExportError("usage: python export.py OUT --checkpoint=out/ckpt.pt --format=llama2c|hf|pt "
-                              "[--version=0|1|2] [--group_size=N] [--dtype=float32] [--tokenizer=PATH]")
-        cfg = parse_config(DEFAULTS, [a for a in argv if a.startswith("-")])
-        run(outs[0], cfg)
-    except (ExportError, ConfigError, FileNotFoundError, ValueError) as e:
+            raise ExportError("usage: python export.py OUT [--key=value ...]; python export.py --help lists "
+                              "the options")
+        run(outs[0], parse_config(DEFAULTS, [a for a in argv if a.startswith("-")]))
+    except (ConfigError, FileNotFoundError, ValueError) as e:  # ExportError, CheckpointError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 

@@ -10,8 +10,6 @@ FeedForward, TransformerBlock, Transformer, then sampling and checkpoint loading
 """
 import inspect
 import math
-import os
-import pickle
 from dataclasses import dataclass, fields
 
 import torch
@@ -416,41 +414,3 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
     choice = torch.searchsorted(cdf, u)  # (B, 1)
     return (choice if index is None else index.gather(-1, choice)).squeeze(-1)
 
-
-def from_checkpoint(path, device="cpu"):
-    """Loads (model, checkpoint dict) from a train.py checkpoint (.pt), a llama2.c model file (.bin) or a
-    Hugging Face Llama directory (export.py --format=hf; its tokenizer.model, if any, is the checkpoint's
-    "tokenizer"). The one loader that train.py (resume), sample.py and export.py share."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        try:
-            from safetensors import SafetensorError  # export.load_hf reads model.safetensors with it
-        except ImportError as e:
-            raise ValueError(f"{path} is a directory: reading a Hugging Face model needs safetensors "
-                             "(pip install safetensors)") from e
-        import export  # the Hugging Face format lives with its writer
-
-        try:
-            return export.load_hf(path, device)
-        except (SafetensorError, KeyError) as e:  # a damaged model.safetensors, a config.json missing a field
-            raise ValueError(f"{path} is not a Hugging Face Llama directory ({type(e).__name__}: {e})") from e
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path}: train one with train.py, or pass --checkpoint=PATH")
-    if path.endswith(".bin"):
-        import export  # llama2.c's format lives with its writer
-
-        return export.load_llama2c(path, device)
-    # our own checkpoints hold the config, optimizer and RNG states: load only files you trust
-    try:
-        checkpoint = torch.load(path, map_location=device, weights_only=False)
-    except (pickle.UnpicklingError, EOFError, RuntimeError) as e:  # a text file, an empty or truncated copy
-        why = " ".join(str(e).split())  # torch's messages run over several lines
-        raise ValueError(f"{path} is not a checkpoint written by train.py ({type(e).__name__}: {why})") from e
-    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "model_args" not in checkpoint:
-        raise ValueError(f"{path} is not a checkpoint written by train.py (no 'model' / 'model_args')")
-    model = Transformer(ModelArgs.from_dict(checkpoint["model_args"]))
-    try:  # strict: a missing key is an error, not silently random weights
-        model.load_state_dict(checkpoint["model"], strict=True)
-    except RuntimeError as e:  # torch lists the missing / unexpected keys and wrong shapes over many lines
-        raise ValueError(f"{path} does not match its model_args: {' '.join(str(e).split())}") from e
-    return model.to(device), checkpoint

@@ -86,7 +86,7 @@ def read_prompt(cfg: dict) -> str:
 
 
 def load_model(path: str, device: str):
-    from model import from_checkpoint
+    from checkpoint import from_checkpoint
 
     try:
         return from_checkpoint(path, device)

@@ -44,8 +44,9 @@ import cpu_speedups as speedups  # the module; `cpu_speedups` below is the setti
 import runs
 import runtime
 import tinystories
+from checkpoint import from_checkpoint, save_checkpoint
 from configurator import ConfigError, format_config, parse_config
-from model import ModelArgs, Transformer, from_checkpoint
+from model import ModelArgs, Transformer
 
 # -----------------------------------------------------------------------------
 # defaults: the 15M model of llama2.c (config/train_15m.py sets them explicitly)
@@ -266,24 +267,6 @@ def resolve_peak_flops(setting, device_type: str):
         print0(f"warning: no bf16 peak known for {name!r}, so no MFU is shown; pass --peak_flops=FLOP/s "
                f"(its dense bf16 tensor-core peak, e.g. --peak_flops=312e12 for an A100)")
     return flops
-
-
-def save_checkpoint(path, obj) -> None:
-    # to a temporary file, flushed to disk, then renamed over the old one: os.replace is atomic, so a
-    # crash or a kill at any moment leaves either the previous checkpoint or the new one, never half of one
-    path = os.fspath(path)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
-        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def read_checkpoint(path: str, device: str) -> dict:

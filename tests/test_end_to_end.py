@@ -104,7 +104,7 @@ def test_download_to_export(tmp_path, http_server):
 
     # export to run.c's format and to Hugging Face; the exported .bin samples the same story
     run(ROOT / "export.py", "model.bin", f"--checkpoint={ckpt}", "--format=llama2c", "--version=1", cwd=work)
-    assert (work / "model.bin").is_file() and (work / "tokenizer.bin").is_file()
+    assert (work / "model.bin").is_file() and (work / "model.tokenizer.bin").is_file()
     run(ROOT / "export.py", "hf", f"--checkpoint={ckpt}", "--format=hf", cwd=work)
     assert {"config.json", "model.safetensors", "tokenizer.model"} <= {p.name for p in (work / "hf").iterdir()}
     from_bin = run(ROOT / "sample.py", "--checkpoint=model.bin", f"--tokenizer={work / data / 'tok320.model'}",

@@ -1,7 +1,7 @@
-"""export.py: llama2.c files (versions 0, 1, 2) and tokenizer.bin read back byte by byte, a run.c-style
-forward pass on the exported file, Hugging Face agreement (logits, greedy generation, tokenizer), and
-the command line. The helpers at the top (tiny tokenizer, tiny model, checkpoint) are shared with
-test_sample.py."""
+"""checkpoint.py's formats and export.py's command line: llama2.c files (versions 0, 1, 2) and
+tokenizer.bin read back byte by byte, a run.c-style forward pass on the exported file, Hugging Face
+agreement (logits, greedy generation and where it stops, tokenizer), and the command line. The
+helpers at the top (tiny tokenizer, tiny model, checkpoint) are shared with test_sample.py."""
 import dataclasses
 import json
 import os
@@ -15,9 +15,10 @@ import pytest
 import torch
 from fixture_corpus import make_stories
 
+import checkpoint
 import export
-from export import ExportError
-from model import ModelArgs, Transformer, from_checkpoint
+from checkpoint import CheckpointError, from_checkpoint
+from model import ModelArgs, Transformer
 
 ROOT = Path(__file__).resolve().parent.parent
 EXTRA_TEXT = ["Ünïcödé naïve café 😀 日本", "tabs\tand  double  spaces", "Tom said, \"Hi!\"\n\nThe end."]
@@ -84,9 +85,9 @@ TOKENS = torch.randint(0, 400, (2, 40), generator=torch.Generator().manual_seed(
 @pytest.mark.parametrize("version", [0, 1])
 def test_llama2c_float32_round_trip_is_exact(tmp_path, model, version):
     path = tmp_path / "model.bin"
-    export.write_llama2c(path, model, version)
-    loaded, checkpoint = export.load_llama2c(path)
-    assert checkpoint["tokenizer"] is None and checkpoint["llama2c_version"] == version
+    checkpoint.write_llama2c(path, model, version)
+    loaded, ckpt = from_checkpoint(path)
+    assert ckpt["tokenizer"] is None and ckpt["llama2c_version"] == version
     assert shape_of(loaded.args) == shape_of(model.args)
     for name, t in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], t), name
@@ -95,8 +96,8 @@ def test_llama2c_float32_round_trip_is_exact(tmp_path, model, version):
 
 def test_llama2c_int8_round_trip_within_quantisation_error(tmp_path, model):
     path = tmp_path / "model.bin"
-    info = export.write_llama2c(path, model, version=2, group_size=16)
-    loaded, _ = export.load_llama2c(path)
+    info = checkpoint.write_llama2c(path, model, version=2, group_size=16)
+    loaded, _ = from_checkpoint(path)
     state = loaded.state_dict()
     for name, t in model.state_dict().items():
         if t.dim() == 1:  # norms stay float32
@@ -116,18 +117,18 @@ def test_llama2c_int8_round_trip_within_quantisation_error(tmp_path, model):
 
 def test_quantize_q80_handles_zero_groups_and_exact_values():
     w = torch.cat([torch.zeros(8), torch.linspace(-127, 127, 8)])
-    q, scale = export.quantize_q80(w, 8)
+    q, scale = checkpoint.quantize_q80(w, 8)
     assert scale[0] == 0 and (q[:8] == 0).all()  # no NaN from 0 / 0
-    assert torch.equal(export.dequantize_q80(q, scale, 8), w.round())
+    assert torch.equal(checkpoint.dequantize_q80(q, scale, 8), w.round())
 
 
 def test_headers_byte_by_byte(tmp_path, model):
     a = model.args
     params = (a.dim, a.hidden_dim, a.n_layers, a.n_heads, a.n_kv_heads, a.vocab_size, a.max_seq_len)
-    export.write_llama2c(tmp_path / "v0.bin", model, 0)
+    checkpoint.write_llama2c(tmp_path / "v0.bin", model, 0)
     assert struct.unpack("<7i", (tmp_path / "v0.bin").read_bytes()[:28]) == params
     for version in (1, 2):
-        export.write_llama2c(tmp_path / "v.bin", model, version, group_size=16)
+        checkpoint.write_llama2c(tmp_path / "v.bin", model, version, group_size=16)
         head = (tmp_path / "v.bin").read_bytes()[:256]
         assert struct.unpack_from("<I", head)[0] == 0x616B3432 and head[:4] == b"24ka"
         assert struct.unpack_from("<i7iB", head, 4) == (version, *params, 1)  # shared classifier
@@ -141,18 +142,18 @@ def test_headers_byte_by_byte(tmp_path, model):
 def test_untied_classifier_marked_in_header_and_refused_on_load(tmp_path):
     model = tiny_model()
     model.output.weight = torch.nn.Parameter(torch.randn_like(model.output.weight))  # untie
-    export.write_llama2c(tmp_path / "v0.bin", model, 0)
+    checkpoint.write_llama2c(tmp_path / "v0.bin", model, 0)
     assert struct.unpack("<7i", (tmp_path / "v0.bin").read_bytes()[:28])[5] == -model.args.vocab_size
-    header = export.read_llama2c_header(tmp_path / "v0.bin")
+    header = checkpoint.read_llama2c_header(tmp_path / "v0.bin")
     assert not header["shared"]
-    tensors = export.read_llama2c_tensors(tmp_path / "v0.bin", header)
+    tensors = checkpoint.read_llama2c_tensors(tmp_path / "v0.bin", header)
     assert torch.equal(tensors["output.weight"], model.output.weight.detach())
-    with pytest.raises(ExportError, match="separate classifier"):
-        export.load_llama2c(tmp_path / "v0.bin")
+    with pytest.raises(CheckpointError, match="separate classifier"):
+        from_checkpoint(tmp_path / "v0.bin")
 
 
 def read_v0_by_hand(path):
-    # llama2.c's legacy layout, written out here independently of export.llama2c_layout
+    # llama2.c's legacy layout, written out here independently of checkpoint.llama2c_layout
     dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len = np.fromfile(path, dtype="<i4", count=7).tolist()
     data, pos = np.fromfile(path, dtype="<f4", offset=28), 0
     head, kv_dim = dim // n_heads, n_kv * dim // n_heads
@@ -220,7 +221,7 @@ def runc_generate(w, p, prompt, steps):
 
 def test_version0_matches_runc_forward_greedy(tmp_path, model):
     # the issue's "greedy run.c output equals sample.py's", with run.c's algorithm in numpy
-    export.write_llama2c(tmp_path / "model.bin", model, 0)
+    checkpoint.write_llama2c(tmp_path / "model.bin", model, 0)
     params, w = read_v0_by_hand(tmp_path / "model.bin")
     a = model.args
     assert params == (a.dim, a.hidden_dim, a.n_layers, a.n_heads, a.n_kv_heads, a.vocab_size, a.max_seq_len)
@@ -239,43 +240,43 @@ def test_group_size_must_divide_hidden_dim(tmp_path):
     # the 260K shape: dim 64 is a multiple of 64 but hidden_dim 172 is not (llama2.c exported it anyway)
     model = tiny_model(vocab_size=512, dim=64, n_heads=8, n_kv_heads=4, multiple_of=4, std=0.02)
     assert model.args.hidden_dim == 172
-    with pytest.raises(ExportError, match=r"hidden_dim=172.*--group_size=4"):
-        export.write_llama2c(tmp_path / "q.bin", model, version=2, group_size=64)
+    with pytest.raises(CheckpointError, match=r"hidden_dim=172.*--group_size=4"):
+        checkpoint.write_llama2c(tmp_path / "q.bin", model, version=2, group_size=64)
     assert not any(tmp_path.iterdir())  # nothing written, not even a temporary file
-    export.write_llama2c(tmp_path / "q.bin", model, version=2, group_size=4)
-    assert export.read_llama2c_header(tmp_path / "q.bin")["group_size"] == 4
+    checkpoint.write_llama2c(tmp_path / "q.bin", model, version=2, group_size=4)
+    assert checkpoint.read_llama2c_header(tmp_path / "q.bin")["group_size"] == 4
 
 
 def test_default_group_size_divides_both():
     # llama2.c's 64 halved until it fits: 15M (288, 768) -> 32; 260K (64, 172) -> 4; 110M (768, 2048) -> 64
     for dim, hidden, expected in ((288, 768, 32), (64, 172, 4), (768, 2048, 64)):
         args = ModelArgs(dim=dim, hidden_dim=hidden, n_heads=8 if dim == 64 else 6, vocab_size=512)
-        assert export.default_group_size(args) == expected
+        assert checkpoint.default_group_size(args) == expected
 
 
 def test_truncated_file_is_a_clear_error(tmp_path, model):
     path = tmp_path / "model.bin"
-    export.write_llama2c(path, model, 1)
+    checkpoint.write_llama2c(path, model, 1)
     path.write_bytes(path.read_bytes()[:-10])
-    with pytest.raises(ExportError, match="truncated"):
-        export.load_llama2c(path)
+    with pytest.raises(CheckpointError, match="truncated"):
+        from_checkpoint(path)
 
 
 def test_from_checkpoint_reads_bin(tmp_path, model):
-    export.write_llama2c(tmp_path / "model.bin", model, 0)
-    loaded, checkpoint = from_checkpoint(tmp_path / "model.bin")
-    assert checkpoint["tokenizer"] is None and shape_of(ModelArgs(**checkpoint["model_args"])) == shape_of(model.args)
+    checkpoint.write_llama2c(tmp_path / "model.bin", model, 0)
+    loaded, ckpt = from_checkpoint(tmp_path / "model.bin")
+    assert ckpt["tokenizer"] is None and shape_of(ModelArgs(**ckpt["model_args"])) == shape_of(model.args)
     assert torch.equal(logits_of(loaded, TOKENS), logits_of(model, TOKENS))
 
 
 def test_atomic_write_keeps_the_old_file_on_error(tmp_path):
     path = tmp_path / "out.bin"
     path.write_bytes(b"old")
-    with pytest.raises(RuntimeError), export.atomic_write(path) as tmp, open(tmp, "wb") as f:
+    with pytest.raises(RuntimeError), checkpoint.atomic_write(path) as tmp, open(tmp, "wb") as f:
         f.write(b"new, half written")
         raise RuntimeError("crash")
     assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["out.bin"]
-    with export.atomic_write(path) as tmp, open(tmp, "wb") as f:
+    with checkpoint.atomic_write(path) as tmp, open(tmp, "wb") as f:
         f.write(b"new")
     umask = os.umask(0)
     os.umask(umask)
@@ -314,7 +315,7 @@ def check_tokenizer_bin(tmp_path, sp_path, texts):
     import sentencepiece as spm
 
     sp = spm.SentencePieceProcessor(model_file=str(sp_path))
-    export.write_tokenizer_bin(tmp_path / "tokenizer.bin", sp_path)
+    checkpoint.write_tokenizer_bin(tmp_path / "tokenizer.bin", sp_path)
     max_len, pieces = read_tokenizer_bin(tmp_path / "tokenizer.bin", sp.vocab_size())
     assert max_len == max(len(b) for b, _ in pieces)
     for i, (b, score) in enumerate(pieces):
@@ -339,14 +340,17 @@ def test_tokenizer_bin_llama2(tmp_path, llama2_tokenizer):
 
 @pytest.fixture(scope="module")
 def transformers():
-    return pytest.importorskip("transformers")
+    # requirements-dev.txt installs transformers, safetensors and protobuf: missing, these tests fail, not skip
+    import transformers
+
+    return transformers
 
 
 def test_rope_permutation_inverts():
     w = torch.randn(6 * 8, 20)
     for heads in (6, 3, 1):
-        assert torch.equal(export._rope_unpermute(export._rope_permute(w, heads), heads), w)
-    assert not torch.equal(export._rope_permute(w, 6), w)
+        assert torch.equal(checkpoint._rope_unpermute(checkpoint._rope_permute(w, heads), heads), w)
+    assert not torch.equal(checkpoint._rope_permute(w, 6), w)
 
 
 def to_hf_model(model: Transformer):
@@ -354,16 +358,16 @@ def to_hf_model(model: Transformer):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     state = {k: v.detach().cpu().float() for k, v in model.state_dict().items()}
-    config = {k: v for k, v in export.hf_config(model.args).items()
+    config = {k: v for k, v in checkpoint.hf_config(model.args).items()
               if k not in ("architectures", "model_type", "dtype", "torch_dtype", "rope_theta")}
     hf = LlamaForCausalLM(LlamaConfig(**config, attn_implementation="eager"))
-    hf.load_state_dict(export.to_hf_state_dict(state, model.args, tied=False), strict=True)  # lm_head explicit
+    hf.load_state_dict(checkpoint.to_hf_state_dict(state, model.args, tied=False), strict=True)  # lm_head explicit
     return hf.eval()
 
 
 @pytest.mark.slow
 def test_hf_logits_and_greedy_generation_match(tmp_path, model, transformers, sp_model):
-    export.write_hf(tmp_path, model, sp_model)
+    checkpoint.write_hf(tmp_path, model, sp_model)
     hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path, local_files_only=True,
                                                        attn_implementation="eager").eval()
     assert hf.config.num_key_value_heads == model.args.n_kv_heads
@@ -378,34 +382,63 @@ def test_hf_logits_and_greedy_generation_match(tmp_path, model, transformers, sp
     with torch.no_grad():
         assert (to_hf_model(model)(TOKENS).logits - ref).abs().max() < 1e-4
         # and the test can tell: without the RoPE permutation the logits are far off
-        unpermuted = {theirs: model.state_dict()[ours] for ours, theirs, _ in export.hf_name_map(model.args)}
+        unpermuted = {theirs: model.state_dict()[ours] for ours, theirs, _ in checkpoint.hf_name_map(model.args)}
         hf.load_state_dict(unpermuted, strict=True)
         assert (hf(TOKENS).logits - ref).abs().max() > 0.1
 
 
 def test_hf_round_trip_and_dtype(tmp_path, model, transformers):
-    export.write_hf(tmp_path / "f32", model)
-    loaded, checkpoint = export.load_hf(tmp_path / "f32")
-    assert shape_of(loaded.args) == shape_of(model.args) and checkpoint["tokenizer"] is None
+    checkpoint.write_hf(tmp_path / "f32", model)
+    loaded, ckpt = from_checkpoint(tmp_path / "f32")
+    assert shape_of(loaded.args) == shape_of(model.args) and ckpt["tokenizer"] is None
     for name, t in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], t), name
     from safetensors import safe_open
 
-    export.write_hf(tmp_path / "bf16", model, dtype="bfloat16")
+    checkpoint.write_hf(tmp_path / "bf16", model, dtype="bfloat16")
     with safe_open(tmp_path / "bf16" / "model.safetensors", "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
         assert "lm_head.weight" not in f.keys()  # tied
     config = json.loads((tmp_path / "bf16" / "config.json").read_text(encoding="utf-8"))
     assert config["dtype"] == "bfloat16" and config["tie_word_embeddings"] is True
-    loaded, _ = export.load_hf(tmp_path / "bf16")
+    loaded, _ = from_checkpoint(tmp_path / "bf16")
     assert torch.equal(loaded.state_dict()["norm.weight"], model.norm.weight.detach().bfloat16().float())
 
 
+def test_hf_generate_stops_at_bos_or_eos(tmp_path, sp_model, transformers):
+    # a TinyStories model ends a story by emitting BOS (the shards separate stories with it); make the
+    # greedy continuation do that mid-way: BOS's (tied) row becomes a slightly longer copy of token x's,
+    # so wherever x would win, BOS wins instead
+    model, prompt = tiny_model(), TOKENS[:1, :5]
+    assert not {1, 2} & set(prompt[0].tolist())  # BOS=1, EOS=2 in the test tokenizer
+    free = model.generate(prompt, 30, temperature=0.0)[0, 5:].tolist()
+    x = next(t for i, t in enumerate(free) if i >= 3 and t not in free[:i] and t not in (1, 2))
+    with torch.no_grad():
+        model.tok_embeddings.weight[1] = 1.05 * model.tok_embeddings.weight[x]
+    ours = model.generate(prompt, 30, temperature=0.0)[0].tolist()
+    ends = 5 + min(i for i, t in enumerate(ours[5:]) if t in (1, 2)) + 1
+    assert 5 + 3 <= ends < len(ours) and ours[ends - 1] == 1  # a few tokens, then BOS, then more
+
+    checkpoint.write_hf(tmp_path, model, sp_model)
+    for name in ("config.json", "generation_config.json"):
+        config = json.loads((tmp_path / name).read_text(encoding="utf-8"))
+        assert config["eos_token_id"] == [2, 1] and config["bos_token_id"] == 1, name
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path, local_files_only=True,
+                                                       attn_implementation="eager").eval()
+    with torch.no_grad():
+        stopped = hf.generate(prompt, max_new_tokens=30, do_sample=False)
+        # and the test can tell: stopping at EOS only, generation runs on past the BOS
+        eos_only = hf.generate(prompt, max_new_tokens=30, do_sample=False, eos_token_id=2, pad_token_id=0)
+    assert stopped[0].tolist() == ours[:ends]
+    assert eos_only[0].tolist() == ours
+
+
 def check_hf_tokenizer(tmp_path, sp_path, transformers, vocab_size):
+    import google.protobuf  # noqa: F401  AutoTokenizer needs it; without, transformers asks for tiktoken instead
     import sentencepiece as spm
 
-    export.write_hf(tmp_path, tiny_model(vocab_size=vocab_size, dim=16, n_heads=2, n_kv_heads=1, n_layers=1),
-                    sp_path)
+    checkpoint.write_hf(tmp_path, tiny_model(vocab_size=vocab_size, dim=16, n_heads=2, n_kv_heads=1, n_layers=1),
+                        sp_path)
     sp = spm.SentencePieceProcessor(model_file=str(sp_path))
     # ordinary story text (single spaces; transformers' converted tokenizer differs from
     # sentencepiece on runs of spaces, a transformers matter)
@@ -420,12 +453,10 @@ def check_hf_tokenizer(tmp_path, sp_path, transformers, vocab_size):
 
 
 def test_hf_tokenizer_loads_offline_and_encodes_like_sentencepiece(tmp_path, sp_model, transformers):
-    pytest.importorskip("google.protobuf", reason="transformers needs protobuf to read a sentencepiece model")
     check_hf_tokenizer(tmp_path, sp_model, transformers, 400)
 
 
 def test_hf_tokenizer_llama2(tmp_path, llama2_tokenizer, transformers):
-    pytest.importorskip("google.protobuf", reason="transformers needs protobuf to read a sentencepiece model")
     check_hf_tokenizer(tmp_path, llama2_tokenizer, transformers, 32000)
 
 
@@ -442,24 +473,31 @@ def run_cli(capsys, *argv):
 def test_cli_writes_every_format(tmp_path, sp_model, capsys):
     model = tiny_model()
     ckpt = save_checkpoint(tmp_path / "ckpt.pt", model, sp_model)
-    for version in (0, 1, 2):
-        export.main([str(tmp_path / f"v{version}" / "model.bin"), f"--checkpoint={ckpt}", f"--version={version}"]
+    runs = {0: "./run", 1: None, 2: "./runq"}  # which llama2.c program reads each version
+    for version, program in runs.items():
+        out = tmp_path / f"v{version}" / "model.bin"
+        export.main([str(out), f"--checkpoint={ckpt}", f"--version={version}"]
                     + (["--group_size=16"] if version == 2 else []))
-        assert sorted(os.listdir(tmp_path / f"v{version}")) == ["model.bin", "tokenizer.bin"]
-        assert export.read_llama2c_header(tmp_path / f"v{version}" / "model.bin")["version"] == version
+        assert sorted(os.listdir(out.parent)) == ["model.bin", "model.tokenizer.bin"]
+        assert checkpoint.read_llama2c_header(out)["version"] == version
+        printed = capsys.readouterr().out
+        assert f"llama2.c version {version}" in printed and ("quantisation error" in printed) == (version == 2)
+        if program:  # the command that runs it, with the tokenizer written beside it
+            assert f"{program} {out} -z {out.parent / 'model.tokenizer.bin'}\n" in printed, printed
+        else:
+            assert "run.c reads version 0" in printed and "malloc failed!" in printed, printed
     export.main([str(tmp_path / "hf"), f"--checkpoint={ckpt}", "--format=hf", "--dtype=float16"])
-    assert sorted(os.listdir(tmp_path / "hf")) == ["config.json", "model.safetensors", "tokenizer.model",
-                                                   "tokenizer_config.json"]
+    assert sorted(os.listdir(tmp_path / "hf")) == ["config.json", "generation_config.json", "model.safetensors",
+                                                   "tokenizer.model", "tokenizer_config.json"]
+    assert "pip install transformers safetensors protobuf sentencepiece" in capsys.readouterr().out
     # import: a llama2.c file plus its tokenizer -> our checkpoint, and an HF directory -> our checkpoint
     export.main([str(tmp_path / "from_bin.pt"), f"--checkpoint={tmp_path / 'v0' / 'model.bin'}", "--format=pt",
                  f"--tokenizer={sp_model}"])
     export.main([str(tmp_path / "from_hf.pt"), f"--checkpoint={tmp_path / 'hf'}", "--format=pt"])
     for name in ("from_bin.pt", "from_hf.pt"):
-        loaded, checkpoint = from_checkpoint(tmp_path / name)
-        assert Path(checkpoint["tokenizer"]).read_bytes() == sp_model.read_bytes()
+        loaded, ckpt = from_checkpoint(tmp_path / name)
+        assert Path(ckpt["tokenizer"]).read_bytes() == sp_model.read_bytes()
     assert torch.equal(from_checkpoint(tmp_path / "from_bin.pt")[0].norm.weight, model.norm.weight)
-    out = capsys.readouterr().out
-    assert "llama2.c version 2" in out and "quantisation error" in out
 
 
 @pytest.mark.parametrize("args, message", [
@@ -488,6 +526,28 @@ def test_cli_vocab_mismatch_and_usage(tmp_path, sp_model, capsys):
     assert code == 1 and "has 400 tokens but the model has vocab_size=500" in err
     code, _, err = run_cli(capsys, f"--checkpoint={ckpt}")
     assert code == 1 and err.startswith("error: usage: python export.py OUT")
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_cli_help_lists_every_option_with_its_default(tmp_path, capsys, flag):
+    export.main(["model.bin", flag])  # returns: exit status 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python export.py OUT") and "run.c reads version 0" in out
+    for name, (default, text) in export.OPTIONS.items():
+        shown = '""' if default == "" else default if isinstance(default, str) else repr(default)
+        assert f"  --{name}={shown} " in out and text in out, name
+    assert not (tmp_path / "model.bin").exists()
+
+
+def test_cli_exports_with_two_vocabularies_share_a_folder(tmp_path, sp_model, capsys):
+    # each model file gets its own tokenizer: the second export does not overwrite the first's
+    small_sp = train_tokenizer(tmp_path, vocab_size=360)
+    for name, vocab_size, sp_path in (("a", 400, sp_model), ("b", 360, small_sp)):
+        ckpt = save_checkpoint(tmp_path / f"{name}.pt", tiny_model(vocab_size=vocab_size), sp_path)
+        export.main([str(tmp_path / "out" / f"{name}.bin"), f"--checkpoint={ckpt}"])
+    assert sorted(os.listdir(tmp_path / "out")) == ["a.bin", "a.tokenizer.bin", "b.bin", "b.tokenizer.bin"]
+    for name, vocab_size in (("a", 400), ("b", 360)):  # read_tokenizer_bin checks the file holds exactly these
+        assert len(read_tokenizer_bin(tmp_path / "out" / f"{name}.tokenizer.bin", vocab_size)[1]) == vocab_size
 
 
 def test_cli_unreadable_checkpoint_is_one_line(tmp_path, capsys):

@@ -9,13 +9,13 @@ import pytest
 import torch
 
 import model
+from checkpoint import from_checkpoint
 from model import (
     ModelArgs,
     Transformer,
     apply_rope,
     causal_attention_in_blocks,
     filter_logits,
-    from_checkpoint,
     precompute_rope,
     sample_next,
 )

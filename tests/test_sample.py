@@ -10,9 +10,9 @@ import pytest
 import torch
 from test_export import save_checkpoint, tiny_model, train_tokenizer
 
-import export
 import sample
-from model import filter_logits, from_checkpoint, sample_next
+from checkpoint import from_checkpoint, write_hf, write_llama2c
+from model import filter_logits, sample_next
 from tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -156,7 +156,7 @@ def test_greedy_output_equals_model_generate(ckpt, sp_model, capsys, tmp_path):
                               "--max_new_tokens=20")
     assert code == 0 and out == expected and "tokens/s" in err
     # a llama2.c file of the same model, with the tokenizer given, samples the same
-    export.write_llama2c(tmp_path / "model.bin", model, 0)
+    write_llama2c(tmp_path / "model.bin", model, 0)
     code, out, _ = run_main(capsys, f"--checkpoint={tmp_path / 'model.bin'}", f"--tokenizer={sp_model}",
                             "--prompt=Once upon a time", "--temperature=0", "--max_new_tokens=20")
     assert code == 0 and out == expected
@@ -170,7 +170,7 @@ def test_greedy_output_equals_model_generate(ckpt, sp_model, capsys, tmp_path):
 def test_hugging_face_directory_loads_and_samples(sp_model, capsys, tmp_path):
     # export.py --format=hf's directory is a checkpoint too: same weights, its own tokenizer.model
     model = tiny_model()
-    export.write_hf(tmp_path / "hf", model, sp_model)
+    write_hf(tmp_path / "hf", model, sp_model)
     loaded, checkpoint = from_checkpoint(tmp_path / "hf")
     assert dataclasses.replace(loaded.args, multiple_of=1) == dataclasses.replace(model.args, multiple_of=1)
     assert checkpoint["tokenizer"] == str((tmp_path / "hf" / "tokenizer.model").resolve())
@@ -227,7 +227,7 @@ def test_llama2_vocabulary(llama2_tokenizer, tmp_path, capsys):
 def bad_inputs(tmp_path_factory, sp_model):
     d = tmp_path_factory.mktemp("bad")
     model = tiny_model()
-    export.write_llama2c(d / "model.bin", model, 0)
+    write_llama2c(d / "model.bin", model, 0)
     return {
         "ckpt": save_checkpoint(d / "ckpt.pt", model, sp_model),
         "lost_tokenizer": save_checkpoint(d / "lost.pt", model, d / "moved" / "tok.model"),
@@ -241,7 +241,7 @@ def bad_inputs(tmp_path_factory, sp_model):
 
 
 def damaged_hf(d: Path, model) -> Path:
-    export.write_hf(d, model)
+    write_hf(d, model)
     (d / "model.safetensors").write_bytes(b"not safetensors")
     return d
 

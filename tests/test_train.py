@@ -14,11 +14,11 @@ import pytest
 import torch
 from fixture_corpus import make_stories, write_endoftext
 
-import export
 import tinystories
 import train
+from checkpoint import from_checkpoint, write_llama2c
 from configurator import ConfigError, parse_config
-from model import ModelArgs, Transformer, from_checkpoint
+from model import ModelArgs, Transformer
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = str(ROOT / "train.py")
@@ -338,7 +338,7 @@ def test_finetune_from_a_llama2c_file(short_run, data_dir, tmp_path):
     # the weights carry over (the loss starts where the source model is, not at ln(512) = 6.2) and the
     # shape comes from the file, whatever the config says
     source = tmp_path / "source.bin"
-    export.write_llama2c(source, from_checkpoint(short_run[0] / "ckpt.pt")[0])
+    write_llama2c(source, from_checkpoint(short_run[0] / "ckpt.pt")[0])
     _, source_evals = read_metrics(short_run[0])
     out = tmp_path / "ft"
     result = ok(run_train([f"--init_from={source}", "--dim=64", "--max_iters=8", "--eval_interval=4"], data_dir, out))
@@ -355,7 +355,7 @@ def test_finetune_from_a_llama2c_file(short_run, data_dir, tmp_path):
 def test_finetune_vocab_mismatch_names_the_data_it_needs(data_dir, tmp_path):
     # a llama2.c file with the Llama 2 vocabulary against data in a 512-token one
     path = tmp_path / "stories.bin"
-    export.write_llama2c(path, Transformer(ModelArgs(dim=32, n_layers=1, n_heads=4, vocab_size=32000, max_seq_len=32)))
+    write_llama2c(path, Transformer(ModelArgs(dim=32, n_layers=1, n_heads=4, vocab_size=32000, max_seq_len=32)))
     message = main_error(TINY + [f"--init_from={path}", f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'o'}"])
     assert f"{path} has a 32000-token vocabulary but the data in" in message and "with 512 tokens" in message
     assert "--vocab_source=llama2 --vocab_size=32000" in message
