@@ -12,6 +12,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 from datetime import datetime, timezone
 
 import numpy as np
@@ -102,3 +103,61 @@ class WandbLogger:
     def _disable(self, e: Exception) -> None:
         self.say(f"warning: wandb disabled ({type(e).__name__}: {e}); training continues")
         self.run = None
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+class Progress:
+    """The run's clock: wall time since the run began (across resumes), and the time per iteration that
+    predicts the time left. The first step of a process (torch.compile, warm-up), evals and checkpoints
+    stay out of the time per iteration; evals are counted in the time left by their own last duration."""
+
+    SMOOTHING = 0.7  # weight of the previous estimate at each log line
+
+    def __init__(self, eval_interval: int, elapsed_before: float = 0.0):
+        self.eval_interval, self.elapsed_before = eval_interval, elapsed_before
+        self.start = self.window_start = time.perf_counter()
+        self.window_iters = 0
+        self.first_step_s = None  # seconds, once the first step is done
+        self.s_per_iter = None
+        self.eval_s = 0.0
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.start
+
+    def step_done(self) -> None:
+        if self.first_step_s is None:
+            now = time.perf_counter()
+            self.first_step_s, self.window_start = now - self.window_start, now
+            return
+        self.window_iters += 1
+
+    def window(self) -> float | None:
+        """Seconds per iteration since the previous call (None right after the first step), and a new window."""
+        now = time.perf_counter()
+        dt = (now - self.window_start) / self.window_iters if self.window_iters else None
+        if dt is not None:
+            self.s_per_iter = dt if self.s_per_iter is None else \
+                self.SMOOTHING * self.s_per_iter + (1 - self.SMOOTHING) * dt
+        self.window_start, self.window_iters = now, 0
+        return dt
+
+    def not_timed(self, seconds: float, evaluation: bool = False) -> None:
+        # an eval or a checkpoint took `seconds`: leave them out of the time per iteration
+        self.window_start += seconds
+        if evaluation:
+            self.eval_s = seconds
+
+    def left(self, iter_num: int, max_iters: int) -> float | None:
+        if self.s_per_iter is None:
+            return None
+        remaining = max_iters - iter_num
+        evals = remaining // self.eval_interval + (remaining % self.eval_interval > 0)
+        return remaining * self.s_per_iter + evals * self.eval_s

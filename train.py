@@ -55,7 +55,7 @@ out_dir = "out"
 data_dir = "data"
 dataset = "tinystories"  # or the NAME of `python tinystories.py prepare --name NAME`
 eval_interval = 2000  # iterations between evals (and checkpoints)
-log_interval = 1
+log_interval: int | None = None  # iterations per log line; None: 1 on a CPU, 10 on a GPU (each log line waits for it)
 eval_iters = 100  # batches per split per process at each eval
 eval_only = False  # evaluate once (the checkpoint when resuming) and exit
 always_save_checkpoint = False  # False: save at an eval only when val loss improves (and always at the end)
@@ -160,6 +160,10 @@ def resolve_config(config: dict) -> dict:
     for key in at_least_one:
         if c[key] is not None and c[key] < 1:
             raise ConfigError(f"{key}={c[key]} must be at least 1")
+    c["device"] = runtime.resolve_device(c["device"])
+    c["dtype"] = runtime.resolve_dtype(c["dtype"], c["device"])
+    if c["log_interval"] is None:
+        c["log_interval"] = 1 if c["device"] == "cpu" else 10
     for key in ("max_iters", "warmup_iters", "num_workers"):
         if c[key] < 0:
             raise ConfigError(f"{key}={c[key]} must not be negative")
@@ -176,8 +180,6 @@ def resolve_config(config: dict) -> dict:
                           f"lower --warmup_iters or raise --lr_decay_iters")
     if c["lr_decay_iters"] is None:
         c["lr_decay_iters"] = c["max_iters"]
-    c["device"] = runtime.resolve_device(c["device"])
-    c["dtype"] = runtime.resolve_dtype(c["dtype"], c["device"])
     try:
         ModelArgs.from_dict(c)  # invalid shapes fail here, before any data is read
     except ValueError as e:
@@ -417,8 +419,10 @@ def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str)
     loader = tinystories.BatchLoader(shard_dir, "train", c["batch_size"], c["max_seq_len"], c["seed"], rank=rank,
                                      world_size=world_size, device=device, num_workers=c["num_workers"])
     iter_num, tokens_seen, best_val_loss, last_saved, rng_to_restore = 0, 0, float("inf"), None, None
+    progress = runs.Progress(c["eval_interval"])
     if resume:
         iter_num, tokens_seen = checkpoint["iter_num"], checkpoint["tokens_seen"]
+        progress.elapsed_before = checkpoint.get("elapsed_s", 0.0)
         best_val_loss, last_saved = checkpoint["best_val_loss"], iter_num
         optimizer.load_state_dict(checkpoint["optimizer"])
         if scaler.is_enabled() and checkpoint["scaler"]:  # a bf16 or float32 run saved an empty state
@@ -482,7 +486,6 @@ def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str)
     if rng_to_restore is not None:
         runs.set_rng_state(rng_to_restore)  # last, so that nothing above draws from the restored streams
 
-    t_window, iters_in_window = time.perf_counter(), 0  # timing excludes evals and checkpoints
     while iter_num < c["max_iters"]:
         lr = get_lr(iter_num, c["learning_rate"], c["warmup_iters"], c["lr_decay_iters"], c["min_lr"]) \
             if c["decay_lr"] else c["learning_rate"]
@@ -511,29 +514,38 @@ def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str)
         optimizer.zero_grad(set_to_none=True)
         iter_num += 1
         tokens_seen += tokens_per_iter
-        iters_in_window += 1
+        if progress.first_step_s is None and device_type == "cuda":
+            torch.cuda.synchronize()  # once, so that the first step's time (compiling, warm-up) is real
+        progress.step_done()
 
         if iter_num % c["log_interval"] == 0 or iter_num == c["max_iters"]:
             if ddp:
                 dist.all_reduce(loss_sum)  # SUM (gloo has no AVG): the mean over ranks of the micro-step means
                 loss_sum /= world_size
             lossf = loss_sum.item()  # waits for the GPU, so the time below is real
-            dt = (time.perf_counter() - t_window) / iters_in_window
+            dt = progress.window()  # None at the first step: compiling and warming up, not timed
             norm = grad_norm.item()
             if not math.isfinite(lossf):
                 stop_non_finite("the training loss", lossf)
             if not math.isfinite(norm) and not scaler.is_enabled():  # fp16's scaler skips such steps itself
                 stop_non_finite("the gradient norm", norm)
-            tok_per_s = tokens_per_iter / dt
-            mfu = raw_model.estimate_mfu(tokens_per_iter // world_size, dt, peak) if peak else None
-            print0(f"iter {iter_num} | loss {lossf:.4f} | lr {lr:.2e} | grad norm {norm:.3f} | "
-                   f"{dt * 1000:.1f} ms/iter | {tok_per_s:,.0f} tokens/s | "
-                   + (f"MFU {mfu * 100:.1f}%" if mfu is not None else "MFU -"))
+            tok_per_s = tokens_per_iter / dt if dt else None
+            mfu = raw_model.estimate_mfu(tokens_per_iter // world_size, dt, peak) if dt and peak else None
+            if dt is None:
+                speed = f"first step {progress.first_step_s:.1f} s" + (" (compiling)" if c["compile"] else "")
+            else:
+                speed = f"{dt * 1000:.1f} ms/iter | {tok_per_s:,.0f} tokens/s | " \
+                        + (f"MFU {mfu * 100:.1f}%" if mfu is not None else "MFU -")
+            left = progress.left(iter_num, c["max_iters"])
+            print0(f"iter {iter_num} | loss {lossf:.4f} | lr {lr:.2e} | grad norm {norm:.3f} | {speed} | "
+                   f"{runs.format_duration(progress.elapsed())} elapsed"
+                   + (f", {runs.format_duration(left)} left" if left is not None else ""))
             log({"iter": iter_num, "tokens": tokens_seen, "loss": lossf, "lr": lr, "grad_norm": norm,
-                 "dt_ms": dt * 1000, "tok_per_s": tok_per_s, "mfu": mfu})
-            t_window, iters_in_window = time.perf_counter(), 0
+                 "dt_ms": (dt or progress.first_step_s) * 1000, "tok_per_s": tok_per_s, "mfu": mfu,
+                 "elapsed_s": progress.elapsed()})
 
         if iter_num % c["eval_interval"] == 0 or iter_num == c["max_iters"]:
+            eval_start = time.perf_counter()
             losses = evaluate(model, shard_dir, c, rank, world_size, device, ctx)
             for split, value in losses.items():
                 if not math.isfinite(value):
@@ -553,12 +565,14 @@ def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str)
                         "model": raw_model.state_dict(), "model_args": asdict(raw_model.args),
                         "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "config": c,
                         "iter_num": iter_num, "tokens_seen": tokens_seen, "best_val_loss": best_val_loss,
-                        "loader_state": loader.state_dict(), "rng_state": rng_states, "tokenizer": meta["tokenizer"]})
+                        "loader_state": loader.state_dict(), "rng_state": rng_states, "tokenizer": meta["tokenizer"],
+                        "elapsed_s": progress.elapsed()})
                     print0(f"saved {ckpt_path} (iteration {iter_num})")
                 last_saved = iter_num
-            t_window, iters_in_window = time.perf_counter(), 0
+            progress.not_timed(time.perf_counter() - eval_start, evaluation=True)
 
-    print0(f"done: {iter_num} iterations, {tokens_seen:,} tokens, best val loss {best_val_loss:.4f}")
+    print0(f"done: {iter_num:,} iterations, {tokens_seen:,} tokens in {runs.format_duration(progress.elapsed())}, "
+           f"best val loss {best_val_loss:.4f}")
     return {"iter_num": iter_num, "best_val_loss": best_val_loss}
 
 

@@ -1,6 +1,8 @@
 import json
 import sys
 
+import pytest
+
 import runs
 
 CONFIG = {"wandb_project": "p", "wandb_run_name": None}
@@ -37,3 +39,30 @@ def test_wandb_failures_never_stop_training(monkeypatch, tmp_path, capsys):
     assert logger.run is not None and (tmp_path / "wandb_run_id").read_text(encoding="utf-8") == "abc"
     logger.log({"loss": 1.0}, step=1)
     assert logger.run is None
+
+
+def test_format_duration():
+    assert [runs.format_duration(s) for s in (0.4, 59, 61, 3599, 3600, 90061)] == \
+        ["0s", "59s", "1m01s", "59m59s", "1h00m", "25h01m"]
+
+
+def test_progress_leaves_the_first_step_and_evals_out_of_the_time_left(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(runs.time, "perf_counter", lambda: now[0])
+    p = runs.Progress(eval_interval=10, elapsed_before=50.0)
+    now[0] += 30  # the first step compiles
+    p.step_done()
+    assert p.first_step_s == 30 and p.window() is None and p.left(1, 100) is None
+    for _ in range(9):  # iterations 2..10, one second each
+        now[0] += 1
+        p.step_done()
+    assert p.window() == 1.0
+    now[0] += 5  # an eval and a checkpoint
+    p.not_timed(5, evaluation=True)
+    for _ in range(10):  # iterations 11..20, two seconds each
+        now[0] += 2
+        p.step_done()
+    assert p.window() == 2.0 and p.s_per_iter == pytest.approx(0.7 * 1.0 + 0.3 * 2.0)
+    # 80 iterations left at the smoothed 1.3 s, and 8 evals at the last one's 5 s
+    assert p.left(20, 100) == pytest.approx(80 * 1.3 + 8 * 5)
+    assert p.elapsed() == 50 + 30 + 9 + 5 + 20

@@ -23,14 +23,16 @@ from model import ModelArgs, Transformer
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = str(ROOT / "train.py")
 CHECKPOINT_KEYS = {"model", "model_args", "optimizer", "scaler", "config", "iter_num", "tokens_seen",
-                   "best_val_loss", "loader_state", "rng_state", "tokenizer"}
+                   "best_val_loss", "loader_state", "rng_state", "tokenizer", "elapsed_s"}
 # a model small enough for ~10 ms iterations on one CPU thread
 TINY = ["--dataset=fixture", "--vocab_source=custom", "--vocab_size=512", "--dim=32", "--n_layers=2", "--n_heads=4",
         "--n_kv_heads=2", "--multiple_of=16", "--max_seq_len=32", "--batch_size=8", "--gradient_accumulation_steps=2",
         "--eval_iters=2", "--log_interval=1", "--warmup_iters=2", "--learning_rate=3e-3", "--device=cpu",
         "--compile=False"]
 LOG_LINE = re.compile(r"^iter \d+ \| loss \d+\.\d{4} \| lr \d\.\d\de[+-]\d\d \| grad norm \d+\.\d{3} \| "
-                      r"\d+\.\d ms/iter \| [\d,]+ tokens/s \| MFU -$")
+                      r"\d+\.\d ms/iter \| [\d,]+ tokens/s \| MFU - \| \d+s elapsed, \d+s left$")
+FIRST_LOG_LINE = re.compile(r"^iter 1 \| loss \d+\.\d{4} \| lr \d\.\d\de[+-]\d\d \| grad norm \d+\.\d{3} \| "
+                            r"first step \d+\.\d s \| \d+s elapsed$")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -254,7 +256,9 @@ def test_short_run_learns_and_writes_its_outputs(short_run):
     out, result = short_run
     logs, evals = read_metrics(out)
     assert [r["iter"] for r in logs] == list(range(1, 31))
-    assert set(logs[0]) == {"iter", "tokens", "loss", "lr", "grad_norm", "dt_ms", "tok_per_s", "mfu"}
+    assert set(logs[0]) == {"iter", "tokens", "loss", "lr", "grad_norm", "dt_ms", "tok_per_s", "mfu", "elapsed_s"}
+    assert logs[0]["tok_per_s"] is None and all(r["tok_per_s"] > 0 for r in logs[1:])  # the first step: warm-up
+    assert all(a["elapsed_s"] < b["elapsed_s"] for a, b in zip(logs, logs[1:]))
     assert set(evals[0]) == {"iter", "tokens", "train_loss", "val_loss"} and [r["iter"] for r in evals] == [15, 30]
     assert logs[-1]["tokens"] == 30 * 2 * 8 * 32
     first, last = sum(r["loss"] for r in logs[:3]) / 3, sum(r["loss"] for r in logs[-3:]) / 3
@@ -262,7 +266,9 @@ def test_short_run_learns_and_writes_its_outputs(short_run):
     assert evals[1]["val_loss"] < evals[0]["val_loss"]
 
     lines = [line for line in result.stdout.splitlines() if line.startswith("iter ")]
-    assert len(lines) == 30 and all(LOG_LINE.match(line) for line in lines), lines[:2]
+    assert len(lines) == 30 and FIRST_LOG_LINE.match(lines[0]), lines[0]
+    assert all(LOG_LINE.match(line) for line in lines[1:]), lines[1:3]
+    assert re.search(r"^done: 30 iterations, 15,360 tokens in \d+s, best val loss \d\.\d{4}$", result.stdout, re.M)
 
     model, ckpt = from_checkpoint(out / "ckpt.pt")
     assert set(ckpt) == CHECKPOINT_KEYS
@@ -565,3 +571,11 @@ def test_train_in_process_leaves_the_allocator_alone(data_dir, tmp_path):
                           f"--data_dir={data_dir}", f"--out_dir={tmp_path}"], cwd=ROOT, check=True,
                          capture_output=True, text=True, timeout=240).stdout
     assert int(out.split()[-1]) > 4 * 60_000  # glibc's default: big blocks come fresh from the kernel
+
+
+def test_log_interval_defaults_to_fewer_host_syncs_on_a_gpu(monkeypatch):
+    assert train.resolve_config(train.default_config() | {"device": "cpu"})["log_interval"] == 1
+    monkeypatch.setattr(train.runtime, "resolve_device", lambda name: "cuda")
+    monkeypatch.setattr(train.runtime, "resolve_dtype", lambda name, device: "bfloat16")
+    assert train.resolve_config(train.default_config())["log_interval"] == 10
+    assert train.resolve_config(train.default_config() | {"log_interval": 1})["log_interval"] == 1
