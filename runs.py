@@ -5,11 +5,18 @@ random-number state a checkpoint carries so that a resumed run continues exactly
     out_dir/config.json     the resolved settings, git commit, library versions, command line
     out_dir/metrics.jsonl   one JSON object per log line {iter, tokens, loss, lr, ...} and per eval
                             {iter, tokens, train_loss, val_loss}
-    out_dir/ckpt.pt         the checkpoint (checkpoint.save_checkpoint writes it atomically)
+    out_dir/ckpt.pt         the latest checkpoint, every checkpoint_interval iterations: what resume continues
+    out_dir/ckpt_best.pt    the checkpoint with the best val loss so far
+    out_dir/ckpt_NNNNNN.pt  with keep_checkpoints=N, the last N checkpoints by iteration
+    out_dir/replaced/       a previous run's files, while a new run started with overwrite=True has no
+                            checkpoint of its own yet
+Checkpoints are written atomically (checkpoint.save_checkpoint): a crash never leaves half of one.
 """
 import json
 import os
 import random
+import re
+import shutil
 import subprocess
 import sys
 import time
@@ -56,6 +63,76 @@ def truncate_metrics(path, last_iter: int) -> None:
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         f.writelines(kept)
     os.replace(path + ".tmp", path)
+
+
+def numbered_checkpoints(out_dir) -> list[str]:
+    """ckpt_NNNNNN.pt files, oldest first."""
+    found = [(int(m[1]), name) for name in os.listdir(out_dir) if (m := re.fullmatch(r"ckpt_(\d+)\.pt", name))] \
+        if os.path.isdir(out_dir) else []
+    return [os.path.join(out_dir, name) for _, name in sorted(found)]
+
+
+def save_checkpoints(out_dir, state: dict, latest: bool, best: bool, keep: int, save) -> list[str]:
+    """Writes state as ckpt.pt (latest), ckpt_best.pt (best) and, with keep > 0, ckpt_NNNNNN.pt, deleting
+    the numbered ones beyond the last `keep` only once the new one is on disk. save(path, state) writes one
+    file atomically; the others are hard links to it (copies where links are not possible). Returns the paths."""
+    written = []
+
+    def place(path):
+        if not written:
+            save(path, state)
+        else:  # the same bytes again: link them under the new name, atomically
+            tmp = path + ".tmp"
+            if os.path.lexists(tmp):
+                os.remove(tmp)
+            try:
+                os.link(written[0], tmp)
+            except OSError:
+                shutil.copyfile(written[0], tmp)
+            os.replace(tmp, path)
+        written.append(path)
+
+    if latest:
+        place(os.path.join(out_dir, "ckpt.pt"))
+    if best:
+        place(os.path.join(out_dir, "ckpt_best.pt"))
+    if latest and keep > 0:
+        place(os.path.join(out_dir, f"ckpt_{state['iter_num']:06d}.pt"))
+        for old in numbered_checkpoints(out_dir)[:-keep]:
+            os.remove(old)
+    return written
+
+
+def previous_run(out_dir) -> str | None:
+    """What a run already in out_dir left (for the message that refuses to start over it), or None."""
+    metrics, ckpt = os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, "ckpt.pt")
+    if not (os.path.exists(metrics) or os.path.exists(ckpt)):
+        return None
+    last = None
+    if os.path.exists(metrics):
+        with open(metrics, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    last = json.loads(line)["iter"]
+                except (ValueError, KeyError, TypeError):
+                    pass
+    held = " and ".join(name for name in ("ckpt.pt", "metrics.jsonl") if os.path.exists(os.path.join(out_dir, name)))
+    return held + (f" up to iteration {last}" if last is not None else "")
+
+
+def set_aside_previous_run(out_dir) -> str:
+    """Moves a previous run's files to out_dir/replaced/ until the new run has a checkpoint of its own."""
+    aside = os.path.join(out_dir, "replaced")
+    shutil.rmtree(aside, ignore_errors=True)
+    os.makedirs(aside)
+    for name in os.listdir(out_dir):
+        if name in ("metrics.jsonl", "config.json", "wandb_run_id") or re.fullmatch(r"ckpt(_best|_\d+)?\.pt", name):
+            os.replace(os.path.join(out_dir, name), os.path.join(aside, name))
+    return aside
+
+
+def drop_previous_run(out_dir) -> None:
+    shutil.rmtree(os.path.join(out_dir, "replaced"), ignore_errors=True)
 
 
 def get_rng_state() -> dict:

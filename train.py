@@ -54,14 +54,18 @@ from model import ModelArgs, Transformer
 out_dir = "out"
 data_dir = "data"
 dataset = "tinystories"  # or the NAME of `python tinystories.py prepare --name NAME`
-eval_interval = 2000  # iterations between evals (and checkpoints)
+eval_interval = 2000  # iterations between evals; one that improves the val loss also writes ckpt_best.pt
 log_interval: int | None = None  # iterations per log line; None: 1 on a CPU, 10 on a GPU (each log line waits for it)
 eval_iters = 100  # batches per split per process at each eval
 eval_only = False  # evaluate once (the checkpoint when resuming) and exit
-always_save_checkpoint = False  # False: save at an eval only when val loss improves (and always at the end)
+checkpoint_interval: int | None = None  # iterations between writes of out_dir/ckpt.pt (and at the end); None: eval_interval
+keep_checkpoints = 0  # also keep the last N checkpoints as out_dir/ckpt_NNNNNN.pt
 # 'scratch'; 'resume': out_dir/ckpt.pt with its optimizer, data position and RNG, exactly where it stopped;
-# or a PATH to fine-tune (a train.py .pt, a llama2.c .bin, an HF directory): a fresh run from iteration 0
+# a PATH to fine-tune (a train.py .pt, a llama2.c .bin, an HF directory): a fresh run from iteration 0;
+# 'auto': 'resume' when out_dir/ckpt.pt exists, else init_checkpoint (or 'scratch'): relaunch the same command
 init_from = "scratch"
+init_checkpoint: str | None = None  # with init_from='auto': the model to fine-tune when there is no ckpt.pt yet
+overwrite = False  # a new run may replace the run already in out_dir (its files are kept until its first checkpoint)
 # wandb logging (pip install wandb)
 wandb_log = False
 wandb_project = "llama-tiny"
@@ -151,12 +155,20 @@ def resolve_config(config: dict) -> dict:
     for key, allowed in choices.items():
         if c[key] not in allowed:
             raise ConfigError(f"{key}={c[key]!r} is not one of {', '.join(map(repr, allowed))}")
-    if c["init_from"] not in ("scratch", "resume") and not os.path.exists(c["init_from"]):
-        raise ConfigError(f"init_from={c['init_from']!r} is not 'scratch', 'resume' or an existing checkpoint "
-                          f"to fine-tune (a train.py .pt, a llama2.c .bin or a Hugging Face directory)")
+    for key in ("init_from", "init_checkpoint"):
+        if c[key] not in ("scratch", "resume", "auto", None) and not os.path.exists(c[key]):
+            raise ConfigError(f"{key}={c[key]!r} is not 'scratch', 'resume', 'auto' or an existing checkpoint "
+                              f"to fine-tune (a train.py .pt, a llama2.c .bin or a Hugging Face directory)")
+    if c["init_checkpoint"] is not None and c["init_from"] != "auto":
+        raise ConfigError(f"init_checkpoint={c['init_checkpoint']!r} is for init_from='auto'; to fine-tune, "
+                          f"pass --init_from={c['init_checkpoint']}")
+    if c["init_from"] == "auto":  # the same command continues the run once it has a checkpoint
+        has_checkpoint = os.path.exists(os.path.join(c["out_dir"], "ckpt.pt"))
+        c["init_from"] = "resume" if has_checkpoint else c["init_checkpoint"] or "scratch"
+        c["overwrite"] = c["overwrite"] or not has_checkpoint  # what an attempt that died early left
     at_least_one = ("batch_size", "max_seq_len", "gradient_accumulation_steps", "eval_interval", "log_interval",
-                    "eval_iters", "vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim",
-                    "multiple_of")
+                    "checkpoint_interval", "eval_iters", "vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads",
+                    "hidden_dim", "multiple_of")
     for key in at_least_one:
         if c[key] is not None and c[key] < 1:
             raise ConfigError(f"{key}={c[key]} must be at least 1")
@@ -164,7 +176,9 @@ def resolve_config(config: dict) -> dict:
     c["dtype"] = runtime.resolve_dtype(c["dtype"], c["device"])
     if c["log_interval"] is None:
         c["log_interval"] = 1 if c["device"] == "cpu" else 10
-    for key in ("max_iters", "warmup_iters", "num_workers"):
+    if c["checkpoint_interval"] is None:
+        c["checkpoint_interval"] = c["eval_interval"]
+    for key in ("max_iters", "warmup_iters", "num_workers", "keep_checkpoints"):
         if c[key] < 0:
             raise ConfigError(f"{key}={c[key]} must not be negative")
     for key in ("learning_rate", "norm_eps", "rope_theta"):
@@ -388,6 +402,10 @@ def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str)
 
     # the settings: a resumed run continues with its checkpoint's; a fine-tune takes the model's shape
     resume = c["init_from"] == "resume"
+    previous = None if resume or c["eval_only"] else runs.previous_run(c["out_dir"])
+    if previous and not c["overwrite"]:  # checked on every rank, before any time is spent
+        raise ConfigError(f"{c['out_dir']} already holds a run ({previous}): --init_from=resume continues it, "
+                          f"--overwrite=True replaces it, or pass another --out_dir")
     checkpoint = None
     if resume:
         checkpoint = read_checkpoint(ckpt_path, device)
@@ -447,14 +465,13 @@ def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str)
     print0("config:\n" + format_config(c))
     if master and not c["eval_only"]:  # an eval-only run leaves out_dir as it is
         os.makedirs(c["out_dir"], exist_ok=True)
-        runs.write_run_info(c["out_dir"], c, world_size)
         if resume:
             runs.truncate_metrics(metrics_path, iter_num)
-        else:
-            if os.path.exists(metrics_path):
-                os.remove(metrics_path)  # a new run in this out_dir starts a new log
-            if os.path.exists(ckpt_path):
-                print0(f"note: {ckpt_path} will be overwritten by this new run (--init_from=resume continues it)")
+        elif previous:
+            aside = runs.set_aside_previous_run(c["out_dir"])
+            print0(f"note: replacing the run in {c['out_dir']}; its files wait in {aside} until this run's "
+                   f"first checkpoint")
+        runs.write_run_info(c["out_dir"], c, world_size)
     print0(f"model: {raw_model.num_params():,} parameters ({raw_model.num_params(non_embedding=True):,} "
            f"without the embedding); data: {shard_dir} ({meta['num_tokens']:,} tokens)")
     print0(f"tokens per iteration: {tokens_per_iter:,} = {world_size} process(es) x {accum_steps} accumulation "
@@ -544,7 +561,10 @@ def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str)
                  "dt_ms": (dt or progress.first_step_s) * 1000, "tok_per_s": tok_per_s, "mfu": mfu,
                  "elapsed_s": progress.elapsed()})
 
-        if iter_num % c["eval_interval"] == 0 or iter_num == c["max_iters"]:
+        # evals, and checkpoints: ckpt.pt every checkpoint_interval, ckpt_best.pt at a better val loss
+        finished = iter_num == c["max_iters"]
+        improved = False
+        if iter_num % c["eval_interval"] == 0 or finished:
             eval_start = time.perf_counter()
             losses = evaluate(model, shard_dir, c, rank, world_size, device, ctx)
             for split, value in losses.items():
@@ -554,22 +574,29 @@ def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str)
             log({"iter": iter_num, "tokens": tokens_seen, "train_loss": losses["train"], "val_loss": losses["val"]})
             improved = losses["val"] < best_val_loss
             best_val_loss = min(best_val_loss, losses["val"])
-            if improved or c["always_save_checkpoint"] or iter_num == c["max_iters"]:
-                # the RNG streams of every rank (dropout differs per rank), so each continues exactly
-                rng_states = [runs.get_rng_state()]
-                if ddp:
-                    rng_states = [None] * world_size
-                    dist.all_gather_object(rng_states, runs.get_rng_state())  # every rank takes part
-                if master:
-                    save_checkpoint(ckpt_path, {
-                        "model": raw_model.state_dict(), "model_args": asdict(raw_model.args),
-                        "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "config": c,
-                        "iter_num": iter_num, "tokens_seen": tokens_seen, "best_val_loss": best_val_loss,
-                        "loader_state": loader.state_dict(), "rng_state": rng_states, "tokenizer": meta["tokenizer"],
-                        "elapsed_s": progress.elapsed()})
-                    print0(f"saved {ckpt_path} (iteration {iter_num})")
-                last_saved = iter_num
             progress.not_timed(time.perf_counter() - eval_start, evaluation=True)
+        latest = iter_num % c["checkpoint_interval"] == 0 or finished
+        if latest or improved:
+            save_start = time.perf_counter()
+            # the RNG streams of every rank (dropout differs per rank), so each continues exactly
+            rng_states = [runs.get_rng_state()]
+            if ddp:
+                rng_states = [None] * world_size
+                dist.all_gather_object(rng_states, runs.get_rng_state())  # every rank takes part
+            if master:
+                state = {"model": raw_model.state_dict(), "model_args": asdict(raw_model.args),
+                         "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "config": c,
+                         "iter_num": iter_num, "tokens_seen": tokens_seen, "best_val_loss": best_val_loss,
+                         "loader_state": loader.state_dict(), "rng_state": rng_states,
+                         "tokenizer": meta["tokenizer"], "elapsed_s": progress.elapsed()}
+                written = runs.save_checkpoints(c["out_dir"], state, latest, improved, c["keep_checkpoints"],
+                                                save_checkpoint)
+                print0(f"saved {', '.join(os.path.basename(p) for p in written)} (iteration {iter_num})")
+                if previous:
+                    runs.drop_previous_run(c["out_dir"])  # the new run has a checkpoint of its own now
+            if latest:
+                last_saved = iter_num
+            progress.not_timed(time.perf_counter() - save_start)
 
     print0(f"done: {iter_num:,} iterations, {tokens_seen:,} tokens in {runs.format_duration(progress.elapsed())}, "
            f"best val loss {best_val_loss:.4f}")

@@ -84,7 +84,7 @@ def test_download_to_export(tmp_path, http_server):
     model = ["--vocab_source=custom", "--vocab_size=320", "--dim=48", "--n_layers=2", "--n_heads=4",
              "--max_seq_len=64", "--batch_size=8", "--gradient_accumulation_steps=1", "--learning_rate=3e-3",
              "--warmup_iters=5", "--eval_interval=50", "--eval_iters=4", "--log_interval=10",
-             "--device=cpu", "--compile=False", "--out_dir=out", "--always_save_checkpoint=True"]
+             "--device=cpu", "--compile=False", "--out_dir=out", "--checkpoint_interval=50"]
     run(ROOT / "train.py", *model, "--max_iters=100", cwd=work)
     ckpt = work / "out" / "ckpt.pt"
     assert ckpt.is_file() and (work / "out" / "config.json").is_file()

@@ -1,4 +1,5 @@
 import json
+import os
 import sys
 
 import pytest
@@ -66,3 +67,34 @@ def test_progress_leaves_the_first_step_and_evals_out_of_the_time_left(monkeypat
     # 80 iterations left at the smoothed 1.3 s, and 8 evals at the last one's 5 s
     assert p.left(20, 100) == pytest.approx(80 * 1.3 + 8 * 5)
     assert p.elapsed() == 50 + 30 + 9 + 5 + 20
+
+
+def test_save_checkpoints_keeps_latest_best_and_the_last_n(tmp_path):
+    import torch
+
+    from checkpoint import save_checkpoint
+
+    for it in range(1, 6):
+        runs.save_checkpoints(str(tmp_path), {"iter_num": it}, latest=True, best=it == 2, keep=2,
+                              save=save_checkpoint)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "ckpt_000004.pt", "ckpt_000005.pt",
+                                                          "ckpt_best.pt"]
+    load = lambda name: torch.load(tmp_path / name)["iter_num"]
+    assert (load("ckpt.pt"), load("ckpt_best.pt"), load("ckpt_000004.pt")) == (5, 2, 4)
+    # a best checkpoint between two latest ones leaves the latest alone
+    runs.save_checkpoints(str(tmp_path), {"iter_num": 6}, latest=False, best=True, keep=2, save=save_checkpoint)
+    assert (load("ckpt.pt"), load("ckpt_best.pt")) == (5, 6)
+    assert runs.numbered_checkpoints(tmp_path) == [str(tmp_path / "ckpt_000004.pt"), str(tmp_path / "ckpt_000005.pt")]
+
+
+def test_previous_run_describes_what_is_there(tmp_path):
+    assert runs.previous_run(tmp_path) is None
+    (tmp_path / "metrics.jsonl").write_text('{"iter": 10, "loss": 1}\n{"iter": 20, "loss"', encoding="utf-8")
+    assert runs.previous_run(tmp_path) == "metrics.jsonl up to iteration 10"
+    (tmp_path / "ckpt.pt").write_bytes(b"x")
+    assert runs.previous_run(tmp_path) == "ckpt.pt and metrics.jsonl up to iteration 10"
+    aside = runs.set_aside_previous_run(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["replaced"]
+    assert sorted(os.listdir(aside)) == ["ckpt.pt", "metrics.jsonl"]
+    runs.drop_previous_run(tmp_path)
+    assert list(tmp_path.iterdir()) == []

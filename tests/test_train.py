@@ -143,7 +143,7 @@ def test_resolve_config_fills_in_the_derived_values():
 
 
 @pytest.mark.parametrize("override, message", [
-    ({"init_from": "resum"}, "init_from='resum' is not 'scratch', 'resume' or an existing checkpoint"),
+    ({"init_from": "resum"}, "init_from='resum' is not 'scratch', 'resume', 'auto' or an existing checkpoint"),
     ({"dtype": "fp16"}, "dtype='fp16'"),
     ({"device": "tpu"}, "--device=tpu"),
     ({"batch_size": 0}, "batch_size=0 must be at least 1"),
@@ -370,7 +370,7 @@ def test_finetune_vocab_mismatch_names_the_data_it_needs(data_dir, tmp_path):
 def test_finetune_from_a_missing_or_unreadable_file(data_dir, tmp_path):
     missing = tmp_path / "stories15M.bin"
     message = main_error(TINY + [f"--init_from={missing}", f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'o'}"])
-    assert f"init_from='{missing}' is not 'scratch', 'resume' or an existing checkpoint" in message
+    assert f"init_from='{missing}' is not 'scratch', 'resume', 'auto' or an existing checkpoint" in message
     text = tmp_path / "notes.txt"
     text.write_text("not a model\n", encoding="utf-8")
     message = main_error(TINY + [f"--init_from={text}", f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'o'}"])
@@ -579,3 +579,48 @@ def test_log_interval_defaults_to_fewer_host_syncs_on_a_gpu(monkeypatch):
     monkeypatch.setattr(train.runtime, "resolve_dtype", lambda name, device: "bfloat16")
     assert train.resolve_config(train.default_config())["log_interval"] == 10
     assert train.resolve_config(train.default_config() | {"log_interval": 1})["log_interval"] == 1
+
+
+# ----------------------------------------------------------------------------- the run folder
+
+
+def test_checkpoint_interval_and_kept_checkpoints(data_dir, tmp_path):
+    out = tmp_path / "out"
+    ok(run_train(["--max_iters=9", "--eval_interval=4", "--checkpoint_interval=3", "--keep_checkpoints=2"],
+                 data_dir, out))
+    iters = {p.name: torch.load(p, weights_only=False)["iter_num"] for p in out.glob("ckpt*.pt")}
+    best = min(read_metrics(out)[1], key=lambda r: r["val_loss"])["iter"]
+    assert iters == {"ckpt.pt": 9, "ckpt_000006.pt": 6, "ckpt_000009.pt": 9, "ckpt_best.pt": best}
+
+
+def test_init_from_auto_relaunches_blindly(data_dir, tmp_path):
+    out = tmp_path / "out"
+    args = ["--init_from=auto", "--eval_interval=4"]
+    first = ok(run_train(args + ["--max_iters=4"], data_dir, out))
+    assert "resuming" not in first.stdout
+    second = ok(run_train(args + ["--max_iters=8"], data_dir, out))
+    assert "resuming from iteration 4 (2,048 tokens)" in second.stdout
+    assert [r["iter"] for r in read_metrics(out)[0]] == list(range(1, 9))
+    # an attempt that died before its first checkpoint left metrics behind: auto starts afresh over them
+    (out / "ckpt.pt").unlink()
+    ok(run_train(args + ["--max_iters=2", "--eval_interval=2"], data_dir, out))
+    assert [r["iter"] for r in read_metrics(out)[0]] == [1, 2]
+
+
+def test_a_new_run_never_destroys_an_existing_one_unasked(short_run, data_dir, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(short_run[0], out)
+    before = (out / "ckpt.pt").read_bytes()
+    assert_one_line_error(run_train(["--max_iters=2"], data_dir, out),
+                          f"{out} already holds a run (ckpt.pt and metrics.jsonl up to iteration 30): "
+                          "--init_from=resume continues it, --overwrite=True replaces it")
+    assert (out / "ckpt.pt").read_bytes() == before and len(read_metrics(out)[0]) == 30
+    # overwrite=True, but the new run dies before its first checkpoint: the old run is still all there
+    result = run_train(["--overwrite=True", "--max_iters=20", "--eval_interval=20", "--learning_rate=1e6",
+                        "--warmup_iters=0"], data_dir, out)
+    assert_one_line_error(result, "no checkpoint was written")
+    assert (out / "replaced" / "ckpt.pt").read_bytes() == before
+    assert len((out / "replaced" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()) == 32
+    # and a new run that gets to its checkpoint replaces it for good
+    ok(run_train(["--overwrite=True", "--max_iters=2", "--eval_interval=2"], data_dir, out))
+    assert not (out / "replaced").exists() and [r["iter"] for r in read_metrics(out)[0]] == [1, 2]
