@@ -43,8 +43,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import cpu_speedups as speedups  # the module; `cpu_speedups` below is the setting
+import dataloader
 import runtime
-import tinystories
 from configurator import ConfigError, format_config, parse_config
 from model import ModelArgs, Transformer, from_checkpoint
 
@@ -348,8 +348,9 @@ def evaluate(model, shard_dir, c, rank, world_size, device, ctx) -> dict:
     model.eval()
     losses = {}
     for split in ("train", "val"):
-        loader = tinystories.BatchLoader(shard_dir, split, c["batch_size"], c["max_seq_len"], EVAL_SEED,
-                                         rank=rank, world_size=world_size, device=device)
+        loader = dataloader.BatchLoader(shard_dir, split, c["batch_size"], c["max_seq_len"], EVAL_SEED,
+                                        vocab_size=c["vocab_size"], rank=rank, world_size=world_size,
+                                        device=device)
         total = torch.zeros((), device=device)
         for _ in range(c["eval_iters"]):
             x, y = loader.next_batch()
@@ -407,13 +408,14 @@ def _train(c: dict, ddp: bool, rank: int, world_size: int, device: str) -> dict:
     ctx = runtime.autocast(device, c["dtype"])
 
     # data: the shard directory's meta.json says which tokenizer made it
-    shard_dir = tinystories.dataset_dir(c["data_dir"], c["dataset"], c["vocab_source"], c["vocab_size"])
-    meta = tinystories.read_meta(shard_dir)
+    shard_dir = dataloader.dataset_dir(c["data_dir"], c["dataset"], c["vocab_source"], c["vocab_size"])
+    meta = dataloader.read_meta(shard_dir)
     if meta["vocab_size"] != c["vocab_size"]:
         raise ConfigError(f"the data in {shard_dir} was tokenized with a {meta['vocab_size']}-token vocabulary but "
                           f"vocab_size={c['vocab_size']}; set --vocab_size={meta['vocab_size']} or re-tokenize")
-    loader = tinystories.BatchLoader(shard_dir, "train", c["batch_size"], c["max_seq_len"], c["seed"], rank=rank,
-                                     world_size=world_size, device=device, num_workers=c["num_workers"])
+    loader = dataloader.BatchLoader(shard_dir, "train", c["batch_size"], c["max_seq_len"], c["seed"],
+                                    vocab_size=c["vocab_size"], rank=rank, world_size=world_size,
+                                    device=device, num_workers=c["num_workers"])
 
     # model: from scratch, or from a checkpoint. 'resume' continues out_dir/ckpt.pt with everything it saved;
     # a PATH (fine-tuning) gives the weights and the shape only: a new run, from iteration 0
@@ -612,7 +614,7 @@ def main(argv: list[str] | None = None) -> None:
         if config["cpu_speedups"] and runtime.resolve_device(config["device"]) == "cpu":
             speedups.keep_freed_memory()  # process-wide, hence here and not inside train()
         train(config)
-    except (ConfigError, TrainError, tinystories.DataError) as e:
+    except (ConfigError, TrainError, dataloader.DataError) as e:
         sys.exit(f"error: {e}")
     except torch.cuda.OutOfMemoryError:
         b, a = config["batch_size"], config["gradient_accumulation_steps"]
