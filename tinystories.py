@@ -1,17 +1,17 @@
 """
-The data stage: TinyStories (or your own text) -> uint16 token shards, and the batch loader train.py reads.
+The data stage: TinyStories (or your own text) -> uint16 token shards, which dataloader.py reads.
 
-    python tinystories.py download                      # data/TinyStories_all_data/*.json, data/llama2_tokenizer.model
-    python tinystories.py pretokenize --vocab_size 0    # Llama 2 vocabulary -> data/TinyStories_all_data/dataNN.bin
+    python tinystories.py download                      # data/TinyStories_all_data/*.json, Llama 2 tokenizer
+    python tinystories.py pretokenize --vocab_size 0    # Llama 2 ids: data/TinyStories_all_data/dataNN.bin
     python tinystories.py train_vocab --vocab_size 512  # data/tok512.model
     python tinystories.py pretokenize --vocab_size 512  # data/tok512/dataNN.bin
 
 Your own text (a .txt with <|endoftext|> lines between documents, a plain .txt, a .jsonl/.json with a
 "text" or "story" field, or a directory of those), then `python train.py --dataset=NAME`:
 
-    python tinystories.py train_vocab --input my.txt --name mine --vocab_size 1024   # data/mine/tok1024.model
-    python tinystories.py prepare --input my.txt --name mine --vocab_size 1024       # data/mine/dataNN.bin
-    python tinystories.py prepare --input my.txt --name mine                         # or the Llama 2 vocabulary
+    python tinystories.py train_vocab --input my.txt --name mine --vocab_size 1024  # data/mine/tok1024.model
+    python tinystories.py prepare --input my.txt --name mine --vocab_size 1024      # data/mine/dataNN.bin
+    python tinystories.py prepare --input my.txt --name mine                        # or Llama 2's vocabulary
 
 Shards hold every document stripped, with BOS prepended, concatenated. data00.bin is the validation split,
 the rest train (as in llama2.c). An input with a single shard, and `prepare`, hold out documents
@@ -23,7 +23,6 @@ import itertools
 import json
 import os
 import re
-import shlex
 import shutil
 import sys
 import tarfile
@@ -33,79 +32,21 @@ import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
-from tokenizer import Tokenizer
+from dataloader import TINYSTORIES_DIR, DataError, data_dir_option, list_shards
+from tokenizer import MAX_VOCAB_SIZE, Tokenizer
 
-# torch is imported only inside the batch loader: the data commands start in a fraction of a second.
-
-TINYSTORIES_DIR = "TinyStories_all_data"
 TINYSTORIES_PATH = "datasets/roneneldan/TinyStories/resolve/main/TinyStories_all_data.tar.gz"
 LLAMA2_TOKENIZER = "llama2_tokenizer.model"
 LLAMA2_TOKENIZER_URL = "https://raw.githubusercontent.com/karpathy/llama2.c/master/tokenizer.model"
-MAX_VOCAB = 65535  # token ids are stored as uint16
 VAL_EVERY = 100  # prepare and single-shard inputs: documents 0, 100, 200, ... are the validation split
 SHARD_CHARS = 8_000_000  # prepare: text per train shard (~2 M tokens), so that every core gets work
 RETRY_WAIT_S = 2.0  # download: pause before resuming a broken transfer (tests set 0)
 
 
-class DataError(Exception):
-    """Something the user can fix; the message is one line that says what to run."""
-
-
 # -----------------------------------------------------------------------------
-# where things live
-
-def dataset_dir(data_dir, dataset: str = "tinystories", vocab_source: str = "llama2", vocab_size: int = 32000) -> Path:
-    data_dir = Path(data_dir)
-    if dataset != "tinystories":
-        return data_dir / dataset  # from `prepare --name NAME`; meta.json says which vocabulary
-    if vocab_source == "llama2":
-        return data_dir / TINYSTORIES_DIR
-    if vocab_source == "custom":
-        if vocab_size <= 0:
-            raise DataError(f"vocab_source='custom' needs vocab_size > 0, not {vocab_size}")
-        return data_dir / f"tok{vocab_size}"
-    raise DataError(f"vocab_source must be 'llama2' or 'custom', not {vocab_source!r}")
-
-
-def shard_command(shard_dir) -> str:
-    """The command that writes the shards of shard_dir, for error messages."""
-    shard_dir = Path(shard_dir)
-    opt = data_dir_option(shard_dir.parent)
-    if shard_dir.name == TINYSTORIES_DIR:
-        return f"python tinystories.py pretokenize --vocab_size 0{opt}"
-    if m := re.fullmatch(r"tok(\d+)", shard_dir.name):
-        return f"python tinystories.py pretokenize --vocab_size {m[1]}{opt}"
-    return f"python tinystories.py prepare --input YOUR_TEXT --name {shard_dir.name}{opt}"
-
-
-def data_dir_option(data_dir) -> str:
-    return "" if Path(data_dir).resolve() == Path("data").resolve() else f" --data_dir {shlex.quote(str(data_dir))}"
-
-
-def read_meta(shard_dir) -> dict:
-    path = Path(shard_dir) / "meta.json"
-    if not path.is_file():
-        raise DataError(f"no {path} (no finished shards there): run `{shard_command(shard_dir)}`")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path} is corrupt ({e}): run `{shard_command(shard_dir)}` again") from None
-
-
-def list_shards(shard_dir) -> list[Path]:
-    """dataNN.bin in numeric order (data100 after data99); the first is the validation split."""
-    found = [(int(m[1]), p) for p in Path(shard_dir).glob("data*.bin") if (m := re.fullmatch(r"data(\d+)\.bin", p.name))]
-    return [p for _, p in sorted(found)]
-
-
-def json_shards(src_dir) -> list[Path]:
-    found = [(int(m[1]), p) for p in Path(src_dir).glob("data*.json") if (m := re.fullmatch(r"data(\d+)\.json", p.name))]
-    return [p for _, p in sorted(found)]
-
+# small helpers
 
 def is_val(index: int) -> bool:
     return index % VAL_EVERY == 0
@@ -157,9 +98,11 @@ def http_download(url: str, dest: Path, retries: int = 3, check=None) -> None:
         except broken as e:
             why = " ".join(str(e).split())[:200] or type(e).__name__
             if attempt == retries:
-                kept = f"run the same command again to resume from {part}" if part.exists() else "run the same command again"
-                raise DataError(f"downloading {url} failed: {why} ({kept}, or pass --url with a mirror or a local copy)") from None
-            print(f"download interrupted ({why}); resuming, attempt {attempt + 2} of {retries + 1}", file=sys.stderr)
+                kept = "run the same command again" + (f" to resume from {part}" if part.exists() else "")
+                raise DataError(f"downloading {url} failed: {why} ({kept}, or pass --url with a mirror or a "
+                                "local copy)") from None
+            print(f"download interrupted ({why}); resuming, attempt {attempt + 2} of {retries + 1}",
+                  file=sys.stderr)
             time.sleep(RETRY_WAIT_S * (attempt + 1))
     if check is not None:
         check(part)
@@ -186,8 +129,8 @@ def _http_attempt(requests, url: str, part: Path) -> None:
         else:  # 200: the server ignored Range (or there was none): start over
             have, mode = 0, "wb"
             total = int(r.headers["Content-Length"]) if "Content-Length" in r.headers else None
-        with open(part, mode) as f, tqdm(total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
-                                         desc=part.name.removesuffix(".part")) as bar:
+        with open(part, mode) as f, tqdm(total=total, initial=have, unit="B", unit_scale=True,
+                                         unit_divisor=1024, desc=part.name.removesuffix(".part")) as bar:
             for chunk in r.raw.stream(1 << 20, decode_content=False):  # the bytes as sent, so sizes compare
                 f.write(chunk)
                 bar.update(len(chunk))
@@ -211,16 +154,18 @@ def safe_unpack(archive: Path, target: Path) -> int:
     root = tmp.resolve()
     extract = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # Python >= 3.10.12 / 3.11.4
     try:
-        with open(archive, "rb") as raw, tqdm.wrapattr(raw, "read", total=archive.stat().st_size, desc=f"unpacking {archive.name}",
-                                                       unit="B", unit_scale=True, unit_divisor=1024) as f:
+        with open(archive, "rb") as raw, tqdm.wrapattr(raw, "read", total=archive.stat().st_size, unit="B",
+                                                       desc=f"unpacking {archive.name}", unit_scale=True,
+                                                       unit_divisor=1024) as f:
             with tarfile.open(fileobj=f, mode="r|*") as tar:
                 for member in tar:
+                    refuse = f"refusing to unpack {archive}: {member.name!r}"
                     if not (root / member.name).resolve().is_relative_to(root):
-                        raise DataError(f"refusing to unpack {archive}: {member.name!r} would land outside {target}")
+                        raise DataError(f"{refuse} would land outside {target}")
                     if not (member.isfile() or member.isdir()):
-                        raise DataError(f"refusing to unpack {archive}: {member.name!r} is a link or a special file")
+                        raise DataError(f"{refuse} is a link or a special file")
                     tar.extract(member, root, **extract)
-        shards = json_shards(tmp)
+        shards = list_shards(tmp, "json")
         if not shards:
             raise DataError(f"{archive} holds no dataNN.json files: is it TinyStories_all_data.tar.gz?")
         if target.exists():
@@ -233,11 +178,12 @@ def safe_unpack(archive: Path, target: Path) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def download(data_dir, url: str | None = None, tokenizer_url: str = LLAMA2_TOKENIZER_URL, retries: int = 3) -> None:
+def download(data_dir, url: str | None = None, tokenizer_url: str = LLAMA2_TOKENIZER_URL,
+             retries: int = 3) -> None:
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     target = data_dir / TINYSTORIES_DIR
-    if shards := json_shards(target):
+    if shards := list_shards(target, "json"):
         print(f"{target} already present ({len(shards)} shards): nothing to download")
     else:
         url = url or default_url()
@@ -246,7 +192,8 @@ def download(data_dir, url: str | None = None, tokenizer_url: str = LLAMA2_TOKEN
             if not archive.is_file():
                 raise DataError(f"no such file: {archive}")
         else:
-            archive = data_dir / "TinyStories_all_data.tar.gz"  # only ever renamed here complete and size-checked
+            # only ever renamed here complete and size-checked
+            archive = data_dir / "TinyStories_all_data.tar.gz"
             if archive.exists():
                 print(f"{archive} already downloaded")
             else:
@@ -264,7 +211,7 @@ def download(data_dir, url: str | None = None, tokenizer_url: str = LLAMA2_TOKEN
 
 
 def fetch_tokenizer(dest: Path, url: str, retries: int) -> None:
-    """The Llama 2 tokenizer, needed only for `pretokenize --vocab_size 0`: a failure is a note, not an error."""
+    """The Llama 2 tokenizer, for `pretokenize --vocab_size 0` only: a failure is a note, not an error."""
     if dest.exists():
         print(f"{dest} already present")
         return
@@ -306,8 +253,8 @@ def read_json_stories(path) -> list[str]:
         stories = (item["story"].strip() for item in items)
         return [s for s in stories if s]
     except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError) as e:
-        raise DataError(f"{path} is not a TinyStories shard (a JSON list of objects with a \"story\"; {e!r}): "
-                        "delete it and run `python tinystories.py download` again") from None
+        raise DataError(f"{path} is not a TinyStories shard (a JSON list of objects with a \"story\"; "
+                        f"{e!r}): delete it and run `python tinystories.py download` again") from None
 
 
 def input_files(path: Path) -> list[Path]:
@@ -413,8 +360,9 @@ def train_vocab(data_dir, vocab_size: int, num_stories: int = 100_000, input=Non
     import sentencepiece as spm
 
     data_dir = Path(data_dir)
-    if not 0 < vocab_size <= MAX_VOCAB:
-        raise DataError(f"--vocab_size must be between 1 and {MAX_VOCAB:,} (token ids are stored as uint16)")
+    if not 0 < vocab_size <= MAX_VOCAB_SIZE:
+        raise DataError(f"--vocab_size must be between 1 and {MAX_VOCAB_SIZE:,} (token ids are stored as "
+                        "uint16)")
     if input is not None:
         if name is None:
             raise DataError("train_vocab --input needs --name NAME (the vocabulary goes to DATA_DIR/NAME/, "
@@ -453,7 +401,8 @@ def train_vocab(data_dir, vocab_size: int, num_stories: int = 100_000, input=Non
     tok = Tokenizer(out)
     probe = sample[:1000]
     chars_per_token = sum(map(len, probe)) / sum(map(len, tok.encode_batch(probe, bos=False)))
-    print(f"wrote {out} in {time.time() - t0:.1f} s ({chars_per_token:.2f} characters per token on the sample)")
+    print(f"wrote {out} in {time.time() - t0:.1f} s ({chars_per_token:.2f} characters per token on the "
+          "sample)")
     return out
 
 
@@ -463,7 +412,7 @@ class _BytesSink:
 
 
 def _tinystories_train_stories(src: Path) -> Iterator[str]:
-    shards = json_shards(src)
+    shards = list_shards(src, "json")
     if not shards:
         raise DataError(f"no TinyStories data (dataNN.json) in {src}: run `python tinystories.py download`")
     if len(shards) == 1:  # the held-out validation stories stay out of the vocabulary sample
@@ -473,7 +422,8 @@ def _tinystories_train_stories(src: Path) -> Iterator[str]:
 
 def check_name(name: str) -> None:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
-        raise DataError(f"--name {name!r}: use letters, digits, '_', '-' and '.' (it becomes a directory in DATA_DIR)")
+        raise DataError(f"--name {name!r}: use letters, digits, '_', '-' and '.' (it becomes a directory in "
+                        "DATA_DIR)")
     if name in ("tinystories", TINYSTORIES_DIR) or re.fullmatch(r"tok\d+", name):
         raise DataError(f"--name {name!r} is reserved for the TinyStories shards: pick another name")
 
@@ -482,8 +432,9 @@ def check_name(name: str) -> None:
 # pretokenize / prepare: documents -> uint16 shards, in a process pool
 
 def find_tokenizer(data_dir: Path, vocab_size: int, tokenizer=None, name=None) -> Tokenizer:
-    if vocab_size < 0 or vocab_size > MAX_VOCAB:
-        raise DataError(f"--vocab_size {vocab_size}: token ids are stored as uint16, so at most {MAX_VOCAB:,} (0 = Llama 2)")
+    if vocab_size < 0 or vocab_size > MAX_VOCAB_SIZE:
+        raise DataError(f"--vocab_size {vocab_size}: token ids are stored as uint16, so at most "
+                        f"{MAX_VOCAB_SIZE:,} (0 = Llama 2)")
     if tokenizer is not None:
         path = Path(tokenizer)
     elif vocab_size == 0:
@@ -492,18 +443,20 @@ def find_tokenizer(data_dir: Path, vocab_size: int, tokenizer=None, name=None) -
             raise DataError(f"no Llama 2 tokenizer at {path}: run `python tinystories.py download`, "
                             "or pass --tokenizer PATH")
     else:
-        candidates = ([data_dir / name / f"tok{vocab_size}.model"] if name else []) + [data_dir / f"tok{vocab_size}.model"]
+        model = f"tok{vocab_size}.model"
+        candidates = ([data_dir / name / model] if name else []) + [data_dir / model]
         if not (found := [p for p in candidates if p.is_file()]):
             fit = f" --input YOUR_TEXT --name {name}" if name else ""
-            raise DataError(f"no tokenizer {candidates[0]}: run "
-                            f"`python tinystories.py train_vocab --vocab_size {vocab_size}{fit}{data_dir_option(data_dir)}`")
+            raise DataError(f"no tokenizer {candidates[0]}: run `python tinystories.py train_vocab "
+                            f"--vocab_size {vocab_size}{fit}{data_dir_option(data_dir)}`")
         path = found[0]
     try:
         tok = Tokenizer(path)
     except (FileNotFoundError, ValueError) as e:
         raise DataError(str(e)) from None
-    if tok.vocab_size > MAX_VOCAB:
-        raise DataError(f"{path} has {tok.vocab_size:,} tokens: token ids are stored as uint16, so at most {MAX_VOCAB:,}")
+    if tok.vocab_size > MAX_VOCAB_SIZE:
+        raise DataError(f"{path} has {tok.vocab_size:,} tokens: token ids are stored as uint16, so at most "
+                        f"{MAX_VOCAB_SIZE:,}")
     if vocab_size and tok.vocab_size != vocab_size:
         raise DataError(f"{path} has {tok.vocab_size:,} tokens, not --vocab_size {vocab_size}")
     if tok.bos_id < 0:
@@ -514,14 +467,15 @@ def find_tokenizer(data_dir: Path, vocab_size: int, tokenizer=None, name=None) -
 def pretokenize(data_dir, vocab_size: int = 0, tokenizer=None) -> Path:
     data_dir = Path(data_dir)
     src = data_dir / TINYSTORIES_DIR
-    shards = json_shards(src)
+    shards = list_shards(src, "json")
     if not shards:
         raise DataError(f"no TinyStories data (dataNN.json) in {src}: run `python tinystories.py download`")
     tok = find_tokenizer(data_dir, vocab_size, tokenizer)
     out = src if vocab_size == 0 else data_dir / f"tok{vocab_size}"
     if len(shards) == 1:  # one shard: hold out every VAL_EVERY-th story as the validation shard
         size = shards[0].stat().st_size
-        jobs = [("data00.bin", ("json", shards[0], "val"), size // 2), ("data01.bin", ("json", shards[0], "train"), size // 2)]
+        jobs = [("data00.bin", ("json", shards[0], "val"), size // 2),
+                ("data01.bin", ("json", shards[0], "train"), size // 2)]
     else:
         jobs = [(f"data{i:02d}.bin", ("json", p, None), p.stat().st_size) for i, p in enumerate(shards)]
     total = sum(weight for *_, weight in jobs)
@@ -553,7 +507,8 @@ def _prepare_jobs(input) -> Iterator[tuple[str, tuple, int]]:
     if train:
         yield f"data{shard:02d}.bin", ("docs", train), chars
     elif shard == 1:
-        raise DataError(f"{input} holds {len(val)} document(s): need at least 2, one of them held out for validation")
+        raise DataError(f"{input} holds {len(val)} document(s): need at least 2, one of them held out for "
+                        "validation")
     yield "data00.bin", ("docs", val), sum(map(len, val))
 
 
@@ -571,14 +526,16 @@ def write_shards(out_dir: Path, jobs: Iterable[tuple[str, tuple, int]], tok: Tok
     global _worker_tok
     _worker_tok = tok
     tok.encode_documents([])  # runs its one-time check of the vocabulary
-    pool = concurrent.futures.ProcessPoolExecutor(procs, initializer=_init_worker, initargs=(tok.model_path, threads))
+    pool = concurrent.futures.ProcessPoolExecutor(procs, initializer=_init_worker,
+                                                  initargs=(tok.model_path, threads))
     pending, results, tmps = {}, {}, []
     try:
-        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"tokenizing into {out_dir}") as bar:
+        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
+                  desc=f"tokenizing into {out_dir}") as bar:
             for name, job, weight in jobs:
                 tmps.append(out_dir / f"{name}.tmp")
                 pending[pool.submit(_encode_job, job, str(tmps[-1]))] = (name, weight)
-                if len(pending) >= 2 * procs:  # prepare reads its input as it goes: bound what waits in memory
+                if len(pending) >= 2 * procs:  # prepare reads its input as it goes: bound what waits
                     _collect(pending, results, bar, concurrent.futures.FIRST_COMPLETED)
             _collect(pending, results, bar, concurrent.futures.ALL_COMPLETED)
             bar.update(bar.total - bar.n)
@@ -601,16 +558,18 @@ def write_shards(out_dir: Path, jobs: Iterable[tuple[str, tuple, int]], tok: Tok
         os.replace(out_dir / f"{name}.tmp", out_dir / name)
     names = [p.name for p in list_shards(out_dir)]
     stories, tokens = (sum(results[n][k] for n in names) for k in (0, 1))
-    meta = {"tokenizer": tok.model_path, "vocab_size": tok.vocab_size, "bos_id": tok.bos_id, "eos_id": tok.eos_id,
-            "num_stories": stories, "num_tokens": tokens, "dtype": "uint16", "source": str(Path(source).resolve()),
-            "val_shard": names[0], "shards": {n: {"stories": results[n][0], "tokens": results[n][1]} for n in names}}
+    meta = {"tokenizer": tok.model_path, "vocab_size": tok.vocab_size, "bos_id": tok.bos_id,
+            "eos_id": tok.eos_id, "num_stories": stories, "num_tokens": tokens, "dtype": "uint16",
+            "source": str(Path(source).resolve()), "val_shard": names[0],
+            "shards": {n: {"stories": results[n][0], "tokens": results[n][1]} for n in names}}
     tmp = out_dir / "meta.json.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=1)
     os.replace(tmp, out_dir / "meta.json")
     dt = time.time() - t0
     print(f"wrote {len(names)} shards to {out_dir}: {stories:,} stories, {tokens:,} tokens "
-          f"({tokens / max(stories, 1):.1f} per story; validation {names[0]}: {results[names[0]][1]:,} tokens) "
+          f"({tokens / max(stories, 1):.1f} per story; validation {names[0]}: {results[names[0]][1]:,} "
+          "tokens) "
           f"in {dt:.1f} s ({tokens / dt / 1e6:.2f} M tokens/s)")
     return out_dir
 
@@ -648,204 +607,47 @@ def _encode_job(job: tuple, out_path: str) -> tuple[int, int]:
 
 
 # -----------------------------------------------------------------------------
-# the batch loader
-
-class ShardBatches:
-    """Global batch g -> (x, y), a pure function of (seed, g): the same in every process and on every run.
-
-    The window stream: epoch e visits the shards in an order drawn from (seed, e); within a shard it takes
-    non-overlapping windows of max_seq_len + 1 tokens from a random offset, in a random order, both drawn
-    from (seed, e, shard). Batch g is windows g*B ... g*B + B - 1 of that stream."""
-
-    def __init__(self, shard_dir, split: str, batch_size: int, max_seq_len: int, seed: int):
-        shards = list_shards(shard_dir)
-        if not shards:
-            raise DataError(f"no shards (dataNN.bin) in {shard_dir}: run `{shard_command(shard_dir)}`")
-        if split == "train" and len(shards) == 1:
-            raise DataError(f"{shard_dir} holds only the validation shard {shards[0].name}: run `{shard_command(shard_dir)}`")
-        self.paths = [str(p) for p in (shards[:1] if split == "val" else shards[1:])]
-        self.batch_size, self.window, self.seed = batch_size, max_seq_len + 1, seed % 2**63
-        sizes = [os.path.getsize(p) for p in self.paths]
-        if any(size % 2 for size in sizes):
-            raise DataError(f"a shard in {shard_dir} is not uint16 (odd size): run `{shard_command(shard_dir)}` again")
-        self.tokens = np.array(sizes, dtype=np.int64) // 2
-        full = self.tokens // self.window
-        # windows per shard per epoch; one is kept spare so the random offset can range over a whole window
-        self.windows = np.where(full >= 2, full - 1, full)
-        self.per_epoch = int(self.windows.sum())
-        if self.per_epoch == 0:
-            raise DataError(f"the {split} split of {shard_dir} has {self.tokens.sum():,} tokens, no shard with "
-                            f"max_seq_len + 1 = {self.window}: use a smaller max_seq_len or more data")
-        self._orders, self._plans = {}, {}  # small caches: the current epoch and shards
-
-    def __getitem__(self, g: int):
-        import torch
-
-        shards, starts = self.locate(g)
-        out = np.empty((self.batch_size, self.window), dtype=np.int64)
-        for s in np.unique(shards):
-            rows = shards == s
-            # opened per batch and dropped: a memmap held for the whole run grows resident memory
-            data = np.memmap(self.paths[s], dtype=np.uint16, mode="r")
-            out[rows] = data[starts[rows, None] + np.arange(self.window)]  # (rows, T + 1)
-            del data
-        batch = torch.from_numpy(out)
-        return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()  # x, y: (B, T)
-
-    def locate(self, g: int) -> tuple[np.ndarray, np.ndarray]:
-        """Shard index and start token of each window of batch g."""
-        epochs, index = np.divmod(np.arange(g * self.batch_size, (g + 1) * self.batch_size, dtype=np.int64), self.per_epoch)
-        shards, starts = np.empty_like(index), np.empty_like(index)
-        for e in np.unique(epochs):
-            sel = epochs == e
-            order, ends = self._epoch(int(e))
-            pos = np.searchsorted(ends, index[sel], side="right")  # which shard in this epoch's order
-            s = order[pos]
-            j = index[sel] - (ends[pos] - self.windows[s])  # which window within the shard
-            st = np.empty_like(j)
-            for k in np.unique(s):
-                offset, perm = self._plan(int(e), int(k))
-                st[s == k] = offset + perm[j[s == k]] * self.window
-            shards[sel], starts[sel] = s, st
-        return shards, starts
-
-    def _epoch(self, e: int):
-        if e not in self._orders:
-            order = np.random.default_rng([self.seed, e, 0]).permutation(len(self.paths))
-            self._orders = {e: (order, np.cumsum(self.windows[order]))}
-        return self._orders[e]
-
-    def _plan(self, e: int, s: int):
-        if (e, s) not in self._plans:
-            rng = np.random.default_rng([self.seed, e, 1, s])
-            slack = int(self.tokens[s] - self.windows[s] * self.window)
-            offset = int(rng.integers(min(self.window - 1, slack) + 1))
-            if len(self._plans) >= 8:
-                self._plans.pop(next(iter(self._plans)))
-            self._plans[(e, s)] = (offset, rng.permutation(int(self.windows[s])))
-        return self._plans[(e, s)]
-
-
-class _RankIndices:
-    """The global batch indices of one rank from its j-th batch on: rank, rank + W, rank + 2W, ..."""
-
-    def __init__(self, start: int, rank: int, world_size: int):
-        self.start, self.rank, self.world_size = start, rank, world_size
-
-    def __iter__(self):
-        return (self.rank + self.world_size * j for j in itertools.count(self.start))
-
-
-class BatchLoader:
-    """Random (x, y) int64 batches of shape (batch_size, max_seq_len) from the shards of shard_dir.
-
-    Rank r of world_size W takes global batches r, r + W, r + 2W, ... of one deterministic stream
-    (ShardBatches), so ranks never overlap and W ranks with A accumulation steps see exactly the batches
-    one process sees with W * A steps. Workers (num_workers > 0) fetch the same batches in the same order.
-    state_dict() is the number of batches taken, so load_state_dict() continues with the exact next batch."""
-
-    def __init__(self, shard_dir, split: str, batch_size: int, max_seq_len: int, seed: int,
-                 rank: int = 0, world_size: int = 1, device="cpu", num_workers: int = 0):
-        if split not in ("train", "val"):
-            raise ValueError(f"split must be 'train' or 'val', not {split!r}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
-        if batch_size < 1 or max_seq_len < 1 or num_workers < 0:
-            raise ValueError("batch_size and max_seq_len must be positive, num_workers >= 0")
-        self.shard_dir, self.split, self.seed = str(shard_dir), split, seed
-        self.batch_size, self.max_seq_len = batch_size, max_seq_len
-        self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
-        self.device = str(device)
-        self.pin = self.device.startswith("cuda")  # pinned memory only helps (and only works everywhere) on CUDA
-        self.batches = ShardBatches(shard_dir, split, batch_size, max_seq_len, seed)
-        self.num_tokens = int(self.batches.tokens.sum())
-        self.batches_per_epoch = self.batches.per_epoch / batch_size  # over all ranks
-        self.consumed = 0  # batches this rank has returned
-        self._workers = None
-
-    def next_batch(self):
-        if self.num_workers == 0:
-            x, y = self.batches[self.rank + self.world_size * self.consumed]
-            if self.pin:
-                x, y = x.pin_memory(), y.pin_memory()
-        else:
-            if self._workers is None:
-                self._workers = self._start_workers()
-            x, y = next(self._workers)
-        self.consumed += 1
-        if self.device == "cpu":
-            return x, y
-        return x.to(self.device, non_blocking=self.pin), y.to(self.device, non_blocking=self.pin)
-
-    def _start_workers(self):
-        import torch.utils.data
-
-        # a map-style dataset over an endless index sampler: the DataLoader hands indices to the workers in
-        # turn and returns their batches in index order, so any num_workers gives the same sequence
-        loader = torch.utils.data.DataLoader(
-            self.batches, batch_size=None, sampler=_RankIndices(self.consumed, self.rank, self.world_size),
-            num_workers=self.num_workers, pin_memory=self.pin,
-        )
-        return iter(loader)
-
-    def state_dict(self) -> dict:
-        g = self.rank + self.world_size * self.consumed
-        shards, starts = self.batches.locate(g)
-        epoch = g * self.batch_size // self.batches.per_epoch
-        order, _ = self.batches._epoch(epoch)
-        name = lambda s: Path(self.batches.paths[s]).name
-        return {
-            "batches_consumed": self.consumed, "batch_size": self.batch_size, "max_seq_len": self.max_seq_len,
-            "world_size": self.world_size, "seed": self.seed, "split": self.split,
-            # where the next batch starts, for people reading a checkpoint; loading uses batches_consumed
-            "epoch": int(epoch), "shard": name(shards[0]), "position": int(starts[0]),
-            "shard_order": [name(s) for s in order],
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("split", self.split) != self.split:
-            raise ValueError(f"loader state is for the {state['split']!r} split, not {self.split!r}")
-        shape = ("batch_size", "max_seq_len", "world_size")
-        if all(state[k] == getattr(self, k) for k in shape):
-            self.consumed = int(state["batches_consumed"])
-        else:  # resumed with another batch shape: continue at the same token of the global stream
-            tokens = state["batches_consumed"] * state["world_size"] * state["batch_size"] * state["max_seq_len"]
-            self.consumed = -(-tokens // (self.world_size * self.batch_size * self.max_seq_len))
-        self._workers = None  # restart the workers at the new position
-
-
-# -----------------------------------------------------------------------------
 # command line
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--data_dir", default="data", help="where the data lives (default: data)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("download", parents=[common], help="fetch and unpack TinyStories and the Llama 2 tokenizer")
+    p = sub.add_parser("download", parents=[common],
+                       help="fetch and unpack TinyStories and the Llama 2 tokenizer")
     p.add_argument("--url", help=f"URL, file:// URL or local path of TinyStories_all_data.tar.gz (default: "
-                                 f"$HF_ENDPOINT/{TINYSTORIES_PATH}, HF_ENDPOINT defaulting to https://huggingface.co)")
-    p.add_argument("--tokenizer_url", default=LLAMA2_TOKENIZER_URL, help="URL or path of the Llama 2 tokenizer.model")
-    p.add_argument("--retries", type=int, default=3, help="resume a broken transfer this many times (default: 3)")
+                                 f"$HF_ENDPOINT/{TINYSTORIES_PATH}, HF_ENDPOINT defaulting to "
+                                 "https://huggingface.co)")
+    p.add_argument("--tokenizer_url", default=LLAMA2_TOKENIZER_URL,
+                   help="URL or path of the Llama 2 tokenizer.model")
+    p.add_argument("--retries", type=int, default=3,
+                   help="resume a broken transfer this many times (default: 3)")
 
-    p = sub.add_parser("train_vocab", parents=[common], help="train a sentencepiece BPE vocabulary: DATA_DIR/tok{N}.model")
+    p = sub.add_parser("train_vocab", parents=[common],
+                       help="train a sentencepiece BPE vocabulary: DATA_DIR/tok{N}.model")
     p.add_argument("--vocab_size", type=int, required=True)
-    p.add_argument("--num_stories", type=int, default=100_000, help="train on this many stories (default: 100000)")
-    p.add_argument("--input", help="fit your own text instead (see prepare); writes DATA_DIR/NAME/tok{N}.model")
+    p.add_argument("--num_stories", type=int, default=100_000,
+                   help="train on this many stories (default: 100000)")
+    p.add_argument("--input", help="fit your own text instead (see prepare): DATA_DIR/NAME/tok{N}.model")
     p.add_argument("--name", help="with --input: the dataset name you give prepare")
 
     p = sub.add_parser("pretokenize", parents=[common], help="TinyStories -> token shards")
-    p.add_argument("--vocab_size", type=int, default=0, help="0 (default): Llama 2 -> DATA_DIR/TinyStories_all_data/; "
-                                                             "N: DATA_DIR/tok{N}.model -> DATA_DIR/tok{N}/")
+    p.add_argument("--vocab_size", type=int, default=0,
+                   help="0 (default): Llama 2 -> DATA_DIR/TinyStories_all_data/; "
+                        "N: DATA_DIR/tok{N}.model -> DATA_DIR/tok{N}/")
     p.add_argument("--tokenizer", help="use this sentencepiece .model instead")
 
     p = sub.add_parser("prepare", parents=[common], help="your own text -> token shards in DATA_DIR/NAME/")
-    p.add_argument("--input", required=True, help=".txt (<|endoftext|>-separated or plain), .jsonl/.json with a "
-                                                  "\"text\" or \"story\" field, or a directory of them")
+    p.add_argument("--input", required=True,
+                   help=".txt (<|endoftext|>-separated or plain), .jsonl/.json with a \"text\" or \"story\" "
+                        "field, or a directory of them")
     p.add_argument("--name", required=True, help="dataset name: train with `python train.py --dataset=NAME`")
-    p.add_argument("--vocab_size", type=int, default=0, help="0 (default): Llama 2; N: DATA_DIR/NAME/tok{N}.model "
-                                                             "(from train_vocab --input), else DATA_DIR/tok{N}.model")
+    p.add_argument("--vocab_size", type=int, default=0,
+                   help="0 (default): Llama 2; N: DATA_DIR/NAME/tok{N}.model (from train_vocab --input), "
+                        "else DATA_DIR/tok{N}.model")
     p.add_argument("--tokenizer", help="use this sentencepiece .model instead")
 
     args = parser.parse_args(argv)

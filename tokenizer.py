@@ -21,12 +21,15 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
+MAX_VOCAB_SIZE = 65536  # shards store token ids as uint16: ids 0 ... 65535
+
 # A "word": a run of spaces and the non-spaces after it; spaces that end the text stay with the last
 # word (sentencepiece writes spaces as U+2581 "▁", and reads a "▁" in the text as a space).
 _split_words = re.compile(r"[ \u2581]+[^ \u2581]+(?:[ \u2581]+\Z)?|[ \u2581]+\Z").findall
 # Text that exercises what makes words independent: runs of spaces, a literal "▁", tabs, newlines,
 # digits, and characters a normalizer other than "identity" would change.
-_PROBE = " Once  upon a\ttime,   Tom\n\nsaw 1234 \u2581ducks \uff21\uff22 \ufb01sh caf\u00e9 \u4e16\u754c \U0001F642 end.  "
+_PROBE = (" Once  upon a\ttime,   Tom\n\nsaw 1234 \u2581ducks \uff21\uff22 \ufb01sh caf\u00e9 \u4e16\u754c "
+          "\U0001F642 end.  ")
 
 
 class Tokenizer:
@@ -45,7 +48,8 @@ class Tokenizer:
         self.vocab_size: int = self.sp.vocab_size()
         self.bos_id: int = self.sp.bos_id()  # -1 when the model has none
         self.eos_id: int = self.sp.eos_id()
-        self._unk_text = self.sp.decode([self.sp.unk_id()]).encode("utf-8")  # " ⁇ " in sentencepiece's default
+        # " ⁇ " in sentencepiece's default
+        self._unk_text = self.sp.decode([self.sp.unk_id()]).encode("utf-8")
         self._words = None  # encode_documents' table of distinct words
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
@@ -67,7 +71,7 @@ class Tokenizer:
         words, and a story corpus repeats its words. Each distinct word is encoded once (with the dummy
         prefix standing in for its space) and the shard is assembled with numpy. Models where that does
         not hold (checked once, on a probe) get the plain batch encode."""
-        if self.vocab_size > 65536:
+        if self.vocab_size > MAX_VOCAB_SIZE:
             raise ValueError(f"{self.model_path} has {self.vocab_size} tokens: ids do not fit in uint16")
         self._check_specials(True, False)
         threads = num_threads or os.cpu_count() or 1
@@ -91,17 +95,12 @@ class Tokenizer:
             crossing = any("\u2581" in sp.id_to_piece(i).lstrip("\u2581") for i in range(self.vocab_size))
             by_words = [i for w in _split_words(" " + _PROBE) for i in sp.encode(w[1:])]
             lossless = _PROBE.replace("\u2581", "")  # a literal "▁" decodes as a space
-            self._independent = not crossing and sp.decode(sp.encode(lossless)) == lossless and by_words == sp.encode(_PROBE)
+            self._independent = (not crossing and sp.decode(sp.encode(lossless)) == lossless
+                                 and by_words == sp.encode(_PROBE))
         return self._independent
 
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode([int(i) for i in ids])
-
-    def decode_piece(self, prev_id: int, id: int) -> str:
-        # The text of one token for streaming output, llama2.c's rule: a piece right after BOS loses its
-        # leading space (sentencepiece's dummy prefix). A byte-fallback token of a multi-byte character is
-        # not text on its own and comes back as U+FFFD; use decode_stream for exact output.
-        return self._piece_bytes(id, strip_space=prev_id == self.bos_id).decode("utf-8", errors="replace")
 
     def decode_stream(self, ids: Iterable[int], prev_id: int | None = None) -> Iterator[str]:
         # Text as the ids arrive; "".join(...) equals decode(ids) for a sequence that starts the text
@@ -157,7 +156,8 @@ class _WordTable:
             n = np.fromiter(map(len, ids), np.int64, len(ids))
             self.start = np.concatenate([self.start, len(self.flat) + np.cumsum(n) - n])
             self.length = np.concatenate([self.length, n])
-            self.flat = np.concatenate([self.flat, np.fromiter(itertools.chain.from_iterable(ids), np.uint16, n.sum())])
+            flat = np.fromiter(itertools.chain.from_iterable(ids), np.uint16, n.sum())
+            self.flat = np.concatenate([self.flat, flat])
             self.rows.update(zip(new, range(len(self.rows), len(self.rows) + len(new))))
         seq = np.fromiter(map(self.rows.__getitem__, words), np.int64, len(words))
         n = self.length[seq]

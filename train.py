@@ -41,9 +41,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import cpu_speedups as speedups  # the module; `cpu_speedups` below is the setting
+import dataloader
 import runs
 import runtime
-import tinystories
 from checkpoint import from_checkpoint, save_checkpoint
 from configurator import ConfigError, format_config, parse_config
 from model import ModelArgs, Transformer
@@ -320,8 +320,8 @@ def check_vocabulary(checkpoint: dict, path: str, meta: dict, shard_dir) -> None
 
 def open_dataset(c: dict):
     # the shard directory's meta.json says which tokenizer made it
-    shard_dir = tinystories.dataset_dir(c["data_dir"], c["dataset"], c["vocab_source"], c["vocab_size"])
-    meta = tinystories.read_meta(shard_dir)
+    shard_dir = dataloader.dataset_dir(c["data_dir"], c["dataset"], c["vocab_source"], c["vocab_size"])
+    meta = dataloader.read_meta(shard_dir)
     if meta["vocab_size"] != c["vocab_size"]:
         raise ConfigError(f"the data in {shard_dir} was tokenized with a {meta['vocab_size']}-token vocabulary but "
                           f"vocab_size={c['vocab_size']}; set --vocab_size={meta['vocab_size']} or re-tokenize")
@@ -351,22 +351,22 @@ def wrap_ddp(model, device: str) -> DDP:
 
 
 @torch.no_grad()
-def evaluate(model, shard_dir, c, rank, world_size, device, ctx) -> dict:
-    # fresh loaders with a fixed seed: the same batches at every eval, so evals compare like with like
+def evaluate(model, loaders: dict, eval_iters: int, world_size: int, device, ctx) -> dict:
+    # loaders: {split: BatchLoader} with their own fixed seed, rewound each time: every eval sees the same
+    # batches, so evals compare like with like
     model.eval()
     losses = {}
-    for split in ("train", "val"):
-        loader = tinystories.BatchLoader(shard_dir, split, c["batch_size"], c["max_seq_len"], EVAL_SEED,
-                                         rank=rank, world_size=world_size, device=device)
+    for split, loader in loaders.items():
+        loader.rewind()
         total = torch.zeros((), device=device)
-        for _ in range(c["eval_iters"]):
+        for _ in range(eval_iters):
             x, y = loader.next_batch()
             with ctx:
                 _, loss = model(x, y)
             total += loss.float()
         if world_size > 1:
             dist.all_reduce(total)  # every rank evaluates its own batches; the mean is over all of them
-        losses[split] = total.item() / (c["eval_iters"] * world_size)
+        losses[split] = total.item() / (eval_iters * world_size)
     model.train()
     return losses
 
@@ -434,8 +434,12 @@ def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str)
                                                device_type)
     # a no-op unless float16: it scales the loss so small gradients do not underflow
     scaler = torch.amp.GradScaler(device_type, enabled=c["dtype"] == "float16")
-    loader = tinystories.BatchLoader(shard_dir, "train", c["batch_size"], c["max_seq_len"], c["seed"], rank=rank,
-                                     world_size=world_size, device=device, num_workers=c["num_workers"])
+    loader = dataloader.BatchLoader(shard_dir, "train", c["batch_size"], c["max_seq_len"], c["seed"],
+                                    vocab_size=c["vocab_size"], rank=rank, world_size=world_size,
+                                    device=device, num_workers=c["num_workers"])
+    eval_loaders = {split: dataloader.BatchLoader(shard_dir, split, c["batch_size"], c["max_seq_len"], EVAL_SEED,
+                                                  vocab_size=c["vocab_size"], rank=rank, world_size=world_size,
+                                                  device=device) for split in ("train", "val")}
     iter_num, tokens_seen, best_val_loss, last_saved, rng_to_restore = 0, 0, float("inf"), None, None
     progress = runs.Progress(c["eval_interval"])
     if resume:
@@ -494,7 +498,7 @@ def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str)
                          f"Try a lower learning_rate, a grad_clip, or dtype=bfloat16/float32")
 
     if c["eval_only"]:
-        losses = evaluate(model, shard_dir, c, rank, world_size, device, ctx)
+        losses = evaluate(model, eval_loaders, c["eval_iters"], world_size, device, ctx)
         print0(f"eval at iteration {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
         return {"iter_num": iter_num, **losses}
     if iter_num >= c["max_iters"]:
@@ -502,6 +506,7 @@ def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str)
         return {"iter_num": iter_num}
     if rng_to_restore is not None:
         runs.set_rng_state(rng_to_restore)  # last, so that nothing above draws from the restored streams
+    x, y = loader.next_batch()
 
     while iter_num < c["max_iters"]:
         lr = get_lr(iter_num, c["learning_rate"], c["warmup_iters"], c["lr_decay_iters"], c["min_lr"]) \
@@ -511,7 +516,6 @@ def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str)
 
         # gradient accumulation: accum_steps micro-batches per optimizer step on each process
         loss_sum = torch.zeros((), device=device)
-        x, y = loader.next_batch()
         for micro_step in range(accum_steps):
             last = micro_step == accum_steps - 1
             # under DDP the gradients are all-reduced once, in the last micro-step's backward
@@ -519,8 +523,9 @@ def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str)
                 with ctx:
                     _, loss = train_model(x, y)
                     loss = loss / accum_steps  # gradients add up over micro-steps: this makes them a mean
-                if not last:
-                    x, y = loader.next_batch()  # while the GPU works on the forward pass
+                # the next micro-batch (after the last one, the next iteration's first) is made while the
+                # GPU works, before anything below waits for it
+                x, y = loader.next_batch()
                 scaler.scale(loss).backward()
             loss_sum += loss.detach().float()
         scaler.unscale_(optimizer)  # clip and report the true gradients, not the fp16-scaled ones
@@ -566,7 +571,7 @@ def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str)
         improved = False
         if iter_num % c["eval_interval"] == 0 or finished:
             eval_start = time.perf_counter()
-            losses = evaluate(model, shard_dir, c, rank, world_size, device, ctx)
+            losses = evaluate(model, eval_loaders, c["eval_iters"], world_size, device, ctx)
             for split, value in losses.items():
                 if not math.isfinite(value):
                     stop_non_finite(f"the {split} loss", value)
@@ -587,7 +592,7 @@ def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str)
                 state = {"model": raw_model.state_dict(), "model_args": asdict(raw_model.args),
                          "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "config": c,
                          "iter_num": iter_num, "tokens_seen": tokens_seen, "best_val_loss": best_val_loss,
-                         "loader_state": loader.state_dict(), "rng_state": rng_states,
+                         "loader_state": loader.state_dict(unused=1), "rng_state": rng_states,
                          "tokenizer": meta["tokenizer"], "elapsed_s": progress.elapsed()}
                 written = runs.save_checkpoints(c["out_dir"], state, latest, improved, c["keep_checkpoints"],
                                                 save_checkpoint)
@@ -615,7 +620,7 @@ def main(argv: list[str] | None = None) -> None:
         if config["cpu_speedups"] and runtime.resolve_device(config["device"]) == "cpu":
             speedups.keep_freed_memory()  # process-wide, hence here and not inside train()
         train(config)
-    except (ConfigError, TrainError, tinystories.DataError) as e:
+    except (ConfigError, TrainError, dataloader.DataError) as e:
         sys.exit(f"error: {e}")
     except torch.cuda.OutOfMemoryError:
         b, a = config["batch_size"], config["gradient_accumulation_steps"]

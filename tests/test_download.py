@@ -10,6 +10,7 @@ import pytest
 from fixture_corpus import make_stories, write_json_shards
 
 import tinystories as ts
+from dataloader import TINYSTORIES_DIR, list_shards
 
 ARCHIVE_PATH = "/" + ts.TINYSTORIES_PATH
 
@@ -64,11 +65,11 @@ def server():
 def payload(tmp_path_factory):
     """A TinyStories-style archive and a small sentencepiece model to serve."""
     d = tmp_path_factory.mktemp("payload")
-    write_json_shards(str(d / "ts" / ts.TINYSTORIES_DIR), make_stories(400, seed=9), 4)
+    write_json_shards(str(d / "ts" / TINYSTORIES_DIR), make_stories(400, seed=9), 4)
     ts.train_vocab(d / "ts", 300, num_stories=200)
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for p in ts.json_shards(d / "ts" / ts.TINYSTORIES_DIR):
+        for p in list_shards(d / "ts" / TINYSTORIES_DIR, "json"):
             tar.add(p, arcname=p.name)
     return {"archive": buf.getvalue(), "tokenizer": (d / "ts" / "tok300.model").read_bytes(), "dir": d}
 
@@ -92,7 +93,8 @@ def errors(capsys):
 
 
 def assert_complete(data, payload):
-    assert [p.name for p in ts.json_shards(data / ts.TINYSTORIES_DIR)] == [f"data0{i}.json" for i in range(4)]
+    names = [p.name for p in list_shards(data / TINYSTORIES_DIR, "json")]
+    assert names == [f"data0{i}.json" for i in range(4)]
     assert (data / "TinyStories_all_data.tar.gz").read_bytes() == payload["archive"]
     assert (data / ts.LLAMA2_TOKENIZER).read_bytes() == payload["tokenizer"]
     assert not [p for p in data.iterdir() if p.name.endswith(".part") or p.name.startswith(".")]
@@ -135,7 +137,7 @@ def test_resume_in_a_later_run(server, payload, tmp_path, capsys):
     part = tmp_path / "TinyStories_all_data.tar.gz.part"
     have = part.stat().st_size
     assert 0 < have < len(payload["archive"])
-    assert sorted(p.name for p in tmp_path.iterdir()) == [part.name]  # nothing a later step could take for data
+    assert sorted(p.name for p in tmp_path.iterdir()) == [part.name]  # nothing a later step takes for data
     assert download(tmp_path, *args) == 0
     assert_complete(tmp_path, payload)
     assert [r for p, r in server.log if p == ARCHIVE_PATH][-1] == f"bytes={have}-"
@@ -143,7 +145,8 @@ def test_resume_in_a_later_run(server, payload, tmp_path, capsys):
 
 def test_complete_part_file_is_renamed(server, payload, tmp_path):
     args = serve(server, payload)
-    (tmp_path / "TinyStories_all_data.tar.gz.part").write_bytes(payload["archive"])  # crashed just before rename
+    # crashed just before the rename
+    (tmp_path / "TinyStories_all_data.tar.gz.part").write_bytes(payload["archive"])
     assert download(tmp_path, *args) == 0  # the server answers 416: nothing left to send
     assert_complete(tmp_path, payload)
 
@@ -180,7 +183,7 @@ def test_local_path_and_file_url(payload, tmp_path):
     tok.write_bytes(payload["tokenizer"])
     for data, url in [(tmp_path / "a", str(archive)), (tmp_path / "b", archive.as_uri())]:
         assert download(data, "--url", url, "--tokenizer_url", tok.as_uri()) == 0
-        assert len(ts.json_shards(data / ts.TINYSTORIES_DIR)) == 4
+        assert len(list_shards(data / TINYSTORIES_DIR, "json")) == 4
         assert (data / ts.LLAMA2_TOKENIZER).read_bytes() == payload["tokenizer"]
         assert not (data / "TinyStories_all_data.tar.gz").exists()  # used in place, not copied
     assert download(tmp_path / "c", "--url", str(tmp_path / "missing.tar.gz")) == 1
@@ -217,7 +220,8 @@ def make_tar(path, member: tarfile.TarInfo, data=b"[]"):
 
 @pytest.mark.parametrize("kind", ["parent", "absolute", "symlink", "hardlink"])
 def test_unsafe_archives_are_refused(tmp_path, capsys, kind):
-    member = tarfile.TarInfo({"parent": "../evil.json", "absolute": str(tmp_path / "abs.json")}.get(kind, "data01.json"))
+    name = {"parent": "../evil.json", "absolute": str(tmp_path / "abs.json")}.get(kind, "data01.json")
+    member = tarfile.TarInfo(name)
     if kind in ("symlink", "hardlink"):
         member.type = tarfile.SYMTYPE if kind == "symlink" else tarfile.LNKTYPE
         member.linkname = "/etc/passwd" if kind == "symlink" else "data00.json"
@@ -225,7 +229,8 @@ def test_unsafe_archives_are_refused(tmp_path, capsys, kind):
         member.size = 2
     make_tar(tmp_path / "evil.tar.gz", member)
     data = tmp_path / "data"
-    assert download(data, "--url", str(tmp_path / "evil.tar.gz"), "--tokenizer_url", str(tmp_path / "none")) == 1
+    args = ["--url", str(tmp_path / "evil.tar.gz"), "--tokenizer_url", str(tmp_path / "none")]
+    assert download(data, *args) == 1
     [err] = errors(capsys)
     assert "refusing to unpack" in err
     assert list(data.iterdir()) == []  # no target, no temporary directory

@@ -14,6 +14,7 @@ import pytest
 import torch
 from fixture_corpus import make_stories, write_endoftext
 
+import dataloader
 import tinystories
 import train
 from checkpoint import from_checkpoint, write_llama2c
@@ -624,3 +625,29 @@ def test_a_new_run_never_destroys_an_existing_one_unasked(short_run, data_dir, t
     # and a new run that gets to its checkpoint replaces it for good
     ok(run_train(["--overwrite=True", "--max_iters=2", "--eval_interval=2"], data_dir, out))
     assert not (out / "replaced").exists() and [r["iter"] for r in read_metrics(out)[0]] == [1, 2]
+
+
+def test_the_next_batch_is_made_before_the_host_waits_for_the_device(data_dir, tmp_path, monkeypatch):
+    # on a GPU, .item() waits for the step to finish: the next iteration's batch must already be made by
+    # then, or the GPU idles while the CPU builds it
+    events = []
+    real_next, real_item = dataloader.BatchLoader.next_batch, torch.Tensor.item
+
+    def next_batch(self):
+        if self.seed != train.EVAL_SEED:  # the training loader
+            events.append("batch")
+        return real_next(self)
+
+    def item(self):
+        events.append("sync")
+        return real_item(self)
+
+    monkeypatch.setattr(dataloader.BatchLoader, "next_batch", next_batch)
+    monkeypatch.setattr(torch.Tensor, "item", item)
+    train.train(train.parse_settings(TINY + ["--max_iters=3", "--eval_interval=100", "--gradient_accumulation_steps=1",
+                                             f"--data_dir={data_dir}", f"--out_dir={tmp_path}"]))
+    first_sync = events.index("sync")
+    # the first batch, then each iteration's next one, all before that iteration's log line syncs
+    assert events[:first_sync] == ["batch", "batch"], events
+    assert events.count("batch") == 4  # one made ahead at the end: not trained on, and not counted on resume
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["loader_state"]["batches_consumed"] == 3
