@@ -164,15 +164,15 @@ def import_figure():
 
 def make_figure(loaded: list[Run], x: str = "iter", log: bool = False, smooth: float | None = None):
     Figure = import_figure()
-    from matplotlib.ticker import EngFormatter
+    from matplotlib.ticker import EngFormatter, FormatStrFormatter
 
     fig = Figure(figsize=(10, 8), layout="constrained")
     ax_loss, ax_lr, ax_speed = fig.subplots(3, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1, 1]})
     seconds = max((train_seconds(r.logs)[-1] for r in loaded if r.logs), default=0)
     scale, unit = (3600, "h") if seconds > 7200 else (60, "min") if seconds > 120 else (1, "s")
+    div = scale if x == "time" else 1
     for i, (run, label) in enumerate(zip(loaded, run_labels(loaded))):
         color = f"C{i % 10}"
-        div = scale if x == "time" else 1
         at, losses = x_values(run, run.logs, x) / div, [r["loss"] for r in run.logs]
         # gid names each series, so that it can be found in the figure: "out_dir:field"
         ax_loss.plot(at, losses, color=color, alpha=0.25, lw=0.8, gid=f"{run.path}:loss")
@@ -188,6 +188,8 @@ def make_figure(loaded: list[Run], x: str = "iter", log: bool = False, smooth: f
     ax_loss.set_ylabel("loss")
     if log:
         ax_loss.set_yscale("log")
+        for axis in (ax_loss.yaxis.set_major_formatter, ax_loss.yaxis.set_minor_formatter):
+            axis(FormatStrFormatter("%g"))  # 0.6, 2, 3 rather than 6 x 10^-1, 2 x 10^0
     ax_loss.legend(fontsize="small")
     ax_lr.set_ylabel("learning rate")
     ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))  # 1e-3 and its multiples
@@ -279,7 +281,7 @@ def main(argv=None):
                             "e.g. python plot.py out/15m out/42m")
         if args.smooth is not None and not 0 <= args.smooth < 1:
             raise PlotError(f"--smooth={args.smooth} must be in [0, 1) (0 = no smoothing)")
-        loaded = [r for r in map(load_run, args.out_dirs) if r is not None]
+        loaded = [r for r in (load_run(os.path.normpath(p)) for p in args.out_dirs) if r is not None]
         if not loaded:
             raise PlotError("none of the folders given holds a training run's metrics.jsonl")
         if args.table:

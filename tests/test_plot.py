@@ -53,6 +53,7 @@ def render(monkeypatch, tmp_path, *argv) -> dict:
     series = {line.get_gid(): (list(line.get_xdata()), list(line.get_ydata()))
               for ax in fig.axes for line in ax.get_lines()}
     series["legend"] = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    series["loss axis"] = fig.axes[0].get_yscale()
     return series
 
 
@@ -87,10 +88,11 @@ def test_the_figure_plots_the_records_with_the_moving_average(monkeypatch, tmp_p
     out = write_run(tmp_path / "run", [log(2, 4.0, lr=1e-4), log(4, 2.0, lr=2e-4, dt_ms=200.0), ev(4, 2.5),
                                        log(6, 1.0, lr=3e-4), ev(6, 1.5), log(8, 1.0), log(8, 3.0),
                                        '{"iter": 9, "tok'])
-    lines = render(monkeypatch, tmp_path, out, "--smooth=0.5")
+    lines = render(monkeypatch, tmp_path, out, "--smooth=0.75")
     assert "skipped 1 damaged line" in capsys.readouterr().err
     assert lines[f"{out}:loss"] == ([2, 4, 6, 8], [4.0, 2.0, 1.0, 3.0])  # iteration 8 as it was logged last
-    assert lines[f"{out}:loss_smooth"] == ([2, 4, 6, 8], [4.0, 3.0, 2.0, 2.5])  # half the last average + half
+    # each point: 3/4 of the average before it + 1/4 of its loss
+    assert lines[f"{out}:loss_smooth"] == ([2, 4, 6, 8], [4.0, 3.5, 2.875, 2.90625])
     assert lines[f"{out}:val_loss"] == ([4, 6], [2.5, 1.5])
     assert lines[f"{out}:lr"][1] == [1e-4, 2e-4, 3e-4, 1e-3]
     assert lines[f"{out}:tok_per_s"][1] == [10_000, 5_000, 10_000, 10_000]
@@ -107,6 +109,7 @@ def test_the_x_axis_in_tokens_and_in_training_time(monkeypatch, tmp_path):
     out = write_run(tmp_path / "run", records)
     lines = render(monkeypatch, tmp_path, out, "--x=tokens", "--log")
     assert lines[f"{out}:loss"][0] == [320, 640, 768] and lines[f"{out}:val_loss"][0] == [512]
+    assert lines["loss axis"] == "log" and render(monkeypatch, tmp_path, out)["loss axis"] == "linear"
     lines = render(monkeypatch, tmp_path, out, "--x=time")
     assert lines[f"{out}:loss"][0] == pytest.approx([0.5, 1.5, 1.6])
     assert lines[f"{out}:val_loss"][0] == pytest.approx([0.5 + 3 * 0.2])  # 3 iterations into the 0.2 s window
@@ -205,6 +208,7 @@ def test_help_works(capsys):
 # ----------------------------------------------------------------------------- a real run
 
 
+@pytest.mark.slow  # ~10 s on 2 busy cores
 def test_a_real_training_run(monkeypatch, request, tmp_path, capsys):
     out = tmp_path / "out"
     data = request.getfixturevalue("data_dir")
