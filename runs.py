@@ -1,6 +1,7 @@
 """
 A training run's folder, out_dir: what train.py writes there besides the checkpoint, and the
-random-number state a checkpoint carries so that a resumed run continues exactly.
+random-number state a checkpoint carries so that a resumed run continues exactly; and the readers
+of those files (plot.py's).
 
     out_dir/config.json     the resolved settings, git commit, library versions, command line
     out_dir/metrics.jsonl   one JSON object per log line {iter, tokens, loss, lr, ...} and per eval
@@ -133,6 +134,51 @@ def set_aside_previous_run(out_dir) -> str:
 
 def drop_previous_run(out_dir) -> None:
     shutil.rmtree(os.path.join(out_dir, "replaced"), ignore_errors=True)
+
+
+def read_run_info(out_dir) -> dict | None:
+    # config.json as write_run_info wrote it; None for a folder without one
+    path = os.path.join(out_dir, "config.json")
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+# the numbers each kind of metrics.jsonl record must hold ("mfu" may be None, so it is not among them)
+LOG_FIELDS = ("iter", "tokens", "loss", "lr", "dt_ms")  # tok_per_s is None on a first, untimed step
+EVAL_FIELDS = ("iter", "tokens", "val_loss")
+
+
+def read_metrics(out_dir) -> tuple[list[dict], list[dict], int]:
+    """out_dir/metrics.jsonl as (log records, eval records, damaged lines skipped), each list in iteration
+    order and one clean history: where a resumed run went back to its checkpoint, its lines replace the
+    earlier ones from that iteration on (the last occurrence of an iteration wins, and nothing after it
+    from the abandoned attempt survives)."""
+    logs, evals, skipped, top = [], [], 0, -1
+    # errors="replace": bytes garbled on disk make a damaged line, not a crash
+    with open(os.path.join(out_dir, "metrics.jsonl"), encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+                is_log = "loss" in rec
+                if not is_log and "val_loss" not in rec:
+                    continue  # a kind of record this reader does not know
+                ok = isinstance(rec["iter"], int) and all(
+                    isinstance(rec[k], (int, float)) for k in (LOG_FIELDS if is_log else EVAL_FIELDS))
+            except (ValueError, KeyError, TypeError):  # a line cut short by a crash, or not a record at all
+                ok = False
+            if not ok:
+                skipped += 1
+                continue
+            it, same_kind = rec["iter"], logs if is_log else evals
+            # within one attempt iterations only grow (a log line comes before the eval at its iteration)
+            if it < top or (same_kind and same_kind[-1]["iter"] == it):
+                logs = [r for r in logs if r["iter"] < it]
+                evals = [r for r in evals if r["iter"] < it]
+            (logs if is_log else evals).append(rec)
+            top = it
+    return logs, evals, skipped
 
 
 def get_rng_state() -> dict:

@@ -1,0 +1,298 @@
+"""
+See training runs: the loss, learning rate and throughput of one or more out_dirs in one figure, or a table.
+
+    python plot.py out/15m out/42m out/lr3e-4          # runs.png, one colour per run
+    python plot.py out/debug* -o debug.png --x=tokens --log
+    python plot.py out/* --table                        # one row per run; needs no matplotlib
+
+The top panel holds each run's training loss, smoothed, with the raw loss faint behind it, and its val
+loss as dots on a dashed line; below them are the learning rate and the tokens per second. The smoothing
+is an exponential moving average over the logged points: each point is W times the previous average plus
+(1 - W) times its loss. By default W = 1 - 1 / (2% of the run's logged points), an average over about the
+last 2% of the run (0.99 for 5,000 points; none below 50); --smooth=W sets it for every run (0 = none).
+The legend names each run by its out_dir and the settings (from its config.json) whose values differ
+between the runs.
+
+--x=time is the training time: each log line's ms/iter times the iterations since the previous line, so
+evals and checkpoints are left out. A run still going, a resumed run (where it went back to a checkpoint,
+its later lines replace the earlier ones) and a DDP run (rank 0 writes the file) all read as one clean
+history; a line cut short by a crash is skipped with a note. Plotting needs matplotlib
+(pip install matplotlib); --table does not.
+"""
+import argparse
+import math
+import os
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+
+import runs
+
+SPAN = 0.02  # the default moving average spans about this fraction of a run's logged points
+# settings that say where a run's files are or how it was started or logged, not how it trained
+IGNORED = ("out_dir", "data_dir", "init_from", "eval_only", "device", "always_save_checkpoint")
+# settings train.py's resolve_config fills from others when left at None (min_lr = learning_rate / 10,
+# lr_decay_iters = max_iters): named only where some run set them otherwise
+DERIVED = {"min_lr": ("learning_rate", 0.1), "lr_decay_iters": ("max_iters", 1)}
+TABLE_NOTE = ("time: the run's wall time, evals and checkpoints included (for runs that do not record it, the "
+              "training steps' time from ms/iter)\n"
+              "tok/s: training throughput, evals excluded; MFU: time-weighted, where the GPU's peak is known")
+
+
+class PlotError(Exception):
+    pass
+
+
+@dataclass
+class Run:
+    path: str
+    logs: list[dict]  # runs.read_metrics's records, in iteration order
+    evals: list[dict]
+    settings: dict | None  # config.json's settings and world_size; None where unknown
+    params: int | None  # as recorded in config.json; None: counted from the settings when needed
+
+
+def note(text: str) -> None:
+    print(f"note: {text}", file=sys.stderr)
+
+
+def load_run(path: str) -> Run | None:
+    # None (with a note) for a folder without a metrics.jsonl, so that `out/*` may hold other things
+    if not os.path.isdir(path):
+        raise PlotError(f"{path}: no such folder (give train.py's out_dir)")
+    if not os.path.isfile(os.path.join(path, "metrics.jsonl")):
+        note(f"skipping {path}: no metrics.jsonl (not a train.py out_dir, or nothing logged yet)")
+        return None
+    try:
+        logs, evals, skipped = runs.read_metrics(path)
+    except OSError as e:
+        raise PlotError(f"cannot read {path}/metrics.jsonl: {e.strerror or e}") from None
+    if skipped:
+        note(f"{path}/metrics.jsonl: skipped {skipped} damaged line(s)")
+    settings, params = None, None
+    try:
+        info = runs.read_run_info(path)
+        if info is not None:
+            settings, params = {**info["config"], "world_size": info.get("world_size", 1)}, info.get("params")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        note(f"{path}/config.json is unreadable ({type(e).__name__}); the run's settings are unknown")
+    else:
+        if info is None:
+            note(f"{path} has no config.json; the run's settings are unknown")
+    return Run(path, logs, evals, settings, params)
+
+
+def ema(values: list[float], weight: float) -> list[float]:
+    out, avg = [], None
+    for v in values:
+        avg = v if avg is None else weight * avg + (1 - weight) * v
+        out.append(avg)
+    return out
+
+
+def smoothing_weight(n_points: int) -> float:
+    # an exponential average's weight W on the past makes it span about 1 / (1 - W) points
+    return max(0.0, 1 - 1 / (SPAN * n_points)) if n_points else 0.0
+
+
+def train_seconds(logs: list[dict]) -> list[float]:
+    # the training time up to each log line: a line's ms/iter is train.py's mean over the iterations since
+    # the previous line, timed without evals and checkpoints; a recorded "elapsed_s" is taken as it is
+    out, t, prev = [], 0.0, 0
+    for r in logs:
+        t = r["elapsed_s"] if "elapsed_s" in r else t + r["dt_ms"] / 1000 * (r["iter"] - prev)
+        out.append(t)
+        prev = r["iter"]
+    return out
+
+
+def x_values(run: Run, records: list[dict], x: str) -> np.ndarray:
+    # x: "iter" or "tokens" (fields of every record), or "time" in seconds
+    if x != "time":
+        return np.array([r[x] for r in records], dtype=float)
+    # an eval between two log lines is placed at its iteration within their timing window
+    knots = [0] + [r["iter"] for r in run.logs]
+    return np.interp([r["iter"] for r in records], knots, [0.0] + train_seconds(run.logs))
+
+
+def short(v) -> str:
+    # 3e-4 rather than 0.0003: small values read as they are typed
+    if isinstance(v, float) and v != 0 and abs(v) < 1e-2:
+        mantissa, exponent = f"{v:.2e}".split("e")
+        return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def derived(s: dict, key: str) -> bool:
+    if key not in DERIVED:
+        return False
+    source, factor = DERIVED[key]
+    try:
+        return math.isclose(s[key], s[source] * factor)
+    except (KeyError, TypeError):  # not in this run's config, or None
+        return False
+
+
+def differing_settings(settings: list[dict]) -> list[str]:
+    def shown(key):
+        if key in IGNORED or key.startswith("wandb_"):
+            return False
+        values = [s.get(key) for s in settings]
+        return any(v != values[0] for v in values) and not all(derived(s, key) for s in settings)
+
+    return [k for k in dict.fromkeys(k for s in settings for k in s) if shown(k)]
+
+
+def run_labels(loaded: list[Run]) -> list[str]:
+    keys = differing_settings([r.settings for r in loaded if r.settings is not None])
+    labels = []
+    for r in loaded:
+        parts = [f"{k}={short(r.settings[k])}" for k in keys if r.settings and k in r.settings]
+        labels.append(r.path + (f" ({', '.join(parts)})" if parts else ""))
+    return labels
+
+
+def import_figure():
+    try:
+        from matplotlib.figure import Figure  # no pyplot: no GUI backend, renders with Agg anywhere
+    except ImportError:
+        raise PlotError("the figure needs matplotlib: pip install matplotlib "
+                        "(--table works without it)") from None
+    return Figure
+
+
+def make_figure(loaded: list[Run], x: str = "iter", log: bool = False, smooth: float | None = None):
+    Figure = import_figure()
+    from matplotlib.ticker import EngFormatter, FormatStrFormatter
+
+    fig = Figure(figsize=(10, 8), layout="constrained")
+    ax_loss, ax_lr, ax_speed = fig.subplots(3, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1, 1]})
+    seconds = max((train_seconds(r.logs)[-1] for r in loaded if r.logs), default=0)
+    scale, unit = (3600, "h") if seconds > 7200 else (60, "min") if seconds > 120 else (1, "s")
+    div = scale if x == "time" else 1
+    for i, (run, label) in enumerate(zip(loaded, run_labels(loaded))):
+        color = f"C{i % 10}"
+        at, losses = x_values(run, run.logs, x) / div, [r["loss"] for r in run.logs]
+        # gid names each series, so that it can be found in the figure: "out_dir:field"
+        ax_loss.plot(at, losses, color=color, alpha=0.25, lw=0.8, gid=f"{run.path}:loss")
+        weight = smoothing_weight(len(losses)) if smooth is None else smooth
+        ax_loss.plot(at, ema(losses, weight), color=color, lw=1.6, label=label, gid=f"{run.path}:loss_smooth")
+        val_at, val = x_values(run, run.evals, x) / div, [r["val_loss"] for r in run.evals]
+        ax_loss.plot(val_at, val, "o--", color=color, ms=4, gid=f"{run.path}:val_loss")
+        ax_lr.plot(at, [r["lr"] for r in run.logs], color=color, gid=f"{run.path}:lr")
+        speed = [np.nan if r.get("tok_per_s") is None else r["tok_per_s"] for r in run.logs]  # a first step: untimed
+        ax_speed.plot(at, speed, color=color, gid=f"{run.path}:tok_per_s")
+    average = f"over the last {SPAN:.0%} of each run" if smooth is None else f"weight {smooth:g}"
+    ax_loss.set_title(f"train loss (moving average {average}; raw faint) and val loss (o--)",
+                      fontsize="medium")
+    ax_loss.set_ylabel("loss")
+    if log:
+        ax_loss.set_yscale("log")
+        for axis in (ax_loss.yaxis.set_major_formatter, ax_loss.yaxis.set_minor_formatter):
+            axis(FormatStrFormatter("%g"))  # 0.6, 2, 3 rather than 6 x 10^-1, 2 x 10^0
+    ax_loss.legend(fontsize="small")
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))  # 1e-3 and its multiples
+    ax_speed.set_ylabel("tokens/s")
+    ax_speed.yaxis.set_major_formatter(EngFormatter())
+    if x == "tokens":
+        ax_speed.xaxis.set_major_formatter(EngFormatter())
+    ax_speed.set_xlabel({"iter": "iteration", "tokens": "tokens", "time": f"training time ({unit})"}[x])
+    for ax in (ax_loss, ax_lr, ax_speed):
+        ax.grid(alpha=0.3)
+    return fig
+
+
+def count_params(settings: dict) -> int | None:
+    import torch
+
+    from model import ModelArgs, Transformer
+
+    try:
+        args = ModelArgs.from_dict(settings)
+    except (TypeError, ValueError):
+        return None
+    with torch.device("meta"):  # shapes only: no memory, no time
+        return Transformer(args).num_params()
+
+
+def si(n) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return f"{n:g}"
+
+
+def table_row(run: Run) -> list[str]:
+    params = run.params or (count_params(run.settings) if run.settings else None)
+    tokens = max((r["tokens"] for r in run.logs + run.evals), default=0)
+    best = min(run.evals, key=lambda r: r["val_loss"], default=None)
+    row = [run.path, si(params) if params else "-", si(tokens), f"{tokens / params:.3g}" if params else "-"]
+    row += [f"{best['val_loss']:.4f}", str(best["iter"]), si(best["tokens"])] if best else ["-"] * 3
+    if not run.logs:
+        return row + ["-"] * 4
+    seconds = train_seconds(run.logs)
+    # each log line's training window: its iterations at its ms/iter (a first step, untimed, has no tok/s)
+    iters = np.diff([0] + [r["iter"] for r in run.logs])
+    timed = [(n * r["dt_ms"] / 1000, n * r["tok_per_s"] * r["dt_ms"] / 1000, r.get("mfu"))
+             for n, r in zip(iters, run.logs) if r.get("tok_per_s")]
+    span = sum(t for t, _, _ in timed)
+    mfu = [(m, t) for t, _, m in timed if m is not None]
+    row += [f"{run.logs[-1]['loss']:.4f}", runs.format_duration(seconds[-1]),
+            f"{sum(n for _, n, _ in timed) / span:,.0f}" if span > 0 else "-",
+            f"{100 * sum(m * t for m, t in mfu) / sum(t for _, t in mfu):.1f}%" if mfu else "-"]
+    return row
+
+
+def table(loaded: list[Run]) -> str:
+    header = ["run", "params", "tokens", "tok/param", "best val", "at iter", "at tokens", "last loss", "time",
+              "tok/s", "MFU"]
+    rows = [header] + [table_row(r) for r in loaded]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    # the run's name to the left, the numbers to the right
+    lines = ["  ".join([row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])])
+             for row in rows]
+    return "\n".join([TABLE_NOTE, ""] + lines)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="plot.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out_dirs", nargs="*", metavar="OUT_DIR", help="train.py's out_dir of each run")
+    p.add_argument("-o", "--output", default="runs.png",
+                   help="the figure's file (.png, .pdf, .svg); default runs.png")
+    p.add_argument("--x", choices=("iter", "tokens", "time"), default="iter", help="the x axis; default iter")
+    p.add_argument("--log", action="store_true", help="a log-scale loss axis")
+    p.add_argument("--smooth", type=float, metavar="W",
+                   help="the moving average's weight on the past, in [0, 1); default: see above")
+    p.add_argument("--table", action="store_true", help="print a table of the runs instead of drawing them")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        if not args.out_dirs:
+            raise PlotError("give one or more run folders (train.py's out_dir), "
+                            "e.g. python plot.py out/15m out/42m")
+        if args.smooth is not None and not 0 <= args.smooth < 1:
+            raise PlotError(f"--smooth={args.smooth} must be in [0, 1) (0 = no smoothing)")
+        loaded = [r for r in (load_run(os.path.normpath(p)) for p in args.out_dirs) if r is not None]
+        if not loaded:
+            raise PlotError("none of the folders given holds a training run's metrics.jsonl")
+        if args.table:
+            print(table(loaded))
+            return
+        fig = make_figure(loaded, args.x, args.log, args.smooth)
+        try:
+            fig.savefig(args.output, dpi=100)
+        except (OSError, ValueError) as e:  # no such folder; an extension matplotlib cannot write
+            raise PlotError(f"cannot write {args.output}: {str(e).splitlines()[0]}") from None
+        print(f"wrote {args.output} ({len(loaded)} run(s))")
+    except PlotError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
