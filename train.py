@@ -42,6 +42,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import cpu_speedups as speedups  # the module; `cpu_speedups` below is the setting
 import dataloader
+import memory
 import runs
 import runtime
 from checkpoint import from_checkpoint, save_checkpoint
@@ -72,6 +73,9 @@ wandb_project = "llama-tiny"
 wandb_run_name: str | None = None  # None: the out_dir's name
 # data
 batch_size = 128  # micro-batch size per process
+# the largest micro-batch that fits (measured on a GPU, estimated on a CPU), keeping batch_size x
+# gradient_accumulation_steps sequences per iteration; --batch_size=auto on the command line sets it
+auto_batch_size = False
 vocab_source = "llama2"  # 'llama2' (32,000 tokens) or 'custom' (data_dir/tok{vocab_size}.model)
 num_workers = 0  # data loader worker processes
 # model: every field of ModelArgs (model.py) is a setting, with its default (the 15M model): dim,
@@ -129,6 +133,8 @@ def setting_types() -> dict:
 
 
 def parse_settings(argv: list[str]) -> dict:
+    # --batch_size=auto: the batch_size it would have replaced (a config file's) sets the sequences per iteration
+    argv = ["--auto_batch_size=True" if a == "--batch_size=auto" else a for a in argv]
     return parse_config(default_config(), argv, setting_types())
 
 
@@ -254,6 +260,51 @@ def settings_for_finetune(c: dict, saved_args: dict, path: str) -> dict:
         print0(f"note: training with max_seq_len={c['max_seq_len']}; {path} was trained with {saved.max_seq_len}")
     c.update({k: getattr(saved, k) for k in shape})
     return c
+
+
+def processes_on_this_machine(device: str) -> int:
+    # what shares the memory a step needs: a GPU is each process's own, a CPU's RAM is the node's
+    return 1 if device.startswith("cuda") else int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+def choose_batch_size(c: dict, args: ModelArgs, world_size: int, device: str) -> dict:
+    sequences = c["batch_size"] * c["gradient_accumulation_steps"]
+    try:
+        largest, how = memory.largest_batch(args, sequences // world_size, device, c["dtype"],
+                                            processes_on_this_machine(device))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if world_size > 1:  # every process takes the same micro-batch: the one with the least memory decides
+        smallest = torch.tensor(largest, device=device if device.startswith("cuda") else "cpu")
+        dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
+        largest = int(smallest)
+    if largest == 0:
+        raise ConfigError(f"batch_size=auto: not even one sequence of {args.max_seq_len} tokens fits ({how}); "
+                          f"use a shorter --max_seq_len or a smaller model")
+    batch, accum = memory.split_batch(sequences, world_size, largest)
+    print0(f"batch_size=auto: {batch} x {accum} accumulation steps = {sequences} sequences per iteration "
+           f"(up to {largest} fit, {how}; the micro-batch must divide the {sequences // world_size} per process)")
+    return {"batch_size": batch, "gradient_accumulation_steps": accum}
+
+
+def check_memory(c: dict, args: ModelArgs, device: str, world_size: int) -> None:
+    # a step that cannot fit stops now, with a batch size that does, instead of minutes later (on a CPU,
+    # killed by the kernel without a word)
+    free, here = memory.available_bytes(device), processes_on_this_machine(device)
+    device_type = device.split(":")[0]
+    need = memory.step_bytes(args, c["batch_size"], c["dtype"], device_type) * here
+    if free is None or need <= free:
+        return
+    share = 0.9 * free / here
+    largest = memory.largest_that_fits(lambda b: memory.step_bytes(args, b, c["dtype"], device_type) <= share,
+                                       c["batch_size"])
+    where = f"{free / 2**30:.1f} GiB is available" + (f" to {here} processes" if here > 1 else "")
+    what = f"a training step of {c['batch_size']} x {args.max_seq_len} tokens needs about {need / here / 2**30:.1f} GiB"
+    if largest == 0:
+        raise ConfigError(f"{what} even at batch_size=1 and {where}: use a shorter --max_seq_len or a smaller model")
+    batch, accum = memory.split_batch(c["batch_size"] * c["gradient_accumulation_steps"], world_size, largest)
+    raise ConfigError(f"{what} (the (batch, context, vocab) logits are most of it) but {where}: try "
+                      f"--batch_size={batch} --gradient_accumulation_steps={accum} (the same tokens per iteration)")
 
 
 def split_accumulation(steps: int, world_size: int) -> int:
@@ -417,6 +468,11 @@ def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str)
         check_vocabulary(checkpoint, init_path, meta, shard_dir)
         if not resume:
             c = settings_for_finetune(c, checkpoint["model_args"], init_path)
+    args = ModelArgs.from_dict(c)
+    if c["auto_batch_size"]:
+        c.update(choose_batch_size(c, args, world_size, device))
+    if not c["eval_only"]:
+        check_memory(c, args, device, world_size)
     warn_about_the_schedule(c)
     accum_steps = split_accumulation(c["gradient_accumulation_steps"], world_size)  # per process
     tokens_per_iter = c["gradient_accumulation_steps"] * c["batch_size"] * c["max_seq_len"]  # global
@@ -427,7 +483,7 @@ def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str)
 
     # the model, the optimizer and the data, restored from the checkpoint when resuming
     runtime.seed_everything(c["seed"] + rank)  # rank 0 draws the initial weights; DDP copies them to the others
-    raw_model = Transformer(ModelArgs.from_dict(c)).to(device)
+    raw_model = Transformer(args).to(device)
     if checkpoint is not None:
         raw_model.load_state_dict(checkpoint["model"])
     optimizer = raw_model.configure_optimizers(c["weight_decay"], c["learning_rate"], (c["beta1"], c["beta2"]),

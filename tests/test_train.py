@@ -651,3 +651,35 @@ def test_the_next_batch_is_made_before_the_host_waits_for_the_device(data_dir, t
     assert events[:first_sync] == ["batch", "batch"], events
     assert events.count("batch") == 4  # one made ahead at the end: not trained on, and not counted on resume
     assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["loader_state"]["batches_consumed"] == 3
+
+
+# ----------------------------------------------------------------------------- memory: a batch that fits
+
+TINY_ARGS = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=16, vocab_size=512, max_seq_len=32)
+
+
+def memory_for(batch: int) -> int:
+    # available memory in which a micro-batch of `batch` fits (with the 10% headroom) and one more does not
+    import memory
+
+    return int(memory.step_bytes(TINY_ARGS, batch, "float32", "cpu") / 0.9) + 1
+
+
+def test_a_step_that_cannot_fit_stops_with_a_batch_size_that_does(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(train.memory, "available_bytes", lambda device: memory_for(2))
+    message = main_error(TINY + [f"--data_dir={data_dir}", f"--out_dir={tmp_path}"])
+    assert re.search(r"a training step of 8 x 32 tokens needs about [\d.]+ GiB \(the \(batch, context, vocab\) "
+                     r"logits are most of it\) but [\d.]+ GiB is available: try --batch_size=2 "
+                     r"--gradient_accumulation_steps=8 \(the same tokens per iteration\)", message), message
+    assert not tmp_path.joinpath("ckpt.pt").exists()
+
+
+def test_batch_size_auto_keeps_the_tokens_per_iteration(data_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train.memory, "available_bytes", lambda device: memory_for(5))
+    train.train(train.parse_settings(TINY + ["--batch_size=auto", "--max_iters=2", "--eval_interval=2",
+                                             f"--data_dir={data_dir}", f"--out_dir={tmp_path}"]))
+    assert "batch_size=auto: 4 x 4 accumulation steps = 16 sequences per iteration (up to 5 fit, estimated " \
+           "against" in capsys.readouterr().out
+    settings = json.loads((tmp_path / "config.json").read_text(encoding="utf-8"))["config"]
+    assert (settings["batch_size"], settings["gradient_accumulation_steps"]) == (4, 4)
+    assert read_metrics(tmp_path)[0][-1]["tokens"] == 2 * 16 * 32
