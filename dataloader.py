@@ -210,6 +210,11 @@ class BatchLoader:
         self.consumed = 0  # batches this rank has returned
         self._workers = None
 
+    @property
+    def tokens_per_epoch(self) -> int:
+        # the targets of one pass over the split: each window of max_seq_len + 1 tokens gives max_seq_len
+        return self.batches.per_epoch * self.max_seq_len
+
     def next_batch(self):
         if self.num_workers == 0:
             x, y = self.batches[self.rank + self.world_size * self.consumed]

@@ -83,7 +83,9 @@ num_workers = 0  # data loader worker processes
 # optimizer: AdamW
 gradient_accumulation_steps = 4  # global: split across processes under DDP
 learning_rate = 5e-4
-max_iters = 100000  # optimizer steps
+max_iters = 100000  # optimizer steps; or the run's length in tokens or epochs (of the training split):
+max_tokens: int | None = None
+max_epochs: float | None = None
 weight_decay = 1e-1
 beta1 = 0.9
 beta2 = 0.95
@@ -99,6 +101,7 @@ dtype = "auto"  # 'auto' (bfloat16, else float16 on CUDA; float32 elsewhere), 'f
 compile = False  # torch.compile the model (use it on a GPU)
 cpu_speedups = True  # faster CPU kernels for the same math (cpu_speedups.py); False: the plain PyTorch path
 seed = 1337
+print_model = False  # print every weight's shape and size at start
 peak_flops: float | str | None = None  # the GPU's peak FLOP/s for MFU, or its name ('H100'); None: looked up
 # -----------------------------------------------------------------------------
 _CONFIG_KEYS = [k for k, v in globals().items()
@@ -107,7 +110,7 @@ _CONFIG_KEYS = [k for k, v in globals().items()
 EVAL_SEED = 2_147_483_647  # eval batches come from their own fixed stream, never the first training batches
 # what a resumed run takes from its checkpoint unless the setting is given again: it continues as it was
 RESUMED_SETTINGS = ("dataset", "vocab_source", "batch_size", "gradient_accumulation_steps", "learning_rate",
-                    "min_lr", "max_iters", "warmup_iters", "lr_decay_iters", "decay_lr", "weight_decay", "beta1",
+                    "min_lr", "max_iters", "max_tokens", "max_epochs", "warmup_iters", "lr_decay_iters", "decay_lr", "weight_decay", "beta1",
                     "beta2", "grad_clip", "dtype", "seed") + tuple(f.name for f in fields(ModelArgs))
 # of the model's fields, what a resumed or fine-tuned run may change: the rest is the weights' shape
 NOT_SHAPE = ("dropout", "max_seq_len")
@@ -198,12 +201,34 @@ def resolve_config(config: dict) -> dict:
     if c["decay_lr"] and c["lr_decay_iters"] is not None and c["lr_decay_iters"] < c["warmup_iters"]:
         raise ConfigError(f"lr_decay_iters={c['lr_decay_iters']} is shorter than warmup_iters={c['warmup_iters']}; "
                           f"lower --warmup_iters or raise --lr_decay_iters")
-    if c["lr_decay_iters"] is None:
-        c["lr_decay_iters"] = c["max_iters"]
+    if c["max_tokens"] is not None and c["max_epochs"] is not None:
+        raise ConfigError("give the run's length once: max_tokens or max_epochs (or max_iters), not both")
+    for key in ("max_tokens", "max_epochs"):
+        if c[key] is not None and c[key] <= 0:
+            raise ConfigError(f"{key}={c[key]} must be positive")
     try:
         ModelArgs.from_dict(c)  # invalid shapes fail here, before any data is read
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    return c
+
+
+def settle_run_length(c: dict, given: set, tokens_per_epoch: int, iter_num: int = 0, tokens_seen: int = 0) -> dict:
+    """max_iters from max_tokens or max_epochs when one of them sets the run's length (the iterations that
+    reach it from where a resumed run stands), then lr_decay_iters (None: max_iters)."""
+    c = dict(c)
+    budget = next((k for k in ("max_tokens", "max_epochs") if c[k] is not None), None)
+    if budget and "max_iters" in given:
+        if budget in given:
+            raise ConfigError(f"give the run's length once: max_iters={c['max_iters']} or {budget}={c[budget]}")
+        print0(f"note: max_iters={c['max_iters']} sets the run's length, not the checkpoint's {budget}={c[budget]}")
+        c[budget] = None
+    elif budget:
+        tokens = c["max_tokens"] if budget == "max_tokens" else round(c["max_epochs"] * tokens_per_epoch)
+        tokens_per_iter = c["batch_size"] * c["gradient_accumulation_steps"] * c["max_seq_len"]
+        c["max_iters"] = iter_num + max(0, math.ceil((tokens - tokens_seen) / tokens_per_iter))
+    if c["lr_decay_iters"] is None:
+        c["lr_decay_iters"] = c["max_iters"]
     return c
 
 
@@ -305,6 +330,14 @@ def check_memory(c: dict, args: ModelArgs, device: str, world_size: int) -> None
     batch, accum = memory.split_batch(c["batch_size"] * c["gradient_accumulation_steps"], world_size, largest)
     raise ConfigError(f"{what} (the (batch, context, vocab) logits are most of it) but {where}: try "
                       f"--batch_size={batch} --gradient_accumulation_steps={accum} (the same tokens per iteration)")
+
+
+def parameter_table(model: Transformer) -> str:
+    # --print_model: every weight, its shape and size (the output matrix is the embedding, tied)
+    rows = [(name, "x".join(map(str, p.shape)), p.numel()) for name, p in model.named_parameters()]
+    width = max(len(name) for name, _, _ in rows)
+    lines = [f"  {name:<{width}}  {shape:>12}  {n:>12,}" for name, shape, n in rows]
+    return "\n".join(["parameters:"] + lines + [f"  {'total':<{width}}  {'':>12}  {model.num_params():>12,}"])
 
 
 def split_accumulation(steps: int, world_size: int) -> int:
@@ -424,10 +457,11 @@ def evaluate(model, loaders: dict, eval_iters: int, world_size: int, device, ctx
 
 def train(config: dict) -> dict:
     """Runs training with config (train.py's settings, e.g. from parse_settings); returns the final figures.
-    config.given, when present, names the settings the user set; a plain dict counts every non-None one."""
+    config.given, when present, names the settings the user set; in a plain dict, those off their default."""
     given = getattr(config, "given", None)
     if given is None:
-        given = {k for k, v in config.items() if v is not None}
+        defaults = default_config()
+        given = {k for k, v in config.items() if v is not None and v != defaults.get(k)}
     c = resolve_config(config)
     ddp, rank, world_size, device = setup_distributed(c)
     speedups_before, speedups.ENABLED = speedups.ENABLED, c["cpu_speedups"]
@@ -473,6 +507,14 @@ def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str)
         c.update(choose_batch_size(c, args, world_size, device))
     if not c["eval_only"]:
         check_memory(c, args, device, world_size)
+    loader = dataloader.BatchLoader(shard_dir, "train", c["batch_size"], c["max_seq_len"], c["seed"],
+                                    vocab_size=c["vocab_size"], rank=rank, world_size=world_size,
+                                    device=device, num_workers=c["num_workers"])
+    eval_loaders = {split: dataloader.BatchLoader(shard_dir, split, c["batch_size"], c["max_seq_len"], EVAL_SEED,
+                                                  vocab_size=c["vocab_size"], rank=rank, world_size=world_size,
+                                                  device=device) for split in ("train", "val")}
+    start = (checkpoint["iter_num"], checkpoint["tokens_seen"]) if resume else (0, 0)
+    c = settle_run_length(c, given, loader.tokens_per_epoch, *start)
     warn_about_the_schedule(c)
     accum_steps = split_accumulation(c["gradient_accumulation_steps"], world_size)  # per process
     tokens_per_iter = c["gradient_accumulation_steps"] * c["batch_size"] * c["max_seq_len"]  # global
@@ -490,12 +532,6 @@ def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str)
                                                device_type)
     # a no-op unless float16: it scales the loss so small gradients do not underflow
     scaler = torch.amp.GradScaler(device_type, enabled=c["dtype"] == "float16")
-    loader = dataloader.BatchLoader(shard_dir, "train", c["batch_size"], c["max_seq_len"], c["seed"],
-                                    vocab_size=c["vocab_size"], rank=rank, world_size=world_size,
-                                    device=device, num_workers=c["num_workers"])
-    eval_loaders = {split: dataloader.BatchLoader(shard_dir, split, c["batch_size"], c["max_seq_len"], EVAL_SEED,
-                                                  vocab_size=c["vocab_size"], rank=rank, world_size=world_size,
-                                                  device=device) for split in ("train", "val")}
     iter_num, tokens_seen, best_val_loss, last_saved, rng_to_restore = 0, 0, float("inf"), None, None
     progress = runs.Progress(c["eval_interval"])
     if resume:
@@ -532,12 +568,17 @@ def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str)
             print0(f"note: replacing the run in {c['out_dir']}; its files wait in {aside} until this run's "
                    f"first checkpoint")
         runs.write_run_info(c["out_dir"], c, world_size)
-    print0(f"model: {raw_model.num_params():,} parameters ({raw_model.num_params(non_embedding=True):,} "
-           f"without the embedding); data: {shard_dir} ({meta['num_tokens']:,} tokens)")
+    if c["print_model"]:
+        print0(parameter_table(raw_model))
+    params, budget = raw_model.num_params(), tokens_seen + tokens_per_iter * (c["max_iters"] - iter_num)
+    length = next((f" (set by {k}={c[k]})" for k in ("max_tokens", "max_epochs") if c[k] is not None), "")
+    print0(f"model: {params:,} parameters ({raw_model.num_params(non_embedding=True):,} without the embedding); "
+           f"data: {shard_dir} ({loader.tokens_per_epoch:,} training tokens per epoch)")
     print0(f"tokens per iteration: {tokens_per_iter:,} = {world_size} process(es) x {accum_steps} accumulation "
-           f"step(s) x {c['batch_size']} batch x {c['max_seq_len']} tokens; {c['max_iters']:,} iterations = "
-           f"{tokens_per_iter * c['max_iters']:,} tokens; device {device}, {c['dtype']}"
-           + (", compiled" if c["compile"] else ""))
+           f"step(s) x {c['batch_size']} batch x {c['max_seq_len']} tokens")
+    print0(f"run: {c['max_iters']:,} iterations{length} = {budget:,} tokens = "
+           f"{budget / loader.tokens_per_epoch:.2f} epochs, {budget / params:.1f} tokens per parameter; "
+           f"device {device}, {c['dtype']}" + (", compiled" if c["compile"] else ""))
     wandb = runs.WandbLogger(c, c["out_dir"], resume, say=print0) \
         if c["wandb_log"] and master and not c["eval_only"] else None
 

@@ -134,7 +134,8 @@ def test_lr_without_warmup_and_with_decay_equal_to_warmup():
 
 def test_resolve_config_fills_in_the_derived_values():
     c = train.resolve_config(train.default_config() | {"learning_rate": 6e-4, "max_iters": 500, "warmup_iters": 50})
-    assert c["min_lr"] == pytest.approx(6e-5) and c["lr_decay_iters"] == 500
+    assert c["min_lr"] == pytest.approx(6e-5)
+    assert train.settle_run_length(c, set(), tokens_per_epoch=10**6)["lr_decay_iters"] == 500
     assert c["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
     if not torch.cuda.is_available():
         assert c["dtype"] == "float32"
@@ -683,3 +684,34 @@ def test_batch_size_auto_keeps_the_tokens_per_iteration(data_dir, tmp_path, monk
     settings = json.loads((tmp_path / "config.json").read_text(encoding="utf-8"))["config"]
     assert (settings["batch_size"], settings["gradient_accumulation_steps"]) == (4, 4)
     assert read_metrics(tmp_path)[0][-1]["tokens"] == 2 * 16 * 32
+
+
+# ----------------------------------------------------------------------------- the run's length
+
+
+def test_max_tokens_and_max_epochs_set_max_iters():
+    c = train.resolve_config(train.default_config() | {"batch_size": 4, "gradient_accumulation_steps": 2,
+                                                       "max_seq_len": 128, "max_tokens": 10_000})
+    assert train.settle_run_length(c, {"max_tokens"}, tokens_per_epoch=5_000)["max_iters"] == 10  # ceil(10000 / 1024)
+    epochs = c | {"max_tokens": None, "max_epochs": 1.5}
+    settled = train.settle_run_length(epochs, {"max_epochs"}, tokens_per_epoch=5_000)
+    assert settled["max_iters"] == 8 and settled["lr_decay_iters"] == 8  # ceil(7500 / 1024); the schedule follows
+    # resumed at iteration 3 after 3,000 tokens of a 1,000-token-iteration run: the rest at 1,024 per iteration
+    assert train.settle_run_length(c, set(), 5_000, iter_num=3, tokens_seen=3_000)["max_iters"] == 3 + 7
+    with pytest.raises(ConfigError, match="give the run's length once: max_iters=100000 or max_tokens=10000"):
+        train.settle_run_length(c, {"max_iters", "max_tokens"}, 5_000)
+    with pytest.raises(ConfigError, match="max_tokens or max_epochs"):
+        train.resolve_config(train.default_config() | {"max_tokens": 10, "max_epochs": 1.0})
+    # a checkpoint's max_tokens gives way to a max_iters given on resume
+    assert train.settle_run_length(c, {"max_iters"}, 5_000)["max_tokens"] is None
+
+
+def test_a_run_measured_in_tokens(data_dir, tmp_path):
+    result = ok(run_train(["--max_tokens=2048", "--eval_interval=100", "--print_model=True"], data_dir, tmp_path / "o"))
+    assert re.search(r"^run: 4 iterations \(set by max_tokens=2048\) = 2,048 tokens = 0\.\d\d epochs, "
+                     r"0\.\d tokens per parameter;", result.stdout, re.M), result.stdout
+    assert re.search(r"^  layers\.1\.feed_forward\.w2\.weight +32x96 +3,072$", result.stdout, re.M)
+    logs, evals = read_metrics(tmp_path / "o")
+    assert logs[-1]["iter"] == 4 and logs[-1]["tokens"] == 2048 and evals[-1]["iter"] == 4
+    settings = json.loads((tmp_path / "o" / "config.json").read_text(encoding="utf-8"))["config"]
+    assert settings["max_tokens"] == 2048 and settings["max_iters"] == 4 and settings["max_epochs"] is None
