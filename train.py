@@ -705,6 +705,12 @@ def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str)
     return {"iter_num": iter_num, "best_val_loss": best_val_loss}
 
 
+def fail(message: str):
+    # under torchrun every rank meets the same error: rank 0 says it in one line, the others exit quietly
+    print0(message, file=sys.stderr)
+    sys.exit(1)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if "-h" in argv or "--help" in argv:
@@ -718,14 +724,14 @@ def main(argv: list[str] | None = None) -> None:
             speedups.keep_freed_memory()  # process-wide, hence here and not inside train()
         train(config)
     except (ConfigError, TrainError, dataloader.DataError) as e:
-        sys.exit(f"error: {e}")
+        fail(f"error: {e}")
     except torch.cuda.OutOfMemoryError:
         b, a = config["batch_size"], config["gradient_accumulation_steps"]
-        sys.exit(f"error: CUDA out of memory with batch_size={b} (x {config['max_seq_len']} tokens per micro-batch); "
-                 f"try --batch_size={max(b // 2, 1)} --gradient_accumulation_steps={a * 2} (the same tokens per "
-                 f"iteration), or a shorter max_seq_len")
+        fail(f"error: CUDA out of memory with batch_size={b} (x {config['max_seq_len']} tokens per micro-batch); "
+             f"try --batch_size={max(b // 2, 1)} --gradient_accumulation_steps={a * 2} (the same tokens per "
+             f"iteration), or a shorter max_seq_len")
     except KeyboardInterrupt:
-        sys.exit("interrupted; the last checkpoint (if any) is intact: --init_from=resume continues from it")
+        fail("interrupted; the last checkpoint (if any) is intact: --init_from=resume continues from it")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
+import contextlib
 import dataclasses
 import glob
+import io
 import json
 import os
 import re
@@ -80,12 +82,13 @@ def assert_one_line_error(result, *fragments):
 
 
 def main_error(argv) -> str:
-    # train.main() in this process: the message it exits with
-    with pytest.raises(SystemExit) as e:
+    # train.main() in this process: the one line it exits with
+    err = io.StringIO()
+    with pytest.raises(SystemExit) as e, contextlib.redirect_stderr(err):
         train.main(argv)
-    message = str(e.value.code)
-    assert message.startswith("error: ") and "\n" not in message, message
-    return message
+    message = err.getvalue()
+    assert e.value.code == 1 and message.startswith("error: ") and message.count("\n") == 1, message
+    return message.rstrip("\n")
 
 
 def straight_and_resumed(args, iters, data_dir, tmp_path) -> tuple[Path, Path]:
@@ -715,3 +718,12 @@ def test_a_run_measured_in_tokens(data_dir, tmp_path):
     assert logs[-1]["iter"] == 4 and logs[-1]["tokens"] == 2048 and evals[-1]["iter"] == 4
     settings = json.loads((tmp_path / "o" / "config.json").read_text(encoding="utf-8"))["config"]
     assert settings["max_tokens"] == 2048 and settings["max_iters"] == 4 and settings["max_epochs"] is None
+
+
+@pytest.mark.slow
+def test_under_torchrun_a_bad_setting_is_said_once(data_dir, tmp_path):
+    result = run_train(["--learnig_rate=1e-3"], data_dir, tmp_path / "out", torchrun=2)
+    assert result.returncode != 0
+    ours = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("error: ")]
+    assert ours == ["error: unknown config key 'learnig_rate' (from --learnig_rate=1e-3); did you mean "
+                    "'learning_rate'?"]
