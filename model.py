@@ -74,9 +74,8 @@ class RMSNorm(nn.Module):
 
 
 def precompute_rope(head_dim: int, end: int, theta: float, start: int = 0, device=None):
-    # cos, sin of the rotation angles at positions start .. end - 1: (end - start, head_dim/2), in float32
-    # whatever the model's dtype (a bf16 table would be off by ~2e-3 from the one training used). Real
-    # tables rather than complex numbers: complex tensors break torch.compile and NCCL.
+    # cos, sin at positions start .. end - 1, in float32 whatever the model's dtype (bf16 tables would be
+    # ~2e-3 off training's); real tables, not complex numbers, which break torch.compile and NCCL
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))  # (head_dim/2,)
     angles = torch.arange(start, end, device=device).float()[:, None] * freqs[None, :]  # (T, head_dim/2)
     return angles.cos(), angles.sin()
@@ -96,8 +95,7 @@ def attention(q, k, v, attn_mask=None, is_causal=False, dropout_p=0.0):
     # q: (B, n_heads, Tq, head_dim); k, v: (B, n_kv_heads, Tk, head_dim) -> (B, n_heads, Tq, head_dim)
     if q.device.type == "cuda" and q.dtype == torch.float32 and k.size(1) != q.size(1):
         # CUDA in float32: flash needs half precision and the memory-efficient kernel takes no grouped
-        # key/value heads, so without copies of them SDPA would fall back to its math kernel (the whole
-        # score matrix in memory)
+        # key/value heads; without copies of them SDPA falls back to its math kernel (all scores in memory)
         rep = q.size(1) // k.size(1)
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, n_heads, Tk, head_dim)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
