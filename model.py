@@ -1,12 +1,15 @@
 """
-The Llama model, in one file: RMSNorm, rotary embeddings, grouped-query attention through
-PyTorch's scaled_dot_product_attention (flash kernels; on CPU, in blocks when training with dropout,
-and our own for heads 8 wide or less), a SwiGLU feed-forward, token embeddings tied to the output
-layer, and a preallocated KV cache for generation.
+The Llama model, in one file, read bottom-up:
+- ModelArgs: the shape, one dataclass (defaults: the 15M TinyStories model)
+- RMSNorm, computed in float32
+- rotary position embeddings (Meta's interleaved pairs), their cos/sin always in float32
+- grouped-query attention: one F.scaled_dot_product_attention call (flash kernels) for training and
+  prefill, and a preallocated KV cache for decoding
+- SwiGLU feed-forward; token embeddings tied to the output layer
+- generation: generate_stream / generate, sample_next and filter_logits (temperature, top-k, top-p)
 
-Weight names follow Meta's release (wq wk wv wo, w1 w2 w3), so the llama2.c and Hugging Face
-exports in export.py map one to one. Read bottom-up: ModelArgs, RMSNorm, RoPE, Attention,
-FeedForward, TransformerBlock, Transformer, then sampling and checkpoint loading.
+Weight names follow Meta's release (wq wk wv wo, w1 w2 w3), so the llama2.c and Hugging Face exports
+map one to one. CPU variants (same math, faster kernels): cpu_speedups.py.
 """
 import inspect
 import math
@@ -15,6 +18,8 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+import cpu_speedups
 
 
 @dataclass
@@ -66,10 +71,11 @@ class RMSNorm(nn.Module):
         return xf.type_as(x) * self.weight
 
 
-def precompute_rope(head_dim: int, max_seq_len: int, theta: float):
-    # real cos/sin tables instead of complex numbers: complex buffers break torch.compile and NCCL
-    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2).float() / head_dim))  # (head_dim/2,)
-    angles = torch.outer(torch.arange(max_seq_len).float(), freqs)  # (max_seq_len, head_dim/2)
+def precompute_rope(head_dim: int, end: int, theta: float, start: int = 0, device=None):
+    # cos, sin at positions start .. end - 1, in float32 whatever the model's dtype (bf16 tables would be
+    # ~2e-3 off training's); real tables, not complex numbers, which break torch.compile and NCCL
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))  # (head_dim/2,)
+    angles = torch.arange(start, end, device=device).float()[:, None] * freqs[None, :]  # (T, head_dim/2)
     return angles.cos(), angles.sin()
 
 
@@ -83,83 +89,15 @@ def apply_rope(x, cos, sin):
     return out.flatten(3).type_as(x)
 
 
-def causal_attention_in_blocks(q, k, v, dropout_p: float, block: int = 64):
-    # Causal attention with dropout on the attention weights, for CPU training. PyTorch's CPU flash
-    # kernel has no dropout, so scaled_dot_product_attention with dropout_p > 0 falls back to its math
-    # path: the whole (B, heads, T, T) score matrix in memory, half of it computed only to be masked.
-    # Taking the queries 64 at a time, each block scores only the keys it can see, in pieces that fit
-    # in cache. Row for row it is the same computation (softmax over the visible keys, then dropout).
-    # 260K model (B 32, T 512, 2 threads), one attention forward + backward: 1.5 s -> 0.58 s (flash
-    # without dropout: 0.35 s); a whole training step with dropout 0.05: 9.7 s -> 3.0 s (1.1 - 1.3 s without,
-    # through SmallHeadCausalAttention: the dropout draws themselves take 1.1 s of the 3.0).
-    # q: (B, n_heads, T, head_dim); k, v: (B, n_kv_heads, T, head_dim)
-    T = q.size(2)
-    out = []
-    for start in range(0, T, block):
-        end = min(start + block, T)
-        # query start + i sees keys 0 .. start + i
-        mask = torch.ones(end - start, end, dtype=torch.bool, device=q.device).tril(diagonal=start)
-        y = F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, :end], v[:, :, :end], attn_mask=mask,
-                                           dropout_p=dropout_p, enable_gqa=True)  # (B, n_heads, end - start, head_dim)
-        out.append(y)
-    return torch.cat(out, dim=2)  # (B, n_heads, T, head_dim)
-
-
-def _head_chunks(n_heads_total: int, T: int):
-    # groups of heads whose (T, T) score matrices take about 2 MB together: they stay in cache
-    step = max(1, 2**19 // (T * T))
-    return [slice(s, min(s + step, n_heads_total)) for s in range(0, n_heads_total, step)]
-
-
-class SmallHeadCausalAttention(torch.autograd.Function):
-    """Causal attention for CPU training with tiny heads (head_dim <= 8, T <= 512: the 260K model).
-    PyTorch's CPU flash kernel takes queries 32 - 64 at a time below 768 tokens, and with 8-wide heads
-    its per-block overhead is most of the work. Here each group of heads gets its whole (T, T) score
-    matrix at once, small enough for the cache, and the backward pass recomputes it instead of keeping
-    it. The narrow products are written transposed (v^T p^T rather than p v): MKL runs those 4-6x faster.
-    260K model (B 32, T 512, 2 threads), one layer's attention forward + backward: 0.30 s -> 0.15 s."""
-
-    @staticmethod
-    @torch.amp.custom_fwd(device_type="cpu", cast_inputs=torch.float32)
-    def forward(ctx, q, k, v):
-        # q, k, v: (B, heads, T, head_dim), k and v already repeated to the query heads
-        B, H, T, hd = q.shape
-        q, k, v = (t.reshape(B * H, T, hd) for t in (q, k, v))
-        mask = torch.full((T, T), -float("inf"), dtype=q.dtype, device=q.device).triu_(1)  # -inf above the diagonal
-        y_t = q.new_empty(B * H, hd, T)
-        for s in _head_chunks(B * H, T):
-            p = torch.baddbmm(mask, q[s], k[s].transpose(1, 2), alpha=hd**-0.5).softmax(-1)  # (heads, T, T)
-            torch.bmm(v[s].transpose(1, 2), p.transpose(1, 2), out=y_t[s])  # y^T = v^T p^T
-        y = y_t.transpose(1, 2).contiguous()  # (B * H, T, hd)
-        ctx.save_for_backward(q, k, v, y, mask)
-        ctx.shape = (B, H, T, hd)
-        return y.view(B, H, T, hd)
-
-    @staticmethod
-    @torch.amp.custom_bwd(device_type="cpu")
-    def backward(ctx, dy):
-        q, k, v, y, mask = ctx.saved_tensors
-        n, T, hd = q.shape
-        dy = dy.reshape(n, T, hd)
-        dy_dot_y = (dy * y).sum(-1, keepdim=True)  # (n, T, 1): each row's sum of p * dp
-        dq_t, dk_t, dv_t = (q.new_empty(n, hd, T) for _ in range(3))
-        for s in _head_chunks(n, T):
-            p = torch.baddbmm(mask, q[s], k[s].transpose(1, 2), alpha=hd**-0.5).softmax(-1)  # recomputed
-            torch.bmm(dy[s].transpose(1, 2), p, out=dv_t[s])  # dv^T = dy^T p
-            ds = torch.bmm(dy[s], v[s].transpose(1, 2))  # dp = dy v^T, (heads, T, T)
-            ds.sub_(dy_dot_y[s]).mul_(p)  # through the softmax: ds = p * (dp - sum(p * dp))
-            torch.bmm(k[s].transpose(1, 2), ds.transpose(1, 2), out=dq_t[s])  # dq^T = k^T ds^T
-            torch.bmm(q[s].transpose(1, 2), ds, out=dk_t[s])  # dk^T = q^T ds
-        dq, dk, dv = dq_t.transpose(1, 2) * hd**-0.5, dk_t.transpose(1, 2) * hd**-0.5, dv_t.transpose(1, 2)
-        return dq.reshape(ctx.shape), dk.reshape(ctx.shape), dv.reshape(ctx.shape)
-
-
-@torch.compiler.disable  # torch.compile would unroll the loop over head groups: ~10 min to compile 260K
-def small_head_causal_attention(q, k, v):
-    # q: (B, n_heads, T, head_dim); k, v: (B, n_kv_heads, T, head_dim)
-    rep = q.size(1) // k.size(1)
-    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, n_heads, T, head_dim)
-    return SmallHeadCausalAttention.apply(q, k, v)
+def attention(q, k, v, attn_mask=None, is_causal=False, dropout_p=0.0):
+    # q: (B, n_heads, Tq, head_dim); k, v: (B, n_kv_heads, Tk, head_dim) -> (B, n_heads, Tq, head_dim)
+    if q.device.type == "cuda" and q.dtype == torch.float32 and k.size(1) != q.size(1):
+        # CUDA in float32: flash needs half precision and the memory-efficient kernel takes no grouped
+        # key/value heads; without copies of them SDPA falls back to its math kernel (all scores in memory)
+        rep = q.size(1) // k.size(1)
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, n_heads, Tk, head_dim)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
+                                          is_causal=is_causal, enable_gqa=True)
 
 
 class Attention(nn.Module):
@@ -178,38 +116,46 @@ class Attention(nn.Module):
         self.cache_k = self.cache_v = None
 
     def forward(self, x, cos, sin, start_pos=None):
+        # start_pos: None for training, else the cache position of x's first token
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, head_dim)
+        if start_pos is not None:  # generation: keep k, v for the tokens that follow
+            self.write_cache(k, v, start_pos)
 
-        if start_pos is None:  # training / full forward: causal attention over these T tokens
+        if not start_pos:  # training (None) or a prefill (0): causal attention among these T tokens
             dropout_p = self.dropout if self.training else 0.0
-            if dropout_p > 0 and x.device.type == "cpu":
-                y = causal_attention_in_blocks(q, k, v, dropout_p)
-            elif x.device.type == "cpu" and self.head_dim <= 8 and T <= 512:
-                y = small_head_causal_attention(q, k, v)
-            else:  # flash kernels (CUDA with or without dropout, CPU without)
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True, dropout_p=dropout_p)
-        else:  # generation: write this chunk into the cache at start_pos, attend to all that came before
-            if start_pos == 0 or self.cache_k is None or self.cache_k.shape[0] != B or self.cache_k.dtype != k.dtype:
-                shape = (B, self.n_kv_heads, self.max_seq_len, self.head_dim)
-                self.cache_k = torch.zeros(shape, dtype=k.dtype, device=k.device)
-                self.cache_v = torch.zeros(shape, dtype=v.dtype, device=v.device)
+            if x.device.type == "cpu" and cpu_speedups.ENABLED:  # same math, faster kernels: cpu_speedups.py
+                y = cpu_speedups.causal_attention(q, k, v, dropout_p)
+            else:
+                y = attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+        else:  # decoding: the new tokens attend to every cached position up to their own
             end = start_pos + T
-            self.cache_k[:, :, start_pos:end] = k
-            self.cache_v[:, :, start_pos:end] = v
             k, v = self.cache_k[:, :, :end], self.cache_v[:, :, :end]  # (B, n_kv_heads, end, head_dim)
-            if T == 1:  # one new token sees every cached position: no mask needed
-                y = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-            else:  # query i sits at position start_pos + i and sees keys 0 .. start_pos + i
-                mask = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(diagonal=start_pos)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            # one new token sees the whole cache; in a chunk of several, query i (at start_pos + i) sees
+            # keys 0 .. start_pos + i
+            mask = None if T == 1 else torch.ones(T, end, dtype=torch.bool, device=x.device).tril(start_pos)
+            y = attention(q, k, v, attn_mask=mask)
 
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, dim)
         return self.resid_dropout(self.wo(y))
+
+    def write_cache(self, k, v, start_pos: int):
+        # k, v: (B, n_kv_heads, T, head_dim), written at positions start_pos .. start_pos + T - 1
+        B, T = k.size(0), k.size(2)
+        if start_pos == 0:  # a new sequence: a fresh cache, sized for this batch
+            shape = (B, self.n_kv_heads, self.max_seq_len, self.head_dim)
+            self.cache_k = torch.zeros(shape, dtype=k.dtype, device=k.device)
+            self.cache_v = torch.zeros(shape, dtype=v.dtype, device=v.device)
+        elif self.cache_k is None or self.cache_k.shape[0] != B:
+            held = "no sequence" if self.cache_k is None else f"a batch of {self.cache_k.shape[0]}"
+            raise ValueError(f"the KV cache holds {held}, not a batch of {B} at start_pos={start_pos}: "
+                             "start each sequence with a prefill at start_pos=0")
+        self.cache_k[:, :, start_pos:start_pos + T] = k
+        self.cache_v[:, :, start_pos:start_pos + T] = v
 
 
 class FeedForward(nn.Module):
@@ -248,13 +194,6 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.output.weight = self.tok_embeddings.weight  # tied: one matrix, counted once
 
-        cos, sin = precompute_rope(args.dim // args.n_heads, args.max_seq_len, args.rope_theta)
-        # not persistent: derived from args, so checkpoints hold weights only
-        self.register_buffer("freqs_cos", cos, persistent=False)
-        self.register_buffer("freqs_sin", sin, persistent=False)
-        # a contiguous (dim, vocab_size) copy of the classifier, alive only during generate_stream (see there)
-        self._classifier_t = None
-
         self.apply(self._init_weights)
         # GPT-2's scaled init on the two projections that write into the residual stream
         for name, p in self.named_parameters():
@@ -267,27 +206,24 @@ class Transformer(nn.Module):
 
     def forward(self, tokens, targets=None, start_pos=None):
         # tokens: (B, T) int64; start_pos: None for training, else the cache position of tokens[:, 0]
-        B, T = tokens.shape
-        pos = 0 if start_pos is None else start_pos
-        if pos + T > self.args.max_seq_len:
-            raise ValueError(f"sequence of {pos + T} tokens exceeds max_seq_len={self.args.max_seq_len}")
-        h = self.dropout(self.tok_embeddings(tokens))  # (B, T, dim)
-        cos, sin = self.freqs_cos[pos : pos + T], self.freqs_sin[pos : pos + T]
-        for layer in self.layers:
-            h = layer(h, cos, sin, start_pos)
-        h = self.norm(h)
-
+        h = self.hidden_states(tokens, start_pos)  # (B, T, dim)
         if targets is None:  # inference: only the last position's logits are needed
-            h = h[:, [-1], :]  # (B, 1, dim)
-            # generate_stream's copy of the classifier, if one is alive (never where autograd is recording;
-            # torch.compile takes the copy as an input of the graph, so a new one needs no recompile)
-            if self._classifier_t is not None and not torch.is_grad_enabled():
-                return h @ self._classifier_t, None  # (B, 1, vocab_size), the same product as self.output(h)
-            return self.output(h), None  # (B, 1, vocab_size)
+            return self.output(h[:, [-1], :]), None  # (B, 1, vocab_size)
         logits = self.output(h)  # (B, T, vocab_size)
         # reshape, not view: targets may be a slice such as tokens[:, 1:]
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
+
+    def hidden_states(self, tokens, start_pos=None):
+        # everything before the classifier: (B, T) -> (B, T, dim), the final norm's output
+        a, T, pos = self.args, tokens.size(1), start_pos or 0
+        if pos + T > a.max_seq_len:
+            raise ValueError(f"sequence of {pos + T} tokens exceeds max_seq_len={a.max_seq_len}")
+        cos, sin = precompute_rope(a.dim // a.n_heads, pos + T, a.rope_theta, start=pos, device=tokens.device)
+        h = self.dropout(self.tok_embeddings(tokens))  # (B, T, dim)
+        for layer in self.layers:
+            h = layer(h, cos, sin, start_pos)
+        return self.norm(h)
 
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())  # parameters() yields the tied matrix once
@@ -301,7 +237,7 @@ class Transformer(nn.Module):
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
         # fused: one kernel for all parameters; on CPU too, where torch's default is a per-parameter
-        # Python loop (15x slower on the 15M model: ~150 ms of a ~3.5 s step on 2 cores)
+        # Python loop (figures: bench/README.md)
         fused = device_type in ("cuda", "cpu") and "fused" in inspect.signature(torch.optim.AdamW).parameters
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
 
@@ -321,40 +257,34 @@ class Transformer(nn.Module):
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_token=None):
         """Yields new tokens, (B,) each, using the KV cache; ends after max_new_tokens, or once
         every row has produced stop_token (which is not yielded)."""
-        # The classifier (B, dim) x (dim, vocab_size) is the largest matmul of a decode step. On CPU, MKL
-        # computes h @ W.T about 3x faster against a contiguous copy of W.T than against nn.Linear's
-        # (vocab_size, dim) weight (15M model, one thread: 1.6 ms vs 4.5 ms a token; faster at batch sizes
-        # up to 64 too). The copy (~30 ms to make at 32000 x 288) lives for this one generation only: the
-        # weights cannot change under it, whereas a cache kept across calls could go stale unnoticed (the
-        # fused AdamW step changes a weight in place without bumping its _version). CPU only: on a GPU the
-        # transposed weight is cuBLAS's ordinary operand, and no gain has been measured there to justify a
-        # second copy of the largest matrix in GPU memory.
-        w = self.output.weight
-        self._classifier_t = w.detach().t().contiguous() if w.device.type == "cpu" else None  # (dim, vocab)
-        try:
-            window = self.args.max_seq_len
-            tokens = idx[:, -(window - 1):]  # a prompt longer than the context keeps its end
-            logits, _ = self(tokens, start_pos=0)  # prefill
-            pos = tokens.size(1)
-            done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
-            for _ in range(max_new_tokens):
-                next_token = sample_next(logits[:, -1, :], temperature, top_k, top_p)  # (B,)
-                if stop_token is not None:
-                    done |= next_token == stop_token
-                    if done.all():
-                        break
-                yield next_token
-                tokens = torch.cat((tokens, next_token[:, None]), dim=1)
-                if pos == window:
-                    # context full: slide, keeping the latest half, and prefill it again at position 0
-                    tokens = tokens[:, -(window // 2):]
-                    logits, _ = self(tokens, start_pos=0)
-                    pos = tokens.size(1)
-                else:
-                    logits, _ = self(next_token[:, None], start_pos=pos)
-                    pos += 1
-        finally:  # also when the caller stops early: the generator is closed, and the copy freed
-            self._classifier_t = None
+        classifier = self.output
+        if self.output.weight.device.type == "cpu" and cpu_speedups.ENABLED:  # faster on CPU: cpu_speedups.py
+            classifier = cpu_speedups.transposed_classifier(self.output.weight)
+
+        def step(tokens, start_pos):  # (B, T) -> (B, vocab_size), the logits after the last token
+            return classifier(self.hidden_states(tokens, start_pos)[:, -1, :])
+
+        window = self.args.max_seq_len
+        tokens = idx[:, -(window - 1):]  # a prompt longer than the context keeps its end
+        logits = step(tokens, 0)  # prefill
+        pos = tokens.size(1)
+        done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+        for _ in range(max_new_tokens):
+            next_token = sample_next(logits, temperature, top_k, top_p)  # (B,)
+            if stop_token is not None:
+                done |= next_token == stop_token
+                if done.all():
+                    break
+            yield next_token
+            tokens = torch.cat((tokens, next_token[:, None]), dim=1)
+            if pos == window:
+                # context full: slide, keeping the latest half, and prefill it again at position 0
+                tokens = tokens[:, -(window // 2):]
+                logits = step(tokens, 0)
+                pos = tokens.size(1)
+            else:
+                logits = step(next_token[:, None], pos)
+                pos += 1
 
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_token=None):
         # idx: (B, T) -> (B, T + n); rows that stopped early are padded with stop_token
@@ -377,7 +307,7 @@ def _candidates(logits, top_k=None, top_p=None, head=1024):
         return logits, None
     # top-p needs the tokens in order of probability, but only the head of the distribution that it
     # keeps: a trained model's nucleus is tens to hundreds of tokens, and sorting 1024 candidates
-    # (torch.topk) costs ~0.2 ms where sorting all 32,000 costs ~2.3 ms
+    # (torch.topk) is much cheaper than sorting a 32,000 vocabulary (figures: bench/README.md)
     k = top_k or min(head, V)
     values, index = torch.topk(logits, k)  # (B, k), sorted descending
     if top_p is not None:
@@ -408,8 +338,8 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
     cdf = values.softmax(-1).cumsum(-1)  # (B, k); excluded tokens add 0
     # inverse CDF: the first column whose cumulative probability reaches u, for u uniform in (0, total].
     # u > 0 and cdf[j - 1] < u <= cdf[j] give column j a probability above zero, so a filtered token is
-    # never drawn; u <= total keeps the search inside the row. Faster than torch.multinomial (8 vs 36 us
-    # over 1024 candidates; 0.03 vs 0.66 ms over all 32,000), and as deterministic under manual_seed.
+    # never drawn; u <= total keeps the search inside the row. Faster than torch.multinomial (figures:
+    # bench/README.md), and as deterministic under manual_seed.
     u = (1.0 - torch.rand(cdf.size(0), 1, device=cdf.device, dtype=cdf.dtype)) * cdf[:, -1:]  # (B, 1)
     choice = torch.searchsorted(cdf, u)  # (B, 1)
     return (choice if index is None else index.gather(-1, choice)).squeeze(-1)

@@ -145,7 +145,7 @@ def until_stop(tokens, stops: set[int], out: list[int]):
 
 def generate_story(model, tok, prompt_ids: list[int], cfg: dict, write) -> list[int]:
     """Streams one story (the prompt's text, then the new text) through write(str); returns the new ids."""
-    device = model.freqs_cos.device
+    device = model.output.weight.device
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
     stream = model.generate_stream(idx, cfg["max_new_tokens"], cfg["temperature"], cfg["top_k"], cfg["top_p"])
     new: list[int] = []
@@ -186,8 +186,8 @@ def setup(argv):
     prompt_ids = encode_prompt(tok, prompt, model.args.max_seq_len)
     model = model.to(dtype=dtype).eval()  # the KV cache follows the weights' dtype
     if cfg["compile"]:
-        # generate_stream calls self(...), which runs this instance attribute: the cached decode step compiled
-        model.forward = torch.compile(model.forward)
+        # generate_stream runs self.hidden_states (this instance attribute) for the prefill and every decode step
+        model.hidden_states = torch.compile(model.hidden_states)
     print(f"{model.num_params() / 1e6:.1f}M parameters from {cfg['checkpoint']}, tokenizer {tok.model_path}, "
           f"{device} {str(dtype).removeprefix('torch.')}, {torch.get_num_threads()} CPU thread(s)", file=sys.stderr)
     return cfg, model, tok, prompt_ids

@@ -18,7 +18,7 @@ Findings on that CPU (2 cores, float32): the 15M step is matrix multiplies (MKL,
 peak) and the cross-entropy over the 4096 x 32000 logits, which took 1.6 s of 4.4 s until
 cpu_speedups.keep_freed_memory() stopped glibc from paging the 0.5 GB logits and gradients in from zero at
 every step (0.2 s now). The 260K step was 78% PyTorch's CPU flash attention, slow with 8-wide heads;
-model.SmallHeadCausalAttention halves it. Fused AdamW (model.py's default on CPU too) cuts the 15M
+cpu_speedups.SmallHeadCausalAttention halves it. Fused AdamW (model.py's default on CPU too) cuts the 15M
 optimizer step from ~150 ms to ~10 ms. torch.compile: ~+10% on 260K, ~0 on 15M, 25-40 s to compile.
 Tried and dropped: F.rms_norm, a cheaper RoPE, fused QKV / w1-w3 matmuls (each < 1% of a step),
 query-chunked causal attention (slower), THP_MEM_ALLOC_ENABLE=1 (slower than keeping freed memory).

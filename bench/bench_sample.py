@@ -8,7 +8,7 @@ Side by side in one process, runs alternating so that load from other processes 
   cached     model.generate: prefill, then one token at a time through the KV cache, with the
              classifier against a contiguous (dim, vocab) copy of its weight (MKL's h @ W.T is ~3x
              slower on this CPU) and the sampler that sorts only the head of the distribution and
-             draws by inverse CDF (see model.generate_stream and model.sample_next)
+             draws by inverse CDF (see cpu_speedups.transposed_classifier and model.sample_next)
 each greedy (temperature 0) and sampled the way run.c samples by default (temperature 1, top_p 0.9).
 A random model's next-token distribution is nearly uniform (10 nats; top_p 0.9 keeps ~26,000
 tokens), unlike a trained one's, so the final norm's weight is set to --norm_scale 7.5, which brings
@@ -93,7 +93,8 @@ def main():
     variants["cached: model.generate"] = (ours, run_ours)
     if args.compile:
         compiled = copy.deepcopy(ours)
-        compiled.forward = torch.compile(compiled.forward, dynamic=True)  # generate_stream calls self(...)
+        # generate_stream runs self.hidden_states for the prefill and each decode step, as sample.py compiles it
+        compiled.hidden_states = torch.compile(compiled.hidden_states, dynamic=True)
         t0 = time.perf_counter()
         run_ours(compiled, SAMPLING["greedy"])  # compiles prefill and decode
         sync(args.device)

@@ -1,9 +1,205 @@
+"""cpu_speedups.py: each CPU variant against the plain PyTorch path it replaces (forward and gradients,
+in float64 where the kernel allows, grouped-query shapes, CPU bf16 autocast), which path runs when,
+and the allocator setting."""
 import subprocess
 import sys
 
 import pytest
+import torch
+import torch.nn.functional as F
 from conftest import ROOT
+from test_model import all_logits, greedy_without_cache, tiny_model
 
+import cpu_speedups
+
+
+def qkv(B, n_heads, n_kv_heads, T, head_dim, dtype=torch.float64, seed=23):
+    # q: (B, n_heads, T, head_dim); k, v: (B, n_kv_heads, T, head_dim); leaves that record gradients
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(B, n_heads, T, head_dim)] + [(B, n_kv_heads, T, head_dim)] * 2
+    return [torch.randn(s, generator=g, dtype=dtype).requires_grad_() for s in shapes]
+
+
+def sdpa_causal(q, k, v):  # the plain path
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+
+def forward_and_grads(fn, q, k, v, dy):
+    y = fn(q, k, v)
+    return (y, *torch.autograd.grad(y, (q, k, v), dy))
+
+
+# ----------------------------------------------------------------- the small-head kernel
+
+@pytest.mark.parametrize("n_heads, n_kv_heads, T, head_dim", [(4, 4, 37, 8), (4, 2, 64, 8), (4, 1, 300, 4)],
+                         ids=["MHA", "GQA", "MQA-T300"])
+def test_small_head_attention_equals_sdpa_forward_and_backward(n_heads, n_kv_heads, T, head_dim):
+    # it computes its own gradients: float64, so that any difference is a wrong formula, not rounding
+    q, k, v = qkv(3, n_heads, n_kv_heads, T, head_dim)
+    dy = torch.randn(3, n_heads, T, head_dim, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ours = forward_and_grads(cpu_speedups.small_head_causal_attention, q, k, v, dy)
+    ref = forward_and_grads(sdpa_causal, q, k, v, dy)
+    for a, b in zip(ours, ref, strict=True):
+        assert a.shape == b.shape and (a - b).abs().max() < 1e-12
+
+
+def test_small_head_attention_under_cpu_bfloat16_autocast():
+    # train.py --device=cpu --dtype=bfloat16: bf16 q, k, v from the projections; the kernel computes in
+    # float32 on them, as PyTorch's does, and hands bf16 gradients back
+    q, k, v = (t.detach().bfloat16().requires_grad_() for t in qkv(2, 8, 4, 128, 8))
+    dy = torch.randn(2, 8, 128, 8, generator=torch.Generator().manual_seed(2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = forward_and_grads(cpu_speedups.small_head_causal_attention, q, k, v, dy)
+    assert ours[0].dtype == torch.float32 and all(g.dtype == torch.bfloat16 for g in ours[1:])
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))  # the same values, in float32
+    ref = forward_and_grads(sdpa_causal, q32, k32, v32, dy)
+    assert (ours[0] - ref[0]).abs().max() < 1e-5  # the same float32 math on the same inputs
+    for a, b in zip(ours[1:], ref[1:], strict=True):
+        assert (a.float() - b).abs().max() <= 1e-2 * b.abs().max()  # bf16 rounding of the gradients
+
+    # and a whole model: the loss under autocast stays close to float32's, every gradient finite
+    m = tiny_model(std=None, n_heads=4, n_kv_heads=2).train()  # head dim 8
+    tokens = torch.randint(0, 64, (4, 32), generator=torch.Generator().manual_seed(6))
+    _, loss32 = m(tokens, tokens)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, loss16 = m(tokens, tokens)
+    loss16.backward()
+    assert abs(loss16.item() - loss32.item()) < 0.05
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
+
+
+# ----------------------------------------------------------------- attention with dropout, in blocks
+
+@pytest.mark.parametrize("T, block", [(40, 16), (64, 64), (10, 64)])
+def test_blocked_attention_equals_causal_attention(T, block):
+    # without dropout: the same outputs and gradients as causal attention, in float64 (GQA: 4 heads, 2 kv)
+    q, k, v = qkv(2, 4, 2, T, 8, seed=19)
+    dy = torch.randn(2, 4, T, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    blocked = lambda *t: cpu_speedups.causal_attention_in_blocks(*t, 0.0, block=block)  # noqa: E731
+    ours = forward_and_grads(blocked, q, k, v, dy)
+    ref = forward_and_grads(sdpa_causal, q, k, v, dy)
+    for a, b in zip(ours, ref, strict=True):
+        assert (a - b).abs().max() < 1e-12
+    q, k, v, ref = (t.detach().float() for t in (q, k, v, ref[0]))
+    # with dropout, each output is on average the dropout-free one (inverted dropout keeps the mean):
+    # 3000 draws, as 10 batches of 300 copies of the inputs (each copy draws its own dropout)
+    torch.manual_seed(0)
+    copies = [t.repeat(300, 1, 1, 1) for t in (q, k, v)]  # (300 * 2, heads, T, 8)
+    draws = [cpu_speedups.causal_attention_in_blocks(*copies, 0.3, block=block).view(300, *ref.shape)
+             for _ in range(10)]
+    mean = torch.cat(draws).mean(0)
+    assert (mean - ref).abs().max() < 0.1 and (mean - ref).abs().mean() < 0.02
+    # and with the same dropout draws, a later key or value never reaches an earlier query
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, T - 3:] += 1.0
+    v2[:, :, T - 3:] += 1.0
+    torch.manual_seed(1)
+    a = cpu_speedups.causal_attention_in_blocks(q, k, v, 0.3, block=block)
+    torch.manual_seed(1)
+    b = cpu_speedups.causal_attention_in_blocks(q, k2, v2, 0.3, block=block)
+    assert torch.equal(a[:, :, :T - 3], b[:, :, :T - 3]) and not torch.equal(a, b)
+
+
+def test_blocked_attention_under_cpu_bfloat16_autocast():
+    q, k, v = (t.detach().bfloat16() for t in qkv(2, 4, 2, 100, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = cpu_speedups.causal_attention_in_blocks(q, k, v, 0.0)
+        ref = sdpa_causal(q, k, v)
+    assert ours.dtype == ref.dtype and (ours.float() - ref.float()).abs().max() <= 2e-2 * ref.abs().max()
+
+
+# ----------------------------------------------------------------- the decode-time classifier
+
+def test_transposed_classifier_is_the_linear_layer():
+    g = torch.Generator().manual_seed(4)
+    weight, h = torch.randn(500, 48, generator=g, dtype=torch.float64), torch.randn(3, 48, generator=g,
+                                                                                   dtype=torch.float64)
+    assert (cpu_speedups.transposed_classifier(weight)(h) - F.linear(h, weight)).abs().max() < 1e-12
+
+
+def test_classifier_copy_is_per_generation_and_follows_training():
+    # the fused AdamW step changes the weight in place without bumping its _version: a copy kept across
+    # generations would go stale unnoticed
+    m = tiny_model(max_seq_len=32)
+    prompt = torch.randint(0, 64, (1, 5), generator=torch.Generator().manual_seed(18))
+    opt = m.configure_optimizers(0.0, 0.1, (0.9, 0.95), "cpu")
+    outputs = []
+    for _ in range(3):
+        outputs.append(m.generate(prompt, 10, temperature=0.0))
+        assert torch.equal(outputs[-1], greedy_without_cache(m, prompt, 10))
+        m.train()
+        _, loss = m(prompt[:, :-1], prompt[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        m.eval()
+    assert len({tuple(o[0].tolist()) for o in outputs}) == 3  # training did change what it generates
+
+
+# ----------------------------------------------------------------- which path runs when
+
+@pytest.fixture
+def paths(monkeypatch):
+    # counts the calls of each CPU variant, each still doing its work
+    runs = {"small_head": 0, "blocks": 0, "classifier": 0}
+
+    def counting(name, fn):
+        def wrapper(*args, **kwargs):
+            runs[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    cls = cpu_speedups.SmallHeadCausalAttention
+    monkeypatch.setattr(cls, "apply", counting("small_head", cls.apply))
+    monkeypatch.setattr(cpu_speedups, "causal_attention_in_blocks",
+                        counting("blocks", cpu_speedups.causal_attention_in_blocks))
+    monkeypatch.setattr(cpu_speedups, "transposed_classifier",
+                        counting("classifier", cpu_speedups.transposed_classifier))
+
+    def taken(fn):
+        for name in runs:
+            runs[name] = 0
+        fn()
+        return {name for name, n in runs.items() if n}
+    return taken
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_each_variant_runs_where_it_applies_and_only_when_enabled(paths, monkeypatch, enabled):
+    monkeypatch.setattr(cpu_speedups, "ENABLED", enabled)
+    on = lambda *names: set(names) if enabled else set()  # noqa: E731
+    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(4))
+    hd8, hd16 = tiny_model(n_heads=4).train(), tiny_model(n_heads=2).train()  # head dims 32/4 and 32/2
+    assert paths(lambda: hd8(tokens, tokens)) == on("small_head")
+    assert paths(lambda: hd16(tokens, tokens)) == set()  # PyTorch's kernel is faster from head dim 16
+    long, long_tokens = tiny_model(n_heads=4, max_seq_len=520).train(), tokens.repeat(1, 33)[:, :513]
+    assert paths(lambda: long(long_tokens, long_tokens)) == set()  # T > 512
+    dropout = tiny_model(n_heads=2, dropout=0.1).train()
+    assert paths(lambda: dropout(tokens, tokens)) == on("blocks")  # training with dropout, any head size
+    with torch.no_grad():
+        assert paths(lambda: dropout.eval()(tokens, tokens)) == set()  # no dropout in eval
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert paths(lambda: hd8(tokens, tokens)) == on("small_head")  # it computes in float32
+        assert paths(lambda: hd8.bfloat16()(tokens, tokens)) == set()  # a bf16 model: PyTorch's kernel
+    # generation: the small-head kernel for the prefill (not the decode steps), and the classifier copy
+    assert paths(lambda: hd8.float().eval().generate(tokens[:, :4], 5)) == on("small_head", "classifier")
+    assert paths(lambda: hd16.eval().generate(tokens[:, :4], 5)) == on("classifier")
+
+
+def test_speedups_change_no_generated_token(monkeypatch):
+    m = tiny_model(n_heads=4, n_kv_heads=2, max_seq_len=32)  # head dim 8: every variant that generation uses
+    prompt = torch.randint(0, 64, (3, 6), generator=torch.Generator().manual_seed(5))
+    tokens, logits = {}, {}
+    for enabled in (True, False):
+        monkeypatch.setattr(cpu_speedups, "ENABLED", enabled)
+        tokens[enabled] = m.generate(prompt, 40, temperature=0.0)  # slides past the context once
+        logits[enabled] = all_logits(m.train(), prompt)  # training's path
+        m.eval()
+    assert torch.equal(tokens[True], tokens[False])
+    assert (logits[True] - logits[False]).abs().max() < 1e-5 * logits[False].abs().max()
+
+
+# ----------------------------------------------------------------- memory
 FAULTS_ON_REALLOCATION = """
 import resource, sys, torch, cpu_speedups
 import model, tinystories  # the heap train.py's process has when main() applies the setting
@@ -11,7 +207,9 @@ applied = cpu_speedups.keep_freed_memory() if sys.argv[1] == "on" else None  # "
 def allocate_and_free():  # as a training step does with its logits: 256 MB, every page written, freed
     x = torch.ones(64 * 2**20)
     del x
-for _ in range(6):  # the heap settles after a few rounds (small allocations land in the freed block)
+# the heap settles within a dozen rounds: small allocations land in the freed blocks, and the holes they
+# leave take a few rounds to merge into one as large as the block (an import more or less changes how many)
+for _ in range(16):
     allocate_and_free()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(4):

@@ -1,5 +1,6 @@
-"""The CUDA paths: flash attention, bf16 autocast, fp16 with a GradScaler, fused AdamW, torch.compile,
-and train.py end to end on a GPU. Skipped without a CUDA device (conftest marks them)."""
+"""The CUDA paths: flash attention, the fused attention kernel of each call site and dtype, bf16
+autocast, fp16 with a GradScaler, fused AdamW, torch.compile, and train.py end to end on a GPU.
+Skipped without a CUDA device (conftest marks them)."""
 import json
 import subprocess
 import sys
@@ -34,6 +35,40 @@ def test_flash_attention_runs_our_gqa_model_and_matches_float32():
             fast, _ = model(x, y)  # raises if flash cannot take these shapes / GQA
     rel = (fast.float() - ref).norm() / ref.norm()
     assert rel < 2e-2, rel
+
+
+# a 260K-like model (grouped-query attention, 8-wide heads) and a 15M-like one (multi-head, 48-wide)
+GQA_260K = ModelArgs(dim=64, n_layers=2, n_heads=8, n_kv_heads=4, vocab_size=512, multiple_of=4,
+                     max_seq_len=512)
+MHA_15M = ModelArgs(dim=288, n_layers=2, n_heads=6, n_kv_heads=6, vocab_size=512, multiple_of=32,
+                    max_seq_len=256)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("args", [GQA_260K, MHA_15M], ids=["260K-GQA", "15M-MHA"])
+def test_every_attention_call_site_runs_on_a_fused_kernel(args, dtype):
+    # Only the kernel each call should get is enabled, so a call it cannot take fails ("No available kernel")
+    # instead of falling back to the math kernel. Half precision: flash (it takes is_causal and grouped
+    # key/value heads, no mask; the prefill and the one-token decode step pass none). float32: flash has
+    # no float32 and the memory-efficient kernel no grouped heads, so model.attention repeats k and v.
+    # By default torch may prefer cuDNN on some GPUs where it takes the call; flash is the one guaranteed.
+    backend = SDPBackend.EFFICIENT_ATTENTION if dtype == torch.float32 else SDPBackend.FLASH_ATTENTION
+    torch.manual_seed(0)
+    model = Transformer(args).cuda()
+    x, y = batch(args, B=2)
+    with sdpa_kernel([backend]):
+        with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):  # training, as train.py
+            _, loss = model(x, y)
+        loss.backward()
+        assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters())
+        model = model.to(dtype).eval()  # sampling, as sample.py
+        with torch.inference_mode():
+            model(x[:, :100], start_pos=0)  # prefill
+            for pos in range(100, 104):  # decode
+                logits, _ = model(x[:, pos : pos + 1], start_pos=pos)
+            # a prompt that fills the context: a decode step, then a slide that prefills again at 0
+            out = model.generate(x, 8, temperature=0.0)
+    assert torch.isfinite(logits).all() and out.shape == (2, args.max_seq_len + 8)
 
 
 def test_kv_cache_decoding_matches_full_forward_on_cuda():
