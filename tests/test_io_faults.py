@@ -1,0 +1,314 @@
+"""A full disk, a read-only folder, a damaged file, through the real command lines: one line that names the
+file and the cause, no traceback, nothing half-written left where a later step would take it for whole,
+and a resume that continues exactly. A full disk is a small tmpfs where the tests run as root and may mount
+one, and everywhere an OSError(ENOSPC) at the file-write boundary (disk_faults.py)."""
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+from disk_faults import disk_full
+from fixture_corpus import make_stories, write_endoftext
+from test_train import TINY, read_metrics
+
+import export
+import tinystories as ts
+import train
+from checkpoint import from_checkpoint
+
+TRAIN, FAULTS = str(ROOT / "train.py"), str(ROOT / "tests" / "disk_faults.py")
+RUN = ["--max_iters=8", "--eval_interval=4"]  # checkpoints at iterations 4 and 8
+INTACT_AT_4 = "the previous checkpoint {out}/ckpt.pt (iteration 4) is intact; free space and resume with " \
+              "--init_from=resume"
+
+
+def run_train(out, *args, data_dir, fault=None, torchrun=0) -> subprocess.CompletedProcess:
+    # fault: (path pattern, nth matching file opened for writing, bytes it takes before the disk is full)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    scripts = [TRAIN]
+    if fault:
+        env.update(FAULT_FILE=fault[0], FAULT_OPEN=str(fault[1]), FAULT_AFTER=str(fault[2]))
+        scripts = [FAULTS, TRAIN]
+    launcher = [sys.executable]
+    if torchrun:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"]
+    return subprocess.run(launcher + scripts + TINY + [f"--data_dir={data_dir}", f"--out_dir={out}", *args],
+                          capture_output=True, text=True, timeout=240, env=env, cwd=out.parent)
+
+
+def one_line_error(result) -> str:
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and result.stderr.strip().splitlines()[-1] == errors[0], result.stderr
+    return errors[0]
+
+
+def losses(out) -> list:
+    logs, evals = read_metrics(out)
+    steps = [(r["iter"], r["loss"], r["grad_norm"]) for r in logs]
+    return steps + [(r["iter"], r["val_loss"]) for r in evals]
+
+
+def intact_at(out, iteration):
+    # the checkpoint resume takes loads, at the iteration the message names, and metrics.jsonl ends there
+    assert from_checkpoint(out / "ckpt.pt")[1]["iter_num"] == iteration
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+    text = (out / "metrics.jsonl").read_text(encoding="utf-8")
+    assert text.endswith("\n") and max(json.loads(line)["iter"] for line in text.splitlines()) == iteration
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    # test_train.py's corpus: the synthetic stories with their own 512-token vocabulary
+    root = tmp_path_factory.mktemp("faults_data")
+    write_endoftext(root / "stories.txt", make_stories(1500, seed=3))
+    ts.train_vocab(root, 512, input=root / "stories.txt", name="fixture")
+    ts.prepare(root, root / "stories.txt", "fixture", vocab_size=512)
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(data_dir, tmp_path_factory):
+    # the uninterrupted run the interrupted ones must match
+    out = tmp_path_factory.mktemp("reference") / "out"
+    result = run_train(out, *RUN, data_dir=data_dir)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    mounted = []
+
+    def mount(size_kb: int, name="disk") -> Path:
+        if os.geteuid() != 0:
+            pytest.skip("mounting a small tmpfs needs root (the injected-ENOSPC tests cover the same code)")
+        path = tmp_path / name
+        path.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(path)],
+                           capture_output=True, text=True)
+        if r.returncode:
+            pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip()}); the injected-ENOSPC tests cover it")
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in mounted:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@pytest.fixture
+def read_only():
+    # a folder made read-only: a read-only bind mount as root (who ignores permissions), else chmod
+    made = []
+
+    def make(path: Path) -> str:
+        if os.geteuid() == 0:
+            r = subprocess.run(f"mount --bind {shlex.quote(str(path))} {shlex.quote(str(path))} && "
+                               f"mount -o remount,bind,ro {shlex.quote(str(path))}", shell=True,
+                               capture_output=True, text=True)
+            if r.returncode:
+                subprocess.run(["umount", str(path)], capture_output=True)
+                pytest.skip(f"cannot mount read-only here: {r.stderr.strip()}")
+        else:
+            path.chmod(0o555)
+        made.append(path)
+        return "read-only file system" if os.geteuid() == 0 else "permission denied"
+
+    yield make
+    for path in made:
+        if os.geteuid() == 0:
+            subprocess.run(["umount", "-l", str(path)], check=False)
+        else:
+            path.chmod(0o755)
+
+
+# ----------------------------------------------------------------------------- train.py: a full disk
+
+
+@pytest.mark.slow
+def test_disk_full_while_saving_a_checkpoint(reference, data_dir, tmp_path):
+    out = tmp_path / "out"
+    # the second checkpoint finds 4 KiB of room; torch's zip writer would call that "unexpected pos"
+    line = one_line_error(run_train(out, *RUN, data_dir=data_dir, fault=(r"ckpt.*\.pt\.tmp$", 2, 4096)))
+    expected = re.escape(f"error: no space left on device writing {out}/ckpt") + "(_best)?" + \
+        re.escape(".pt: " + INTACT_AT_4.format(out=out))
+    assert re.fullmatch(expected, line), line
+    intact_at(out, 4)
+    assert run_train(out, *RUN, "--init_from=resume", data_dir=data_dir).returncode == 0
+    assert losses(out) == losses(reference)
+
+
+@pytest.mark.slow
+def test_disk_full_on_a_small_filesystem(reference, data_dir, small_disk):
+    # room for one checkpoint and a half: the second cannot be written
+    ckpt = (reference / "ckpt.pt").stat().st_size
+    disk = small_disk((ckpt + ckpt // 2) // 1024 + 64)
+    out = disk / "out"
+    line = one_line_error(run_train(out, *RUN, data_dir=data_dir))
+    assert line.startswith(f"error: no space left on device writing {out}/ckpt"), line
+    assert line.endswith(INTACT_AT_4.format(out=out)), line
+    intact_at(out, 4)
+    subprocess.run(["mount", "-o", "remount,size=4m", str(disk)], check=True)  # space freed
+    assert run_train(out, *RUN, "--init_from=resume", data_dir=data_dir).returncode == 0
+    assert losses(out) == losses(reference)
+
+
+@pytest.mark.parametrize("file, fault, then", [
+    # metrics.jsonl: its 7th append (iteration 6) gets 20 bytes, half a line
+    ("metrics.jsonl", (r"metrics\.jsonl$", 7, 20), INTACT_AT_4),
+    ("config.json", (r"config\.json\.tmp$", 1, 100),
+     "no checkpoint was written; free space and run the same command again"),
+], ids=["metrics.jsonl", "config.json"])
+def test_disk_full_while_writing_the_run_folder(data_dir, tmp_path, file, fault, then):
+    out = tmp_path / "out"
+    line = one_line_error(run_train(out, *RUN, data_dir=data_dir, fault=fault))
+    assert line == f"error: no space left on device writing {out / file}: " + then.format(out=out)
+    if file == "metrics.jsonl":
+        intact_at(out, 4)  # the half line and the lines after the checkpoint are gone
+    else:
+        assert sorted(os.listdir(out)) == []
+
+
+@pytest.mark.slow
+def test_ddp_every_rank_stops_when_rank_0_cannot_save(data_dir, tmp_path):
+    out = tmp_path / "out"
+    result = run_train(out, *RUN, data_dir=data_dir, fault=(r"ckpt.*\.pt\.tmp$", 2, 4096), torchrun=2)
+    assert result.returncode != 0
+    # rank 0 says why, once; rank 1 stops with it rather than failing (or hanging) in a collective
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: no space left on device writing {out}/ckpt"), \
+        result.stderr
+    assert "train.py\", line" not in result.stderr  # no traceback through train.py on any rank
+    assert result.stderr.count("exitcode  : 1 ") == 2  # torchrun's report: both ranks exited, none was killed
+    intact_at(out, 4)
+
+
+# ---------------------------------------------------------------------- train.py: folders, damaged files
+
+
+def test_read_only_out_dir_is_refused_before_any_work(tmp_path, read_only):
+    folder = tmp_path / "runs"
+    folder.mkdir()
+    reason = read_only(folder)
+    # no data at all: the out_dir is checked first
+    line = one_line_error(run_train(folder / "15m", "--max_iters=2", data_dir=tmp_path / "nothing"))
+    assert line == f"error: {reason} writing {folder / '15m'}: pass another --out_dir"
+
+
+@pytest.fixture(scope="module")
+def kept(data_dir, tmp_path_factory):
+    # ckpt.pt, ckpt_best.pt and the last two numbered checkpoints, 4 and 6
+    out = tmp_path_factory.mktemp("kept") / "out"
+    result = run_train(out, "--max_iters=6", "--eval_interval=2", "--keep_checkpoints=2", data_dir=data_dir)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def damage(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    path.unlink()  # a new file, as a copy is: the hard links to the old bytes keep them
+    if how == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "empty":
+        path.write_bytes(b"")
+    else:  # another program's file
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("notes.txt", "not a checkpoint")
+
+
+def main_error(argv) -> str:
+    # train.py's main() in this process: the message it exits with
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    message = str(e.value.code)
+    assert message.startswith("error: ") and "\n" not in message, message
+    return message
+
+
+@pytest.mark.parametrize("how", ["truncated", "empty", "foreign"])
+def test_damaged_checkpoint_names_the_newest_good_one(kept, data_dir, tmp_path, how):
+    out = tmp_path / "out"
+    shutil.copytree(kept, out)
+    damage(out / "ckpt.pt", how)
+    argv = TINY + [f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=8", "--init_from=resume"]
+    message = main_error(argv)
+    assert message.startswith(f"error: {out / 'ckpt.pt'} is not a checkpoint written by train.py (")
+    newest = out / "ckpt_000006.pt"
+    assert message.endswith(f"; the newest good checkpoint beside it is {newest} (iteration 6): "
+                            f"`cp {newest} {out / 'ckpt.pt'}` and run the same command again")
+    # the newest is damaged too: the next one; none left: the message alone
+    damage(out / "ckpt_000006.pt", how)
+    damage(out / "ckpt_best.pt", how)
+    assert f"is {out / 'ckpt_000004.pt'} (iteration 4): `cp " in main_error(argv)
+    damage(out / "ckpt_000004.pt", how)
+    assert "newest good" not in main_error(argv)
+
+
+@pytest.mark.slow
+def test_the_command_for_a_damaged_checkpoint_resumes(kept, data_dir, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(kept, out)
+    damage(out / "ckpt.pt", "truncated")
+    args = ["--max_iters=8", "--eval_interval=2", "--init_from=resume"]
+    line = one_line_error(run_train(out, *args, data_dir=data_dir))
+    src, dst = shlex.split(re.search(r"`cp (.+)` and run the same command again$", line)[1])
+    shutil.copyfile(src, dst)
+    result = run_train(out, *args, data_dir=data_dir)
+    assert result.returncode == 0 and "resuming from iteration 6" in result.stdout, result.stderr
+    assert [r["iter"] for r in read_metrics(out)[0]] == list(range(1, 9))
+
+
+def test_a_shard_of_odd_length_is_refused_by_train_py(data_dir, tmp_path):
+    data = tmp_path / "shards"
+    shutil.copytree(data_dir / "fixture", data / "fixture")
+    shard = data / "fixture" / "data01.bin"
+    with open(shard, "ab") as f:
+        f.write(b"\0")  # half a token: a copy cut short
+    line = one_line_error(run_train(tmp_path / "out", "--max_iters=2", data_dir=data))
+    command = f"python tinystories.py prepare --input YOUR_TEXT --name fixture --data_dir {data}"
+    assert line == f"error: {shard} is damaged (an odd size, not uint16 token ids): run `{command}` again"
+
+
+# ----------------------------------------------------------------------------- export.py
+
+
+def errors(capsys) -> list[str]:
+    return [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+
+
+def export_error(argv, capsys) -> str:
+    with pytest.raises(SystemExit):
+        export.main(argv)
+    [line] = errors(capsys)
+    return line
+
+
+@pytest.mark.parametrize("fmt, name, fault", [("llama2c", "model.bin", r"model\.bin\.tmp$"),
+                                              ("hf", "hf", r"model\.safetensors\.tmp$"),
+                                              ("pt", "model.pt", r"model\.pt\.tmp$")])
+def test_export_on_a_full_disk(reference, tmp_path, capsys, fmt, name, fault):
+    with disk_full(fault, room=1000):
+        argv = [str(tmp_path / name), f"--checkpoint={reference}/ckpt.pt", f"--format={fmt}"]
+        line = export_error(argv, capsys)
+    written = tmp_path / name / "model.safetensors" if fmt == "hf" else tmp_path / name
+    assert line == f"error: no space left on device writing {written}"
+    # no model file, and for hf no config.json: a later load says the export is missing, not damaged
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+
+
+def test_export_to_a_read_only_folder(reference, tmp_path, read_only, capsys):
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    reason = read_only(folder)
+    line = export_error([str(folder / "model.bin"), f"--checkpoint={reference / 'ckpt.pt'}"], capsys)
+    assert line == f"error: {reason} writing {folder}"
+    assert os.listdir(folder) == []
