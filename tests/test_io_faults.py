@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 from disk_faults import disk_full
-from fixture_corpus import make_stories, write_endoftext
+from fixture_corpus import make_stories, write_endoftext, write_json_shards
 from test_train import TINY, read_metrics
 
 import export
@@ -278,11 +278,69 @@ def test_a_shard_of_odd_length_is_refused_by_train_py(data_dir, tmp_path):
     assert line == f"error: {shard} is damaged (an odd size, not uint16 token ids): run `{command}` again"
 
 
-# ----------------------------------------------------------------------------- export.py
+# ----------------------------------------------------------------------------- the data stage
+
+
+@pytest.fixture
+def own_text(tmp_path_factory):
+    # a text to prepare and its 512-token vocabulary, outside the data folder
+    d = tmp_path_factory.mktemp("own_text")
+    write_endoftext(d / "stories.txt", make_stories(400, seed=5))
+    ts.train_vocab(d, 512, input=d / "stories.txt", name="mine")
+    return d / "stories.txt", d / "mine" / "tok512.model"
 
 
 def errors(capsys) -> list[str]:
     return [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+
+
+# nothing a later step takes for finished shards: no shards at all, or shards without their meta.json
+@pytest.mark.parametrize("fault, written, left", [
+    (r"data\d+\.bin\.tmp$", "mine", None),
+    (r"meta\.json\.tmp$", "mine/meta.json", ["data00.bin", "data01.bin"]),
+])
+def test_prepare_on_a_full_disk(own_text, tmp_path, capsys, fault, written, left):
+    text, model = own_text
+    with disk_full(fault, room=10):  # forked workers inherit it
+        rc = ts.main(["prepare", "--input", str(text), "--name", "mine", "--tokenizer", str(model),
+                      "--data_dir", str(tmp_path)])
+    assert rc == 1 and errors(capsys) == [f"error: no space left on device writing {tmp_path / written}"]
+    out = tmp_path / "mine"
+    assert (sorted(p.name for p in out.iterdir()) if out.exists() else None) == left
+
+
+def test_pretokenize_on_a_small_filesystem(tmp_path, small_disk, capsys):
+    disk = small_disk(4096)
+    write_json_shards(str(disk / ts.TINYSTORIES_DIR), make_stories(600, seed=4), 2)
+    ts.train_vocab(disk, 512)
+    used_kb = int(subprocess.run(["du", "-sk", str(disk)], capture_output=True, text=True).stdout.split()[0])
+    subprocess.run(["mount", "-o", f"remount,size={used_kb + 32}k", str(disk)], check=True)  # a full disk
+    assert ts.main(["pretokenize", "--vocab_size", "512", "--data_dir", str(disk)]) == 1
+    assert errors(capsys) == [f"error: no space left on device writing {disk / 'tok512'}"]
+    assert not (disk / "tok512").exists()
+
+
+@pytest.mark.parametrize("command", ["download", "train_vocab", "pretokenize", "prepare"])
+def test_read_only_data_dir_is_refused_before_any_work(tmp_path, read_only, capsys, command):
+    data = tmp_path / "data"
+    write_json_shards(str(data / ts.TINYSTORIES_DIR), make_stories(100, seed=6), 2)
+    ts.train_vocab(data, 300)
+    write_endoftext(tmp_path / "in.txt", make_stories(20, seed=6))
+    reason = read_only(data)
+    capsys.readouterr()
+    args, target = {
+        # a server that does not exist: only the check before the download can answer first
+        "download": (["--url", "http://127.0.0.1:9/x.tar.gz"], data),
+        "train_vocab": (["--vocab_size", "256"], data),
+        "pretokenize": (["--vocab_size", "300"], data / "tok300"),
+        "prepare": (["--input", str(tmp_path / "in.txt"), "--name", "mine", "--vocab_size", "300",
+                     "--tokenizer", str(data / "tok300.model")], data / "mine"),
+    }[command]
+    assert ts.main([command, "--data_dir", str(data), *args]) == 1
+    assert errors(capsys) == [f"error: {reason} writing {target}"]
+
+
+# ----------------------------------------------------------------------------- export.py
 
 
 def export_error(argv, capsys) -> str:
