@@ -32,7 +32,6 @@ import os
 import pickle
 import shutil
 import struct
-from contextlib import contextmanager
 from dataclasses import asdict
 
 import numpy as np
@@ -40,6 +39,7 @@ import torch
 from tqdm import tqdm
 
 import runtime
+from fileio import atomic_write
 from model import ModelArgs, Transformer, precompute_rope
 
 MAGIC = 0x616B3432  # "ak42" read as a big-endian word; the bytes on disk are "24ka"
@@ -56,36 +56,33 @@ class CheckpointError(ValueError):  # a file that cannot be read, or settings it
 # ---------------------------------------------------------------- our checkpoints, and any model file
 
 
-def _fsync(path, flags=os.O_RDWR) -> None:
-    fd = os.open(path, flags)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextmanager
-def atomic_write(path):
-    # `with atomic_write(p) as tmp:` gives p + ".tmp" to write; when the block succeeds it is flushed to
-    # disk and renamed over p in one step, so a crash, a kill or an error never leaves half a file behind
-    # (a kill may leave the .tmp, which the next write to p replaces)
-    path = os.fspath(path)
-    tmp, directory = path + ".tmp", os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    try:
-        yield tmp
-        _fsync(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
-        _fsync(directory, os.O_RDONLY | os.O_DIRECTORY)
-
-
 def save_checkpoint(path, obj) -> None:
-    with atomic_write(path) as tmp:
-        torch.save(obj, tmp)
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
+        # through a file object of ours: given a path, torch's zip writer reports a full disk as
+        # "[enforce fail ...] unexpected pos"; given f, the OSError of f.write is the one to report
+        failed = _WriteErrors(f)
+        try:
+            torch.save(obj, failed)
+        except RuntimeError:
+            if failed.error is None:
+                raise
+            raise failed.error from None
+
+
+class _WriteErrors:
+    # a file that remembers the OSError of its write, which torch turns into a RuntimeError
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        self.f.flush()
 
 
 def from_checkpoint(path, device="cpu"):
@@ -433,7 +430,7 @@ def hf_tokenizer_config(sp, max_seq_len: int) -> dict:
 
 
 def write_hf(out_dir, model: Transformer, tokenizer_path=None, dtype="float32") -> list[str]:
-    from safetensors.torch import save_file  # needed by the HF format only (requirements-dev.txt)
+    from safetensors.torch import save  # needed by the HF format only (requirements-dev.txt)
 
     args = model.args
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -451,8 +448,9 @@ def write_hf(out_dir, model: Transformer, tokenizer_path=None, dtype="float32") 
         with atomic_write(out(name)) as tmp, open(tmp, "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=2)
 
-    with atomic_write(out("model.safetensors")) as tmp:
-        save_file(tensors, tmp, metadata={"format": "pt"})
+    # written by us, not by save_file, whose error on a full disk is no OSError
+    with atomic_write(out("model.safetensors")) as tmp, open(tmp, "wb") as f:
+        f.write(save(tensors, metadata={"format": "pt"}))
     bos = stops = None
     if tokenizer_path:
         sp = load_sentencepiece(tokenizer_path)

@@ -33,6 +33,7 @@ from checkpoint import (
     write_tokenizer_bin,
 )
 from configurator import ConfigError, parse_config
+from fileio import check_writable
 
 # name: (default, help). --help prints them; parse_config checks the types against the defaults.
 OPTIONS = {
@@ -98,6 +99,7 @@ def run(out: str, cfg: dict) -> list[str]:
                           "beside it)")
     if fmt == "hf" and os.path.isfile(out):
         raise ExportError(f"{out} is a file; --format=hf writes a directory")
+    check_writable(out if fmt == "hf" else os.path.dirname(out) or ".")  # refused before the model is read
     try:
         model, checkpoint = from_checkpoint(cfg["checkpoint"])  # .pt, llama2.c .bin or HF directory
     except FileNotFoundError:
@@ -160,7 +162,8 @@ def main(argv=None):
             raise ExportError("usage: python export.py OUT [--key=value ...]; python export.py --help lists "
                               "the options")
         run(outs[0], parse_config(DEFAULTS, [a for a in argv if a.startswith("-")]))
-    except (ConfigError, FileNotFoundError, ValueError) as e:  # ExportError, CheckpointError are ValueErrors
+    # ExportError and CheckpointError are ValueErrors; an OSError is a file that cannot be read or written
+    except (ConfigError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 

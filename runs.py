@@ -11,7 +11,8 @@ of those files (plot.py's).
     out_dir/ckpt_NNNNNN.pt  with keep_checkpoints=N, the last N checkpoints by iteration
     out_dir/replaced/       a previous run's files, while a new run started with overwrite=True has no
                             checkpoint of its own yet
-Checkpoints are written atomically (checkpoint.save_checkpoint): a crash never leaves half of one.
+Checkpoints are written atomically (checkpoint.save_checkpoint): a crash never leaves half of one. A write
+that fails (a full disk, a read-only folder) is a fileio.WriteError, one line naming the file.
 """
 import json
 import os
@@ -25,6 +26,8 @@ from datetime import datetime, timezone
 
 import numpy as np
 import torch
+
+from fileio import atomic_write, writing
 
 
 def git_revision() -> str | None:
@@ -40,30 +43,32 @@ def write_run_info(out_dir, config: dict, world_size: int) -> None:
     info = {"config": config, "git": git_revision(), "torch": torch.__version__,
             "python": sys.version.split()[0], "world_size": world_size,
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "argv": sys.argv}
-    with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
+    with atomic_write(os.path.join(out_dir, "config.json")) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(info, f, indent=2)
 
 
 def append_jsonl(path, record: dict) -> None:
-    with open(path, "a", encoding="utf-8") as f:
+    with writing(path), open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
 
 
 def truncate_metrics(path, last_iter: int) -> None:
-    # a resumed run repeats the iterations after its checkpoint: drop the old lines for them
+    # a resumed run repeats the iterations after its checkpoint: drop the old lines for them, and a line cut
+    # short by a crash or a full disk. The lines kept are the file's start: it is cut in place, which needs
+    # no free space.
     if not os.path.exists(path):
         return
-    kept = []
-    with open(path, encoding="utf-8") as f:
+    keep = 0
+    with open(path, "rb") as f:
         for line in f:
             try:
-                if json.loads(line)["iter"] <= last_iter:
-                    kept.append(line)
+                if not line.endswith(b"\n") or json.loads(line)["iter"] > last_iter:
+                    break
             except (ValueError, KeyError, TypeError):
-                pass  # a line cut short by a crash
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.writelines(kept)
-    os.replace(path + ".tmp", path)
+                break
+            keep += len(line)
+    with writing(path):
+        os.truncate(path, keep)
 
 
 def numbered_checkpoints(out_dir) -> list[str]:
@@ -74,33 +79,34 @@ def numbered_checkpoints(out_dir) -> list[str]:
 
 
 def save_checkpoints(out_dir, state: dict, latest: bool, best: bool, keep: int, save) -> list[str]:
-    """Writes state as ckpt.pt (latest), ckpt_best.pt (best) and, with keep > 0, ckpt_NNNNNN.pt, deleting
+    """Writes state as ckpt_best.pt (best), ckpt_NNNNNN.pt (latest, keep > 0) and ckpt.pt (latest), deleting
     the numbered ones beyond the last `keep` only once the new one is on disk. save(path, state) writes one
-    file atomically; the others are hard links to it (copies where links are not possible). Returns the paths."""
+    file atomically; the others are hard links to it (copies where links are not possible). ckpt.pt, what
+    resume continues, comes last: a save that fails (a full disk) leaves it at the previous checkpoint.
+    Returns the paths."""
     written = []
 
     def place(path):
         if not written:
             save(path, state)
         else:  # the same bytes again: link them under the new name, atomically
-            tmp = path + ".tmp"
-            if os.path.lexists(tmp):
-                os.remove(tmp)
-            try:
-                os.link(written[0], tmp)
-            except OSError:
-                shutil.copyfile(written[0], tmp)
-            os.replace(tmp, path)
+            with atomic_write(path) as tmp:
+                if os.path.lexists(tmp):
+                    os.remove(tmp)
+                try:
+                    os.link(written[0], tmp)
+                except OSError:
+                    shutil.copyfile(written[0], tmp)
         written.append(path)
 
-    if latest:
-        place(os.path.join(out_dir, "ckpt.pt"))
     if best:
         place(os.path.join(out_dir, "ckpt_best.pt"))
     if latest and keep > 0:
         place(os.path.join(out_dir, f"ckpt_{state['iter_num']:06d}.pt"))
         for old in numbered_checkpoints(out_dir)[:-keep]:
             os.remove(old)
+    if latest:
+        place(os.path.join(out_dir, "ckpt.pt"))
     return written
 
 
@@ -125,7 +131,8 @@ def set_aside_previous_run(out_dir) -> str:
     """Moves a previous run's files to out_dir/replaced/ until the new run has a checkpoint of its own."""
     aside = os.path.join(out_dir, "replaced")
     shutil.rmtree(aside, ignore_errors=True)
-    os.makedirs(aside)
+    with writing(aside):
+        os.makedirs(aside)
     for name in os.listdir(out_dir):
         if name in ("metrics.jsonl", "config.json", "wandb_run_id") or re.fullmatch(r"ckpt(_best|_\d+)?\.pt", name):
             os.replace(os.path.join(out_dir, name), os.path.join(aside, name))

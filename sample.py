@@ -3,7 +3,7 @@ Generate stories from a trained model, streamed to stdout as the tokens come.
 
     python sample.py --prompt="Once upon a time" --num_samples=3
     python sample.py --checkpoint=out/ckpt.pt --temperature=0              # greedy
-    python sample.py --checkpoint=stories15M.bin --tokenizer=data/llama2.model --top_p=0.9
+    python sample.py --checkpoint=stories15M.bin --tokenizer=data/llama2_tokenizer.model --top_p=0.9
     python sample.py --prompt_file=prompt.txt --max_new_tokens=500 --device=cuda --compile=True
     python sample.py --checkpoint=out/hf                                    # export.py --format=hf's directory
 

@@ -2,6 +2,7 @@
 The data stage: TinyStories (or your own text) -> uint16 token shards, which dataloader.py reads.
 
     python tinystories.py download                      # data/TinyStories_all_data/*.json, Llama 2 tokenizer
+    python tinystories.py download --url MIRROR/        # a mirror (or a local folder) holding both files
     python tinystories.py pretokenize --vocab_size 0    # Llama 2 ids: data/TinyStories_all_data/dataNN.bin
     python tinystories.py train_vocab --vocab_size 512  # data/tok512.model
     python tinystories.py pretokenize --vocab_size 512  # data/tok512/dataNN.bin
@@ -24,22 +25,30 @@ import json
 import os
 import re
 import shutil
+import socket
 import sys
 import tarfile
 import tempfile
+import threading
 import time
+import urllib.parse
 import zlib
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from tqdm import tqdm
 
 from dataloader import TINYSTORIES_DIR, DataError, data_dir_option, list_shards
+from fileio import WriteError, atomic_write, check_writable, writing
 from tokenizer import MAX_VOCAB_SIZE, Tokenizer
 
-TINYSTORIES_PATH = "datasets/roneneldan/TinyStories/resolve/main/TinyStories_all_data.tar.gz"
-LLAMA2_TOKENIZER = "llama2_tokenizer.model"
+ARCHIVE = "TinyStories_all_data.tar.gz"
+TINYSTORIES_PATH = f"datasets/roneneldan/TinyStories/resolve/main/{ARCHIVE}"
+LLAMA2_TOKENIZER = "llama2_tokenizer.model"  # in DATA_DIR
 LLAMA2_TOKENIZER_URL = "https://raw.githubusercontent.com/karpathy/llama2.c/master/tokenizer.model"
+MIRRORS = ("set HF_ENDPOINT to a mirror of huggingface.co, or pass --url and --tokenizer_url (a mirror's "
+           f"URLs, or files you copied), or --url FOLDER/ holding {ARCHIVE} and tokenizer.model")
 VAL_EVERY = 100  # prepare and single-shard inputs: documents 0, 100, 200, ... are the validation split
 SHARD_CHARS = 8_000_000  # prepare: text per train shard (~2 M tokens), so that every core gets work
 RETRY_WAIT_S = 2.0  # download: pause before resuming a broken transfer (tests set 0)
@@ -56,6 +65,11 @@ def cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def command(args: str, data_dir) -> str:
+    # a command an error suggests, with the user's --data_dir
+    return f"python tinystories.py {args}{data_dir_option(data_dir)}"
+
+
 # -----------------------------------------------------------------------------
 # download: resumable, size-checked, unpacked safely
 
@@ -67,8 +81,7 @@ def default_url() -> str:
 def local_path(url: str) -> Path | None:
     """The file a URL names when it is a path or file:// URL; None for http(s)."""
     if url.startswith("file://"):
-        from urllib.parse import unquote, urlparse
-        return Path(unquote(urlparse(url).path))
+        return Path(urllib.parse.unquote(urllib.parse.urlparse(url).path))
     if m := re.match(r"([a-zA-Z][a-zA-Z0-9+.-]*)://", url):
         if m[1].lower() not in ("http", "https"):
             raise DataError(f"cannot download {url}: only http(s)://, file:// and local paths are supported")
@@ -76,8 +89,32 @@ def local_path(url: str) -> Path | None:
     return Path(url)
 
 
+def mirror_files(url: str) -> tuple[str, str | None]:
+    """--url names the archive, or a folder (a local one, or a URL ending in /) holding both files under
+    their published names: (the archive's URL, the tokenizer's URL or None)."""
+    src = local_path(url)
+    if url.endswith("/") or (src is not None and src.is_dir()):
+        base = url if url.endswith("/") else url + "/"
+        return base + ARCHIVE, base + "tokenizer.model"
+    return url, None
+
+
 class _Incomplete(Exception):
     pass
+
+
+def _name_not_resolved(e: BaseException) -> bool:
+    # requests' ConnectionError holds urllib3's MaxRetryError, whose reason (NameResolutionError) was raised
+    # from the socket.gaierror of the failed look-up
+    todo, seen = [e], set()
+    while todo:
+        e = todo.pop()
+        if isinstance(e, socket.gaierror):
+            return True
+        seen.add(id(e))
+        todo += [x for x in (getattr(e, "reason", None), e.__cause__, e.__context__, *e.args)
+                 if isinstance(x, BaseException) and id(x) not in seen]
+    return False
 
 
 def http_download(url: str, dest: Path, retries: int = 3, check=None) -> None:
@@ -95,7 +132,14 @@ def http_download(url: str, dest: Path, retries: int = 3, check=None) -> None:
         except requests.HTTPError as e:
             raise DataError(f"downloading {url} failed: HTTP {e.response.status_code} {e.response.reason} "
                             "(retry later, or pass --url with a mirror or a local copy)") from None
+        except WriteError as e:  # a full disk: what arrived stays in part
+            raise DataError(f"{e}: free space and run the same command again, which continues the download") \
+                from None
         except broken as e:
+            if _name_not_resolved(e):  # no network, or no DNS: not a transfer that broke, so no retries
+                host = urllib.parse.urlparse(url).hostname
+                raise DataError(f"cannot reach {host} (its name does not resolve: no network?); {MIRRORS}") \
+                    from None
             why = " ".join(str(e).split())[:200] or type(e).__name__
             if attempt == retries:
                 kept = "run the same command again" + (f" to resume from {part}" if part.exists() else "")
@@ -132,7 +176,9 @@ def _http_attempt(requests, url: str, part: Path) -> None:
         with open(part, mode) as f, tqdm(total=total, initial=have, unit="B", unit_scale=True,
                                          unit_divisor=1024, desc=part.name.removesuffix(".part")) as bar:
             for chunk in r.raw.stream(1 << 20, decode_content=False):  # the bytes as sent, so sizes compare
-                f.write(chunk)
+                with writing(part):  # (the stream's errors are the network's)
+                    f.write(chunk)
+                    f.flush()  # so that closing f writes nothing more
                 bar.update(len(chunk))
     size = part.stat().st_size
     if total is not None and size != total:
@@ -149,7 +195,8 @@ def _content_range(value: str | None) -> tuple[int | None, int | None]:
 def safe_unpack(archive: Path, target: Path) -> int:
     """Unpack into a temporary directory beside target, then rename it: target is complete or absent."""
     if target.exists() and any(target.iterdir()):
-        raise DataError(f"{target} exists but holds no dataNN.json: move it away and run download again")
+        raise DataError(f"{target} exists but holds no dataNN.json: move it away and run "
+                        f"`{command('download', target.parent)}` again")
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     root = tmp.resolve()
     extract = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # Python >= 3.10.12 / 3.11.4
@@ -164,7 +211,8 @@ def safe_unpack(archive: Path, target: Path) -> int:
                         raise DataError(f"{refuse} would land outside {target}")
                     if not (member.isfile() or member.isdir()):
                         raise DataError(f"{refuse} is a link or a special file")
-                    tar.extract(member, root, **extract)
+                    with writing(target):  # a full disk is not a damaged archive: keep the archive
+                        tar.extract(member, root, **extract)
         shards = list_shards(tmp, "json")
         if not shards:
             raise DataError(f"{archive} holds no dataNN.json files: is it TinyStories_all_data.tar.gz?")
@@ -172,28 +220,27 @@ def safe_unpack(archive: Path, target: Path) -> int:
             target.rmdir()  # empty, checked above
         os.rename(tmp, target)
         return len(shards)
-    except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
+    except (tarfile.TarError, EOFError, zlib.error) as e:
         raise DataError(f"cannot unpack {archive}: {e}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def download(data_dir, url: str | None = None, tokenizer_url: str = LLAMA2_TOKENIZER_URL,
-             retries: int = 3) -> None:
+def download(data_dir, url: str | None = None, tokenizer_url: str | None = None, retries: int = 3) -> None:
     data_dir = Path(data_dir)
-    data_dir.mkdir(parents=True, exist_ok=True)
+    check_writable(data_dir)
     target = data_dir / TINYSTORIES_DIR
+    url, folder_tokenizer = mirror_files(url or default_url())
     if shards := list_shards(target, "json"):
         print(f"{target} already present ({len(shards)} shards): nothing to download")
     else:
-        url = url or default_url()
         archive = local_path(url)
         if archive is not None:  # a copy the user fetched by hand
             if not archive.is_file():
                 raise DataError(f"no such file: {archive}")
         else:
             # only ever renamed here complete and size-checked
-            archive = data_dir / "TinyStories_all_data.tar.gz"
+            archive = data_dir / ARCHIVE
             if archive.exists():
                 print(f"{archive} already downloaded")
             else:
@@ -202,12 +249,13 @@ def download(data_dir, url: str | None = None, tokenizer_url: str = LLAMA2_TOKEN
         try:
             n = safe_unpack(archive, target)
         except DataError as e:
-            if archive.parent == data_dir and archive.name == "TinyStories_all_data.tar.gz":
+            if archive == data_dir / ARCHIVE:
                 archive.unlink(missing_ok=True)  # ours and unusable: the next run downloads it again
-                raise DataError(f"{e} (deleted it: run download again)") from None
+                raise DataError(f"{e} (deleted it: run `{command('download', data_dir)}` again)") from None
             raise
         print(f"unpacked {n} shards into {target}")
-    fetch_tokenizer(data_dir / LLAMA2_TOKENIZER, tokenizer_url, retries)
+    fetch_tokenizer(data_dir / LLAMA2_TOKENIZER, tokenizer_url or folder_tokenizer or LLAMA2_TOKENIZER_URL,
+                    retries)
 
 
 def fetch_tokenizer(dest: Path, url: str, retries: int) -> None:
@@ -230,9 +278,8 @@ def fetch_tokenizer(dest: Path, url: str, retries: int) -> None:
             raise DataError(f"no such file: {src}")
         else:
             check(src)
-            tmp = dest.with_name(dest.name + ".part")
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, dest)
+            with atomic_write(dest) as tmp:
+                shutil.copyfile(src, tmp)
         print(f"saved the Llama 2 tokenizer to {dest}")
     except DataError as e:
         dest.with_name(dest.name + ".part").unlink(missing_ok=True)
@@ -253,8 +300,9 @@ def read_json_stories(path) -> list[str]:
         stories = (item["story"].strip() for item in items)
         return [s for s in stories if s]
     except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError) as e:
+        again = command("download", Path(path).parent.parent)
         raise DataError(f"{path} is not a TinyStories shard (a JSON list of objects with a \"story\"; "
-                        f"{e!r}): delete it and run `python tinystories.py download` again") from None
+                        f"{e!r}): delete it and run `{again}` again") from None
 
 
 def input_files(path: Path) -> list[Path]:
@@ -372,32 +420,34 @@ def train_vocab(data_dir, vocab_size: int, num_stories: int = 100_000, input=Non
         docs = (d for i, d in enumerate(iter_documents(input)) if not is_val(i))  # fit on training data only
     else:
         out = data_dir / f"tok{vocab_size}.model"
-        docs = _tinystories_train_stories(data_dir / TINYSTORIES_DIR)
+        docs = _tinystories_train_stories(data_dir)
+    check_writable(out.parent)
     sample = list(tqdm(itertools.islice(docs, num_stories), desc="reading stories", unit=" stories"))
     if not sample:
         raise DataError(f"no documents to train on in {input or data_dir / TINYSTORIES_DIR}")
     # one sentence per line, as llama2.c feeds the trainer (newlines become byte-fallback tokens)
     lines = [line for doc in sample for line in doc.split("\n") if line.strip()]
+    log = out.with_suffix(".log")
     print(f"training a {vocab_size}-token BPE vocabulary on {len(sample):,} stories "
-          f"({sum(map(len, lines)) / 1e6:.1f} M characters)", flush=True)
+          f"({sum(map(len, lines)) / 1e6:.1f} M characters); sentencepiece's log: {log}", flush=True)
     model = _BytesSink()
     t0 = time.time()
     try:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(lines), model_writer=model, model_type="bpe", vocab_size=vocab_size,
-            input_format="text", character_coverage=1.0, num_threads=cpu_count(),
-            split_digits=True, allow_whitespace_only_pieces=True, byte_fallback=True,
-            normalization_rule_name="identity",
-            # unlike llama2.c's vocabularies, keep runs of spaces (as Llama 2's own model does): shards decode
-            # back to exactly the text
-            remove_extra_whitespaces=False,
-        )  # the learned pieces do not depend on num_threads (only the copy of the options saved in the model)
+        with sentencepiece_log(log, vocab_size):
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=iter(lines), model_writer=model, model_type="bpe", vocab_size=vocab_size,
+                input_format="text", character_coverage=1.0, num_threads=cpu_count(),
+                split_digits=True, allow_whitespace_only_pieces=True, byte_fallback=True,
+                normalization_rule_name="identity",
+                # unlike llama2.c's vocabularies, keep runs of spaces (as Llama 2's own model does): shards
+                # decode back to exactly the text
+                remove_extra_whitespaces=False,
+            )  # the learned pieces do not depend on num_threads (only the options' copy saved in the model)
     except RuntimeError as e:  # e.g. a vocabulary too small for the characters of the text
-        raise DataError(f"sentencepiece could not train a {vocab_size}-token vocabulary: {e}") from None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_bytes(model.data)
-    os.replace(tmp, out)
+        raise DataError(f"sentencepiece could not train a {vocab_size}-token vocabulary: {e} "
+                        f"(its log: {log})") from None
+    with atomic_write(out) as tmp:
+        Path(tmp).write_bytes(model.data)
     tok = Tokenizer(out)
     probe = sample[:1000]
     chars_per_token = sum(map(len, probe)) / sum(map(len, tok.encode_batch(probe, bos=False)))
@@ -411,10 +461,58 @@ class _BytesSink:
         self.data = data
 
 
-def _tinystories_train_stories(src: Path) -> Iterator[str]:
-    shards = list_shards(src, "json")
-    if not shards:
-        raise DataError(f"no TinyStories data (dataNN.json) in {src}: run `python tinystories.py download`")
+@contextmanager
+def sentencepiece_log(path: Path, vocab_size: int):
+    # sentencepiece's trainer logs hundreds of lines to stderr, below Python: send file descriptor 2 to
+    # path, and show one progress bar of the vocabulary's pieces instead, read back from that log
+    terminal = os.fdopen(os.dup(2), "w")
+    done = threading.Event()
+    with open(path, "w", encoding="utf-8") as log, terminal, \
+            tqdm(total=vocab_size, unit=" pieces", desc=f"training {path.stem}", file=terminal) as bar:
+        sys.stderr.flush()
+        os.dup2(log.fileno(), 2)
+        follower = threading.Thread(target=_follow_log, args=(path, bar, done), daemon=True)
+        follower.start()
+        try:
+            yield
+        finally:
+            done.set()
+            follower.join()
+            os.dup2(terminal.fileno(), 2)
+        bar.update(bar.total - bar.n)  # the last merges are not logged
+
+
+def _follow_log(path: Path, bar, done: threading.Event) -> None:
+    # pieces so far: the meta pieces (<unk>, <s>, </s>, 256 bytes), the characters, then one per merge
+    # ("merges=N" in sentencepiece 0.2's BPE log lines, "size=N" in 0.1's)
+    metas = alphabet = 0
+    line = ""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        while True:
+            line += f.readline()
+            if not line.endswith("\n"):  # nothing new, or half a line so far
+                if done.is_set():
+                    return
+                time.sleep(0.1)
+                continue
+            if "Adding meta_piece" in line:
+                metas += 1
+            elif m := re.search(r"Alphabet size=(\d+)", line):
+                alphabet = int(m[1])
+            elif m := re.search(r"\b(?:merges|size)=(\d+)", line):
+                bar.update(max(0, min(metas + alphabet + int(m[1]), bar.total) - bar.n))
+            line = ""
+
+
+def tinystories_shards(data_dir: Path) -> list[Path]:
+    src = data_dir / TINYSTORIES_DIR
+    if not (shards := list_shards(src, "json")):
+        raise DataError(f"no TinyStories data (dataNN.json) in {src}: run `{command('download', data_dir)}`")
+    return shards
+
+
+def _tinystories_train_stories(data_dir: Path) -> Iterator[str]:
+    shards = tinystories_shards(data_dir)
     if len(shards) == 1:  # the held-out validation stories stay out of the vocabulary sample
         return (s for i, s in enumerate(read_json_stories(shards[0])) if not is_val(i))
     return itertools.chain.from_iterable(map(read_json_stories, shards[1:]))
@@ -440,15 +538,15 @@ def find_tokenizer(data_dir: Path, vocab_size: int, tokenizer=None, name=None) -
     elif vocab_size == 0:
         path = data_dir / LLAMA2_TOKENIZER
         if not path.is_file():
-            raise DataError(f"no Llama 2 tokenizer at {path}: run `python tinystories.py download`, "
+            raise DataError(f"no Llama 2 tokenizer at {path}: run `{command('download', data_dir)}`, "
                             "or pass --tokenizer PATH")
     else:
         model = f"tok{vocab_size}.model"
         candidates = ([data_dir / name / model] if name else []) + [data_dir / model]
         if not (found := [p for p in candidates if p.is_file()]):
             fit = f" --input YOUR_TEXT --name {name}" if name else ""
-            raise DataError(f"no tokenizer {candidates[0]}: run `python tinystories.py train_vocab "
-                            f"--vocab_size {vocab_size}{fit}{data_dir_option(data_dir)}`")
+            raise DataError(f"no tokenizer {candidates[0]}: run "
+                            f"`{command(f'train_vocab --vocab_size {vocab_size}{fit}', data_dir)}`")
         path = found[0]
     try:
         tok = Tokenizer(path)
@@ -467,9 +565,7 @@ def find_tokenizer(data_dir: Path, vocab_size: int, tokenizer=None, name=None) -
 def pretokenize(data_dir, vocab_size: int = 0, tokenizer=None) -> Path:
     data_dir = Path(data_dir)
     src = data_dir / TINYSTORIES_DIR
-    shards = list_shards(src, "json")
-    if not shards:
-        raise DataError(f"no TinyStories data (dataNN.json) in {src}: run `python tinystories.py download`")
+    shards = tinystories_shards(data_dir)
     tok = find_tokenizer(data_dir, vocab_size, tokenizer)
     out = src if vocab_size == 0 else data_dir / f"tok{vocab_size}"
     if len(shards) == 1:  # one shard: hold out every VAL_EVERY-th story as the validation shard
@@ -517,7 +613,7 @@ def write_shards(out_dir: Path, jobs: Iterable[tuple[str, tuple, int]], tok: Tok
     """Encode jobs (shard name, source, weight) in a process pool. Shards are written under temporary
     names and renamed into place only when every job succeeded; meta.json comes last."""
     t0 = time.time()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_writable(out_dir)  # a read-only folder is refused before any tokenizing
     cpus = cpu_count()
     procs = min(cpus, num_jobs or cpus)
     threads = max(1, cpus // procs)  # few jobs: sentencepiece's own threads use the spare cores
@@ -562,10 +658,8 @@ def write_shards(out_dir: Path, jobs: Iterable[tuple[str, tuple, int]], tok: Tok
             "eos_id": tok.eos_id, "num_stories": stories, "num_tokens": tokens, "dtype": "uint16",
             "source": str(Path(source).resolve()), "val_shard": names[0],
             "shards": {n: {"stories": results[n][0], "tokens": results[n][1]} for n in names}}
-    tmp = out_dir / "meta.json.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_write(out_dir / "meta.json") as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=1)
-    os.replace(tmp, out_dir / "meta.json")
     dt = time.time() - t0
     print(f"wrote {len(names)} shards to {out_dir}: {stories:,} stories, {tokens:,} tokens "
           f"({tokens / max(stories, 1):.1f} per story; validation {names[0]}: {results[names[0]][1]:,} "
@@ -602,7 +696,8 @@ def _encode_job(job: tuple, out_path: str) -> tuple[int, int]:
     else:
         docs = job[1]
     tokens = _worker_tok.encode_documents(docs, num_threads=_worker_threads)
-    tokens.tofile(out_path)
+    with writing(Path(out_path).parent), open(out_path, "wb") as f:
+        f.write(memoryview(tokens))  # not tokens.tofile(), whose error on a full disk is a byte count
     return len(docs), len(tokens)
 
 
@@ -618,11 +713,11 @@ def main(argv=None) -> int:
 
     p = sub.add_parser("download", parents=[common],
                        help="fetch and unpack TinyStories and the Llama 2 tokenizer")
-    p.add_argument("--url", help=f"URL, file:// URL or local path of TinyStories_all_data.tar.gz (default: "
-                                 f"$HF_ENDPOINT/{TINYSTORIES_PATH}, HF_ENDPOINT defaulting to "
-                                 "https://huggingface.co)")
-    p.add_argument("--tokenizer_url", default=LLAMA2_TOKENIZER_URL,
-                   help="URL or path of the Llama 2 tokenizer.model")
+    p.add_argument("--url", help=f"URL, file:// URL or local path of {ARCHIVE}, or of a folder (ending in /) "
+                                 f"holding it and tokenizer.model (default: $HF_ENDPOINT/{TINYSTORIES_PATH}, "
+                                 "HF_ENDPOINT defaulting to https://huggingface.co)")
+    p.add_argument("--tokenizer_url", help="URL or path of the Llama 2 tokenizer.model (default: the one in "
+                                           f"--url's folder, else {LLAMA2_TOKENIZER_URL})")
     p.add_argument("--retries", type=int, default=3,
                    help="resume a broken transfer this many times (default: 3)")
 

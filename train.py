@@ -30,6 +30,7 @@ import gc
 import inspect
 import math
 import os
+import shlex
 import sys
 import time
 import typing
@@ -42,6 +43,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import cpu_speedups as speedups  # the module; `cpu_speedups` below is the setting
 import dataloader
+import fileio
 import memory
 import runs
 import runtime
@@ -376,7 +378,27 @@ def read_checkpoint(path: str, device: str) -> dict:
     try:
         return from_checkpoint(path, device)[1]
     except (ValueError, OSError) as e:  # not a checkpoint, or a truncated one; the message names the file
-        raise TrainError(str(e)) from None
+        message = str(e)
+        if good := newest_good_checkpoint(path):
+            message += (f"; the newest good checkpoint beside it is {good[1]} (iteration {good[0]}): "
+                        f"`cp {shlex.quote(good[1])} {shlex.quote(path)}` and run the same command again")
+        raise TrainError(message) from None
+
+
+def newest_good_checkpoint(damaged: str) -> tuple[int, str] | None:
+    # the checkpoints kept beside a damaged one: the newest numbered one that loads (keep_checkpoints), or
+    # ckpt_best.pt where it is newer. (iteration, path), or None
+    folder = os.path.dirname(damaged)
+    best = os.path.join(folder, "ckpt_best.pt")
+    good = []
+    for path in runs.numbered_checkpoints(folder)[::-1] + [best]:
+        if path == damaged or not os.path.isfile(path) or (good and path != best):
+            continue
+        try:
+            good.append((from_checkpoint(path)[1]["iter_num"], path))
+        except (ValueError, OSError, KeyError):  # damaged too (a hard link to the same bytes), or not ours
+            pass
+    return max(good, key=lambda found: found[0], default=None)
 
 
 def check_vocabulary(checkpoint: dict, path: str, meta: dict, shard_dir) -> None:
@@ -485,12 +507,44 @@ def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str)
     ckpt_path = os.path.join(c["out_dir"], "ckpt.pt")
     metrics_path = os.path.join(c["out_dir"], "metrics.jsonl")
 
+    def on_master(write, *args, then: str | None = None):
+        # only rank 0 writes files. When a write fails there (a full disk, a quota, a read-only folder), every
+        # rank stops here together, none left waiting in a collective, and rank 0 says why in one line
+        error = result = None
+        if master:
+            try:
+                result = write(*args)
+            except OSError as e:
+                error = e
+        if ddp:
+            failed = torch.tensor(int(error is not None), device=device)
+            dist.broadcast(failed, src=0)
+            if failed.item() and not master:
+                raise SystemExit(1)
+        if error is not None:
+            raise TrainError(f"{error}: {then or after_a_failed_write(error)}")
+        return result
+
+    def after_a_failed_write(e: OSError) -> str:
+        fix = "free space" if e.errno in fileio.NO_SPACE else f"make {c['out_dir']} writable"
+        if last_saved is None:
+            again = " with --overwrite=True" if runs.previous_run(c["out_dir"]) else ""
+            return f"no checkpoint was written; {fix} and run the same command again{again}"
+        try:  # metrics.jsonl ends where the checkpoint does, as resume continues from it
+            runs.truncate_metrics(metrics_path, last_saved)
+        except OSError:
+            pass  # resume truncates it too
+        return (f"the previous checkpoint {ckpt_path} (iteration {last_saved}) is intact; {fix} and resume "
+                f"with --init_from=resume")
+
     # the settings: a resumed run continues with its checkpoint's; a fine-tune takes the model's shape
     resume = c["init_from"] == "resume"
     previous = None if resume or c["eval_only"] else runs.previous_run(c["out_dir"])
     if previous and not c["overwrite"]:  # checked on every rank, before any time is spent
         raise ConfigError(f"{c['out_dir']} already holds a run ({previous}): --init_from=resume continues it, "
                           f"--overwrite=True replaces it, or pass another --out_dir")
+    if not c["eval_only"]:  # a folder that cannot be written (read-only, no permission) is refused now
+        on_master(fileio.check_writable, c["out_dir"], then="pass another --out_dir")
     checkpoint = None
     if resume:
         checkpoint = read_checkpoint(ckpt_path, device)
@@ -559,7 +613,8 @@ def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str)
     train_model = wrap_ddp(model, device) if ddp else model
 
     print0("config:\n" + format_config(c))
-    if master and not c["eval_only"]:  # an eval-only run leaves out_dir as it is
+
+    def start_run_folder():
         os.makedirs(c["out_dir"], exist_ok=True)
         if resume:
             runs.truncate_metrics(metrics_path, iter_num)
@@ -568,6 +623,9 @@ def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str)
             print0(f"note: replacing the run in {c['out_dir']}; its files wait in {aside} until this run's "
                    f"first checkpoint")
         runs.write_run_info(c["out_dir"], c, world_size)
+
+    if not c["eval_only"]:  # an eval-only run leaves out_dir as it is
+        on_master(start_run_folder)
     if c["print_model"]:
         print0(parameter_table(raw_model))
     params, budget = raw_model.num_params(), tokens_seen + tokens_per_iter * (c["max_iters"] - iter_num)
@@ -583,8 +641,7 @@ def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str)
         if c["wandb_log"] and master and not c["eval_only"] else None
 
     def log(record: dict) -> None:
-        if master:
-            runs.append_jsonl(metrics_path, record)
+        on_master(runs.append_jsonl, metrics_path, record)
         if wandb:
             wandb.log(record, step=iter_num)
 
@@ -685,14 +742,16 @@ def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str)
             if ddp:
                 rng_states = [None] * world_size
                 dist.all_gather_object(rng_states, runs.get_rng_state())  # every rank takes part
+            state = None  # rank 0's
             if master:
                 state = {"model": raw_model.state_dict(), "model_args": asdict(raw_model.args),
                          "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "config": c,
                          "iter_num": iter_num, "tokens_seen": tokens_seen, "best_val_loss": best_val_loss,
                          "loader_state": loader.state_dict(unused=1), "rng_state": rng_states,
                          "tokenizer": meta["tokenizer"], "elapsed_s": progress.elapsed()}
-                written = runs.save_checkpoints(c["out_dir"], state, latest, improved, c["keep_checkpoints"],
-                                                save_checkpoint)
+            written = on_master(runs.save_checkpoints, c["out_dir"], state, latest, improved,
+                                c["keep_checkpoints"], save_checkpoint)
+            if master:
                 print0(f"saved {', '.join(os.path.basename(p) for p in written)} (iteration {iter_num})")
                 if previous:
                     runs.drop_previous_run(c["out_dir"])  # the new run has a checkpoint of its own now
@@ -723,7 +782,7 @@ def main(argv: list[str] | None = None) -> None:
         if config["cpu_speedups"] and runtime.resolve_device(config["device"]) == "cpu":
             speedups.keep_freed_memory()  # process-wide, hence here and not inside train()
         train(config)
-    except (ConfigError, TrainError, dataloader.DataError) as e:
+    except (ConfigError, TrainError, dataloader.DataError, OSError) as e:  # OSError: a file and the reason
         fail(f"error: {e}")
     except torch.cuda.OutOfMemoryError:
         b, a = config["batch_size"], config["gradient_accumulation_steps"]

@@ -1,6 +1,7 @@
 """train_vocab, pretokenize, prepare and the tokenizer, on the fixture corpus (and the real TinyStories
 sample where present). No network."""
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -260,6 +261,43 @@ def test_cli_errors_are_one_line(tmp_path):
     assert rc == 1 and "python tinystories.py train_vocab --vocab_size 512`" in err and err.count("\n") == 1
     rc, err = run_cli("pretokenize", cwd=tmp_path)
     assert rc == 1 and "no Llama 2 tokenizer" in err and "python tinystories.py download" in err
+
+
+@pytest.mark.parametrize("args, make, command", [
+    (["pretokenize"], [], "download"),
+    (["train_vocab", "--vocab_size", "300"], [], "download"),
+    (["pretokenize", "--vocab_size", "0"], ["stories"], "download"),  # no Llama 2 tokenizer
+    (["pretokenize", "--vocab_size", "300"], ["stories"], "train_vocab --vocab_size 300"),
+    (["pretokenize", "--tokenizer", "t.model"], ["stories", "damaged"], "download"),
+    (["download", "--url", "t.model"], ["unpacked"], "download"),  # the folder download unpacks into is taken
+])
+def test_suggested_commands_keep_the_data_dir(tok512, tmp_path, monkeypatch, capsys, args, make, command):
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(tok512 / f"tok{VOCAB}.model", tmp_path / "t.model")
+    data = tmp_path / "elsewhere"
+    if "stories" in make:
+        write_tinystories(data, make_stories(40), 2)
+    if "damaged" in make:
+        (data / TINYSTORIES_DIR / "data01.json").write_text("[{\"story\": \"cut sh", encoding="utf-8")
+    if "unpacked" in make:
+        (data / TINYSTORIES_DIR).mkdir(parents=True)
+        (data / TINYSTORIES_DIR / "notes.txt").write_text("mine", encoding="utf-8")
+    assert ts.main([*args, "--data_dir", str(data)]) == 1
+    [line] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert f"`python tinystories.py {command} --data_dir {data}`" in line
+
+
+def test_train_vocab_keeps_sentencepiece_s_log_in_a_file(tmp_path):
+    write_tinystories(tmp_path / "data", make_stories(300, seed=2), 2)
+    r = subprocess.run([sys.executable, str(ROOT / "tinystories.py"), "train_vocab", "--vocab_size", "400"],
+                       cwd=tmp_path, capture_output=True)  # bytes: text mode would turn each \r into a line
+    err = r.stderr.decode()
+    assert r.returncode == 0, err
+    assert "sentencepiece's log: data/tok400.log" in r.stdout.decode()
+    assert "trainer_interface" in (tmp_path / "data" / "tok400.log").read_text(encoding="utf-8")
+    # two progress bars, each one line redrawn with \r, instead of hundreds of log lines
+    assert err.count("\n") == 2 and "trainer_interface" not in err, err
+    assert re.search(r"training tok400: 100%.* 400/400 ", err), err
 
 
 @pytest.mark.parametrize("args, message", [

@@ -1,12 +1,18 @@
 """`tinystories.py download` end to end against a local HTTP server on 127.0.0.1 (no network): resume,
-restart when Range is ignored, server errors, local paths, HF_ENDPOINT, and unsafe archives."""
+restart when Range is ignored, server errors, no network, local paths, mirrors, HF_ENDPOINT, unsafe archives
+and a full disk."""
 import io
+import os
 import re
+import socket
+import subprocess
 import tarfile
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from conftest import ROOT
+from disk_faults import disk_full
 from fixture_corpus import make_stories, write_json_shards
 
 import tinystories as ts
@@ -172,7 +178,7 @@ def test_truncated_archive_is_not_trusted(server, payload, tmp_path, capsys):
     server.files[ARCHIVE_PATH] = payload["archive"][:-200]  # complete as far as HTTP knows
     assert download(tmp_path, *args) == 1
     [err] = errors(capsys)
-    assert "cannot unpack" in err and "run download again" in err
+    assert "cannot unpack" in err and f"`python tinystories.py download --data_dir {tmp_path}` again" in err
     assert list(tmp_path.iterdir()) == []
 
 
@@ -235,3 +241,93 @@ def test_unsafe_archives_are_refused(tmp_path, capsys, kind):
     assert "refusing to unpack" in err
     assert list(data.iterdir()) == []  # no target, no temporary directory
     assert not (tmp_path / "evil.json").exists() and not (tmp_path / "abs.json").exists()
+
+
+# ------------------------------------------------------------ no network, mirrors, a full disk
+
+
+def test_a_host_that_does_not_resolve_stops_at_once(tmp_path, payload, capsys, monkeypatch):
+    def no_dns(*args, **kwargs):  # offline: the look-up of the name fails
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    assert download(tmp_path / "a", "--url", "https://huggingface.co/" + ts.TINYSTORIES_PATH) == 1
+    err = capsys.readouterr().err
+    assert "attempt" not in err  # not retried as if a transfer had broken
+    [line] = [line for line in err.splitlines() if line.startswith("error")]
+    assert line.startswith("error: cannot reach huggingface.co (its name does not resolve")
+    assert all(option in line for option in ("HF_ENDPOINT", "--url", "--tokenizer_url", "FOLDER/"))
+    assert list((tmp_path / "a").iterdir()) == []
+    # the tokenizer from its default, while the archive is a local copy: a note, at once
+    (tmp_path / "copy.tar.gz").write_bytes(payload["archive"])
+    assert download(tmp_path / "b", "--url", str(tmp_path / "copy.tar.gz")) == 0
+    err = capsys.readouterr().err
+    assert "attempt" not in err
+    assert "note: skipped the Llama 2 tokenizer: cannot reach raw.githubusercontent.com" in err
+
+
+@pytest.mark.parametrize("where", ["local folder", "mirror URL"])
+def test_a_folder_serves_both_files(server, payload, tmp_path, where):
+    if where == "local folder":
+        folder = tmp_path / "mirror"
+        folder.mkdir()
+        (folder / ts.ARCHIVE).write_bytes(payload["archive"])
+        (folder / "tokenizer.model").write_bytes(payload["tokenizer"])
+        url = str(folder)
+    else:
+        server.files = {f"/mirror/{ts.ARCHIVE}": payload["archive"],
+                        "/mirror/tokenizer.model": payload["tokenizer"]}
+        url = server.url + "/mirror/"
+    data = tmp_path / "data"
+    assert download(data, "--url", url) == 0  # no --tokenizer_url: the folder's, not GitHub's
+    assert len(list_shards(data / TINYSTORIES_DIR, "json")) == 4
+    assert (data / ts.LLAMA2_TOKENIZER).read_bytes() == payload["tokenizer"]
+
+
+def test_the_readme_names_every_mirror_option_together():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    [paragraph] = [p for p in readme.split("\n\n") if "HF_ENDPOINT" in p]
+    assert all(option in paragraph for option in ("--url", "--tokenizer_url", "FOLDER/", ts.LLAMA2_TOKENIZER))
+
+
+def test_one_name_for_the_llama2_tokenizer():
+    # download writes it, pretokenize --vocab_size 0 reads it, and every example names that same file
+    names = set()
+    for path in [ROOT / "README.md", ROOT / "data" / "README.md", *ROOT.glob("*.py")]:
+        names |= set(re.findall(r"data/(llama2\w*\.model)", path.read_text(encoding="utf-8")))
+    assert names == {ts.LLAMA2_TOKENIZER}
+
+
+def test_a_full_disk_keeps_what_arrived_and_the_next_run_continues(server, payload, tmp_path, capsys):
+    args = serve(server, payload)
+    with disk_full(r"\.tar\.gz\.part$", room=len(payload["archive"]) // 3):
+        assert download(tmp_path, *args) == 1
+    part = tmp_path / (ts.ARCHIVE + ".part")
+    assert errors(capsys) == [f"error: no space left on device writing {part}: free space and run the same "
+                              "command again, which continues the download"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [part.name]  # nothing a later step takes for data
+    have = part.stat().st_size
+    assert download(tmp_path, *args) == 0
+    assert_complete(tmp_path, payload)
+    assert [r for p, r in server.log if p == ARCHIVE_PATH][-1] == f"bytes={have}-"
+
+
+def test_a_full_disk_while_unpacking_keeps_the_archive(server, payload, tmp_path, capsys):
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    data = tmp_path / "data"
+    data.mkdir()
+    # room for the archive, not for what it unpacks to
+    size_kb = (len(payload["archive"]) + 8192) // 1024
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(data)],
+                       capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        assert download(data, *serve(server, payload)) == 1
+        assert errors(capsys) == [f"error: no space left on device writing {data / TINYSTORIES_DIR}"]
+        # the archive is whole and kept (the next run unpacks it), and no half-unpacked folder is left
+        assert sorted(p.name for p in data.iterdir()) == [ts.ARCHIVE]
+        assert (data / ts.ARCHIVE).read_bytes() == payload["archive"]
+    finally:
+        subprocess.run(["umount", "-l", str(data)], check=False)
