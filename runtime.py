@@ -3,6 +3,7 @@ The runtime every script shares: which device and dtype to use, the autocast con
 GPU peak table for MFU, and the one-line form of an error. train.py, sample.py, eval.py and export.py
 all ask here, so they give the same answer on the same machine.
 """
+import os
 import random
 from contextlib import nullcontext
 
@@ -32,6 +33,12 @@ PEAK_FLOPS = {
     "V100": 125e12,  # fp16; no bf16
     "T4": 65e12,  # fp16; no bf16
 }
+
+
+def print0(*args, **kwargs):
+    # only rank 0 talks under torchrun
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(*args, **kwargs, flush=True)
 
 
 def first_line(e: BaseException) -> str:

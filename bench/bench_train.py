@@ -25,7 +25,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 
 import cpu_speedups  # noqa: E402
-import train  # noqa: E402  (after the path tweak: bench/ runs as a script)
+import settings  # noqa: E402  (after the path tweak: bench/ runs as a script)
+import train  # noqa: E402
 from configurator import parse_config  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 
@@ -36,7 +37,7 @@ CPU_BATCH = {"260k": 32, "15m": 16, "42m": 2, "110m": 1}  # small enough for sec
 def bench_config(name: str, args) -> dict:
     path = os.path.join(os.path.dirname(train.__file__), "config", f"train_{name}.py")
     overrides = [f"--device={args.device}", f"--dtype={args.dtype}", f"--compile={args.compile}"]
-    c = train.resolve_config(parse_config(train.default_config(), [path] + overrides))
+    c = settings.resolve_config(parse_config(train.default_config(), [path] + overrides))
     device, device_type = c["device"], c["device"].split(":")[0]
     on_gpu = device_type == "cuda"
     batch = args.batch_size or (c["batch_size"] if on_gpu else CPU_BATCH[name])
@@ -84,7 +85,7 @@ def bench_config(name: str, args) -> dict:
         torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / args.iters
     tokens = batch * T * accum
-    peak = train.resolve_peak_flops(args.peak_flops, device_type)
+    peak = settings.resolve_peak_flops(args.peak_flops, device_type)
     full_tokens = c["gradient_accumulation_steps"] * c["batch_size"] * T  # one iteration of the real recipe
     return {
         "config": name, "params": raw_model.num_params(), "step": f"{batch}x{T}x{accum}", "ms_iter": dt * 1000,
@@ -119,7 +120,7 @@ def main():
     if unknown:
         sys.exit(f"error: unknown config(s) {', '.join(unknown)}; choose from {', '.join(CONFIGS)}")
 
-    device = train.resolve_config(train.default_config() | {"device": args.device})["device"]
+    device = settings.resolve_config(train.default_config() | {"device": args.device})["device"]
     where = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"CPU ({os.cpu_count()} cores, " \
         f"{torch.get_num_threads()} threads)"
     print(f"# bench_train: {where}, torch {torch.__version__}, dtype {args.dtype}, compile {args.compile}, "

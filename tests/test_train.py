@@ -1,6 +1,5 @@
 import contextlib
 import dataclasses
-import glob
 import io
 import json
 import os
@@ -17,10 +16,11 @@ import torch
 from fixture_corpus import make_stories, write_endoftext
 
 import dataloader
+import memory
 import tinystories
 import train
 from checkpoint import from_checkpoint, write_llama2c
-from configurator import ConfigError, parse_config
+from configurator import parse_config
 from model import ModelArgs, Transformer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -133,62 +133,6 @@ def test_lr_without_warmup_and_with_decay_equal_to_warmup():
     assert train.get_lr(0, 1e-3, 0, 100, 0.0) == 1e-3
     # decay ending where warmup ends: straight to min_lr, no division by zero
     assert train.get_lr(10, 1e-3, 10, 10, 1e-5) == 1e-5
-
-
-def test_resolve_config_fills_in_the_derived_values():
-    c = train.resolve_config(train.default_config() | {"learning_rate": 6e-4, "max_iters": 500, "warmup_iters": 50})
-    assert c["min_lr"] == pytest.approx(6e-5)
-    assert train.settle_run_length(c, set(), tokens_per_epoch=10**6)["lr_decay_iters"] == 500
-    assert c["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
-    if not torch.cuda.is_available():
-        assert c["dtype"] == "float32"
-    # explicit values win; None defaults can be overridden from the command line
-    c = train.resolve_config(parse_config(train.default_config(), ["--min_lr=0", "--lr_decay_iters=3000"]))
-    assert c["min_lr"] == 0 and c["lr_decay_iters"] == 3000
-
-
-@pytest.mark.parametrize("override, message", [
-    ({"init_from": "resum"}, "init_from='resum' is not 'scratch', 'resume', 'auto' or an existing checkpoint"),
-    ({"dtype": "fp16"}, "dtype='fp16'"),
-    ({"device": "tpu"}, "--device=tpu"),
-    ({"batch_size": 0}, "batch_size=0 must be at least 1"),
-    ({"warmup_iters": 500, "lr_decay_iters": 100}, "lr_decay_iters=100 is shorter than warmup_iters=500"),
-    ({"dim": 288, "n_heads": 5}, "dim=288 is not divisible by n_heads=5"),
-])
-def test_resolve_config_rejects_bad_values(override, message):
-    with pytest.raises(ConfigError, match=re.escape(message)):
-        train.resolve_config(train.default_config() | override)
-
-
-def test_accumulation_is_global_and_must_divide_by_the_world_size():
-    assert train.split_accumulation(8, 4) == 2 and train.split_accumulation(4, 1) == 4
-    with pytest.raises(ConfigError, match=r"gradient_accumulation_steps=3 must be divisible by .* \(2\)"):
-        train.split_accumulation(3, 2)
-
-
-def test_peak_flops():
-    assert train.resolve_peak_flops(1e12, "cuda") == 1e12
-    assert train.resolve_peak_flops("H100", "cpu") == 989e12
-    assert train.resolve_peak_flops("nvidia h100 pcie", "cpu") == 756e12
-    assert train.resolve_peak_flops(None, "cpu") is None  # no MFU on a CPU
-    with pytest.raises(ConfigError, match="unknown GPU"):
-        train.resolve_peak_flops("abacus", "cpu")
-
-
-def test_shipped_configs_reproduce_the_reference_shapes():
-    expected = {"260k": (260_032, 65_536), "15m": (15_191_712, 131_072), "42m": (41_689_600, 131_072),
-                "110m": (109_529_856, 131_072)}
-    for name, (params, tokens_per_iter) in expected.items():
-        path = ROOT / "config" / f"train_{name}.py"
-        c = train.resolve_config(parse_config(train.default_config(), [str(path)]))
-        with torch.device("meta"):  # shapes only, no memory
-            model = Transformer(ModelArgs.from_dict(c))
-        assert model.num_params() == params, name
-        assert c["batch_size"] * c["max_seq_len"] * c["gradient_accumulation_steps"] == tokens_per_iter, name
-        assert "val loss" in path.read_text(encoding="utf-8")
-    debug = train.resolve_config(parse_config(train.default_config(), [str(ROOT / "config" / "train_cpu_debug.py")]))
-    assert debug["dataset"] == "fixture" and debug["vocab_size"] == 512 and debug["device"] == "cpu"
-    assert len(glob.glob(str(ROOT / "config" / "*.py"))) >= 5
 
 
 # ----------------------------------------------------------------------------- checkpoints on disk
@@ -578,14 +522,6 @@ def test_train_in_process_leaves_the_allocator_alone(data_dir, tmp_path):
     assert int(out.split()[-1]) > 4 * 60_000  # glibc's default: big blocks come fresh from the kernel
 
 
-def test_log_interval_defaults_to_fewer_host_syncs_on_a_gpu(monkeypatch):
-    assert train.resolve_config(train.default_config() | {"device": "cpu"})["log_interval"] == 1
-    monkeypatch.setattr(train.runtime, "resolve_device", lambda name: "cuda")
-    monkeypatch.setattr(train.runtime, "resolve_dtype", lambda name, device: "bfloat16")
-    assert train.resolve_config(train.default_config())["log_interval"] == 10
-    assert train.resolve_config(train.default_config() | {"log_interval": 1})["log_interval"] == 1
-
-
 # ----------------------------------------------------------------------------- the run folder
 
 
@@ -664,13 +600,11 @@ TINY_ARGS = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=1
 
 def memory_for(batch: int) -> int:
     # available memory in which a micro-batch of `batch` fits (with the 10% headroom) and one more does not
-    import memory
-
     return int(memory.step_bytes(TINY_ARGS, batch, "float32", "cpu") / 0.9) + 1
 
 
 def test_a_step_that_cannot_fit_stops_with_a_batch_size_that_does(data_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(train.memory, "available_bytes", lambda device: memory_for(2))
+    monkeypatch.setattr(memory, "available_bytes", lambda device: memory_for(2))
     message = main_error(TINY + [f"--data_dir={data_dir}", f"--out_dir={tmp_path}"])
     assert re.search(r"a training step of 8 x 32 tokens needs about [\d.]+ GiB \(the \(batch, context, vocab\) "
                      r"logits are most of it\) but [\d.]+ GiB is available: try --batch_size=2 "
@@ -679,7 +613,7 @@ def test_a_step_that_cannot_fit_stops_with_a_batch_size_that_does(data_dir, tmp_
 
 
 def test_batch_size_auto_keeps_the_tokens_per_iteration(data_dir, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(train.memory, "available_bytes", lambda device: memory_for(5))
+    monkeypatch.setattr(memory, "available_bytes", lambda device: memory_for(5))
     train.train(train.parse_settings(TINY + ["--batch_size=auto", "--max_iters=2", "--eval_interval=2",
                                              f"--data_dir={data_dir}", f"--out_dir={tmp_path}"]))
     assert "batch_size=auto: 4 x 4 accumulation steps = 16 sequences per iteration (up to 5 fit, estimated " \
@@ -690,23 +624,6 @@ def test_batch_size_auto_keeps_the_tokens_per_iteration(data_dir, tmp_path, monk
 
 
 # ----------------------------------------------------------------------------- the run's length
-
-
-def test_max_tokens_and_max_epochs_set_max_iters():
-    c = train.resolve_config(train.default_config() | {"batch_size": 4, "gradient_accumulation_steps": 2,
-                                                       "max_seq_len": 128, "max_tokens": 10_000})
-    assert train.settle_run_length(c, {"max_tokens"}, tokens_per_epoch=5_000)["max_iters"] == 10  # ceil(10000 / 1024)
-    epochs = c | {"max_tokens": None, "max_epochs": 1.5}
-    settled = train.settle_run_length(epochs, {"max_epochs"}, tokens_per_epoch=5_000)
-    assert settled["max_iters"] == 8 and settled["lr_decay_iters"] == 8  # ceil(7500 / 1024); the schedule follows
-    # resumed at iteration 3 after 3,000 tokens of a 1,000-token-iteration run: the rest at 1,024 per iteration
-    assert train.settle_run_length(c, set(), 5_000, iter_num=3, tokens_seen=3_000)["max_iters"] == 3 + 7
-    with pytest.raises(ConfigError, match="give the run's length once: max_iters=100000 or max_tokens=10000"):
-        train.settle_run_length(c, {"max_iters", "max_tokens"}, 5_000)
-    with pytest.raises(ConfigError, match="max_tokens or max_epochs"):
-        train.resolve_config(train.default_config() | {"max_tokens": 10, "max_epochs": 1.0})
-    # a checkpoint's max_tokens gives way to a max_iters given on resume
-    assert train.settle_run_length(c, {"max_iters"}, 5_000)["max_tokens"] is None
 
 
 def test_a_run_measured_in_tokens(data_dir, tmp_path):
