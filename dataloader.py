@@ -46,15 +46,19 @@ def dataset_dir(data_dir, dataset: str = "tinystories", vocab_source: str = "lla
     raise DataError(f"vocab_source must be 'llama2' or 'custom', not {vocab_source!r}")
 
 
+def data_command(args: str, data_dir) -> str:
+    """`python tinystories.py ARGS` with the user's --data_dir, for error messages."""
+    return f"python tinystories.py {args}{data_dir_option(data_dir)}"
+
+
 def shard_command(shard_dir) -> str:
     """The command that writes the shards of shard_dir, for error messages."""
     shard_dir = Path(shard_dir)
-    opt = data_dir_option(shard_dir.parent)
     if shard_dir.name == TINYSTORIES_DIR:
-        return f"python tinystories.py pretokenize --vocab_size 0{opt}"
+        return data_command("pretokenize --vocab_size 0", shard_dir.parent)
     if m := re.fullmatch(r"tok(\d+)", shard_dir.name):
-        return f"python tinystories.py pretokenize --vocab_size {m[1]}{opt}"
-    return f"python tinystories.py prepare --input YOUR_TEXT --name {shard_dir.name}{opt}"
+        return data_command(f"pretokenize --vocab_size {m[1]}", shard_dir.parent)
+    return data_command(f"prepare --input YOUR_TEXT --name {shard_dir.name}", shard_dir.parent)
 
 
 def data_dir_option(data_dir) -> str:

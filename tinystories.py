@@ -24,34 +24,22 @@ import itertools
 import json
 import os
 import re
-import shutil
-import socket
 import sys
-import tarfile
-import tempfile
 import threading
 import time
-import urllib.parse
-import zlib
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from tqdm import tqdm
 
-from dataloader import TINYSTORIES_DIR, DataError, data_dir_option, list_shards
-from fileio import WriteError, atomic_write, check_writable, writing
+import download
+from dataloader import TINYSTORIES_DIR, DataError, data_command, list_shards
+from fileio import atomic_write, check_writable, writing
 from tokenizer import MAX_VOCAB_SIZE, Tokenizer
 
-ARCHIVE = "TinyStories_all_data.tar.gz"
-TINYSTORIES_PATH = f"datasets/roneneldan/TinyStories/resolve/main/{ARCHIVE}"
-LLAMA2_TOKENIZER = "llama2_tokenizer.model"  # in DATA_DIR
-LLAMA2_TOKENIZER_URL = "https://raw.githubusercontent.com/karpathy/llama2.c/master/tokenizer.model"
-MIRRORS = ("set HF_ENDPOINT to a mirror of huggingface.co, or pass --url and --tokenizer_url (a mirror's "
-           f"URLs, or files you copied), or --url FOLDER/ holding {ARCHIVE} and tokenizer.model")
 VAL_EVERY = 100  # prepare and single-shard inputs: documents 0, 100, 200, ... are the validation split
 SHARD_CHARS = 8_000_000  # prepare: text per train shard (~2 M tokens), so that every core gets work
-RETRY_WAIT_S = 2.0  # download: pause before resuming a broken transfer (tests set 0)
 
 
 # -----------------------------------------------------------------------------
@@ -63,228 +51,6 @@ def is_val(index: int) -> bool:
 
 def cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def command(args: str, data_dir) -> str:
-    # a command an error suggests, with the user's --data_dir
-    return f"python tinystories.py {args}{data_dir_option(data_dir)}"
-
-
-# -----------------------------------------------------------------------------
-# download: resumable, size-checked, unpacked safely
-
-def default_url() -> str:
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")  # mirrors set HF_ENDPOINT
-    return f"{endpoint}/{TINYSTORIES_PATH}"
-
-
-def local_path(url: str) -> Path | None:
-    """The file a URL names when it is a path or file:// URL; None for http(s)."""
-    if url.startswith("file://"):
-        return Path(urllib.parse.unquote(urllib.parse.urlparse(url).path))
-    if m := re.match(r"([a-zA-Z][a-zA-Z0-9+.-]*)://", url):
-        if m[1].lower() not in ("http", "https"):
-            raise DataError(f"cannot download {url}: only http(s)://, file:// and local paths are supported")
-        return None
-    return Path(url)
-
-
-def mirror_files(url: str) -> tuple[str, str | None]:
-    """--url names the archive, or a folder (a local one, or a URL ending in /) holding both files under
-    their published names: (the archive's URL, the tokenizer's URL or None)."""
-    src = local_path(url)
-    if url.endswith("/") or (src is not None and src.is_dir()):
-        base = url if url.endswith("/") else url + "/"
-        return base + ARCHIVE, base + "tokenizer.model"
-    return url, None
-
-
-class _Incomplete(Exception):
-    pass
-
-
-def _name_not_resolved(e: BaseException) -> bool:
-    # requests' ConnectionError holds urllib3's MaxRetryError, whose reason (NameResolutionError) was raised
-    # from the socket.gaierror of the failed look-up
-    todo, seen = [e], set()
-    while todo:
-        e = todo.pop()
-        if isinstance(e, socket.gaierror):
-            return True
-        seen.add(id(e))
-        todo += [x for x in (getattr(e, "reason", None), e.__cause__, e.__context__, *e.args)
-                 if isinstance(x, BaseException) and id(x) not in seen]
-    return False
-
-
-def http_download(url: str, dest: Path, retries: int = 3, check=None) -> None:
-    """Stream url to dest.part (resuming it with a Range request), size-check it, then rename it to dest."""
-    import requests
-    import urllib3
-
-    part = dest.with_name(dest.name + ".part")
-    broken = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
-              urllib3.exceptions.HTTPError, ConnectionError, TimeoutError, _Incomplete)
-    for attempt in range(retries + 1):
-        try:
-            _http_attempt(requests, url, part)
-            break
-        except requests.HTTPError as e:
-            raise DataError(f"downloading {url} failed: HTTP {e.response.status_code} {e.response.reason} "
-                            "(retry later, or pass --url with a mirror or a local copy)") from None
-        except WriteError as e:  # a full disk: what arrived stays in part
-            raise DataError(f"{e}: free space and run the same command again, which continues the download") \
-                from None
-        except broken as e:
-            if _name_not_resolved(e):  # no network, or no DNS: not a transfer that broke, so no retries
-                host = urllib.parse.urlparse(url).hostname
-                raise DataError(f"cannot reach {host} (its name does not resolve: no network?); {MIRRORS}") \
-                    from None
-            why = " ".join(str(e).split())[:200] or type(e).__name__
-            if attempt == retries:
-                kept = "run the same command again" + (f" to resume from {part}" if part.exists() else "")
-                raise DataError(f"downloading {url} failed: {why} ({kept}, or pass --url with a mirror or a "
-                                "local copy)") from None
-            print(f"download interrupted ({why}); resuming, attempt {attempt + 2} of {retries + 1}",
-                  file=sys.stderr)
-            time.sleep(RETRY_WAIT_S * (attempt + 1))
-    if check is not None:
-        check(part)
-    os.replace(part, dest)
-
-
-def _http_attempt(requests, url: str, part: Path) -> None:
-    have = part.stat().st_size if part.exists() else 0
-    headers = {"Range": f"bytes={have}-"} if have else {}
-    with requests.get(url, headers=headers, stream=True, timeout=(15, 60)) as r:
-        if r.status_code == 416 and have:  # nothing left to send: .part is complete, or stale
-            total = _content_range(r.headers.get("Content-Range"))[1]
-            if total == have:
-                return
-            part.unlink()
-            return _http_attempt(requests, url, part)
-        r.raise_for_status()
-        if r.status_code == 206:
-            start, total = _content_range(r.headers.get("Content-Range"))
-            if start != have:
-                part.unlink()
-                return _http_attempt(requests, url, part)
-            mode = "ab"
-        else:  # 200: the server ignored Range (or there was none): start over
-            have, mode = 0, "wb"
-            total = int(r.headers["Content-Length"]) if "Content-Length" in r.headers else None
-        with open(part, mode) as f, tqdm(total=total, initial=have, unit="B", unit_scale=True,
-                                         unit_divisor=1024, desc=part.name.removesuffix(".part")) as bar:
-            for chunk in r.raw.stream(1 << 20, decode_content=False):  # the bytes as sent, so sizes compare
-                with writing(part):  # (the stream's errors are the network's)
-                    f.write(chunk)
-                    f.flush()  # so that closing f writes nothing more
-                bar.update(len(chunk))
-    size = part.stat().st_size
-    if total is not None and size != total:
-        raise _Incomplete(f"got {size:,} of {total:,} bytes")
-
-
-def _content_range(value: str | None) -> tuple[int | None, int | None]:
-    m = re.fullmatch(r"bytes (?:(\d+)-\d+|\*)/(\d+|\*)", (value or "").strip())
-    if not m:
-        return None, None
-    return (int(m[1]) if m[1] else None), (int(m[2]) if m[2] != "*" else None)
-
-
-def safe_unpack(archive: Path, target: Path) -> int:
-    """Unpack into a temporary directory beside target, then rename it: target is complete or absent."""
-    if target.exists() and any(target.iterdir()):
-        raise DataError(f"{target} exists but holds no dataNN.json: move it away and run "
-                        f"`{command('download', target.parent)}` again")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    root = tmp.resolve()
-    extract = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # Python >= 3.10.12 / 3.11.4
-    try:
-        with open(archive, "rb") as raw, tqdm.wrapattr(raw, "read", total=archive.stat().st_size, unit="B",
-                                                       desc=f"unpacking {archive.name}", unit_scale=True,
-                                                       unit_divisor=1024) as f:
-            with tarfile.open(fileobj=f, mode="r|*") as tar:
-                for member in tar:
-                    refuse = f"refusing to unpack {archive}: {member.name!r}"
-                    if not (root / member.name).resolve().is_relative_to(root):
-                        raise DataError(f"{refuse} would land outside {target}")
-                    if not (member.isfile() or member.isdir()):
-                        raise DataError(f"{refuse} is a link or a special file")
-                    with writing(target):  # a full disk is not a damaged archive: keep the archive
-                        tar.extract(member, root, **extract)
-        shards = list_shards(tmp, "json")
-        if not shards:
-            raise DataError(f"{archive} holds no dataNN.json files: is it TinyStories_all_data.tar.gz?")
-        if target.exists():
-            target.rmdir()  # empty, checked above
-        os.rename(tmp, target)
-        return len(shards)
-    except (tarfile.TarError, EOFError, zlib.error) as e:
-        raise DataError(f"cannot unpack {archive}: {e}") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def download(data_dir, url: str | None = None, tokenizer_url: str | None = None, retries: int = 3) -> None:
-    data_dir = Path(data_dir)
-    check_writable(data_dir)
-    target = data_dir / TINYSTORIES_DIR
-    url, folder_tokenizer = mirror_files(url or default_url())
-    if shards := list_shards(target, "json"):
-        print(f"{target} already present ({len(shards)} shards): nothing to download")
-    else:
-        archive = local_path(url)
-        if archive is not None:  # a copy the user fetched by hand
-            if not archive.is_file():
-                raise DataError(f"no such file: {archive}")
-        else:
-            # only ever renamed here complete and size-checked
-            archive = data_dir / ARCHIVE
-            if archive.exists():
-                print(f"{archive} already downloaded")
-            else:
-                print(f"downloading {url}")
-                http_download(url, archive, retries)
-        try:
-            n = safe_unpack(archive, target)
-        except DataError as e:
-            if archive == data_dir / ARCHIVE:
-                archive.unlink(missing_ok=True)  # ours and unusable: the next run downloads it again
-                raise DataError(f"{e} (deleted it: run `{command('download', data_dir)}` again)") from None
-            raise
-        print(f"unpacked {n} shards into {target}")
-    fetch_tokenizer(data_dir / LLAMA2_TOKENIZER, tokenizer_url or folder_tokenizer or LLAMA2_TOKENIZER_URL,
-                    retries)
-
-
-def fetch_tokenizer(dest: Path, url: str, retries: int) -> None:
-    """The Llama 2 tokenizer, for `pretokenize --vocab_size 0` only: a failure is a note, not an error."""
-    if dest.exists():
-        print(f"{dest} already present")
-        return
-
-    def check(path):
-        try:
-            Tokenizer(path)
-        except ValueError:
-            raise DataError(f"{url} is not a sentencepiece model") from None
-
-    try:
-        src = local_path(url)
-        if src is None:
-            http_download(url, dest, retries, check)
-        elif not src.is_file():
-            raise DataError(f"no such file: {src}")
-        else:
-            check(src)
-            with atomic_write(dest) as tmp:
-                shutil.copyfile(src, tmp)
-        print(f"saved the Llama 2 tokenizer to {dest}")
-    except DataError as e:
-        dest.with_name(dest.name + ".part").unlink(missing_ok=True)
-        print(f"note: skipped the Llama 2 tokenizer: {e}. Only `pretokenize --vocab_size 0` needs it: "
-              f"pass --tokenizer_url URL_OR_PATH, or copy it to {dest}", file=sys.stderr)
 
 
 # -----------------------------------------------------------------------------
@@ -300,7 +66,7 @@ def read_json_stories(path) -> list[str]:
         stories = (item["story"].strip() for item in items)
         return [s for s in stories if s]
     except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError) as e:
-        again = command("download", Path(path).parent.parent)
+        again = data_command("download", Path(path).parent.parent)
         raise DataError(f"{path} is not a TinyStories shard (a JSON list of objects with a \"story\"; "
                         f"{e!r}): delete it and run `{again}` again") from None
 
@@ -507,7 +273,7 @@ def _follow_log(path: Path, bar, done: threading.Event) -> None:
 def tinystories_shards(data_dir: Path) -> list[Path]:
     src = data_dir / TINYSTORIES_DIR
     if not (shards := list_shards(src, "json")):
-        raise DataError(f"no TinyStories data (dataNN.json) in {src}: run `{command('download', data_dir)}`")
+        raise DataError(f"no TinyStories data (dataNN.json) in {src}: run `{data_command('download', data_dir)}`")
     return shards
 
 
@@ -536,9 +302,9 @@ def find_tokenizer(data_dir: Path, vocab_size: int, tokenizer=None, name=None) -
     if tokenizer is not None:
         path = Path(tokenizer)
     elif vocab_size == 0:
-        path = data_dir / LLAMA2_TOKENIZER
+        path = data_dir / download.LLAMA2_TOKENIZER
         if not path.is_file():
-            raise DataError(f"no Llama 2 tokenizer at {path}: run `{command('download', data_dir)}`, "
+            raise DataError(f"no Llama 2 tokenizer at {path}: run `{data_command('download', data_dir)}`, "
                             "or pass --tokenizer PATH")
     else:
         model = f"tok{vocab_size}.model"
@@ -546,7 +312,7 @@ def find_tokenizer(data_dir: Path, vocab_size: int, tokenizer=None, name=None) -
         if not (found := [p for p in candidates if p.is_file()]):
             fit = f" --input YOUR_TEXT --name {name}" if name else ""
             raise DataError(f"no tokenizer {candidates[0]}: run "
-                            f"`{command(f'train_vocab --vocab_size {vocab_size}{fit}', data_dir)}`")
+                            f"`{data_command(f'train_vocab --vocab_size {vocab_size}{fit}', data_dir)}`")
         path = found[0]
     try:
         tok = Tokenizer(path)
@@ -713,11 +479,11 @@ def main(argv=None) -> int:
 
     p = sub.add_parser("download", parents=[common],
                        help="fetch and unpack TinyStories and the Llama 2 tokenizer")
-    p.add_argument("--url", help=f"URL, file:// URL or local path of {ARCHIVE}, or of a folder (ending in /) "
-                                 f"holding it and tokenizer.model (default: $HF_ENDPOINT/{TINYSTORIES_PATH}, "
+    p.add_argument("--url", help=f"URL, file:// URL or local path of {download.ARCHIVE}, or of a folder (ending in /) "
+                                 f"holding it and tokenizer.model (default: $HF_ENDPOINT/{download.TINYSTORIES_PATH}, "
                                  "HF_ENDPOINT defaulting to https://huggingface.co)")
     p.add_argument("--tokenizer_url", help="URL or path of the Llama 2 tokenizer.model (default: the one in "
-                                           f"--url's folder, else {LLAMA2_TOKENIZER_URL})")
+                                           f"--url's folder, else {download.LLAMA2_TOKENIZER_URL})")
     p.add_argument("--retries", type=int, default=3,
                    help="resume a broken transfer this many times (default: 3)")
 
@@ -748,7 +514,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "download":
-            download(args.data_dir, args.url, args.tokenizer_url, args.retries)
+            download.download(args.data_dir, args.url, args.tokenizer_url, args.retries)
         elif args.command == "train_vocab":
             train_vocab(args.data_dir, args.vocab_size, args.num_stories, args.input, args.name)
         elif args.command == "pretokenize":

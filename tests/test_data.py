@@ -13,6 +13,7 @@ import sentencepiece as spm
 from conftest import ROOT
 from fixture_corpus import make_stories, write_endoftext, write_json_shards
 
+import download
 import tinystories as ts
 from dataloader import TINYSTORIES_DIR, DataError, dataset_dir, list_shards, read_meta
 from tokenizer import Tokenizer
@@ -103,7 +104,7 @@ def test_train_vocab_only_samples_training_stories(tmp_path):
 
 def test_llama2_vocab_gives_sentencepiece_ids(tmp_path, corpus, llama2_tokenizer):
     write_tinystories(tmp_path, corpus[:200], 2)
-    shutil.copy(llama2_tokenizer, tmp_path / ts.LLAMA2_TOKENIZER)
+    shutil.copy(llama2_tokenizer, tmp_path / download.LLAMA2_TOKENIZER)
     assert ts.main(["pretokenize", "--vocab_size", "0", "--data_dir", str(tmp_path)]) == 0
     sp = spm.SentencePieceProcessor(model_file=str(llama2_tokenizer))
     out = tmp_path / TINYSTORIES_DIR

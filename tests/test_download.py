@@ -15,10 +15,11 @@ from conftest import ROOT
 from disk_faults import disk_full
 from fixture_corpus import make_stories, write_json_shards
 
+import download
 import tinystories as ts
 from dataloader import TINYSTORIES_DIR, list_shards
 
-ARCHIVE_PATH = "/" + ts.TINYSTORIES_PATH
+ARCHIVE_PATH = "/" + download.TINYSTORIES_PATH
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -82,7 +83,7 @@ def payload(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def no_wait(monkeypatch):
-    monkeypatch.setattr(ts, "RETRY_WAIT_S", 0.0)
+    monkeypatch.setattr(download, "RETRY_WAIT_S", 0.0)
 
 
 def serve(server, payload):
@@ -90,7 +91,7 @@ def serve(server, payload):
     return ["--url", server.url + ARCHIVE_PATH, "--tokenizer_url", server.url + "/tok.model"]
 
 
-def download(data, *args):
+def run_download(data, *args):
     return ts.main(["download", "--data_dir", str(data), *args])
 
 
@@ -102,17 +103,17 @@ def assert_complete(data, payload):
     names = [p.name for p in list_shards(data / TINYSTORIES_DIR, "json")]
     assert names == [f"data0{i}.json" for i in range(4)]
     assert (data / "TinyStories_all_data.tar.gz").read_bytes() == payload["archive"]
-    assert (data / ts.LLAMA2_TOKENIZER).read_bytes() == payload["tokenizer"]
+    assert (data / download.LLAMA2_TOKENIZER).read_bytes() == payload["tokenizer"]
     assert not [p for p in data.iterdir() if p.name.endswith(".part") or p.name.startswith(".")]
 
 
 def test_download_then_second_run_does_nothing(server, payload, tmp_path, capsys):
     args = serve(server, payload)
-    assert download(tmp_path, *args) == 0
+    assert run_download(tmp_path, *args) == 0
     assert_complete(tmp_path, payload)
     requests_made = len(server.log)
     capsys.readouterr()
-    assert download(tmp_path, *args) == 0
+    assert run_download(tmp_path, *args) == 0
     assert len(server.log) == requests_made
     assert capsys.readouterr().out.count("already present") == 2
 
@@ -120,7 +121,7 @@ def test_download_then_second_run_does_nothing(server, payload, tmp_path, capsys
 def test_interrupted_transfer_resumes_with_range(server, payload, tmp_path):
     args = serve(server, payload)
     server.cut_once = True
-    assert download(tmp_path, *args) == 0
+    assert run_download(tmp_path, *args) == 0
     assert_complete(tmp_path, payload)
     (_, first), (_, second) = [entry for entry in server.log if entry[0] == ARCHIVE_PATH]
     assert first is None and second == f"bytes={len(payload['archive']) // 2}-"
@@ -129,7 +130,7 @@ def test_interrupted_transfer_resumes_with_range(server, payload, tmp_path):
 def test_server_ignoring_range_starts_over(server, payload, tmp_path):
     args = serve(server, payload)
     server.cut_once, server.honour_range = True, False
-    assert download(tmp_path, *args) == 0
+    assert run_download(tmp_path, *args) == 0
     assert_complete(tmp_path, payload)  # a 200 answer replaced the partial file instead of being appended
     assert [r for p, r in server.log if p == ARCHIVE_PATH][1].startswith("bytes=")
 
@@ -137,14 +138,14 @@ def test_server_ignoring_range_starts_over(server, payload, tmp_path):
 def test_resume_in_a_later_run(server, payload, tmp_path, capsys):
     args = serve(server, payload)
     server.cut_once = True
-    assert download(tmp_path, *args, "--retries", "0") == 1
+    assert run_download(tmp_path, *args, "--retries", "0") == 1
     [err] = errors(capsys)
     assert "run the same command again to resume" in err and "--url" in err
     part = tmp_path / "TinyStories_all_data.tar.gz.part"
     have = part.stat().st_size
     assert 0 < have < len(payload["archive"])
     assert sorted(p.name for p in tmp_path.iterdir()) == [part.name]  # nothing a later step takes for data
-    assert download(tmp_path, *args) == 0
+    assert run_download(tmp_path, *args) == 0
     assert_complete(tmp_path, payload)
     assert [r for p, r in server.log if p == ARCHIVE_PATH][-1] == f"bytes={have}-"
 
@@ -153,21 +154,21 @@ def test_complete_part_file_is_renamed(server, payload, tmp_path):
     args = serve(server, payload)
     # crashed just before the rename
     (tmp_path / "TinyStories_all_data.tar.gz.part").write_bytes(payload["archive"])
-    assert download(tmp_path, *args) == 0  # the server answers 416: nothing left to send
+    assert run_download(tmp_path, *args) == 0  # the server answers 416: nothing left to send
     assert_complete(tmp_path, payload)
 
 
 def test_server_error_leaves_nothing_behind(server, payload, tmp_path, capsys):
     args = serve(server, payload)
     server.fail = 500
-    assert download(tmp_path, *args) == 1
+    assert run_download(tmp_path, *args) == 1
     [err] = errors(capsys)
     assert "HTTP 500" in err and "--url" in err
     assert list(tmp_path.iterdir()) == []
 
 
 def test_unreachable_server_is_one_line(tmp_path, capsys):
-    assert download(tmp_path, "--url", "http://127.0.0.1:9/x.tar.gz", "--retries", "0") == 1
+    assert run_download(tmp_path, "--url", "http://127.0.0.1:9/x.tar.gz", "--retries", "0") == 1
     [err] = errors(capsys)
     assert err.startswith("error: downloading http://127.0.0.1:9/x.tar.gz failed")
     assert list(tmp_path.iterdir()) == []
@@ -176,7 +177,7 @@ def test_unreachable_server_is_one_line(tmp_path, capsys):
 def test_truncated_archive_is_not_trusted(server, payload, tmp_path, capsys):
     args = serve(server, payload)
     server.files[ARCHIVE_PATH] = payload["archive"][:-200]  # complete as far as HTTP knows
-    assert download(tmp_path, *args) == 1
+    assert run_download(tmp_path, *args) == 1
     [err] = errors(capsys)
     assert "cannot unpack" in err and f"`python tinystories.py download --data_dir {tmp_path}` again" in err
     assert list(tmp_path.iterdir()) == []
@@ -188,28 +189,28 @@ def test_local_path_and_file_url(payload, tmp_path):
     tok = tmp_path / "tok.model"
     tok.write_bytes(payload["tokenizer"])
     for data, url in [(tmp_path / "a", str(archive)), (tmp_path / "b", archive.as_uri())]:
-        assert download(data, "--url", url, "--tokenizer_url", tok.as_uri()) == 0
+        assert run_download(data, "--url", url, "--tokenizer_url", tok.as_uri()) == 0
         assert len(list_shards(data / TINYSTORIES_DIR, "json")) == 4
-        assert (data / ts.LLAMA2_TOKENIZER).read_bytes() == payload["tokenizer"]
+        assert (data / download.LLAMA2_TOKENIZER).read_bytes() == payload["tokenizer"]
         assert not (data / "TinyStories_all_data.tar.gz").exists()  # used in place, not copied
-    assert download(tmp_path / "c", "--url", str(tmp_path / "missing.tar.gz")) == 1
+    assert run_download(tmp_path / "c", "--url", str(tmp_path / "missing.tar.gz")) == 1
 
 
 def test_hf_endpoint_sets_the_default_url(server, payload, tmp_path, monkeypatch):
     serve(server, payload)
     monkeypatch.setenv("HF_ENDPOINT", server.url + "/")
-    assert ts.default_url() == server.url + ARCHIVE_PATH
-    assert download(tmp_path, "--tokenizer_url", server.url + "/tok.model") == 0
+    assert download.default_url() == server.url + ARCHIVE_PATH
+    assert run_download(tmp_path, "--tokenizer_url", server.url + "/tok.model") == 0
     assert_complete(tmp_path, payload)
     monkeypatch.delenv("HF_ENDPOINT")
-    assert ts.default_url() == "https://huggingface.co" + ARCHIVE_PATH
+    assert download.default_url() == "https://huggingface.co" + ARCHIVE_PATH
 
 
 def test_tokenizer_failure_is_a_note(server, payload, tmp_path, capsys):
     args = serve(server, payload)
     server.files["/tok.model"] = b"<html>not a model</html>"
-    assert download(tmp_path, *args[:2], "--tokenizer_url", server.url + "/tok.model") == 0
-    assert download(tmp_path / "b", *args[:2], "--tokenizer_url", server.url + "/missing") == 0
+    assert run_download(tmp_path, *args[:2], "--tokenizer_url", server.url + "/tok.model") == 0
+    assert run_download(tmp_path / "b", *args[:2], "--tokenizer_url", server.url + "/missing") == 0
     notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note")]
     assert len(notes) == 2 and "not a sentencepiece model" in notes[0] and "HTTP 404" in notes[1]
     for data in (tmp_path, tmp_path / "b"):
@@ -236,7 +237,7 @@ def test_unsafe_archives_are_refused(tmp_path, capsys, kind):
     make_tar(tmp_path / "evil.tar.gz", member)
     data = tmp_path / "data"
     args = ["--url", str(tmp_path / "evil.tar.gz"), "--tokenizer_url", str(tmp_path / "none")]
-    assert download(data, *args) == 1
+    assert run_download(data, *args) == 1
     [err] = errors(capsys)
     assert "refusing to unpack" in err
     assert list(data.iterdir()) == []  # no target, no temporary directory
@@ -251,7 +252,7 @@ def test_a_host_that_does_not_resolve_stops_at_once(tmp_path, payload, capsys, m
         raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
 
     monkeypatch.setattr(socket, "getaddrinfo", no_dns)
-    assert download(tmp_path / "a", "--url", "https://huggingface.co/" + ts.TINYSTORIES_PATH) == 1
+    assert run_download(tmp_path / "a", "--url", "https://huggingface.co/" + download.TINYSTORIES_PATH) == 1
     err = capsys.readouterr().err
     assert "attempt" not in err  # not retried as if a transfer had broken
     [line] = [line for line in err.splitlines() if line.startswith("error")]
@@ -260,7 +261,7 @@ def test_a_host_that_does_not_resolve_stops_at_once(tmp_path, payload, capsys, m
     assert list((tmp_path / "a").iterdir()) == []
     # the tokenizer from its default, while the archive is a local copy: a note, at once
     (tmp_path / "copy.tar.gz").write_bytes(payload["archive"])
-    assert download(tmp_path / "b", "--url", str(tmp_path / "copy.tar.gz")) == 0
+    assert run_download(tmp_path / "b", "--url", str(tmp_path / "copy.tar.gz")) == 0
     err = capsys.readouterr().err
     assert "attempt" not in err
     assert "note: skipped the Llama 2 tokenizer: cannot reach raw.githubusercontent.com" in err
@@ -271,23 +272,23 @@ def test_a_folder_serves_both_files(server, payload, tmp_path, where):
     if where == "local folder":
         folder = tmp_path / "mirror"
         folder.mkdir()
-        (folder / ts.ARCHIVE).write_bytes(payload["archive"])
+        (folder / download.ARCHIVE).write_bytes(payload["archive"])
         (folder / "tokenizer.model").write_bytes(payload["tokenizer"])
         url = str(folder)
     else:
-        server.files = {f"/mirror/{ts.ARCHIVE}": payload["archive"],
+        server.files = {f"/mirror/{download.ARCHIVE}": payload["archive"],
                         "/mirror/tokenizer.model": payload["tokenizer"]}
         url = server.url + "/mirror/"
     data = tmp_path / "data"
-    assert download(data, "--url", url) == 0  # no --tokenizer_url: the folder's, not GitHub's
+    assert run_download(data, "--url", url) == 0  # no --tokenizer_url: the folder's, not GitHub's
     assert len(list_shards(data / TINYSTORIES_DIR, "json")) == 4
-    assert (data / ts.LLAMA2_TOKENIZER).read_bytes() == payload["tokenizer"]
+    assert (data / download.LLAMA2_TOKENIZER).read_bytes() == payload["tokenizer"]
 
 
 def test_the_readme_names_every_mirror_option_together():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     [paragraph] = [p for p in readme.split("\n\n") if "HF_ENDPOINT" in p]
-    assert all(option in paragraph for option in ("--url", "--tokenizer_url", "FOLDER/", ts.LLAMA2_TOKENIZER))
+    assert all(option in paragraph for option in ("--url", "--tokenizer_url", "FOLDER/", download.LLAMA2_TOKENIZER))
 
 
 def test_one_name_for_the_llama2_tokenizer():
@@ -295,19 +296,19 @@ def test_one_name_for_the_llama2_tokenizer():
     names = set()
     for path in [ROOT / "README.md", ROOT / "data" / "README.md", *ROOT.glob("*.py")]:
         names |= set(re.findall(r"data/(llama2\w*\.model)", path.read_text(encoding="utf-8")))
-    assert names == {ts.LLAMA2_TOKENIZER}
+    assert names == {download.LLAMA2_TOKENIZER}
 
 
 def test_a_full_disk_keeps_what_arrived_and_the_next_run_continues(server, payload, tmp_path, capsys):
     args = serve(server, payload)
     with disk_full(r"\.tar\.gz\.part$", room=len(payload["archive"]) // 3):
-        assert download(tmp_path, *args) == 1
-    part = tmp_path / (ts.ARCHIVE + ".part")
+        assert run_download(tmp_path, *args) == 1
+    part = tmp_path / (download.ARCHIVE + ".part")
     assert errors(capsys) == [f"error: no space left on device writing {part}: free space and run the same "
                               "command again, which continues the download"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [part.name]  # nothing a later step takes for data
     have = part.stat().st_size
-    assert download(tmp_path, *args) == 0
+    assert run_download(tmp_path, *args) == 0
     assert_complete(tmp_path, payload)
     assert [r for p, r in server.log if p == ARCHIVE_PATH][-1] == f"bytes={have}-"
 
@@ -324,10 +325,10 @@ def test_a_full_disk_while_unpacking_keeps_the_archive(server, payload, tmp_path
     if r.returncode:
         pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
     try:
-        assert download(data, *serve(server, payload)) == 1
+        assert run_download(data, *serve(server, payload)) == 1
         assert errors(capsys) == [f"error: no space left on device writing {data / TINYSTORIES_DIR}"]
         # the archive is whole and kept (the next run unpacks it), and no half-unpacked folder is left
-        assert sorted(p.name for p in data.iterdir()) == [ts.ARCHIVE]
-        assert (data / ts.ARCHIVE).read_bytes() == payload["archive"]
+        assert sorted(p.name for p in data.iterdir()) == [download.ARCHIVE]
+        assert (data / download.ARCHIVE).read_bytes() == payload["archive"]
     finally:
         subprocess.run(["umount", "-l", str(data)], check=False)
