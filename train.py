@@ -435,10 +435,18 @@ def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str)
         raise TrainError(f"{what} is {value} at iteration {iter_num}; training stopped and {kept}. "
                          f"Try a lower learning_rate, a grad_clip, or dtype=bfloat16/float32")
 
-    if c["eval_only"]:
+    fine_tune = c["init_from"] not in ("scratch", "resume")
+    if c["eval_only"] or fine_tune:  # a fine-tune's starting point: the model on its new data
         losses = evaluate(model, eval_loaders, c["eval_iters"], world_size, device, ctx)
         print0(f"eval at iteration {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-        return {"iter_num": iter_num, **losses}
+        uniform = math.log(c["vocab_size"])
+        if c["init_from"] != "scratch" and losses["val"] > uniform:
+            print0(f"warning: the model starts at val loss {losses['val']:.2f}, worse than guessing uniformly "
+                   f"among its {c['vocab_size']:,} tokens (ln {c['vocab_size']:,} = {uniform:.2f}): the data was "
+                   f"almost surely tokenized with another vocabulary than the model's")
+        if c["eval_only"]:
+            return {"iter_num": iter_num, **losses}
+        log({"iter": 0, "tokens": 0, "train_loss": losses["train"], "val_loss": losses["val"]})
     if iter_num >= c["max_iters"]:
         print0(f"nothing to do: the checkpoint is at iteration {iter_num} and max_iters={c['max_iters']}")
         return {"iter_num": iter_num}

@@ -301,10 +301,28 @@ def test_finetune_from_a_llama2c_file(short_run, data_dir, tmp_path):
     logs, evals = read_metrics(out)
     assert [r["iter"] for r in logs] == list(range(1, 9)) and logs[0]["tokens"] == 2 * 8 * 32  # a new run
     assert abs(logs[0]["loss"] - source_evals[-1]["train_loss"]) < 0.3, (logs[0], source_evals[-1])
-    assert evals[-1]["val_loss"] < source_evals[-1]["val_loss"]  # and training goes on from there
+    # the starting point is evaluated first: the source model's loss on this data, as its own run measured it
+    assert evals[0]["iter"] == 0 and evals[0]["val_loss"] == pytest.approx(source_evals[-1]["val_loss"], rel=1e-4)
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]  # and training goes on from there
+    assert "warning" not in result.stdout
     model, ckpt = from_checkpoint(out / "ckpt.pt")
     assert ckpt["iter_num"] == 8 and ckpt["model_args"]["dim"] == 32 and ckpt["config"]["dim"] == 32
     assert ckpt["config"]["init_from"] == str(source)
+
+
+def test_a_model_worse_than_uniform_on_its_new_data_is_flagged(short_run, data_dir, tmp_path):
+    # a llama2.c file carries no tokenizer: one made with another vocabulary of the same size (here, the
+    # short run's model with its token ids shuffled) would otherwise fine-tune silently on the wrong tokens
+    model = from_checkpoint(short_run[0] / "ckpt.pt")[0]
+    with torch.no_grad():
+        model.tok_embeddings.weight.copy_(model.tok_embeddings.weight[torch.randperm(512, generator=torch.Generator()
+                                                                                     .manual_seed(0))])
+    source = tmp_path / "other_vocabulary.bin"
+    write_llama2c(source, model)
+    result = ok(run_train([f"--init_from={source}", "--max_iters=1", "--eval_interval=1"], data_dir, tmp_path / "o"))
+    assert re.search(r"warning: the model starts at val loss \d+\.\d\d, worse than guessing uniformly among its "
+                     r"512 tokens \(ln 512 = 6\.24\): the data was almost surely tokenized with another "
+                     r"vocabulary than the model's", result.stdout), result.stdout
 
 
 def test_finetune_vocab_mismatch_names_the_data_it_needs(data_dir, tmp_path):
