@@ -223,12 +223,19 @@ def setup_distributed(c: dict):
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return False, 0, 1, c["device"]
     rank, world_size, device = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), c["device"]
+    store, restart = None, int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if restart and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchrun restarted the workers (--max-restarts) and they share its store: the dead attempt's
+        # addresses are still there, and connecting to them fails. Each attempt gets keys of its own.
+        agent = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False)
+        store = dist.PrefixStore(f"llama-tiny/attempt-{restart}", agent)
     if device.startswith("cuda"):
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"  # one GPU per process on each node
         torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl", device_id=torch.device(device))
+        dist.init_process_group(backend="nccl", device_id=torch.device(device), store=store, rank=rank,
+                                world_size=world_size)
     else:
-        dist.init_process_group(backend="gloo")
+        dist.init_process_group(backend="gloo", store=store, rank=rank, world_size=world_size)
     return True, rank, world_size, device
 
 

@@ -13,11 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixture_corpus import make_stories, write_endoftext
 
 import dataloader
 import memory
-import tinystories
 import train
 from checkpoint import from_checkpoint, write_llama2c
 from configurator import parse_config
@@ -39,17 +37,6 @@ FIRST_LOG_LINE = re.compile(r"^iter 1 \| loss \d+\.\d{4} \| lr \d\.\d\de[+-]\d\d
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory) -> Path:
-    # the synthetic corpus with its own 512-token vocabulary, made by the data stage's own functions
-    root = tmp_path_factory.mktemp("train_data")
-    text = root / "stories.txt"
-    write_endoftext(text, make_stories(1500, seed=3))
-    tinystories.train_vocab(root, 512, input=text, name="fixture")
-    tinystories.prepare(root, text, "fixture", vocab_size=512)
-    return root
 
 
 def run_train(args, data_dir, out_dir, torchrun=0, timeout=240) -> subprocess.CompletedProcess:
