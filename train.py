@@ -41,6 +41,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import cpu_speedups as speedups  # the module; `cpu_speedups` below is the setting
+import lora
 import runs
 import runtime
 import tinystories
@@ -62,6 +63,11 @@ always_save_checkpoint = False  # False: save at an eval only when val loss impr
 # 'scratch'; 'resume': out_dir/ckpt.pt with its optimizer, data position and RNG, exactly where it stopped;
 # or a PATH to fine-tune (a train.py .pt, a llama2.c .bin, an HF directory): a fresh run from iteration 0
 init_from = "scratch"
+# LoRA (lora.py), with --init_from=PATH: the weights stay frozen and low-rank adapters beside them train
+lora_rank = 0  # 0: off (every weight trains); e.g. 8: the adapters' rank
+lora_alpha = 16.0  # the adapters' update is scaled by lora_alpha / lora_rank
+lora_dropout = 0.0  # dropout on the adapters' input
+lora_targets = ",".join(lora.TARGETS)  # the weights that get adapters: wq,wk,wv,wo (attention), w1,w2,w3
 # wandb logging (pip install wandb)
 wandb_log = False
 wandb_project = "llama-tiny"
@@ -100,7 +106,8 @@ EVAL_SEED = 2_147_483_647  # eval batches come from their own fixed stream, neve
 # what a resumed run takes from its checkpoint unless the setting is given again: it continues as it was
 RESUMED_SETTINGS = ("dataset", "vocab_source", "batch_size", "gradient_accumulation_steps", "learning_rate",
                     "min_lr", "max_iters", "warmup_iters", "lr_decay_iters", "decay_lr", "weight_decay", "beta1",
-                    "beta2", "grad_clip", "dtype", "seed") + tuple(f.name for f in fields(ModelArgs))
+                    "beta2", "grad_clip", "dtype", "seed", "lora_rank", "lora_alpha", "lora_dropout",
+                    "lora_targets") + tuple(f.name for f in fields(ModelArgs))
 # of the model's fields, what a resumed or fine-tuned run may change: the rest is the weights' shape
 NOT_SHAPE = ("dropout", "max_seq_len")
 
@@ -176,6 +183,7 @@ def resolve_config(config: dict) -> dict:
                           f"lower --warmup_iters or raise --lr_decay_iters")
     if c["lr_decay_iters"] is None:
         c["lr_decay_iters"] = c["max_iters"]
+    lora.check_settings(c)
     c["device"] = runtime.resolve_device(c["device"])
     c["dtype"] = runtime.resolve_dtype(c["dtype"], c["device"])
     try:
@@ -208,6 +216,7 @@ def settings_for_resume(c: dict, saved: dict, given: set, path: str) -> dict:
             c[key] = saved[key]
     # (a different vocab_size is left to check_vocabulary, which says which data the model needs)
     shape_keys = {f.name for f in fields(ModelArgs)} - set(NOT_SHAPE) - {"vocab_size"}
+    shape_keys |= {"lora_rank", "lora_targets"}  # the adapters' shape
     shape = [k.split()[0] for k in changed if k.split()[0] in shape_keys]
     if shape:
         raise ConfigError(f"{path} was trained with " + ", ".join(f"{k}={saved[k]!r} (config: {c[k]!r})" for k in shape)
@@ -269,12 +278,12 @@ def resolve_peak_flops(setting, device_type: str):
     return flops
 
 
-def read_checkpoint(path: str, device: str) -> dict:
+def read_checkpoint(path: str, device: str, merge_lora: bool = True) -> dict:
     if not os.path.exists(path):  # (a missing fine-tuning PATH was reported by resolve_config)
         raise TrainError(f"init_from='resume' but there is no checkpoint at {path}; "
                          f"train from scratch first, or point --out_dir at the run to continue")
     try:
-        return from_checkpoint(path, device)[1]
+        return from_checkpoint(path, device, merge=merge_lora)[1]
     except (ValueError, OSError) as e:  # not a checkpoint, or a truncated one; the message names the file
         raise TrainError(str(e)) from None
 
@@ -388,7 +397,7 @@ def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str)
     resume = c["init_from"] == "resume"
     checkpoint = None
     if resume:
-        checkpoint = read_checkpoint(ckpt_path, device)
+        checkpoint = read_checkpoint(ckpt_path, device, merge_lora=False)  # a LoRA run's base and adapters
         c = settings_for_resume(c, checkpoint.get("config") or {}, given, ckpt_path)
     shard_dir, meta = open_dataset(c)
     if c["init_from"] != "scratch":
@@ -409,7 +418,10 @@ def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str)
     runtime.seed_everything(c["seed"] + rank)  # rank 0 draws the initial weights; DDP copies them to the others
     raw_model = Transformer(ModelArgs.from_dict(c)).to(device)
     if checkpoint is not None:
-        raw_model.load_state_dict(checkpoint["model"])
+        raw_model.load_state_dict(checkpoint["model"])  # a resumed LoRA run: its base's weights
+    lora_base = None  # LoRA: the base model's path and hash; the adapters are attached to raw_model
+    if c["lora_rank"]:
+        lora_base = lora.attach_for_training(raw_model, c, checkpoint if resume else None)
     optimizer = raw_model.configure_optimizers(c["weight_decay"], c["learning_rate"], (c["beta1"], c["beta2"]),
                                                device_type)
     # a no-op unless float16: it scales the loss so small gradients do not underflow
@@ -453,6 +465,8 @@ def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str)
                 print0(f"note: {ckpt_path} will be overwritten by this new run (--init_from=resume continues it)")
     print0(f"model: {raw_model.num_params():,} parameters ({raw_model.num_params(non_embedding=True):,} "
            f"without the embedding); data: {shard_dir} ({meta['num_tokens']:,} tokens)")
+    if lora_base:
+        print0(lora.summary(raw_model) + f"; base {lora_base['path']}")
     print0(f"tokens per iteration: {tokens_per_iter:,} = {world_size} process(es) x {accum_steps} accumulation "
            f"step(s) x {c['batch_size']} batch x {c['max_seq_len']} tokens; {c['max_iters']:,} iterations = "
            f"{tokens_per_iter * c['max_iters']:,} tokens; device {device}, {c['dtype']}"
@@ -550,7 +564,7 @@ def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str)
                     dist.all_gather_object(rng_states, runs.get_rng_state())  # every rank takes part
                 if master:
                     save_checkpoint(ckpt_path, {
-                        "model": raw_model.state_dict(), "model_args": asdict(raw_model.args),
+                        **lora.checkpoint_entries(raw_model, lora_base), "model_args": asdict(raw_model.args),
                         "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "config": c,
                         "iter_num": iter_num, "tokens_seen": tokens_seen, "best_val_loss": best_val_loss,
                         "loader_state": loader.state_dict(), "rng_state": rng_states, "tokenizer": meta["tokenizer"]})
