@@ -5,6 +5,7 @@ Trains a small Llama on TinyStories (or your own data): on a CPU, one GPU, or se
     python train.py config/train_15m.py --batch_size=64            # a config file, then --key=value overrides
     python train.py config/train_15m.py --init_from=resume         # continue out_dir/ckpt.pt exactly
     python train.py config/train_15m.py --init_from=stories15M.bin --out_dir=out/ft --learning_rate=1e-4
+    python train.py config/train_15m.py --init_from=stories15M.bin --out_dir=out/lora --lora_rank=8  # LoRA
     torchrun --standalone --nproc_per_node=4 train.py config/train_110m.py
     python train.py --help                                         # every setting and its default
 
@@ -17,8 +18,10 @@ Several nodes (the data on each; out_dir on a shared filesystem so that every no
 --init_from=PATH fine-tunes a trained model: one of our .pt checkpoints, a llama2.c model file or a Hugging
 Face directory (llama2.c's published stories15M/42M/110M.bin need data in the Llama 2 vocabulary). Its
 weights and shape are used (a note lists where the config differs); the optimizer, data and iteration
-count start afresh. --init_from=resume continues out_dir/ckpt.pt with the settings it was trained with:
-a setting given again on the command line (or in a config file) replaces the checkpoint's, with a note.
+count start afresh. With --lora_rank=8 only low-rank adapters beside the frozen weights train (lora.py),
+and the checkpoint holds them and names the base. --init_from=resume continues out_dir/ckpt.pt with the
+settings it was trained with: a setting given again on the command line (or in a config file) replaces the
+checkpoint's, with a note.
 
 The settings are the plain Python names below; configurator.py explains the override rules.
 gradient_accumulation_steps is the global count: each of N processes does 1/N of it, so the
@@ -175,6 +178,7 @@ def resolve_config(config: dict) -> dict:
             raise ConfigError(f"{key}={c[key]} must be positive")
     if not 0 <= c["dropout"] < 1:
         raise ConfigError(f"dropout={c['dropout']} must be in [0, 1)")
+    lora.check_settings(c)
 
     if c["min_lr"] is None:
         c["min_lr"] = c["learning_rate"] / 10
@@ -183,7 +187,6 @@ def resolve_config(config: dict) -> dict:
                           f"lower --warmup_iters or raise --lr_decay_iters")
     if c["lr_decay_iters"] is None:
         c["lr_decay_iters"] = c["max_iters"]
-    lora.check_settings(c)
     c["device"] = runtime.resolve_device(c["device"])
     c["dtype"] = runtime.resolve_dtype(c["dtype"], c["device"])
     try:
