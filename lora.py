@@ -150,8 +150,7 @@ def settings(model) -> dict:
 def record(model, base: dict) -> dict:
     """What a checkpoint stores of a LoRA model: the adapters and their settings, and base ({"path",
     "sha256"} from identify_base), the model they were trained on. from_checkpoint reads it back."""
-    return {**settings(model), "base": base,
-            "adapters": {k: v.detach().clone() for k, v in adapter_state(model).items()}}
+    return {**settings(model), "base": base, "adapters": adapter_state(model)}
 
 
 def checkpoint_entries(model, base: dict | None) -> dict:
@@ -160,8 +159,8 @@ def checkpoint_entries(model, base: dict | None) -> dict:
 
 
 def merge(model) -> Transformer:
-    """A plain Transformer (a new one) whose weights are W + (alpha / rank) B A: the same function as model
-    with its adapters, at the cost of the base model."""
+    """A plain Transformer (a new one) whose weights are W + (alpha / rank) B A: the same function as model,
+    computed as fast as the base model."""
     state = {k: v for k, v in model.state_dict().items() if not k.endswith(ADAPTER_KEYS)}
     for name, layer in lora_layers(model):
         state[f"{name}.weight"] = layer.merged_weight()
