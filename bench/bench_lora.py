@@ -8,13 +8,13 @@ parameters, optimizer-state bytes, checkpoint size, peak memory and the time of 
 
 Both fine-tune the same weights (random: the figures depend on the shape, not the values) on the same
 random tokens, built the way train.py builds them: the model, lora.attach for LoRA, configure_optimizers
-(AdamW with weight decay), autocast, gradient clipping. Each runs in fresh processes of its own. On a GPU
-the peak memory is torch's peak allocation. On a CPU it is the process's peak resident set (interpreter
-and torch included) in a run of its own, two steps with glibc told to hand every block of 64 KiB or more
-back at once (MALLOC_MMAP_THRESHOLD_), so that the peak is the memory in use, not what the allocator
-kept; the steps are timed as train.py runs them, freed memory kept (cpu_speedups.keep_freed_memory).
-The checkpoint is what train.py saves, its model entries (lora.checkpoint_entries: the whole state_dict,
-or the adapters) and the optimizer, measured on disk.
+(AdamW with weight decay), autocast, gradient clipping. The two are timed in one process, their steps
+alternating, so that a machine busy with other work slows both alike (on a CPU with freed memory kept,
+cpu_speedups.keep_freed_memory, as train.py runs). Peak memory is measured in a process per fine-tune,
+two steps: on a GPU torch's peak allocation; on a CPU the peak resident set (interpreter and torch
+included) with glibc told to hand back every block of 64 KiB or more at once (MALLOC_MMAP_THRESHOLD_),
+so that it is the memory in use, not what the allocator kept. The checkpoint is what train.py saves of
+the model (lora.checkpoint_entries: the whole state_dict, or the adapters) and the optimizer, on disk.
 """
 import argparse
 import contextlib
@@ -44,54 +44,79 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def measure(mode: str, args) -> dict:
-    """One fine-tune ('full' or 'lora') in this process; main() runs each in child processes."""
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    if device.type == "cpu" and not args.memory:
-        cpu_speedups.keep_freed_memory()  # as train.py sets up a CPU run
-    torch.manual_seed(1337)
-    model = Transformer(ModelArgs(**SHAPE)).to(device)
-    base = None
-    if mode == "lora":
-        model = lora.attach(model, args.rank, args.alpha, targets=args.targets)
-        base = {"path": "random weights", "sha256": "0" * 64}  # a real run records its --init_from file
-    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), device.type)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    ctx = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
-    x = torch.randint(0, SHAPE["vocab_size"], (args.batch_size, SHAPE["max_seq_len"]), device=device)
-    y = torch.randint(0, SHAPE["vocab_size"], (args.batch_size, SHAPE["max_seq_len"]), device=device)
+class FineTune:
+    """One fine-tune of the 15M shape, 'full' or 'lora', built the way train.py builds it."""
 
-    def step() -> float:
-        sync(device)
+    def __init__(self, mode: str, args):
+        self.device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+        torch.manual_seed(1337)  # the same weights and batch for both
+        self.model = Transformer(ModelArgs(**SHAPE)).to(self.device)
+        self.base = None
+        if mode == "lora":
+            lora.attach(self.model, args.rank, args.alpha, targets=args.targets)
+            self.base = {"path": "random weights", "sha256": "0" * 64}  # a run records its --init_from file
+        self.optimizer = self.model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), self.device.type)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=dtype == torch.float16)
+        self.ctx = torch.autocast(self.device.type, dtype=dtype) if dtype != torch.float32 \
+            else contextlib.nullcontext()
+        shape = (args.batch_size, SHAPE["max_seq_len"])
+        self.x = torch.randint(0, SHAPE["vocab_size"], shape, device=self.device)
+        self.y = torch.randint(0, SHAPE["vocab_size"], shape, device=self.device)
+
+    def step(self) -> float:
+        sync(self.device)
         t0 = time.perf_counter()
-        with ctx:
-            _, loss = model(x, y)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        sync(device)
+        with self.ctx:
+            _, loss = self.model(self.x, self.y)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        sync(self.device)
         return time.perf_counter() - t0
 
+    def sizes(self) -> dict:
+        # (after a step, when the optimizer state exists)
+        optimizer_bytes = sum(t.numel() * t.element_size() for state in self.optimizer.state.values()
+                              for t in state.values() if torch.is_tensor(t))
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "ckpt.pt")
+            entries = lora.checkpoint_entries(self.model, self.base)  # what train.py saves of the model
+            torch.save({**entries, "model_args": asdict(self.model.args),
+                        "optimizer": self.optimizer.state_dict()}, path)
+            checkpoint_bytes = os.path.getsize(path)
+        return {"trainable": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
+                "params": sum(p.numel() for n, p in self.model.named_parameters()
+                              if not n.endswith(lora.ADAPTER_KEYS)),
+                "optimizer_bytes": optimizer_bytes, "checkpoint_bytes": checkpoint_bytes}
+
+
+def peak_memory(mode: str, args) -> int:
+    # two steps of one fine-tune in a process of its own: the optimizer state exists in the second
+    run = FineTune(mode, args)
+    run.step()
+    run.step()
+    if run.device.type == "cuda":
+        return torch.cuda.max_memory_allocated(run.device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def timings(args) -> dict:
+    # both fine-tunes in this process, their steps alternating, so that a busy machine slows both alike
+    if args.device == "cpu":
+        cpu_speedups.keep_freed_memory()  # as train.py sets up a CPU run
+    runs = {mode: FineTune(mode, args) for mode in ("full", "lora")}
     for _ in range(args.warmup):  # the allocator settles; the optimizer state comes into being
-        step()
-    times = [step() for _ in range(args.steps)]
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" \
-        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB; before saving
-    optimizer_bytes = sum(t.numel() * t.element_size() for state in optimizer.state.values()
-                          for t in state.values() if torch.is_tensor(t))
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "ckpt.pt")
-        torch.save({**lora.checkpoint_entries(model, base), "model_args": asdict(model.args),
-                    "optimizer": optimizer.state_dict()}, path)
-        checkpoint_bytes = os.path.getsize(path)
-    return {"trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "params": sum(p.numel() for n, p in model.named_parameters()
-                          if not n.endswith(lora.ADAPTER_KEYS)),
-            "optimizer_bytes": optimizer_bytes, "checkpoint_bytes": checkpoint_bytes, "peak_bytes": peak,
-            "step_s": statistics.median(times), "best_s": min(times)}
+        for run in runs.values():
+            run.step()
+    times = {mode: [] for mode in runs}
+    for _ in range(args.steps):
+        for mode, run in runs.items():
+            times[mode].append(run.step())
+    return {mode: {**run.sizes(), "step_s": statistics.median(times[mode]), "best_s": min(times[mode])}
+            for mode, run in runs.items()}
 
 
 def main():
@@ -107,34 +132,31 @@ def main():
     p.add_argument("--steps", type=int, default=5, help="timed steps per fine-tune")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--mode", choices=["full", "lora"], help=argparse.SUPPRESS)  # a child process's job
-    p.add_argument("--memory", action="store_true", help=argparse.SUPPRESS)  # a CPU memory child's
+    p.add_argument("--memory", choices=["full", "lora"], help=argparse.SUPPRESS)  # a child process's job
+    p.add_argument("--timings", action="store_true", help=argparse.SUPPRESS)  # a child process's job
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.mode:
-        print(json.dumps(measure(args.mode, args)))
+    if args.memory or args.timings:
+        print(json.dumps(peak_memory(args.memory, args) if args.memory else timings(args)))
         return
 
-    def child(mode: str, memory: bool) -> dict:
-        settings = [f"--{k}={v}" for k, v in vars(args).items() if k not in ("mode", "memory")]
-        extra = ["--memory", "--warmup=1", "--steps=1"] if memory else []
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536") if memory else None
-        out = subprocess.run([sys.executable, __file__, "--mode", mode, *settings, *extra], env=env,
-                             capture_output=True, text=True)
+    def child(*job: str, env=None):
+        settings = [f"--{k}={v}" for k, v in vars(args).items() if k not in ("memory", "timings")]
+        out = subprocess.run([sys.executable, __file__, *settings, *job], env=env, capture_output=True,
+                             text=True)
         if out.returncode:
-            raise SystemExit(f"error: the {mode} fine-tune failed:\n{out.stderr}")
+            raise SystemExit(f"error: {' '.join(job)} failed:\n{out.stderr}")
         return json.loads(out.stdout.strip().splitlines()[-1])
 
-    results = {}
-    for mode in ("full", "lora"):
-        results[mode] = child(mode, memory=False)
-        if args.device == "cpu":
-            results[mode]["peak_bytes"] = child(mode, memory=True)["peak_bytes"]
+    results = child("--timings")
+    hand_back = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")  # glibc frees every block >= 64 KiB at once
+    for mode in results:
+        results[mode]["peak_bytes"] = child(f"--memory={mode}", env=hand_back)
     full, low = results["full"], results["lora"]
     tokens = args.batch_size * SHAPE["max_seq_len"]
     print(f"# bench_lora: the 15M shape ({full['params']:,} parameters), {args.device} {args.dtype}, "
-          f"{torch.get_num_threads()} threads, batch {args.batch_size} x {SHAPE['max_seq_len']} = {tokens:,} "
+          f"{torch.get_num_threads()} thread(s), batch {args.batch_size} x {SHAPE['max_seq_len']} = {tokens:,} "
           f"tokens/step; LoRA rank {args.rank}, alpha {args.alpha:g} on {args.targets}; "
           f"torch {torch.__version__}")
     rows = [("trainable parameters", "trainable", lambda v: f"{v:,}"),
