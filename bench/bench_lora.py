@@ -156,8 +156,8 @@ def main():
     full, low = results["full"], results["lora"]
     tokens = args.batch_size * SHAPE["max_seq_len"]
     print(f"# bench_lora: the 15M shape ({full['params']:,} parameters), {args.device} {args.dtype}, "
-          f"{torch.get_num_threads()} thread(s), batch {args.batch_size} x {SHAPE['max_seq_len']} = {tokens:,} "
-          f"tokens/step; LoRA rank {args.rank}, alpha {args.alpha:g} on {args.targets}; "
+          f"{torch.get_num_threads()} thread(s), batch {args.batch_size} x {SHAPE['max_seq_len']} = "
+          f"{tokens:,} tokens/step; LoRA rank {args.rank}, alpha {args.alpha:g} on {args.targets}; "
           f"torch {torch.__version__}")
     rows = [("trainable parameters", "trainable", lambda v: f"{v:,}"),
             ("optimizer state", "optimizer_bytes", lambda v: f"{v / 1e6:.1f} MB"),
