@@ -164,7 +164,7 @@ def merge(model) -> Transformer:
     state = {k: v for k, v in model.state_dict().items() if not k.endswith(ADAPTER_KEYS)}
     for name, layer in lora_layers(model):
         state[f"{name}.weight"] = layer.merged_weight()
-    plain = Transformer(model.args).to(model.freqs_cos.device)
+    plain = Transformer(model.args).to(model.tok_embeddings.weight.device)
     plain.load_state_dict(state)
     return plain
 
