@@ -6,6 +6,7 @@ Generate stories from a trained model, streamed to stdout as the tokens come.
     python sample.py --checkpoint=stories15M.bin --tokenizer=data/llama2_tokenizer.model --top_p=0.9
     python sample.py --prompt_file=prompt.txt --max_new_tokens=500 --device=cuda --compile=True
     python sample.py --checkpoint=out/hf                                    # export.py --format=hf's directory
+    python sample.py --checkpoint=out/lora/ckpt.pt                          # a LoRA fine-tune: base + adapters
 
 The tokenizer is the one recorded in the checkpoint, or a Hugging Face directory's tokenizer.model
 (--tokenizer overrides it; a llama2.c .bin records none). Each story stops at the end-of-story token (BOS or EOS) or after max_new_tokens;
