@@ -15,6 +15,7 @@ import ctypes
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 ENABLED = True
 
@@ -114,16 +115,140 @@ def small_head_causal_attention(q, k, v):
 
 # ----------------------------------------------------------------- generation
 
-def transposed_classifier(weight):
-    """h -> h @ weight.T, as nn.Linear(dim, vocab_size) computes it, for one generation's decode steps.
-    The classifier (B, dim) x (dim, vocab_size) is the largest matmul of a decode step, and MKL computes
-    it faster against a contiguous copy of weight.T than against nn.Linear's (vocab_size, dim) weight.
-    Make the copy per generation and drop it after: the weights cannot change under it then, whereas a
-    copy kept across calls could go stale unnoticed (the fused AdamW step changes a weight in place
-    without bumping its _version). CPU only: on a GPU the transposed weight is cuBLAS's ordinary
-    operand, not worth a second copy of the largest matrix. Figures: bench/README.md"""
-    weight_t = weight.detach().t().contiguous()  # (dim, vocab_size)
-    return lambda h: h @ weight_t
+class Decoder:
+    """model.generate_stream's step on a CPU: (tokens (B, T), start_pos) -> (B, vocab_size), the logits
+    after the last token, as model.output(model.hidden_states(tokens, start_pos)[:, -1]) computes them.
+
+    A prefill runs the model's own forward. Each one-token step after it runs decode() here: decoding one
+    token reads every weight once (the 15M model's 61 MB, more than the cache holds), so a step costs that
+    memory traffic plus a few microseconds per PyTorch call, of which the plain forward makes ~35 a layer
+    and decode() ~15, on weights packed for it:
+    - every matrix transposed and contiguous: MKL's (B, dim) x (dim, out) runs faster against it than
+      against nn.Linear's (out, dim) weight (for the 32,000-row classifier, several times faster)
+    - wq|wk|wv and w1|w3 stacked into one matrix each
+    - RMSNorm's gain folded into the matrix that follows it, (x * g) W^T = x (g W^T), as is the attention's
+      1/sqrt(head_dim) into wq; what is left of the norm is one batched dot product per layer input
+    - RoPE at one position as one complex multiply, in place (Meta's own formulation of the rotation)
+    - buffers made once per prefill; the KV cache is the model's own, written by its write_cache
+    The weights are packed per generation and dropped after it: a copy kept across calls could go stale
+    unnoticed (the fused AdamW step changes a weight in place without bumping its _version). Only float32
+    models whose projections are plain nn.Linear, in eval mode or without dropout, decode here; any other
+    (bfloat16, LoRA adapters, sample.py --compile's compiled forward) runs the model's forward for every
+    step, still with the transposed classifier. On a GPU the plain path is the fast one. Figures:
+    bench/README.md"""
+
+    def __init__(self, model):
+        self.model = model
+        self.classifier = model.output.weight.detach().t().contiguous()  # (dim, vocab_size)
+        self.layers = self.pack(model) if self.packable(model) else None
+
+    @staticmethod
+    def packable(model) -> bool:
+        projections = [getattr(layer.attention, name) for layer in model.layers for name in ("wq", "wk", "wv", "wo")]
+        projections += [getattr(layer.feed_forward, name) for layer in model.layers for name in ("w1", "w2", "w3")]
+        return (model.output.weight.dtype == torch.float32 and all(type(p) is nn.Linear for p in projections)
+                and not (model.training and model.args.dropout > 0)
+                and "hidden_states" not in vars(model))  # sample.py --compile replaces the method
+
+    def pack(self, model) -> list:
+        from model import precompute_rope  # (model.py imports this module)
+
+        a = model.args
+        head_dim = a.dim // a.n_heads
+        # rsqrt(mean(x^2) + eps) = sqrt(dim) * rsqrt(sum(x^2) + dim * eps): the sqrt(dim) goes into the gains
+        scale = a.dim**0.5
+        self.eps = torch.tensor(a.dim * a.norm_eps)
+        self.gain = model.norm.weight.detach() * scale  # the final norm's, applied before the classifier
+        self.embedding = model.tok_embeddings.weight.detach()
+        cos, sin = precompute_rope(head_dim, a.max_seq_len, a.rope_theta)
+        self.rope = torch.complex(cos, sin)  # (max_seq_len, head_dim/2): e^(i * angle)
+        layers = []
+        for layer in model.layers:
+            at, ff = layer.attention, layer.feed_forward
+            g1 = layer.attention_norm.weight.detach()[:, None] * scale  # (dim, 1)
+            g2 = layer.ffn_norm.weight.detach()[:, None] * scale
+            wqkv = torch.cat((at.wq.weight * head_dim**-0.5, at.wk.weight, at.wv.weight)).detach().t() * g1
+            w13 = torch.cat((ff.w1.weight, ff.w3.weight)).detach().t() * g2  # (dim, 2 * hidden_dim)
+            layers.append((wqkv.contiguous(), at.wo.weight.detach().t().contiguous(), w13.contiguous(),
+                           ff.w2.weight.detach().t().contiguous()))
+        return layers
+
+    def __call__(self, tokens, start_pos: int):
+        if self.layers is None or start_pos == 0 or tokens.size(1) > 1:
+            h = self.model.hidden_states(tokens, start_pos)[:, -1, :]  # (B, dim)
+            if self.layers is not None and start_pos == 0:  # a new sequence, so new KV caches
+                self.bind(tokens.size(0))
+            return h @ self.classifier
+        return self.decode(tokens[:, 0], start_pos)
+
+    def bind(self, B: int):
+        # buffers for a batch of B, and their views that decode() reads and writes
+        a = self.model.args
+        H, KV, hd = a.n_heads, a.n_kv_heads, a.dim // a.n_heads
+        self.x = torch.empty(B, a.dim)  # the residual stream
+        self.x_rows, self.x_cols = self.x.view(B, 1, a.dim), self.x.view(B, a.dim, 1)
+        self.inv_rms = torch.empty(B, 1, 1)
+        self.qkv = torch.empty(B, (H + 2 * KV) * hd)
+        self.q, self.q_heads = self.qkv[:, :H * hd], (B * KV, H // KV, hd)  # heads grouped by kv head
+        self.qk = torch.view_as_complex(self.qkv[:, :(H + KV) * hd].view(B, H + KV, hd // 2, 2))
+        self.k = self.qkv[:, H * hd:(H + KV) * hd].view(B, KV, 1, hd)
+        self.v = self.qkv[:, (H + KV) * hd:].view(B, KV, 1, hd)
+        self.y = torch.empty(B * KV, H // KV, hd)  # the attention's output, (B, dim) once viewed
+        self.h13 = torch.empty(B, 2 * a.hidden_dim)
+        self.h1, self.h3 = self.h13[:, :a.hidden_dim], self.h13[:, a.hidden_dim:]
+        # keys as (B * n_kv_heads, head_dim, max_seq_len), values as (B * n_kv_heads, max_seq_len, head_dim)
+        self.caches = [(layer.attention, layer.attention.cache_k.flatten(0, 1).transpose(1, 2),
+                        layer.attention.cache_v.flatten(0, 1)) for layer in self.model.layers]
+
+    def decode(self, token, pos: int):
+        # token: (B,) at position pos -> (B, vocab_size)
+        x, r, B = self.x, self.inv_rms.view(-1, 1), token.size(0)
+        torch.index_select(self.embedding, 0, token, out=x)  # (B, dim)
+        rotation = self.rope[pos]  # (head_dim/2,)
+        n = pos + 1  # the positions attended to
+        for (wqkv, wo, w13, w2), (attention, keys_t, values) in zip(self.layers, self.caches, strict=True):
+            torch.baddbmm(self.eps, self.x_rows, self.x_cols, out=self.inv_rms).rsqrt_()  # (B, 1, 1)
+            torch.mm(x, wqkv, out=self.qkv).mul_(r)  # RMSNorm, then q, k, v
+            self.qk.mul_(rotation)  # RoPE on q and k
+            attention.write_cache(self.k, self.v, pos)
+            q = self.q.reshape(self.q_heads)  # a view when B is 1
+            scores = torch.bmm(q, keys_t[:, :, :n])  # (B * n_kv_heads, n_rep, n), already scaled
+            torch.bmm(scores.softmax(-1), values[:, :n], out=self.y)
+            x.addmm_(self.y.view(B, -1), wo)  # x += y wo^T
+            torch.baddbmm(self.eps, self.x_rows, self.x_cols, out=self.inv_rms).rsqrt_()
+            torch.mm(x, w13, out=self.h13).mul_(r)
+            x.addmm_(F.silu(self.h1, inplace=True).mul_(self.h3), w2)  # x += (silu(h1) * h3) w2^T
+        torch.baddbmm(self.eps, self.x_rows, self.x_cols, out=self.inv_rms).rsqrt_()
+        return torch.mm(x.mul_(r).mul_(self.gain), self.classifier)
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
+    """model.sample_next, with top-p sampling (without top-k) done without sorting the vocabulary: draw
+    from the whole distribution, and draw again while the token falls outside the nucleus (the tokens more
+    likely than it already hold top_p of the mass). The accepted draws follow the nucleus's renormalised
+    distribution exactly, and a draw is accepted with probability >= top_p, so it takes 1 / top_p draws at
+    most on average. Sorting 32,000 probabilities (all of them, for a freshly initialised model's near-
+    uniform distribution, or torch.topk's 1024 for a peaked one) costs more than the forward pass of
+    a small model on a CPU; this is a few passes over the probabilities. A token tied in probability
+    with the least likely one kept is kept too, where the sort would keep some of them. Figures:
+    bench/README.md"""
+    from model import sample_next as plain  # (model.py imports this module)
+
+    if temperature == 0.0 and logits.dtype == torch.float32:
+        # the same first maximum, found ~10x faster by numpy's vectorised argmax on this CPU
+        return torch.from_numpy(logits.numpy().argmax(-1))
+    if temperature == 0.0 or top_k is not None or top_p is None or top_p >= 1.0:
+        return plain(logits, temperature, top_k, top_p)
+    probs = (logits.float() / temperature).softmax(-1)  # (B, V)
+    cdf = probs.cumsum(-1)
+    token = torch.full((probs.size(0),), -1, dtype=torch.long, device=probs.device)  # -1: not drawn yet
+    while (token < 0).any():
+        u = (1.0 - torch.rand(cdf.size(0), 1, device=cdf.device)) * cdf[:, -1:]  # (B, 1), in (0, total]
+        draw = torch.searchsorted(cdf, u)  # (B, 1): inverse CDF, as model.sample_next
+        p = probs.gather(-1, draw)  # (B, 1)
+        inside = torch.where(probs > p, probs, 0.0).sum(-1, keepdim=True) < top_p  # (B, 1)
+        token = torch.where((token < 0) & inside[:, 0], draw[:, 0], token)
+    return token
 
 
 # ----------------------------------------------------------------- memory

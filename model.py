@@ -257,12 +257,12 @@ class Transformer(nn.Module):
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_token=None):
         """Yields new tokens, (B,) each, using the KV cache; ends after max_new_tokens, or once
         every row has produced stop_token (which is not yielded)."""
-        classifier = self.output
-        if self.output.weight.device.type == "cpu" and cpu_speedups.ENABLED:  # faster on CPU: cpu_speedups.py
-            classifier = cpu_speedups.transposed_classifier(self.output.weight)
-
         def step(tokens, start_pos):  # (B, T) -> (B, vocab_size), the logits after the last token
-            return classifier(self.hidden_states(tokens, start_pos)[:, -1, :])
+            return self.output(self.hidden_states(tokens, start_pos)[:, -1, :])
+
+        sample = sample_next
+        if self.output.weight.device.type == "cpu" and cpu_speedups.ENABLED:  # faster on CPU: cpu_speedups.py
+            step, sample = cpu_speedups.Decoder(self), cpu_speedups.sample_next
 
         window = self.args.max_seq_len
         tokens = idx[:, -(window - 1):]  # a prompt longer than the context keeps its end
@@ -270,7 +270,7 @@ class Transformer(nn.Module):
         pos = tokens.size(1)
         done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
-            next_token = sample_next(logits, temperature, top_k, top_p)  # (B,)
+            next_token = sample(logits, temperature, top_k, top_p)  # (B,)
             if stop_token is not None:
                 done |= next_token == stop_token
                 if done.all():

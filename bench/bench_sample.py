@@ -1,51 +1,155 @@
 """
-Generation speed of model.py for a 15M-shaped model (dim 288, 6 layers, 6 heads, vocab 32000,
-max_seq_len 256, random weights): 256 new tokens after BOS, batch 1, in tokens/s.
+Decoding speed: sample.py against llama2.c's run.c, side by side, on the same model file.
 
-Side by side in one process, runs alternating so that load from other processes hits all alike:
-  uncached   llama2.c's Python sample.py approach: a full forward over the whole sequence for every
-             new token (our model called without the cache, nor the classifier copy; the same sampler)
-  cached     model.generate: prefill, then one token at a time through the KV cache, with the
-             classifier against a contiguous (dim, vocab) copy of its weight (MKL's h @ W.T is ~3x
-             slower on this CPU) and the sampler that sorts only the head of the distribution and
-             draws by inverse CDF (see cpu_speedups.transposed_classifier and model.sample_next)
-each greedy (temperature 0) and sampled the way run.c samples by default (temperature 1, top_p 0.9).
-A random model's next-token distribution is nearly uniform (10 nats; top_p 0.9 keeps ~26,000
-tokens), unlike a trained one's, so the final norm's weight is set to --norm_scale 7.5, which brings
-it to ~1 nat per token (a trained 15M model's validation loss is ~1.07) and a nucleus of ~100 tokens.
-The greedy tokens of all variants are checked to agree (the first 255: at the 256th the cache slides its
-window while the uncached loop crops its input). References on this project's 2-core CPU (the
-issue's): llama2.c's sample.py about 34 tokens/s, llama2.c's run.c (make runfast, one thread) about
-130 tokens/s.
-
-Measured there (one thread, median of 5, three runs, the machine shared): uncached 28 tokens/s; cached
-greedy 131-143 (1.0-1.1x run.c), sampled 112-128 (0.86-0.99x); --compile'd greedy 163, sampled 138.
-Before the classifier copy and the new sampler: cached greedy 100-116, sampled 66-76.
-
-    python bench/bench_sample.py                      # CPU, float32, one thread (as run.c's reference)
-    python bench/bench_sample.py --threads 2 --repeats 5
-    python bench/bench_sample.py --compile            # adds torch.compile'd cached decoding
+    python bench/bench_sample.py --runc ../llama2.c/run --tokenizer PATH/llama2.model       # the comparison
+    python bench/bench_sample.py --runc ../llama2.c/run --tokenizer PATH/llama2.model --plain --repeats 7
+    python bench/bench_sample.py                        # no run.c: model.generate in-process, see below
     python bench/bench_sample.py --device cuda --dtype bfloat16 --compile
+
+With --runc (llama2.c's run binary, built beside the project with its `make runfast`; nothing of
+llama2.c is copied or built here): a 15M-shaped model (dim 288, 6 layers, 6 heads, vocab 32,000) with
+random weights is written as a llama2.c file with export.py's writer (checkpoint.write_llama2c), its
+tokenizer beside it in run.c's format, and both programs decode it from the same prompt, each as a
+process of its own with one thread (OMP_NUM_THREADS=1; sample.py --threads=1), alternating run.c, ours,
+run.c, ours, ... so that load from other processes hits both alike. Each reports its own figure:
+  sample.py  "N tokens in S s: X tokens/s", the new tokens over the time from the prompt to the last
+             token (prefill and packing the weights included)
+  run.c      "achieved tok/s", its positions (prompt included) over the time after its first forward
+Two models: "trained-like", the final norm's gain set to --norm_scale (7.5: about 1 nat per token and a
+nucleus of ~100 tokens, like a trained 15M model), and "fresh", the initialisation's near-uniform
+distribution (10 nats; top-p 0.9 keeps ~29,000 tokens). Each greedy (temperature 0) and sampled the way
+both programs sample by default (temperature 1, top_p 0.9). The ratio is the median of the ratios of
+neighbouring runs; greedy text is checked to agree word for word between the two programs.
+--plain adds sample.py --cpu_speedups=False (model.py's forward for every step).
+
+Without --runc: model.generate in this process, and, labelled as such, an uncached loop in llama2.c's
+Python sample.py style (a full forward over the whole sequence for every new token); --compile adds
+torch.compile'd decoding. This is the mode for a GPU (--device cuda), where run.c has no counterpart.
 """
 import argparse
 import copy
+import os
+import platform
+import re
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+from datetime import date
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # model.py lives at the repo root
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # model.py lives at the repo root
 import model as model_py  # noqa: E402
+from checkpoint import write_llama2c, write_tokenizer_bin  # noqa: E402
 
-REFERENCE_TOK_S = {"llama2.c sample.py (no cache)": 34.0, "llama2.c run.c, one thread": 130.0}
 SAMPLING = {"greedy": dict(temperature=0.0), "T=1 top_p=0.9": dict(temperature=1.0, top_p=0.9)}
+DEFAULT_TOKENIZER = ROOT / "data" / "llama2_tokenizer.model"
 
+
+def make_model(norm_scale: float, seed: int = 0) -> model_py.Transformer:
+    torch.manual_seed(seed)
+    m = model_py.Transformer(model_py.ModelArgs()).eval()  # the 15M shape
+    with torch.no_grad():
+        m.norm.weight.fill_(norm_scale)  # 1: as initialised; 7.5: a trained model's peakedness (see above)
+    return m
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {date.today()}"
+
+
+# ----------------------------------------------------------------- side by side with run.c
+
+def run_runc(runc, model_bin, prompt, steps, sampling, seed) -> tuple[float, str]:
+    cmd = [runc, str(model_bin), "-z", str(model_bin.with_suffix(".tokenizer.bin")), "-n", str(steps), "-i", prompt,
+           "-t", str(sampling["temperature"]), "-p", str(sampling.get("top_p", 1.0)), "-s", str(seed)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    found = re.search(r"achieved tok/s: ([\d.]+)", out.stderr)
+    if out.returncode or not found:
+        sys.exit(f"error: {' '.join(cmd)} failed:\n{out.stderr[-2000:]}")
+    return float(found.group(1)), out.stdout
+
+
+def run_sample_py(model_bin, tokenizer, prompt, new_tokens, sampling, seed, plain=False) -> tuple[float, str]:
+    cmd = [sys.executable, str(ROOT / "sample.py"), f"--checkpoint={model_bin}", f"--tokenizer={tokenizer}",
+           f"--prompt={prompt}", f"--max_new_tokens={new_tokens}", f"--temperature={sampling['temperature']}",
+           f"--top_p={sampling.get('top_p', 1.0)}", f"--seed={seed}", "--threads=1", "--device=cpu",
+           "--dtype=float32", f"--cpu_speedups={not plain}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    found = re.search(r"(\d+) tokens in [\d.]+ s: ([\d.]+) tokens/s", out.stderr)
+    if out.returncode or not found:
+        sys.exit(f"error: {' '.join(cmd)} failed:\n{out.stderr[-2000:]}")
+    if int(found.group(1)) < new_tokens:  # the story ended early: too few tokens for a steady figure
+        print(f"  note: sample.py stopped after {found.group(1)} of {new_tokens} tokens (end of story)")
+    return float(found.group(2)), out.stdout
+
+
+def side_by_side(args):
+    from tokenizer import Tokenizer
+
+    if not Path(args.runc).is_file() or not os.access(args.runc, os.X_OK):
+        sys.exit(f"error: --runc {args.runc} is not an executable: build llama2.c's run (make runfast) and "
+                 "pass its path")
+    if not Path(args.tokenizer).is_file():
+        sys.exit(f"error: tokenizer not found: {args.tokenizer}; pass --tokenizer=PATH/llama2.model "
+                 "(the Llama 2 sentencepiece model)")
+    n_prompt = len(Tokenizer(args.tokenizer).encode(args.prompt, bos=True))
+    steps = n_prompt - 1 + args.new_tokens  # run.c's -n counts positions: the prompt's (BOS aside) and the new
+    print(f"decoding: 15M-shaped model, random weights, float32, one thread, prompt {args.prompt!r} "
+          f"({n_prompt} tokens with BOS), {args.new_tokens} new tokens; {args.repeats} runs each, alternating")
+    print(f"machine: {machine()}")
+    programs = {"run.c": None, "sample.py": False} | ({"sample.py --cpu_speedups=False": True} if args.plain else {})
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, scale in (("trained-like", args.norm_scale), ("fresh", 1.0)):
+            model_bin = Path(tmp) / f"{label}.bin"
+            write_llama2c(model_bin, make_model(scale), version=0)
+            write_tokenizer_bin(model_bin.with_suffix(".tokenizer.bin"), args.tokenizer)
+            for name, sampling in SAMPLING.items():
+                figures = {p: [] for p in programs}
+                texts = {}
+                for i in range(args.repeats):
+                    for program, plain in programs.items():
+                        if plain is None:
+                            tok_s, text = run_runc(args.runc, model_bin, args.prompt, steps, sampling, args.seed + i)
+                        else:
+                            tok_s, text = run_sample_py(model_bin, args.tokenizer, args.prompt, args.new_tokens,
+                                                        sampling, args.seed + i, plain)
+                        figures[program].append(tok_s)
+                        texts[program] = text
+                ratios = [ours / c for ours, c in zip(figures["sample.py"], figures["run.c"], strict=True)]
+                agree = ""
+                if sampling["temperature"] == 0:
+                    same = texts["sample.py"].split() == texts["run.c"].split()
+                    agree = "same text" if same else "TEXT DIFFERS"
+                rows.append((label, name, {p: statistics.median(v) for p, v in figures.items()},
+                             statistics.median(ratios), min(ratios), max(ratios), agree))
+                print(f"  {label}, {name}: " + ", ".join(f"{p} {', '.join(f'{x:.0f}' for x in v)}"
+                                                        for p, v in figures.items()), flush=True)
+
+    print(f"\n| model | sampling | {' | '.join(f'{p} tok/s' for p in programs)} | sample.py / run.c "
+          "(median, range) | greedy text |")
+    print("|---|---|" + "---|" * len(programs) + "---|---|")
+    for label, name, medians, ratio, lo, hi, agree in rows:
+        print(f"| {label} | {name} | " + " | ".join(f"{medians[p]:.1f}" for p in programs)
+              + f" | {ratio:.2f}x ({lo:.2f} - {hi:.2f}) | {agree} |")
+
+
+# ----------------------------------------------------------------- in-process (no run.c; GPUs)
 
 @torch.inference_mode()
 def generate_uncached(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None):
-    # llama2.c's sample.py: re-run the whole (cropped) sequence for each new token
+    # llama2.c's Python sample.py style: re-run the whole (cropped) sequence for each new token
     for _ in range(max_new_tokens):
         logits, _ = model(idx[:, -model.args.max_seq_len:])  # (B, 1, vocab): last position only
         next_token = model_py.sample_next(logits[:, -1, :], temperature, top_k, top_p)
@@ -58,39 +162,22 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch's default)")
-    parser.add_argument("--new_tokens", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--compile", action="store_true", help="also time torch.compile'd cached decoding")
-    parser.add_argument("--skip_uncached", action="store_true")
-    parser.add_argument("--norm_scale", type=float, default=7.5, help="final norm weight (1 = random init)")
-    args = parser.parse_args()
+def in_process(args):
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("error: --device cuda but no CUDA device is available")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype)
-
-    torch.manual_seed(0)
-    ours = model_py.Transformer(model_py.ModelArgs()).eval()  # the 15M shape
-    with torch.no_grad():
-        ours.norm.weight.fill_(args.norm_scale)  # a trained model's peakedness, see above
-    ours = ours.to(args.device, dtype)
+    ours = make_model(args.norm_scale).to(args.device, getattr(torch, args.dtype))
     idx = torch.tensor([[1]], device=args.device)  # BOS
     n = args.new_tokens
-    where = f"{args.device} {args.dtype}" + (f", {torch.get_num_threads()} thread(s)" if args.device == "cpu" else "")
-    print(f"15M-shaped model ({ours.num_params() / 1e6:.2f}M params), {n} new tokens, batch 1, {where}")
+    device = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else machine()
+    print(f"15M-shaped model, {n} new tokens after BOS, batch 1, {args.device} {args.dtype}"
+          + (f", {torch.get_num_threads()} thread(s)" if args.device == "cpu" else "") + f"; {device}, {date.today()}")
 
     def run_ours(m, sampling):
         return m.generate(idx, n, **sampling)
 
     variants = {} if args.skip_uncached else {"uncached (llama2.c sample.py style)":
                                               (ours, lambda m, s: generate_uncached(m, idx, n, **s))}
-    variants["cached: model.generate"] = (ours, run_ours)
+    variants["model.generate"] = (ours, run_ours)
     if args.compile:
         compiled = copy.deepcopy(ours)
         # generate_stream runs self.hidden_states for the prefill and each decode step, as sample.py compiles it
@@ -99,12 +186,12 @@ def main():
         run_ours(compiled, SAMPLING["greedy"])  # compiles prefill and decode
         sync(args.device)
         print(f"torch.compile warm-up: {time.perf_counter() - t0:.1f} s")
-        variants["cached, torch.compile'd forward"] = (compiled, run_ours)
+        variants["model.generate, torch.compile'd forward"] = (compiled, run_ours)
 
     results = {}
     for label, sampling in SAMPLING.items():
         for m, fn in variants.values():  # warm-up (allocations, kernels) outside the timing
-            fn(m, {**sampling})
+            fn(m, sampling)
         times = {name: [] for name in variants}
         outputs = {}
         for _ in range(args.repeats):
@@ -115,11 +202,9 @@ def main():
                 outputs[name] = fn(m, sampling)
                 sync(args.device)
                 times[name].append(time.perf_counter() - t0)
-        if label == "greedy":
-            tokens = {name: out[0, 1:n].tolist() for name, out in outputs.items()}
-            first = next(iter(tokens.values()))
-            agree = all(t == first for t in tokens.values())
-            print(f"greedy tokens agree across variants (first {n - 1}): {agree}")
+        if label == "greedy":  # the first n - 1: at the n-th the cache slides its window, the uncached loop crops
+            tokens = [out[0, 1:n].tolist() for out in outputs.values()]
+            print(f"greedy tokens agree across variants (first {n - 1}): {all(t == tokens[0] for t in tokens)}")
         results[label] = {name: (n / statistics.median(t), n / min(t)) for name, t in times.items()}
 
     width = max(map(len, variants)) + 2
@@ -127,13 +212,32 @@ def main():
     for name in variants:
         print(f"{name:<{width}}" + "".join(f"{results[label][name][0]:>15.1f} / {results[label][name][1]:<6.1f}"
                                            for label in SAMPLING))
-    base = "uncached (llama2.c sample.py style)"
-    for label in SAMPLING:
-        cached = results[label]["cached: model.generate"][0]
-        line = f"{label}: cached / uncached = {cached / results[label][base][0]:.1f}x; " if base in results[label] else ""
-        print(line + "; ".join(f"{k} {cached / v:.2f}x" for k, v in REFERENCE_TOK_S.items()))
-    print("references: " + ", ".join(f"{k} ~{v:.0f} tok/s" for k, v in REFERENCE_TOK_S.items())
-          + " (the issue's figures for this project's 2-core CPU)")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runc", help="llama2.c's run binary (make runfast): time it side by side with sample.py")
+    parser.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER), help="the Llama 2 sentencepiece model")
+    parser.add_argument("--prompt", default="Once upon a time")
+    parser.add_argument("--new_tokens", type=int, default=250)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=42, help="first sampling seed (run i uses seed + i)")
+    parser.add_argument("--plain", action="store_true", help="also time sample.py --cpu_speedups=False")
+    parser.add_argument("--norm_scale", type=float, default=7.5, help="the trained-like model's final norm gain")
+    parser.add_argument("--device", default="cpu", help="without --runc: cpu or cuda")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--threads", type=int, default=1, help="without --runc: torch CPU threads (0 = default)")
+    parser.add_argument("--compile", action="store_true", help="without --runc: also torch.compile'd decoding")
+    parser.add_argument("--skip_uncached", action="store_true", help="without --runc: skip the uncached loop")
+    args = parser.parse_args()
+    if args.new_tokens < 1 or args.repeats < 1:
+        sys.exit("error: --new_tokens and --repeats must be at least 1")
+    if args.runc:
+        side_by_side(args)
+        return
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    in_process(args)
 
 
 if __name__ == "__main__":
