@@ -26,3 +26,13 @@ def test_bench_train_compiles_each_config_afresh_with_static_shapes(monkeypatch)
     for name in ("260k", "260k"):
         assert bench_train.bench_config(name, args)["tok_s"] > 0
     assert events == ["reset", ("compile", False)] * 2
+
+
+def test_gpu_check_reports_a_kernel_for_every_call_site(capsys):
+    import gpu_check
+
+    gpu_check.main(["--device", "cpu"])
+    lines = capsys.readouterr().out.splitlines()[1:]
+    assert len(lines) == 4  # two shapes x float32, bfloat16 (no float16 on CPU)
+    for line in lines:
+        assert "training=flash" in line and "prefill=flash" in line and "decode=flash" in line, line
