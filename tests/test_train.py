@@ -634,7 +634,7 @@ def test_batch_size_auto_keeps_the_tokens_per_iteration(data_dir, tmp_path, monk
 def test_a_run_measured_in_tokens(data_dir, tmp_path):
     result = ok(run_train(["--max_tokens=2048", "--eval_interval=100", "--print_model=True"], data_dir, tmp_path / "o"))
     assert re.search(r"^run: 4 iterations \(set by max_tokens=2048\) = 2,048 tokens = 0\.\d\d epochs, "
-                     r"0\.\d tokens per parameter;", result.stdout, re.M), result.stdout
+                     r"0\.\d tokens per parameter; device cpu \(1 CPU threads\)", result.stdout, re.M), result.stdout
     assert re.search(r"^  layers\.1\.feed_forward\.w2\.weight +32x96 +3,072$", result.stdout, re.M)
     logs, evals = read_metrics(tmp_path / "o")
     assert logs[-1]["iter"] == 4 and logs[-1]["tokens"] == 2048 and evals[-1]["iter"] == 4
@@ -649,3 +649,15 @@ def test_under_torchrun_a_bad_setting_is_said_once(data_dir, tmp_path):
     ours = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("error: ")]
     assert ours == ["error: unknown config key 'learnig_rate' (from --learnig_rate=1e-3); did you mean "
                     "'learning_rate'?"]
+
+
+def test_threads_default_to_half_the_cores(data_dir, tmp_path):
+    # with every core taken, another job on the machine stalls the step (tenfold, measured): half by default
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    result = ok(subprocess.run([sys.executable, TRAIN, *TINY, "--max_iters=1", "--eval_interval=1",
+                                f"--data_dir={data_dir}", f"--out_dir={tmp_path}"], capture_output=True, text=True,
+                               env=env, timeout=240))
+    half = max(1, len(os.sched_getaffinity(0)) // 2)
+    assert f"device cpu ({half} CPU threads)" in result.stdout
+    result = ok(run_train(["--max_iters=1", "--eval_interval=1", "--threads=2", "--overwrite=True"], data_dir, tmp_path))
+    assert "device cpu (2 CPU threads)" in result.stdout
