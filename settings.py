@@ -45,7 +45,7 @@ def resolve_config(config: dict) -> dict:
         has_checkpoint = os.path.exists(os.path.join(c["out_dir"], "ckpt.pt"))
         c["init_from"] = "resume" if has_checkpoint else c["init_checkpoint"] or "scratch"
         c["overwrite"] = c["overwrite"] or not has_checkpoint  # what an attempt that died early left
-    at_least_one = ("batch_size", "max_seq_len", "gradient_accumulation_steps", "eval_interval", "log_interval",
+    at_least_one = ("threads", "batch_size", "max_seq_len", "gradient_accumulation_steps", "eval_interval", "log_interval",
                     "checkpoint_interval", "eval_iters", "vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads",
                     "hidden_dim", "multiple_of")
     for key in at_least_one:

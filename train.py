@@ -112,6 +112,7 @@ device = "auto"  # 'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:1', '
 dtype = "auto"  # 'auto' (bfloat16, else float16 on CUDA; float32 elsewhere), 'float32', 'bfloat16', 'float16'
 compile = False  # torch.compile the model (use it on a GPU)
 cpu_speedups = True  # faster CPU kernels for the same math (cpu_speedups.py); False: the plain PyTorch path
+threads: int | None = None  # CPU threads; None: half the cores, so that another job cannot stall every thread
 seed = 1337
 print_model = False  # print every weight's shape and size at start
 peak_flops: float | str | None = None  # the GPU's peak FLOP/s for MFU, or its name ('H100'); None: looked up
@@ -441,7 +442,8 @@ def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str)
            f"step(s) x {c['batch_size']} batch x {c['max_seq_len']} tokens")
     print0(f"run: {c['max_iters']:,} iterations{length} = {budget:,} tokens = "
            f"{budget / loader.tokens_per_epoch:.2f} epochs, {budget / params:.1f} tokens per parameter; "
-           f"device {device}, {c['dtype']}" + (", compiled" if c["compile"] else ""))
+           f"device {device}" + (f" ({torch.get_num_threads()} CPU threads)" if device_type == "cpu" else "")
+           + f", {c['dtype']}" + (", compiled" if c["compile"] else ""))
     wandb = runs.WandbLogger(c, c["out_dir"], resume, say=print0) \
         if c["wandb_log"] and master and not c["eval_only"] else None
 
@@ -592,8 +594,9 @@ def main(argv: list[str] | None = None) -> None:
     config = None
     try:
         config = parse_settings(argv)
-        if config["cpu_speedups"] and runtime.resolve_device(config["device"]) == "cpu":
-            speedups.keep_freed_memory()  # process-wide, hence here and not inside train()
+        torch.set_num_threads(runtime.cpu_threads(config["threads"]))  # process-wide, like the allocator:
+        if config["cpu_speedups"] and runtime.resolve_device(config["device"]) == "cpu":  # here, not in train()
+            speedups.keep_freed_memory()
         train(config)
     except (ConfigError, TrainError, dataloader.DataError, OSError) as e:  # OSError: a file and the reason
         fail(f"error: {e}")

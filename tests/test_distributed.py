@@ -7,7 +7,7 @@ import sys
 
 import pytest
 from conftest import ROOT
-from test_train import TINY, ok, read_metrics, run_train
+from test_train import TINY, assert_same_losses, ok, run_train
 
 pytestmark = pytest.mark.slow
 ARGS = ["--max_iters=12", "--eval_interval=4", "--gradient_accumulation_steps=4", "--batch_size=4",
@@ -31,19 +31,6 @@ def finished(proc: subprocess.Popen) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
-def same_losses(a, b, evals=True):
-    # evals=False: runs with different numbers of processes, whose evals average different numbers of batches
-    (logs_a, evals_a), (logs_b, evals_b) = read_metrics(a), read_metrics(b)
-    assert [r["iter"] for r in logs_a] == [r["iter"] for r in logs_b]
-    compared = [("loss", logs_a, logs_b), ("grad_norm", logs_a, logs_b)]
-    if evals:
-        assert [r["iter"] for r in evals_a] == [r["iter"] for r in evals_b]
-        compared.append(("val_loss", evals_a, evals_b))
-    for key, *records in compared:
-        first, second = ([r[key] for r in rs] for rs in records)
-        assert first == pytest.approx(second, rel=1e-5, abs=1e-6), key
-
-
 def test_torchrun_restarts_a_killed_rank_and_the_run_continues_exactly(data_dir, tmp_path):
     reference = tmp_path / "reference"
     args = ARGS + ["--dropout=0.1"]  # each rank's random streams must continue too
@@ -58,7 +45,7 @@ def test_torchrun_restarts_a_killed_rank_and_the_run_continues_exactly(data_dir,
                                env={"KILL_RANK": "1", "KILL_AT": "9", "MARKER": str(marker)}, cwd=tmp_path))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert marker.exists() and "resuming from iteration 4" in result.stdout
-    same_losses(out, reference)
+    assert_same_losses(out, reference)
 
 
 def test_two_nodes_on_one_machine_match_one_process(data_dir, tmp_path):
@@ -73,4 +60,4 @@ def test_two_nodes_on_one_machine_match_one_process(data_dir, tmp_path):
     for r in results:
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "2 process(es) x 2 accumulation step(s)" in results[0].stdout
-    same_losses(out, single, evals=False)
+    assert_same_losses(out, single, evals=False)
