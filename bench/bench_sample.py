@@ -1,7 +1,8 @@
 """
 Decoding speed: sample.py against llama2.c's run.c, side by side, on the same model file.
 
-    python bench/bench_sample.py --runc ../llama2.c/run --tokenizer PATH/llama2.model       # the comparison
+    python bench/bench_sample.py --peer ../llama2.c         # the comparison: its run and tokenizer.model
+    python bench/bench_sample.py --runc ../llama2.c/run --tokenizer PATH/llama2.model       # the same
     python bench/bench_sample.py --runc ../llama2.c/run --tokenizer PATH/llama2.model --plain --repeats 7
     python bench/bench_sample.py                        # no run.c: model.generate in-process, see below
     python bench/bench_sample.py --device cuda --dtype bfloat16 --compile
@@ -216,8 +217,10 @@ def in_process(args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--peer", help="a llama2.c checkout with run built: the default --runc and --tokenizer")
     parser.add_argument("--runc", help="llama2.c's run binary (make runfast): time it side by side with sample.py")
-    parser.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER), help="the Llama 2 sentencepiece model")
+    parser.add_argument("--tokenizer", help=f"the Llama 2 sentencepiece model (default: the peer's tokenizer.model, "
+                        f"else {DEFAULT_TOKENIZER.relative_to(ROOT)})")
     parser.add_argument("--prompt", default="Once upon a time")
     parser.add_argument("--new_tokens", type=int, default=250)
     parser.add_argument("--repeats", type=int, default=5)
@@ -230,6 +233,10 @@ def main():
     parser.add_argument("--compile", action="store_true", help="without --runc: also torch.compile'd decoding")
     parser.add_argument("--skip_uncached", action="store_true", help="without --runc: skip the uncached loop")
     args = parser.parse_args()
+    if args.peer:
+        args.runc = args.runc or str(Path(args.peer) / "run")
+        args.tokenizer = args.tokenizer or str(Path(args.peer) / "tokenizer.model")
+    args.tokenizer = args.tokenizer or str(DEFAULT_TOKENIZER)
     if args.new_tokens < 1 or args.repeats < 1:
         sys.exit("error: --new_tokens and --repeats must be at least 1")
     if args.runc:

@@ -11,6 +11,7 @@ from conftest import ROOT
 from test_model import all_logits, greedy_without_cache, tiny_model
 
 import cpu_speedups
+from model import ModelArgs, Transformer
 
 
 def qkv(B, n_heads, n_kv_heads, T, head_dim, dtype=torch.float64, seed=23):
@@ -108,18 +109,72 @@ def test_blocked_attention_under_cpu_bfloat16_autocast():
     assert ours.dtype == ref.dtype and (ours.float() - ref.float()).abs().max() <= 2e-2 * ref.abs().max()
 
 
-# ----------------------------------------------------------------- the decode-time classifier
+# ----------------------------------------------------------------- decoding
 
-def test_transposed_classifier_is_the_linear_layer():
-    g = torch.Generator().manual_seed(4)
-    weight, h = torch.randn(500, 48, generator=g, dtype=torch.float64), torch.randn(3, 48, generator=g,
-                                                                                   dtype=torch.float64)
-    assert (cpu_speedups.transposed_classifier(weight)(h) - F.linear(h, weight)).abs().max() < 1e-12
+def plain_step(m, tokens, start_pos):  # model.generate_stream's step without cpu_speedups
+    return m.output(m.hidden_states(tokens, start_pos)[:, -1, :])
 
 
-def test_classifier_copy_is_per_generation_and_follows_training():
-    # the fused AdamW step changes the weight in place without bumping its _version: a copy kept across
-    # generations would go stale unnoticed
+@pytest.mark.parametrize("n_heads, n_kv_heads, B", [(4, 4, 1), (4, 2, 3), (2, 1, 2)], ids=["MHA", "GQA", "MQA"])
+def test_decoder_logits_equal_the_plain_forward(n_heads, n_kv_heads, B):
+    m = tiny_model(n_heads=n_heads, n_kv_heads=n_kv_heads, max_seq_len=32)
+    tokens = torch.randint(0, 64, (B, 20), generator=torch.Generator().manual_seed(6))
+    with torch.inference_mode():
+        decoder = cpu_speedups.Decoder(m)
+        assert decoder.layers is not None  # the packed one-token path, not the fallback
+        ours = [decoder(tokens[:, :5], 0)] + [decoder(tokens[:, i:i + 1], i) for i in range(5, 20)]
+        plain = [plain_step(m, tokens[:, :5], 0)] + [plain_step(m, tokens[:, i:i + 1], i) for i in range(5, 20)]
+    for i, (a, b) in enumerate(zip(ours, plain, strict=True)):
+        assert a.shape == (B, 64) and (a - b).abs().max() <= 1e-5 * b.abs().max(), i
+
+
+@pytest.mark.parametrize("case", ["bfloat16", "dropout in training", "LoRA"])
+def test_models_the_decoder_cannot_pack_run_their_own_forward(case):
+    import lora
+
+    m = tiny_model(n_heads=4, max_seq_len=32, dropout=0.1 if case == "dropout in training" else 0.0)
+    if case == "bfloat16":
+        m = m.bfloat16()
+    elif case == "dropout in training":
+        m.train()
+    else:
+        lora.attach(m, rank=2, alpha=4.0)
+    assert not cpu_speedups.Decoder.packable(m)
+    tokens = torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        decoder = cpu_speedups.Decoder(m)
+        ours = [decoder(tokens[:, :4], 0)] + [decoder(tokens[:, i:i + 1], i) for i in range(4, 8)]
+        if case != "dropout in training":  # (dropout draws differ between two forwards)
+            plain = [plain_step(m, tokens[:, :4], 0)] + [plain_step(m, tokens[:, i:i + 1], i) for i in range(4, 8)]
+            for a, b in zip(ours, plain, strict=True):
+                assert (a.float() - b.float()).abs().max() <= 1e-2 * b.float().abs().max()
+
+
+def test_nucleus_sampling_without_sorting_draws_from_the_filtered_distribution():
+    from model import filter_logits
+
+    logits = torch.tensor([[1.5, 0.2, 1.0, -0.5, 0.6, 0.0], [3.0, 0.1, 0.2, 0.3, 0.4, 0.5]]).log_softmax(-1)
+    n = 20_000
+    for temperature, top_p in [(1.0, 0.8), (0.7, 0.5), (1.3, 0.95), (1.0, 0.05)]:
+        torch.manual_seed(3)
+        draws = cpu_speedups.sample_next(logits.repeat(n, 1), temperature, top_p=top_p).view(n, 2)
+        for row in range(2):
+            freq = torch.bincount(draws[:, row], minlength=6).double() / n
+            expected = filter_logits(logits[row:row + 1] / temperature, top_p=top_p).softmax(-1)[0].double()
+            assert torch.all(freq[expected == 0] == 0), (temperature, top_p, row)  # outside the nucleus: never
+            # 4.5 standard deviations of a binomial frequency
+            assert torch.all((freq - expected).abs() <= 4.5 * (expected * (1 - expected) / n).sqrt() + 1e-9), (
+                temperature, top_p, row, freq, expected)
+
+
+def test_fast_greedy_pick_is_the_first_maximum():
+    logits = torch.tensor([[0.0, 2.0, 2.0, 1.0], [5.0, -1.0, 5.0, 5.0], [-3.0, -2.0, -1.0, -1.0]])
+    assert cpu_speedups.sample_next(logits, temperature=0.0).tolist() == logits.argmax(-1).tolist() == [1, 0, 2]
+
+
+def test_packed_weights_are_per_generation_and_follow_training():
+    # the fused AdamW step changes the weights in place without bumping their _version: a packed copy kept
+    # across generations would go stale unnoticed
     m = tiny_model(max_seq_len=32)
     prompt = torch.randint(0, 64, (1, 5), generator=torch.Generator().manual_seed(18))
     opt = m.configure_optimizers(0.0, 0.1, (0.9, 0.95), "cpu")
@@ -141,7 +196,7 @@ def test_classifier_copy_is_per_generation_and_follows_training():
 @pytest.fixture
 def paths(monkeypatch):
     # counts the calls of each CPU variant, each still doing its work
-    runs = {"small_head": 0, "blocks": 0, "classifier": 0}
+    runs = {"small_head": 0, "blocks": 0, "decode": 0}
 
     def counting(name, fn):
         def wrapper(*args, **kwargs):
@@ -153,8 +208,7 @@ def paths(monkeypatch):
     monkeypatch.setattr(cls, "apply", counting("small_head", cls.apply))
     monkeypatch.setattr(cpu_speedups, "causal_attention_in_blocks",
                         counting("blocks", cpu_speedups.causal_attention_in_blocks))
-    monkeypatch.setattr(cpu_speedups, "transposed_classifier",
-                        counting("classifier", cpu_speedups.transposed_classifier))
+    monkeypatch.setattr(cpu_speedups.Decoder, "decode", counting("decode", cpu_speedups.Decoder.decode))
 
     def taken(fn):
         for name in runs:
@@ -181,9 +235,9 @@ def test_each_variant_runs_where_it_applies_and_only_when_enabled(paths, monkeyp
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert paths(lambda: hd8(tokens, tokens)) == on("small_head")  # it computes in float32
         assert paths(lambda: hd8.bfloat16()(tokens, tokens)) == set()  # a bf16 model: PyTorch's kernel
-    # generation: the small-head kernel for the prefill (not the decode steps), and the classifier copy
-    assert paths(lambda: hd8.float().eval().generate(tokens[:, :4], 5)) == on("small_head", "classifier")
-    assert paths(lambda: hd16.eval().generate(tokens[:, :4], 5)) == on("classifier")
+    # generation: the small-head kernel for the prefill, the packed decode for the steps after it
+    assert paths(lambda: hd8.float().eval().generate(tokens[:, :4], 5)) == on("small_head", "decode")
+    assert paths(lambda: hd16.eval().generate(tokens[:, :4], 5)) == on("decode")
 
 
 def test_speedups_change_no_generated_token(monkeypatch):
@@ -197,6 +251,23 @@ def test_speedups_change_no_generated_token(monkeypatch):
         m.eval()
     assert torch.equal(tokens[True], tokens[False])
     assert (logits[True] - logits[False]).abs().max() < 1e-5 * logits[False].abs().max()
+
+
+@pytest.mark.parametrize("norm_gain", [7.5, 1.0], ids=["peaked", "near-uniform"])
+def test_greedy_decoding_of_a_15m_wide_model_is_the_plain_paths(monkeypatch, norm_gain):
+    # the 15M model's layer shapes with its own initialisation (a smaller vocabulary and fewer layers, for
+    # time): the final norm's gain 7.5 gives a trained model's peaked distribution, 1.0 a fresh model's
+    # near-uniform one, where the next token often wins by a small margin
+    torch.manual_seed(0)
+    m = Transformer(ModelArgs(dim=288, n_layers=2, n_heads=6, vocab_size=2048, max_seq_len=96)).eval()
+    with torch.no_grad():
+        m.norm.weight.fill_(norm_gain)
+    prompt = torch.tensor([[1, 403, 1200, 7]])
+    tokens = {}
+    for enabled in (True, False):
+        monkeypatch.setattr(cpu_speedups, "ENABLED", enabled)
+        tokens[enabled] = m.generate(prompt, 120, temperature=0.0)  # slides past the context once
+    assert torch.equal(tokens[True], tokens[False])
 
 
 # ----------------------------------------------------------------- memory
