@@ -13,16 +13,34 @@ the step itself, not the data pipeline. One measured step is `accum` micro-batch
 accumulation, so "ms/iter" is the real iteration time on one GPU. On a CPU the full configs take
 minutes per iteration, so the default is a smaller micro-batch, and the time of a full
 iteration is extrapolated from the measured tokens/s ("full iter").
+
+    python bench/bench_train.py --peer ../llama2.c                # side by side with llama2.c's train.py
+
+With --peer (a checkout of llama2.c beside the project; nothing of it is copied here): our train.py and
+llama2.c's own train.py, each as a process of its own, train the 260K shapes (32 x 512) and the 15M shapes
+(16 x 256) on the same tiny random-token shards, float32, no compile, the same number of threads,
+alternating ours, llama2.c's, ours, ... (--repeats rounds) so that load from other processes hits both
+alike. Each reports its own time per iteration in its log (loader, forward, backward, clipping, AdamW and
+the log line included); a run's figure is the median after --warmup iterations, and the ratio is the
+median of the ratios of neighbouring runs, with their range.
 """
 import argparse
+import json
 import os
+import re
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
+from pathlib import Path
 
+import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the repo root
 
 import cpu_speedups  # noqa: E402
 import settings  # noqa: E402  (after the path tweak: bench/ runs as a script)
@@ -97,9 +115,104 @@ def bench_config(name: str, args) -> dict:
     }
 
 
+# ----------------------------------------------------------------- side by side with llama2.c's train.py
+
+PEER_SHAPES = {  # name -> the settings both train.py's take alike: model shape and micro-batch
+    "260k": dict(vocab_source="custom", vocab_size=512, dim=64, n_layers=5, n_heads=8, n_kv_heads=4, multiple_of=4,
+                 max_seq_len=512, batch_size=32),
+    "15m": dict(vocab_source="llama2", vocab_size=32000, dim=288, n_layers=6, n_heads=6, n_kv_heads=6,
+                multiple_of=32, max_seq_len=256, batch_size=16),
+}
+OURS_ITER = re.compile(r"^iter (\d+) \| loss ([\d.]+) .*?\| ([\d.]+) ms/iter", re.M)
+PEER_ITER = re.compile(r"^(\d+) \| loss ([\d.]+) \| lr \S+ \| ([\d.]+)ms", re.M)
+
+
+def write_shards(data_dir: Path, shape: dict, n_tokens: int = 2**19) -> None:
+    # two shards of random token ids where both train.py's look for them (data00.bin: the validation split),
+    # and the meta.json ours reads; llama2.c's loader only globs *.bin
+    name = "TinyStories_all_data" if shape["vocab_source"] == "llama2" else f"tok{shape['vocab_size']}"
+    shard_dir = data_dir / name
+    shard_dir.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        rng.integers(0, shape["vocab_size"], n_tokens, dtype=np.uint16).tofile(shard_dir / f"data{i:02d}.bin")
+    meta = {"tokenizer": "random tokens", "vocab_size": shape["vocab_size"], "bos_id": 1, "eos_id": 2}
+    (shard_dir / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+
+
+def train_command(program: str, shape: dict, args, workdir: Path) -> tuple[list, dict]:
+    flags = {**shape, "device": "cpu", "dtype": "float32", "compile": False, "gradient_accumulation_steps": 1,
+             "dropout": args.dropout, "max_iters": args.iters + args.warmup, "eval_interval": 10**6,
+             "eval_iters": 1, "log_interval": 1, "out_dir": str(workdir / f"out_{program}")}
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}  # llama2.c's train.py: torch's default threads
+    if program == "ours":
+        flags |= {"data_dir": str(workdir / "data"), "threads": args.threads, "overwrite": True}
+        script = ROOT / "train.py"
+    else:
+        script = Path(args.peer) / "train.py"
+    return [sys.executable, str(script)] + [f"--{k}={v}" for k, v in flags.items()], env
+
+
+def run_train(program: str, shape: dict, args, workdir: Path) -> tuple[float, float]:
+    """One training run: (median ms per iteration after the warm-up, the first iteration's loss)."""
+    cmd, env = train_command(program, shape, args, workdir)
+    # llama2.c's train.py reads data/ and configurator.py from its working directory
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=workdir)
+    found = (OURS_ITER if program == "ours" else PEER_ITER).findall(out.stdout)
+    if out.returncode or len(found) < args.iters:
+        sys.exit(f"error: {' '.join(cmd)} failed:\n{(out.stdout + out.stderr)[-3000:]}")
+    times = [float(ms) for _, _, ms in found[-args.iters:]]  # ours has no ms/iter for its first iteration
+    return statistics.median(times), float(found[0][1])
+
+
+def side_by_side(args) -> None:
+    peer = Path(args.peer)
+    if not (peer / "train.py").is_file() or not (peer / "configurator.py").is_file():
+        sys.exit(f"error: --peer {peer} is not a llama2.c checkout (no train.py and configurator.py there); "
+                 "clone https://github.com/karpathy/llama2.c and pass its folder")
+    names = [n.strip() for n in (args.configs or ",".join(PEER_SHAPES)).split(",") if n.strip()]
+    if unknown := [n for n in names if n not in PEER_SHAPES]:
+        sys.exit(f"error: with --peer the configs are {', '.join(PEER_SHAPES)}, not {', '.join(unknown)}")
+    print(f"# bench_train --peer: ours vs llama2.c's train.py ({peer}), {machine()}, float32, no compile, "
+          f"{args.threads} thread(s), dropout {args.dropout}, median ms/iter of {args.iters} after {args.warmup}, "
+          f"{args.repeats} rounds alternating")
+    rows = []
+    for name in names:
+        shape = PEER_SHAPES[name]
+        figures = {"ours": [], "llama2.c": []}
+        with tempfile.TemporaryDirectory() as tmp:
+            workdir = Path(tmp)
+            write_shards(workdir / "data", shape)
+            (workdir / "configurator.py").symlink_to((peer / "configurator.py").resolve())
+            for _ in range(args.repeats):
+                for program in figures:
+                    ms, loss = run_train(program, shape, args, workdir)
+                    figures[program].append(ms)
+                    print(f"  {name} {program}: {ms:.0f} ms/iter (first loss {loss:.3f})", flush=True)
+        ratios = [p / o for o, p in zip(figures["ours"], figures["llama2.c"], strict=True)]
+        rows.append((name, shape, figures, ratios))
+    print("\n| shapes | ours ms/iter | llama2.c train.py ms/iter | speed-up (median, range) |")
+    print("|---|---|---|---|")
+    for name, shape, figures, ratios in rows:
+        spread = {p: f"{statistics.median(v):.0f} ({min(v):.0f} - {max(v):.0f})" for p, v in figures.items()}
+        print(f"| {name}, {shape['batch_size']} x {shape['max_seq_len']} | {spread['ours']} | {spread['llama2.c']} | "
+              f"{statistics.median(ratios):.2f}x ({min(ratios):.2f} - {max(ratios):.2f}) |")
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated: " + ",".join(CONFIGS))
+    parser.add_argument("--configs", help=f"comma-separated: {','.join(CONFIGS)} (default: all; with --peer: "
+                        f"{','.join(PEER_SHAPES)})")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--compile", action="store_true")
@@ -110,6 +223,11 @@ def parse_args(argv=None):
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=5,
                         help="untimed steps first: compilation, and on a CPU the heap settling (cpu_speedups.keep_freed_memory)")
+    parser.add_argument("--peer", help="a llama2.c checkout: time its train.py side by side with ours (see above)")
+    parser.add_argument("--repeats", type=int, default=3, help="with --peer: rounds of ours, llama2.c's")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="with --peer: CPU threads of both (default: torch's, one per core)")
+    parser.add_argument("--dropout", type=float, default=0.0, help="with --peer: both models' dropout")
     parser.add_argument("--peak_flops", default=None, help="FLOP/s or GPU name for MFU (default: from the GPU)")
     args = parser.parse_args(argv)
     if args.peak_flops is not None:
@@ -122,9 +240,12 @@ def parse_args(argv=None):
 
 def main():
     args = parse_args()
+    if args.peer:
+        side_by_side(args)
+        return
     if args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available()):
         cpu_speedups.keep_freed_memory()  # as train.py's main() does: the whole process, so here
-    names = [n.strip() for n in args.configs.split(",") if n.strip()]
+    names = [n.strip() for n in (args.configs or ",".join(CONFIGS)).split(",") if n.strip()]
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
         sys.exit(f"error: unknown config(s) {', '.join(unknown)}; choose from {', '.join(CONFIGS)}")
