@@ -55,19 +55,22 @@ def causal_attention_in_blocks(q, k, v, dropout_p: float, block: int = 64):
     return torch.cat(out, dim=2)  # (B, n_heads, T, head_dim)
 
 
-def _head_chunks(n_heads_total: int, T: int):
-    # groups of heads whose (T, T) score matrices take about 2 MB together: they stay in cache
-    step = max(1, 2**19 // (T * T))
-    return [slice(s, min(s + step, n_heads_total)) for s in range(0, n_heads_total, step)]
+def _blocks(n_heads_total: int, T: int, block: int = 128):
+    # (heads, queries) pieces: queries `block` at a time, and groups of heads whose (block, T) score
+    # matrices take about 1 MB together, so that they stay in cache
+    step = max(1, 2**18 // (block * T))
+    return [(slice(h, min(h + step, n_heads_total)), a, min(a + block, T))
+            for h in range(0, n_heads_total, step) for a in range(0, T, block)]
 
 
 class SmallHeadCausalAttention(torch.autograd.Function):
     """Causal attention for heads 8 wide or less and T <= 512 (the 260K model). PyTorch's CPU flash
     kernel takes queries 32 - 64 at a time below 768 tokens, and with 8-wide heads its per-block overhead
-    is most of the work. Here each group of heads gets its whole (T, T) score matrix at once, small
-    enough for the cache, and the backward pass recomputes it instead of keeping it. The narrow products
-    are written transposed (v^T p^T rather than p v), the layout MKL multiplies fastest. From head_dim 16,
-    or past T 512, PyTorch's kernel wins, hence the bounds. Figures: bench/README.md"""
+    is most of the work. Here a group of heads and 128 queries a:b get their scores against keys 0:b (the
+    ones they can see: the masked half of the (T, T) matrix is mostly skipped) at once, small enough for
+    the cache, and the backward pass recomputes them instead of keeping them. The narrow products are
+    written transposed (v^T p^T rather than p v), the layout MKL multiplies fastest. From head_dim 16, or
+    past T 512, PyTorch's kernel wins, hence the bounds. Figures: bench/README.md"""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cpu", cast_inputs=torch.float32)
@@ -77,9 +80,10 @@ class SmallHeadCausalAttention(torch.autograd.Function):
         q, k, v = (t.reshape(B * H, T, hd) for t in (q, k, v))
         mask = torch.full((T, T), -float("inf"), dtype=q.dtype, device=q.device).triu_(1)  # the future: -inf
         y_t = q.new_empty(B * H, hd, T)
-        for s in _head_chunks(B * H, T):
-            p = torch.baddbmm(mask, q[s], k[s].transpose(1, 2), alpha=hd**-0.5).softmax(-1)  # (heads, T, T)
-            torch.bmm(v[s].transpose(1, 2), p.transpose(1, 2), out=y_t[s])  # y^T = v^T p^T
+        for s, a, b in _blocks(B * H, T):
+            # queries a:b against keys 0:b, (heads, b - a, b)
+            p = torch.baddbmm(mask[a:b, :b], q[s, a:b], k[s, :b].transpose(1, 2), alpha=hd**-0.5).softmax(-1)
+            torch.bmm(v[s, :b].transpose(1, 2), p.transpose(1, 2), out=y_t[s, :, a:b])  # y^T = v^T p^T
         y = y_t.transpose(1, 2).contiguous()  # (B * H, T, hd)
         ctx.save_for_backward(q, k, v, y, mask)
         ctx.shape = (B, H, T, hd)
@@ -92,19 +96,20 @@ class SmallHeadCausalAttention(torch.autograd.Function):
         n, T, hd = q.shape
         dy = dy.reshape(n, T, hd)
         dy_dot_y = (dy * y).sum(-1, keepdim=True)  # (n, T, 1): each row's sum of p * dp
-        dq_t, dk_t, dv_t = (q.new_empty(n, hd, T) for _ in range(3))
-        for s in _head_chunks(n, T):
-            p = torch.baddbmm(mask, q[s], k[s].transpose(1, 2), alpha=hd**-0.5).softmax(-1)  # recomputed
-            torch.bmm(dy[s].transpose(1, 2), p, out=dv_t[s])  # dv^T = dy^T p
-            ds = torch.bmm(dy[s], v[s].transpose(1, 2))  # dp = dy v^T, (heads, T, T)
-            ds.sub_(dy_dot_y[s]).mul_(p)  # through the softmax: ds = p * (dp - sum(p * dp))
-            torch.bmm(k[s].transpose(1, 2), ds.transpose(1, 2), out=dq_t[s])  # dq^T = k^T ds^T
-            torch.bmm(q[s].transpose(1, 2), ds, out=dk_t[s])  # dk^T = q^T ds
+        dq_t = q.new_empty(n, hd, T)
+        dk_t, dv_t = q.new_zeros(n, hd, T), q.new_zeros(n, hd, T)  # keys 0:b gather from every block after
+        for s, a, b in _blocks(n, T):
+            p = torch.baddbmm(mask[a:b, :b], q[s, a:b], k[s, :b].transpose(1, 2), alpha=hd**-0.5).softmax(-1)
+            dv_t[s, :, :b].baddbmm_(dy[s, a:b].transpose(1, 2), p)  # dv^T += dy^T p
+            ds = torch.bmm(dy[s, a:b], v[s, :b].transpose(1, 2))  # dp = dy v^T, (heads, b - a, b)
+            ds.sub_(dy_dot_y[s, a:b]).mul_(p)  # through the softmax: ds = p * (dp - sum(p * dp))
+            torch.bmm(k[s, :b].transpose(1, 2), ds.transpose(1, 2), out=dq_t[s, :, a:b])  # dq^T = k^T ds^T
+            dk_t[s, :, :b].baddbmm_(q[s, a:b].transpose(1, 2), ds)  # dk^T += q^T ds
         dq, dk, dv = dq_t.transpose(1, 2) * hd**-0.5, dk_t.transpose(1, 2) * hd**-0.5, dv_t.transpose(1, 2)
         return dq.reshape(ctx.shape), dk.reshape(ctx.shape), dv.reshape(ctx.shape)
 
 
-# torch.compile would unroll the loop over head groups: compiling takes far longer than it could save
+# torch.compile would unroll the loop over blocks: compiling takes far longer than it could save
 @torch.compiler.disable
 def small_head_causal_attention(q, k, v):
     # q: (B, n_heads, T, head_dim); k, v: (B, n_kv_heads, T, head_dim)

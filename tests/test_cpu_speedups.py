@@ -32,8 +32,9 @@ def forward_and_grads(fn, q, k, v, dy):
 
 # ----------------------------------------------------------------- the small-head kernel
 
-@pytest.mark.parametrize("n_heads, n_kv_heads, T, head_dim", [(4, 4, 37, 8), (4, 2, 64, 8), (4, 1, 300, 4)],
-                         ids=["MHA", "GQA", "MQA-T300"])
+@pytest.mark.parametrize("n_heads, n_kv_heads, T, head_dim",
+                         [(4, 4, 37, 8), (4, 2, 64, 8), (4, 1, 300, 4), (8, 4, 512, 8)],
+                         ids=["MHA", "GQA", "MQA-T300", "260K-T512"])  # 300, 512: several query blocks
 def test_small_head_attention_equals_sdpa_forward_and_backward(n_heads, n_kv_heads, T, head_dim):
     # it computes its own gradients: float64, so that any difference is a wrong formula, not rounding
     q, k, v = qkv(3, n_heads, n_kv_heads, T, head_dim)
