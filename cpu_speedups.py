@@ -5,7 +5,7 @@ changes a result beyond float rounding; each piece is tested against the plain p
 
 - causal_attention: training attention with dropout taken in blocks of queries, and a kernel of our
   own for heads 8 wide or less (the 260K model); PyTorch's attention for everything else
-- transposed_classifier: the decode step's classifier against a contiguous (dim, vocab) copy
+- Decoder, sample_next: generation's one-token steps on packed weights, and top-p without a sort
 - keep_freed_memory: glibc keeps freed memory for the next training step
 
 model.py and train.py use them only where ENABLED is True (the default; train.py and sample.py set
