@@ -9,10 +9,8 @@ grouped-query attention (repeat_kv) instead of SDPA's enable_gqa, PyTorch's atte
 size, torch's default AdamW (on a CPU a per-parameter Python loop; llama2.c asks for fused only on
 CUDA) and glibc's default allocator settings. Both must give the same loss. Each model is timed in a
 fresh process of its own, one after the other (cpu_speedups.keep_freed_memory() changes the whole process),
-so on a shared machine run it twice; the figures are the median and the best step. It also prints
-the ratio to the issue's fixed reference (llama2.c's train.py on the 2-core CPU this project was
-developed on, float32, no compile: 2.4 s per 260K step, 4.7 s per 15M step), which only means
-something on that machine, and only when nothing else runs there.
+so on a shared machine run it twice; the figures are the median and the best step. Against llama2.c's
+own train.py (a checkout beside the project), whole training steps side by side: bench_train.py --peer.
 
 Findings on that CPU (2 cores, float32): the 15M step is matrix multiplies (MKL, ~70% of the CPU's
 peak) and the cross-entropy over the 4096 x 32000 logits, which took 1.6 s of 4.4 s until
@@ -50,7 +48,6 @@ CONFIGS = {  # name -> (model args, batch size); the sequence length is max_seq_
     "260k": (dict(dim=64, n_layers=5, n_heads=8, n_kv_heads=4, vocab_size=512, multiple_of=4, max_seq_len=512), 32),
     "15m": (dict(dim=288, n_layers=6, n_heads=6, n_kv_heads=6, vocab_size=32000, multiple_of=32, max_seq_len=256), 16),
 }
-REFERENCE_S_PER_STEP = {"260k": 2.4, "15m": 4.7}  # llama2.c train.py, this project's 2-core CPU, fp32, eager
 
 
 # ----------------------------------------------------------------- the llama2.c-style baseline
@@ -245,10 +242,6 @@ def bench_config(cfg_name, args, device, dtype):
         print(line, flush=True)
     if "baseline" in results:
         print(f"speedup over the llama2.c-style baseline, same run: {results['baseline'] / results['ours']:.2f}x")
-    ref = REFERENCE_S_PER_STEP[cfg_name]
-    if device.type == "cpu" and dtype == torch.float32:
-        print(f"vs the issue's fixed reference ({ref} s/step = {tokens / ref:,.0f} tok/s on the 2-core dev CPU): "
-              f"{ref / results['ours']:.2f}x")
     return results
 
 
