@@ -13,6 +13,7 @@ it from --cpu_speedups), the way torch.backends.cudnn.enabled switches cuDNN.
 """
 import ctypes
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -245,15 +246,18 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
     if temperature == 0.0 or top_k is not None or top_p is None or top_p >= 1.0:
         return plain(logits, temperature, top_k, top_p)
     probs = (logits.float() / temperature).softmax(-1)  # (B, V)
-    cdf = probs.cumsum(-1)
-    token = torch.full((probs.size(0),), -1, dtype=torch.long, device=probs.device)  # -1: not drawn yet
-    while (token < 0).any():
-        u = (1.0 - torch.rand(cdf.size(0), 1, device=cdf.device)) * cdf[:, -1:]  # (B, 1), in (0, total]
-        draw = torch.searchsorted(cdf, u)  # (B, 1): inverse CDF, as model.sample_next
-        p = probs.gather(-1, draw)  # (B, 1)
-        inside = torch.where(probs > p, probs, 0.0).sum(-1, keepdim=True) < top_p  # (B, 1)
-        token = torch.where((token < 0) & inside[:, 0], draw[:, 0], token)
-    return token
+    cdf = probs.cumsum(-1).numpy()  # the per-draw steps below are a few scalars: numpy's, without torch's overhead
+    tokens = []
+    for row, row_cdf in zip(probs, cdf, strict=True):
+        while True:
+            u = (1.0 - torch.rand(()).item()) * row_cdf[-1]  # in (0, total]
+            draw = int(np.searchsorted(row_cdf, u))  # inverse CDF: the first cdf >= u, as model.sample_next
+            # inside the nucleus when the tokens more likely than it hold less than top_p (F.threshold keeps
+            # the probabilities above the draw's: one pass, where torch.where + sum takes four)
+            if F.threshold(row, row[draw].item(), 0.0).sum() < top_p:
+                tokens.append(draw)
+                break
+    return torch.tensor(tokens)  # (B,)
 
 
 # ----------------------------------------------------------------- memory

@@ -5,9 +5,12 @@ llama2.c-style baseline (sequential, one sp.encode per story, a Python list turn
 both run as subprocesses on the same unpacked copy, side by side. Run by hand, not a test:
 
     python bench/bench_pretokenize.py [--repeats 5] [--json results.json]
+    python bench/bench_pretokenize.py --peer ../llama2.c     # against llama2.c's own pretokenize
 
-Reference: llama2.c's own pretokenize handles about 0.26 M tokens/s on this sample on the team's
-2-core machine; the target is at least 2x that.
+With --peer (a llama2.c checkout beside the project; nothing of it is copied here) the other side is
+llama2.c's own `python tinystories.py pretokenize --vocab_size=0` (its process pool and all), run in a
+folder of its own with a copy of the same sample and the same tokenizer; without it, the llama2.c-style
+baseline below, labelled as such.
 """
 import argparse
 import json
@@ -25,7 +28,6 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("LLAMA_SHARED_DIR", ROOT.parent / "shared"))
-REFERENCE_TOK_S = 0.26e6  # llama2.c pretokenize, this sample, 2 cores
 
 # llama2.c's per-story loop, written out (its process pool and torch import left aside)
 BASELINE = """
@@ -47,11 +49,11 @@ for path in sorted(glob.glob(os.path.join(src, "data*.json"))):
 """
 
 
-def timed(cmd: list[str], repeats: int) -> list[float]:
+def timed(cmd: list[str], repeats: int, cwd=None) -> list[float]:
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=cwd)
         times.append(time.perf_counter() - t0)
     return times
 
@@ -60,7 +62,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5, help="runs of each command; the median is reported")
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--peer", help="a llama2.c checkout: time its own pretokenize (see above)")
     args = parser.parse_args()
+    if args.peer and not (Path(args.peer) / "tinystories.py").is_file():
+        sys.exit(f"error: --peer {args.peer} is not a llama2.c checkout (no tinystories.py there)")
     sample = SHARED / "data" / "tinystories" / "TinyStories_all_data_sample.tar.gz"
     model = SHARED / "tokenizers" / "llama2.model"
     if not sample.exists() or not model.exists():
@@ -74,12 +79,19 @@ def main() -> None:
         shutil.copy(model, data / "llama2_tokenizer.model")
         base_out.mkdir()
         ours_cmd = [sys.executable, str(ROOT / "tinystories.py"), "pretokenize", "--vocab_size", "0", "--data_dir", str(data)]
-        base_cmd = [sys.executable, "-c", BASELINE, str(src), str(model), str(base_out)]
+        base_cmd, base_cwd = [sys.executable, "-c", BASELINE, str(src), str(model), str(base_out)], None
+        if args.peer:  # llama2.c reads data/TinyStories_all_data and tokenizer.model from its working folder
+            base_cwd = Path(tmp) / "peer"
+            base_out = base_cwd / "data" / "TinyStories_all_data"
+            shutil.copytree(src, base_out)
+            shutil.copy(model, base_cwd / "tokenizer.model")
+            base_cmd = [sys.executable, str(Path(args.peer) / "tinystories.py"), "pretokenize", "--vocab_size=0"]
+        base_name = "llama2.c's tinystories.py pretokenize" if args.peer else "llama2.c-style per-story baseline"
         # alternate the two so that load from other processes on the machine hits both alike
         ours, base = [], []
         for _ in range(args.repeats):
             ours += timed(ours_cmd, 1)
-            base += timed(base_cmd, 1)
+            base += timed(base_cmd, 1, base_cwd)
         meta = json.loads((src / "meta.json").read_text(encoding="utf-8"))
         tokens = meta["num_tokens"]
         shards = sorted(src.glob("data*.bin"))
@@ -89,17 +101,15 @@ def main() -> None:
     result = {
         "tokens": tokens, "stories": meta["num_stories"], "cpus": os.cpu_count(), "repeats": args.repeats,
         "ours_s": t_ours, "ours_tok_s": tokens / t_ours, "baseline_s": t_base, "baseline_tok_s": tokens / t_base,
-        "speedup_vs_baseline": t_base / t_ours, "speedup_vs_reference": tokens / t_ours / REFERENCE_TOK_S,
-        "outputs_identical": identical,
+        "baseline": base_name, "speedup_vs_baseline": t_base / t_ours, "outputs_identical": identical,
     }
     print(f"pretokenize, TinyStories sample: {meta['num_stories']:,} stories, {tokens:,} tokens, {os.cpu_count()} CPUs, "
           f"whole process, median of {args.repeats}")
     print(f"  tinystories.py pretokenize --vocab_size 0  {t_ours:6.2f} s  {tokens / t_ours / 1e6:5.2f} M tokens/s"
           f"   (runs: {', '.join(f'{t:.2f}' for t in ours)})")
-    print(f"  llama2.c-style per-story baseline          {t_base:6.2f} s  {tokens / t_base / 1e6:5.2f} M tokens/s"
+    print(f"  {base_name:<42} {t_base:6.2f} s  {tokens / t_base / 1e6:5.2f} M tokens/s"
           f"   (runs: {', '.join(f'{t:.2f}' for t in base)})")
-    print(f"  {t_base / t_ours:.1f}x the baseline, {result['speedup_vs_reference']:.1f}x the 0.26 M tokens/s llama2.c "
-          f"reference; same tokens as the baseline: {'yes' if identical else 'NO'}")
+    print(f"  {t_base / t_ours:.2f}x ({base_name}, same run); same tokens: {'yes' if identical else 'NO'}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
 

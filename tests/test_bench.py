@@ -1,4 +1,5 @@
 """The benchmark scripts are run by hand, not timed here; what they must get right is checked on a CPU."""
+import math
 import sys
 
 import pytest
@@ -36,3 +37,14 @@ def test_gpu_check_reports_a_kernel_for_every_call_site(capsys):
     assert len(lines) == 4  # two shapes x float32, bfloat16 (no float16 on CPU)
     for line in lines:
         assert "training=flash" in line and "prefill=flash" in line and "decode=flash" in line, line
+
+
+def test_bench_train_peer_mode_reads_our_train_py_on_its_shards(tmp_path):
+    # the side-by-side bench runs train.py on the shards it writes and reads the time per iteration from
+    # its log: both must keep working as train.py changes (llama2.c's side needs its checkout: run by hand)
+    shape = dict(bench_train.PEER_SHAPES["260k"], dim=16, n_layers=1, n_heads=2, n_kv_heads=1, max_seq_len=32,
+                 batch_size=2)
+    bench_train.write_shards(tmp_path / "data", shape, n_tokens=4096)
+    args = bench_train.parse_args(["--peer", str(tmp_path), "--iters", "2", "--warmup", "1", "--threads", "1"])
+    ms, first_loss = bench_train.run_train("ours", shape, args, tmp_path)
+    assert ms > 0 and abs(first_loss - math.log(512)) < 0.5  # random tokens: about ln(vocab)
