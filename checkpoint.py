@@ -4,7 +4,9 @@ export.py is the command line that writes them.
 
 Our checkpoint (.pt) is a torch.save'd dict: "model" (the raw model's state_dict), "model_args" (the
 ModelArgs fields), "tokenizer" (the sentencepiece .model path, or None); train.py's also hold the
-optimizer, scaler, config, iteration, loader and RNG states, so that a run resumes exactly.
+optimizer, scaler, config, iteration, loader and RNG states, so that a run resumes exactly. A LoRA
+fine-tune's (train.py --lora_rank) holds "lora" instead of "model": the adapters, their settings and the
+base model's path and sha256 (lora.record); from_checkpoint loads the base and adds them.
 
 llama2.c model files (.bin): all integers and floats are little-endian; weight matrices are PyTorch's
 (out_features, in_features) row-major, which is what run.c's matmul(W (d, n), x (n,)) expects.
@@ -28,6 +30,10 @@ A Hugging Face directory: config.json, model.safetensors (Hugging Face's names, 
   generation_config.json; transformers' LlamaForCausalLM / AutoTokenizer load it offline. An
   instruction-tuned model's template (instruct.py; "template" in our checkpoint) is the tokenizer's
   chat_template, read back as the template.
+A PEFT adapter directory: adapter_config.json (peft's LoraConfig: r, lora_alpha, target_modules ...) and
+  adapter_model.safetensors, the adapters named after the Hugging Face weights they add to
+  (base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight, (rank, in); lora_B, (out, rank));
+  peft's PeftModel.from_pretrained puts them onto the Hugging Face export of the base.
 """
 import json
 import os
@@ -41,6 +47,7 @@ import torch
 from tqdm import tqdm
 
 import instruct
+import lora
 import runtime
 from fileio import atomic_write
 from model import ModelArgs, Transformer, precompute_rope
@@ -88,10 +95,14 @@ class _WriteErrors:
         self.f.flush()
 
 
-def from_checkpoint(path, device="cpu"):
+def from_checkpoint(path, device="cpu", merge=True):
     """Loads (model, checkpoint dict) from a train.py checkpoint (.pt), a llama2.c model file (.bin) or a
     Hugging Face Llama directory (its tokenizer.model, if any, is the checkpoint's "tokenizer"). The one
-    loader that train.py (resume, fine-tuning), sample.py and export.py share."""
+    loader that train.py (resume, fine-tuning), sample.py and export.py share.
+    A LoRA fine-tune's checkpoint holds adapters, not weights: its base model is loaded too (refused if the
+    file changed since training) and the adapters merged into it, so that the model and checkpoint["model"]
+    are an ordinary model's; with merge=False (train.py's resume) checkpoint["model"] is the base's and the
+    model has the adapters attached (lora.LoRALinear)."""
     path = os.fspath(path)
     if os.path.isdir(path):
         try:
@@ -116,18 +127,40 @@ def from_checkpoint(path, device="cpu"):
             why = " ".join(str(e).split())  # torch's messages run over several lines
             raise CheckpointError(f"{path} is not a checkpoint written by train.py "
                                   f"({type(e).__name__}: {why})") from e
-        if not isinstance(checkpoint, dict) or "model" not in checkpoint or "model_args" not in checkpoint:
+        if not isinstance(checkpoint, dict) or not {"model", "lora"} & set(checkpoint) \
+                or "model_args" not in checkpoint:
             raise CheckpointError(f"{path} is not a checkpoint written by train.py (no 'model' / "
                                   "'model_args')")
+    adapters = checkpoint.get("lora")
+    if adapters:
+        checkpoint["model"] = _lora_base_weights(path, adapters["base"], device)
     model = Transformer(ModelArgs.from_dict(checkpoint["model_args"]))
     try:  # strict: a missing key is an error, not silently random weights
         model.load_state_dict(checkpoint["model"], strict=True)
     except RuntimeError as e:  # torch lists the missing / unexpected keys and wrong shapes over many lines
         raise CheckpointError(f"{path} does not match its model_args: {' '.join(str(e).split())}") from e
     model = model.to(device)
+    if adapters:
+        lora.attach(model, adapters["rank"], adapters["alpha"], adapters["dropout"], adapters["targets"],
+                    adapters["adapters"])
+        if merge:
+            model = lora.merge(model)
+            checkpoint["model"] = model.state_dict()
     if os.path.isdir(path) or path.endswith(".bin"):  # read by us: share the model's tensors, not a 2nd copy
         checkpoint["model"] = model.state_dict()
     return model, checkpoint
+
+
+def _lora_base_weights(path, base: dict, device) -> dict:
+    # the weights a LoRA checkpoint's adapters were trained on: the very same file, or nothing
+    if not os.path.exists(base["path"]):
+        raise CheckpointError(f"{path} holds LoRA adapters for the base model {base['path']}, which is "
+                              "missing: put that file back (the adapters alone are not a model)")
+    if (found := lora.base_sha256(base["path"])) != base["sha256"]:
+        raise CheckpointError(f"{path} was trained on the base model {base['path']}, which has changed since "
+                              f"(sha256 {found[:12]}..., trained on {base['sha256'][:12]}...): restore that "
+                              "file, or fine-tune the new one")
+    return from_checkpoint(base["path"], device)[1]["model"]
 
 
 def _shared_classifier(state_dict) -> bool:
@@ -471,6 +504,34 @@ def write_hf(out_dir, model: Transformer, tokenizer_path=None, dtype="float32", 
         write_json("tokenizer_config.json", config)
         write_json("generation_config.json", {"bos_token_id": bos, "eos_token_id": stops})
     write_json("config.json", hf_config(args, bos, stops, dtype, tied))  # last: with a config it is complete
+    return written
+
+
+def write_peft(out_dir, adapters: dict, args: ModelArgs) -> list[str]:
+    """A LoRA checkpoint's adapters (its "lora" entry) alone, in Hugging Face PEFT's layout, named after
+    write_hf's weights so that peft puts them onto the Hugging Face export of the base model."""
+    from safetensors.torch import save_file
+
+    hf_names = {ours.removesuffix(".weight"): (theirs.removesuffix(".weight"), heads)
+                for ours, theirs, heads in hf_name_map(args)}
+    tensors, modules = {}, set()
+    for key, t in adapters["adapters"].items():
+        ours, part = key.rsplit(".", 1)  # "layers.0.attention.wq", "lora_A"
+        theirs, heads = hf_names[ours]
+        if heads and part == "lora_B":  # B's rows are the weight's rows: they get the same RoPE permutation
+            t = _rope_permute(t, heads)
+        tensors[f"base_model.model.{theirs}.{part}.weight"] = t.detach().float().cpu().contiguous()
+        modules.add(theirs.rsplit(".", 1)[-1])
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": adapters["rank"],
+              "lora_alpha": adapters["alpha"], "lora_dropout": adapters["dropout"],
+              "target_modules": sorted(modules), "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+              "use_dora": False, "inference_mode": True, "base_model_name_or_path": None}
+    os.makedirs(out_dir, exist_ok=True)
+    written = [os.path.join(out_dir, name) for name in ("adapter_config.json", "adapter_model.safetensors")]
+    with atomic_write(written[1]) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+    with atomic_write(written[0]) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)
     return written
 
 

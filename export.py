@@ -5,6 +5,7 @@ Export a trained model to other runtimes, or import theirs as one of our checkpo
     python export.py out/model_q80.bin --checkpoint=out/ckpt.pt --version=2  # int8, for runq.c
     python export.py out/hf --checkpoint=out/ckpt.pt --format=hf             # a Hugging Face directory
     python export.py 15m.pt --checkpoint=stories15M.bin --format=pt --tokenizer=data/llama2_tokenizer.model
+    python export.py out/adapter --checkpoint=out/lora/ckpt.pt --format=peft   # LoRA adapters alone, for peft
 
 --format=llama2c writes llama2.c's model file and, beside it, the tokenizer in run.c's format named after
 it (out/model.bin -> out/model.tokenizer.bin), so exports with different vocabularies can share a folder.
@@ -17,6 +18,11 @@ Loading it needs: pip install transformers safetensors protobuf sentencepiece (w
 AutoTokenizer fails with a misleading "`tiktoken` is required").
 --format=pt writes our own checkpoint (model, model_args, tokenizer) from a llama2.c file or a Hugging
 Face directory, so sample.py and fine-tuning can start from it.
+A LoRA fine-tune (train.py --lora_rank) is exported merged, its adapters folded into its base's weights
+(W + alpha/rank B A), in any of these formats. --format=peft writes its adapters alone instead, as
+adapter_config.json and adapter_model.safetensors named after --format=hf's weights: with transformers and
+peft, PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE_HF), "out/adapter"), where BASE_HF
+is the base exported with --format=hf.
 The file formats are described in checkpoint.py, which reads and writes them.
 """
 import os
@@ -31,6 +37,7 @@ from checkpoint import (
     save_checkpoint,
     write_hf,
     write_llama2c,
+    write_peft,
     write_tokenizer_bin,
 )
 from configurator import ConfigError, parse_config
@@ -39,7 +46,8 @@ from fileio import check_writable
 # name: (default, help). --help prints them; parse_config checks the types against the defaults.
 OPTIONS = {
     "checkpoint": ("out/ckpt.pt", "the model: train.py's checkpoint, a llama2.c .bin, or a Hugging Face dir"),
-    "format": ("llama2c", "llama2c (file + tokenizer for run.c) | hf (Hugging Face directory) | pt (ours)"),
+    "format": ("llama2c", "llama2c (file + tokenizer for run.c) | hf (Hugging Face directory) | pt (ours) | "
+                          "peft (a LoRA fine-tune's adapters alone)"),
     "version": (None, "llama2c: 0 (None) = float32 for run.c, 1 = float32 + header, 2 = int8 for runq.c"),
     "group_size": (None, "--version=2: values per int8 scale; None = largest power of 2 <= 64 dividing dim,"
                          " hidden_dim"),
@@ -71,8 +79,8 @@ def tokenizer_bin_path(model_path: str) -> str:
 
 def check_options(cfg: dict) -> dict:
     fmt, version, group_size, dtype = cfg["format"], cfg["version"], cfg["group_size"], cfg["dtype"]
-    if fmt not in ("llama2c", "hf", "pt"):
-        raise ExportError(f"--format={fmt}: choose llama2c, hf or pt")
+    if fmt not in ("llama2c", "hf", "pt", "peft"):
+        raise ExportError(f"--format={fmt}: choose llama2c, hf, pt or peft")
     if version is not None and fmt != "llama2c":
         raise ExportError("--version applies to --format=llama2c only")
     version = 0 if version is None else version
@@ -98,15 +106,29 @@ def run(out: str, cfg: dict) -> list[str]:
     if fmt == "llama2c" and (os.path.isdir(out) or out.endswith("tokenizer.bin")):
         raise ExportError(f"{out}: give a model file path such as out/model.bin (its tokenizer goes "
                           "beside it)")
-    if fmt == "hf" and os.path.isfile(out):
-        raise ExportError(f"{out} is a file; --format=hf writes a directory")
-    check_writable(out if fmt == "hf" else os.path.dirname(out) or ".")  # refused before the model is read
+    if fmt in ("hf", "peft") and os.path.isfile(out):
+        raise ExportError(f"{out} is a file; --format={fmt} writes a directory")
+    check_writable(out if fmt in ("hf", "peft") else os.path.dirname(out) or ".")  # before the model is read
     try:
         model, checkpoint = from_checkpoint(cfg["checkpoint"])  # .pt, llama2.c .bin or HF directory
     except FileNotFoundError:
         raise  # its message says what to do
     except (OSError, ValueError, RuntimeError, KeyError) as e:  # not a model file, or a damaged one
         raise ExportError(f"cannot load --checkpoint={cfg['checkpoint']}: {runtime.first_line(e)}") from None
+    adapters = checkpoint.get("lora")
+    if fmt == "peft":
+        if not adapters:
+            raise ExportError(f"--format=peft writes a LoRA fine-tune's adapters, and {cfg['checkpoint']} is "
+                              "a whole model: train adapters with train.py --lora_rank=8 --init_from=PATH")
+        written = write_peft(out, adapters, model.args)
+        print(f"wrote {out}/ ({', '.join(os.path.basename(p) for p in written)}; rank {adapters['rank']}, "
+              f"alpha {adapters['alpha']:g}) for the base {adapters['base']['path']}")
+        print("load it with transformers and peft onto the base's --format=hf export: PeftModel."
+              f"from_pretrained(AutoModelForCausalLM.from_pretrained(BASE_HF), {out!r})")
+        return written
+    if adapters:
+        print(f"merging the LoRA adapters (rank {adapters['rank']}, alpha {adapters['alpha']:g}) of "
+              f"{cfg['checkpoint']} into its base {adapters['base']['path']}")
     tokenizer = cfg["tokenizer"] or checkpoint.get("tokenizer")
     if tokenizer:
         if not os.path.isfile(tokenizer):

@@ -19,13 +19,14 @@ def num_params(args: ModelArgs) -> int:
         return Transformer(args).num_params()
 
 
-def step_bytes(args: ModelArgs, batch_size: int, dtype: str, device_type: str) -> int:
+def step_bytes(args: ModelArgs, batch_size: int, dtype: str, device_type: str, frozen: bool = False) -> int:
     """An estimate of the peak memory of one training step (forward, backward, AdamW) in bytes; within
-    about a third of what PyTorch allocates, usually below it."""
+    about a third of what PyTorch allocates, usually below it. frozen: the weights do not train (LoRA)."""
     params = num_params(args)
     half = dtype in ("bfloat16", "float16")
-    # float32 weights, gradients and AdamW's two moments; under autocast, the half-precision weight copies
-    weights = (18 if half else 16) * params
+    # float32 weights, and unless frozen their gradients and AdamW's two moments; under autocast, the
+    # half-precision weight copies
+    weights = (4 if frozen else 16) * params + (2 * params if half else 0)
     tokens = batch_size * args.max_seq_len
     kv_dim = args.n_kv_heads * (args.dim // args.n_heads)
     # what each layer keeps for the backward pass, per token: the norms' inputs and outputs, q k v before
@@ -106,7 +107,7 @@ def step_fits(args: ModelArgs, batch_size: int, device: str, dtype: str) -> bool
 
 
 def largest_batch(args: ModelArgs, limit: int, device: str, dtype: str, processes_here: int = 1,
-                  headroom: float = 0.9) -> tuple[int, str]:
+                  frozen: bool = False, headroom: float = 0.9) -> tuple[int, str]:
     """The largest micro-batch up to limit that fits (0: not even one), and how that was found. On a GPU,
     with real steps; on a CPU, from the estimate against the available memory, which processes_here
     processes of this machine share."""
@@ -117,5 +118,5 @@ def largest_batch(args: ModelArgs, limit: int, device: str, dtype: str, processe
         raise ValueError("batch_size=auto needs to know the free memory, which this system does not tell: "
                          "give --batch_size=N")
     share = headroom * free / processes_here
-    fits = lambda b: step_bytes(args, b, dtype, device.split(":")[0]) <= share
+    fits = lambda b: step_bytes(args, b, dtype, device.split(":")[0], frozen) <= share
     return largest_that_fits(fits, limit), f"estimated against {free / 2**30:.1f} GiB of available memory"

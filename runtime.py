@@ -99,6 +99,19 @@ def autocast(device: str, dtype: str):
     return torch.autocast(device.split(":")[0], dtype=DTYPES[dtype])
 
 
+def cpu_threads(setting: int | None) -> int:
+    """torch's CPU threads for a setting: N, or for None half the cores (at least one) unless OMP_NUM_THREADS
+    says otherwise (torchrun sets it). With every core taken, any other job on the machine stalls the
+    threads that wait for each other at each small op, and a step can take ten times as long; half the
+    cores leaves room for it (figures: bench/README.md)."""
+    if setting:
+        return setting
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // 2)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

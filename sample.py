@@ -8,6 +8,7 @@ Generate stories from a trained model, streamed to stdout as the tokens come.
     python sample.py --checkpoint=out/hf                                    # export.py --format=hf's directory
     python sample.py --checkpoint=out/sft/ckpt.pt --instruction="Words: dog, ball, happy"   # an instruction-tuned model
     python sample.py --checkpoint=out/sft/ckpt.pt --instruction_file=instructions.txt
+    python sample.py --checkpoint=out/lora/ckpt.pt                          # a LoRA fine-tune: base + adapters
 
 The tokenizer is the one recorded in the checkpoint, or a Hugging Face directory's tokenizer.model
 (--tokenizer overrides it; a llama2.c .bin records none). Each story stops at the end-of-story token (BOS or EOS) or after max_new_tokens;

@@ -11,6 +11,7 @@ from dataclasses import fields
 import torch
 import torch.distributed as dist
 
+import lora
 import memory
 import runtime
 from configurator import ConfigError
@@ -20,8 +21,8 @@ from runtime import print0
 # what a resumed run takes from its checkpoint unless the setting is given again: it continues as it was
 RESUMED_SETTINGS = ("dataset", "vocab_source", "batch_size", "gradient_accumulation_steps", "learning_rate",
                     "min_lr", "max_iters", "max_tokens", "max_epochs", "warmup_iters", "lr_decay_iters",
-                    "decay_lr", "weight_decay", "beta1", "beta2", "grad_clip", "dtype", "seed") \
-    + tuple(f.name for f in fields(ModelArgs))
+                    "decay_lr", "weight_decay", "beta1", "beta2", "grad_clip", "dtype", "seed", "lora_rank",
+                    "lora_alpha", "lora_dropout", "lora_targets") + tuple(f.name for f in fields(ModelArgs))
 # of the model's fields, what a resumed or fine-tuned run may change: the rest is the weights' shape
 NOT_SHAPE = ("dropout", "max_seq_len")
 
@@ -44,7 +45,7 @@ def resolve_config(config: dict) -> dict:
         has_checkpoint = os.path.exists(os.path.join(c["out_dir"], "ckpt.pt"))
         c["init_from"] = "resume" if has_checkpoint else c["init_checkpoint"] or "scratch"
         c["overwrite"] = c["overwrite"] or not has_checkpoint  # what an attempt that died early left
-    at_least_one = ("batch_size", "max_seq_len", "gradient_accumulation_steps", "eval_interval", "log_interval",
+    at_least_one = ("threads", "batch_size", "max_seq_len", "gradient_accumulation_steps", "eval_interval", "log_interval",
                     "checkpoint_interval", "eval_iters", "vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads",
                     "hidden_dim", "multiple_of")
     for key in at_least_one:
@@ -64,6 +65,7 @@ def resolve_config(config: dict) -> dict:
             raise ConfigError(f"{key}={c[key]} must be positive")
     if not 0 <= c["dropout"] < 1:
         raise ConfigError(f"dropout={c['dropout']} must be in [0, 1)")
+    lora.check_settings(c)
 
     if c["min_lr"] is None:
         c["min_lr"] = c["learning_rate"] / 10
@@ -124,6 +126,7 @@ def for_resume(c: dict, saved: dict, given: set, path: str) -> dict:
             c[key] = saved[key]
     # (a different vocab_size is left to check_vocabulary, which says which data the model needs)
     shape_keys = {f.name for f in fields(ModelArgs)} - set(NOT_SHAPE) - {"vocab_size"}
+    shape_keys |= {"lora_rank", "lora_targets"}  # the adapters' shape
     shape = [k.split()[0] for k in changed if k.split()[0] in shape_keys]
     if shape:
         raise ConfigError(f"{path} was trained with " + ", ".join(f"{k}={saved[k]!r} (config: {c[k]!r})" for k in shape)
@@ -165,7 +168,7 @@ def choose_batch_size(c: dict, args: ModelArgs, world_size: int, device: str) ->
     sequences = c["batch_size"] * c["gradient_accumulation_steps"]
     try:
         largest, how = memory.largest_batch(args, sequences // world_size, device, c["dtype"],
-                                            processes_on_this_machine(device))
+                                            processes_on_this_machine(device), frozen=c["lora_rank"] > 0)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if world_size > 1:  # every process takes the same micro-batch: the one with the least memory decides
@@ -186,12 +189,13 @@ def check_memory(c: dict, args: ModelArgs, device: str, world_size: int) -> None
     # killed by the kernel without a word)
     free, here = memory.available_bytes(device), processes_on_this_machine(device)
     device_type = device.split(":")[0]
-    need = memory.step_bytes(args, c["batch_size"], c["dtype"], device_type) * here
+    frozen = c["lora_rank"] > 0
+    need = memory.step_bytes(args, c["batch_size"], c["dtype"], device_type, frozen) * here
     if free is None or need <= free:
         return
     share = 0.9 * free / here
-    largest = memory.largest_that_fits(lambda b: memory.step_bytes(args, b, c["dtype"], device_type) <= share,
-                                       c["batch_size"])
+    largest = memory.largest_that_fits(
+        lambda b: memory.step_bytes(args, b, c["dtype"], device_type, frozen) <= share, c["batch_size"])
     where = f"{free / 2**30:.1f} GiB is available" + (f" to {here} processes" if here > 1 else "")
     what = f"a training step of {c['batch_size']} x {args.max_seq_len} tokens needs about {need / here / 2**30:.1f} GiB"
     if largest == 0:

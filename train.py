@@ -5,6 +5,7 @@ Trains a small Llama on TinyStories (or your own data): on a CPU, one GPU, or se
     python train.py config/train_15m.py --batch_size=64            # a config file, then --key=value overrides
     python train.py config/train_15m.py --init_from=resume         # continue out_dir/ckpt.pt exactly
     python train.py config/train_15m.py --init_from=stories15M.bin --out_dir=out/ft --learning_rate=1e-4
+    python train.py config/train_15m.py --init_from=stories15M.bin --out_dir=out/lora --lora_rank=8  # LoRA
     torchrun --standalone --nproc_per_node=4 train.py config/train_110m.py
     python train.py --help                                         # every setting and its default
 
@@ -17,8 +18,10 @@ Several nodes (the data on each; out_dir on a shared filesystem so that every no
 --init_from=PATH fine-tunes a trained model: one of our .pt checkpoints, a llama2.c model file or a Hugging
 Face directory (llama2.c's published stories15M/42M/110M.bin need data in the Llama 2 vocabulary). Its
 weights and shape are used (a note lists where the config differs); the optimizer, data and iteration
-count start afresh. --init_from=resume continues out_dir/ckpt.pt with the settings it was trained with:
-a setting given again on the command line (or in a config file) replaces the checkpoint's, with a note.
+count start afresh. With --lora_rank=8 only low-rank adapters beside the frozen weights train (lora.py),
+and the checkpoint holds them and names the base. --init_from=resume continues out_dir/ckpt.pt with the
+settings it was trained with: a setting given again on the command line (or in a config file) replaces the
+checkpoint's, with a note.
 
 The settings are the plain Python names below; configurator.py explains the override rules.
 gradient_accumulation_steps is the global count: each of N processes does 1/N of it, so the
@@ -44,6 +47,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import cpu_speedups as speedups  # the module; `cpu_speedups` below is the setting
 import dataloader
 import fileio
+import lora
 import runs
 import runtime
 import settings
@@ -70,6 +74,11 @@ keep_checkpoints = 0  # also keep the last N checkpoints as out_dir/ckpt_NNNNNN.
 init_from = "scratch"
 init_checkpoint: str | None = None  # with init_from='auto': the model to fine-tune when there is no ckpt.pt yet
 overwrite = False  # a new run may replace the run already in out_dir (its files are kept until its first checkpoint)
+# LoRA (lora.py), with --init_from=PATH: the weights stay frozen and low-rank adapters beside them train
+lora_rank = 0  # 0: off (every weight trains); e.g. 8: the adapters' rank
+lora_alpha = 16.0  # the adapters' update is scaled by lora_alpha / lora_rank
+lora_dropout = 0.0  # dropout on the adapters' input
+lora_targets = ",".join(lora.TARGETS)  # the weights that get adapters: wq,wk,wv,wo (attention), w1,w2,w3
 # wandb logging (pip install wandb)
 wandb_log = False
 wandb_project = "llama-tiny"
@@ -103,6 +112,7 @@ device = "auto"  # 'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:1', '
 dtype = "auto"  # 'auto' (bfloat16, else float16 on CUDA; float32 elsewhere), 'float32', 'bfloat16', 'float16'
 compile = False  # torch.compile the model (use it on a GPU)
 cpu_speedups = True  # faster CPU kernels for the same math (cpu_speedups.py); False: the plain PyTorch path
+threads: int | None = None  # CPU threads; None: half the cores, so that another job cannot stall every thread
 seed = 1337
 print_model = False  # print every weight's shape and size at start
 peak_flops: float | str | None = None  # the GPU's peak FLOP/s for MFU, or its name ('H100'); None: looked up
@@ -155,12 +165,12 @@ def parameter_table(model: Transformer) -> str:
     return "\n".join(["parameters:"] + lines + [f"  {'total':<{width}}  {'':>12}  {model.num_params():>12,}"])
 
 
-def read_checkpoint(path: str, device: str) -> dict:
+def read_checkpoint(path: str, device: str, merge_lora: bool = True) -> dict:
     if not os.path.exists(path):  # (a missing fine-tuning PATH was reported by resolve_config)
         raise TrainError(f"init_from='resume' but there is no checkpoint at {path}; "
                          f"train from scratch first, or point --out_dir at the run to continue")
     try:
-        return from_checkpoint(path, device)[1]
+        return from_checkpoint(path, device, merge=merge_lora)[1]
     except (ValueError, OSError) as e:  # not a checkpoint, or a truncated one; the message names the file
         message = str(e)
         if good := newest_good_checkpoint(path):
@@ -223,12 +233,19 @@ def setup_distributed(c: dict):
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return False, 0, 1, c["device"]
     rank, world_size, device = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), c["device"]
+    store, restart = None, int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if restart and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchrun restarted the workers (--max-restarts) and they share its store: the dead attempt's
+        # addresses are still there, and connecting to them fails. Each attempt gets keys of its own.
+        agent = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False)
+        store = dist.PrefixStore(f"llama-tiny/attempt-{restart}", agent)
     if device.startswith("cuda"):
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"  # one GPU per process on each node
         torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl", device_id=torch.device(device))
+        dist.init_process_group(backend="nccl", device_id=torch.device(device), store=store, rank=rank,
+                                world_size=world_size)
     else:
-        dist.init_process_group(backend="gloo")
+        dist.init_process_group(backend="gloo", store=store, rank=rank, world_size=world_size)
     return True, rank, world_size, device
 
 
@@ -333,7 +350,7 @@ def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str)
         on_master(fileio.check_writable, c["out_dir"], then="pass another --out_dir")
     checkpoint = None
     if resume:
-        checkpoint = read_checkpoint(ckpt_path, device)
+        checkpoint = read_checkpoint(ckpt_path, device, merge_lora=False)  # a LoRA run's base and adapters
         c = settings.for_resume(c, checkpoint.get("config") or {}, given, ckpt_path)
     shard_dir, meta = open_dataset(c)
     if c["init_from"] != "scratch":
@@ -367,7 +384,10 @@ def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str)
     runtime.seed_everything(c["seed"] + rank)  # rank 0 draws the initial weights; DDP copies them to the others
     raw_model = Transformer(args).to(device)
     if checkpoint is not None:
-        raw_model.load_state_dict(checkpoint["model"])
+        raw_model.load_state_dict(checkpoint["model"])  # a resumed LoRA run: its base's weights
+    lora_base = None  # LoRA: the base model's path and hash; the adapters are attached to raw_model
+    if c["lora_rank"]:
+        lora_base = lora.attach_for_training(raw_model, c, checkpoint if resume else None)
     optimizer = raw_model.configure_optimizers(c["weight_decay"], c["learning_rate"], (c["beta1"], c["beta2"]),
                                                device_type)
     # a no-op unless float16: it scales the loss so small gradients do not underflow
@@ -418,6 +438,8 @@ def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str)
     length = next((f" (set by {k}={c[k]})" for k in ("max_tokens", "max_epochs") if c[k] is not None), "")
     print0(f"model: {params:,} parameters ({raw_model.num_params(non_embedding=True):,} without the embedding); "
            f"data: {shard_dir} ({loader.tokens_per_epoch:,} training tokens per epoch)")
+    if lora_base:
+        print0(lora.summary(raw_model) + f"; base {lora_base['path']}")
     print0(f"tokens per iteration: {tokens_per_iter:,} = {world_size} process(es) x {accum_steps} accumulation "
            f"step(s) x {c['batch_size']} batch x {c['max_seq_len']} tokens")
     if loader.masked:
@@ -425,7 +447,8 @@ def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str)
                f"{meta['instruction']['template']['name']} template)")
     print0(f"run: {c['max_iters']:,} iterations{length} = {budget:,} tokens = "
            f"{budget / loader.tokens_per_epoch:.2f} epochs, {budget / params:.1f} tokens per parameter; "
-           f"device {device}, {c['dtype']}" + (", compiled" if c["compile"] else ""))
+           f"device {device}" + (f" ({torch.get_num_threads()} CPU threads)" if device_type == "cpu" else "")
+           + f", {c['dtype']}" + (", compiled" if c["compile"] else ""))
     wandb = runs.WandbLogger(c, c["out_dir"], resume, say=print0) \
         if c["wandb_log"] and master and not c["eval_only"] else None
 
@@ -440,10 +463,18 @@ def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str)
         raise TrainError(f"{what} is {value} at iteration {iter_num}; training stopped and {kept}. "
                          f"Try a lower learning_rate, a grad_clip, or dtype=bfloat16/float32")
 
-    if c["eval_only"]:
+    fine_tune = c["init_from"] not in ("scratch", "resume")
+    if c["eval_only"] or fine_tune:  # a fine-tune's starting point: the model on its new data
         losses = evaluate(model, eval_loaders, c["eval_iters"], world_size, device, ctx)
         print0(f"eval at iteration {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-        return {"iter_num": iter_num, **losses}
+        uniform = math.log(c["vocab_size"])
+        if c["init_from"] != "scratch" and losses["val"] > uniform:
+            print0(f"warning: the model starts at val loss {losses['val']:.2f}, worse than guessing uniformly "
+                   f"among its {c['vocab_size']:,} tokens (ln {c['vocab_size']:,} = {uniform:.2f}): the data was "
+                   f"almost surely tokenized with another vocabulary than the model's")
+        if c["eval_only"]:
+            return {"iter_num": iter_num, **losses}
+        log({"iter": 0, "tokens": 0, "train_loss": losses["train"], "val_loss": losses["val"]})
     if iter_num >= c["max_iters"]:
         print0(f"nothing to do: the checkpoint is at iteration {iter_num} and max_iters={c['max_iters']}")
         return {"iter_num": iter_num}
@@ -545,7 +576,7 @@ def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str)
                 dist.all_gather_object(rng_states, runs.get_rng_state())  # every rank takes part
             state = None  # rank 0's
             if master:
-                state = {"model": raw_model.state_dict(), "model_args": asdict(raw_model.args),
+                state = {**lora.checkpoint_entries(raw_model, lora_base), "model_args": asdict(raw_model.args),
                          "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "config": c,
                          "iter_num": iter_num, "tokens_seen": tokens_seen, "best_val_loss": best_val_loss,
                          "loader_state": loader.state_dict(unused=accum_steps), "rng_state": rng_states,
@@ -582,8 +613,9 @@ def main(argv: list[str] | None = None) -> None:
     config = None
     try:
         config = parse_settings(argv)
-        if config["cpu_speedups"] and runtime.resolve_device(config["device"]) == "cpu":
-            speedups.keep_freed_memory()  # process-wide, hence here and not inside train()
+        torch.set_num_threads(runtime.cpu_threads(config["threads"]))  # process-wide, like the allocator:
+        if config["cpu_speedups"] and runtime.resolve_device(config["device"]) == "cpu":  # here, not in train()
+            speedups.keep_freed_memory()
         train(config)
     except (ConfigError, TrainError, dataloader.DataError, OSError) as e:  # OSError: a file and the reason
         fail(f"error: {e}")

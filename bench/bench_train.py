@@ -47,15 +47,17 @@ def bench_config(name: str, args) -> dict:
     torch.manual_seed(0)
     if on_gpu:
         torch.set_float32_matmul_precision("high")
-    elif device_type == "cpu":
-        cpu_speedups.keep_freed_memory()
     ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[c["dtype"]]
     ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
     raw_model = Transformer(ModelArgs.from_dict(c)).to(device)
     optimizer = raw_model.configure_optimizers(c["weight_decay"], c["learning_rate"], (c["beta1"], c["beta2"]),
                                                device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=c["dtype"] == "float16")
-    model = torch.compile(raw_model) if c["compile"] else raw_model
+    if c["compile"]:
+        # a fresh dynamo for each config, and static shapes: each figure is one config's own graph, as in a
+        # user's run (otherwise the 2nd-4th configs recompile with dynamic shapes)
+        torch._dynamo.reset()
+    model = torch.compile(raw_model, dynamic=False) if c["compile"] else raw_model
     x = torch.randint(c["vocab_size"], (batch, T), device=device)
     y = torch.randint(c["vocab_size"], (batch, T), device=device)
 
@@ -95,7 +97,7 @@ def bench_config(name: str, args) -> dict:
     }
 
 
-def main():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated: " + ",".join(CONFIGS))
     parser.add_argument("--device", default="auto")
@@ -109,12 +111,19 @@ def main():
     parser.add_argument("--warmup", type=int, default=5,
                         help="untimed steps first: compilation, and on a CPU the heap settling (cpu_speedups.keep_freed_memory)")
     parser.add_argument("--peak_flops", default=None, help="FLOP/s or GPU name for MFU (default: from the GPU)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.peak_flops is not None:
         try:
             args.peak_flops = float(args.peak_flops)
         except ValueError:
             pass  # a GPU name
+    return args
+
+
+def main():
+    args = parse_args()
+    if args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available()):
+        cpu_speedups.keep_freed_memory()  # as train.py's main() does: the whole process, so here
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:

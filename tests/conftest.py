@@ -28,6 +28,21 @@ def llama2_tokenizer() -> Path:
     return LLAMA2_TOKENIZER
 
 
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    # the synthetic story corpus with its own 512-token vocabulary, made by the data stage's own functions
+    from fixture_corpus import make_stories, write_endoftext
+
+    import tinystories
+
+    root = tmp_path_factory.mktemp("train_data")
+    text = root / "stories.txt"
+    write_endoftext(text, make_stories(1500, seed=3))
+    tinystories.train_vocab(root, 512, input=text, name="fixture")
+    tinystories.prepare(root, text, "fixture", vocab_size=512)
+    return root
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 

@@ -7,26 +7,44 @@ Output is deterministic for a given seed.
 
     python tests/fixture_corpus.py out.txt --num_stories 2000            # <|endoftext|> format
     python tests/fixture_corpus.py out_dir --num_stories 2000 --shards 4 # data00.json ... like TinyStories
+    python tests/fixture_corpus.py other.txt --words other                # other names, places and objects
 """
 import argparse
 import json
 import os
 import random
 
-NAMES = ["Lily", "Tom", "Mia", "Ben", "Sue", "Max", "Anna", "Sam", "Lucy", "Tim", "Zoe", "Jack"]
-ANIMALS = ["cat", "dog", "bird", "bunny", "frog", "duck", "bear", "fox", "mouse", "fish"]
-THINGS = ["ball", "kite", "box", "hat", "book", "cake", "toy car", "flower", "drum", "boat"]
-COLORS = ["red", "blue", "green", "yellow", "big", "small", "shiny", "soft"]
-PLACES = ["park", "garden", "forest", "beach", "house", "yard", "lake", "hill"]
-FEELINGS = ["happy", "sad", "scared", "proud", "tired", "excited"]
-VERBS = ["play", "run", "jump", "sing", "dance", "swim", "read", "draw"]
+# the words the templates fill in; OTHER_WORDS is the same kind of story about other characters, places and
+# objects: a text unlike the default one, to fine-tune a model trained on that (tests/test_lora.py)
+WORDS = {
+    "names": ["Lily", "Tom", "Mia", "Ben", "Sue", "Max", "Anna", "Sam", "Lucy", "Tim", "Zoe", "Jack"],
+    "animals": ["cat", "dog", "bird", "bunny", "frog", "duck", "bear", "fox", "mouse", "fish"],
+    "things": ["ball", "kite", "box", "hat", "book", "cake", "toy car", "flower", "drum", "boat"],
+    "colors": ["red", "blue", "green", "yellow", "big", "small", "shiny", "soft"],
+    "places": ["park", "garden", "forest", "beach", "house", "yard", "lake", "hill"],
+    "feelings": ["happy", "sad", "scared", "proud", "tired", "excited"],
+    "verbs": ["play", "run", "jump", "sing", "dance", "swim", "read", "draw"],
+}
+OTHER_WORDS = {
+    "names": ["Kofi", "Ingrid", "Ravi", "Yuki", "Olek", "Amara", "Pablo", "Nadia", "Thor", "Wren", "Ezra",
+              "Juno"],
+    "animals": ["camel", "owl", "goat", "whale", "turtle", "hedgehog", "llama", "otter", "parrot", "yak"],
+    "things": ["lantern", "compass", "kettle", "violin", "scarf", "telescope", "wagon", "quilt", "map",
+               "sled"],
+    "colors": ["purple", "golden", "striped", "tiny", "huge", "fluffy", "silver", "orange"],
+    "places": ["harbor", "desert", "mountain", "market", "meadow", "island", "castle", "village"],
+    "feelings": ["curious", "grumpy", "brave", "sleepy", "silly", "calm"],
+    "verbs": ["climb", "paint", "bake", "skate", "whistle", "knit", "fly", "hike"],
+}
+WORD_SETS = {"default": WORDS, "other": OTHER_WORDS}
 
 
-def make_story(rng: random.Random) -> str:
-    name, friend = rng.sample(NAMES, 2)
-    animal, thing, color = rng.choice(ANIMALS), rng.choice(THINGS), rng.choice(COLORS)
-    place, verb = rng.choice(PLACES), rng.choice(VERBS)
-    feeling = rng.choice(FEELINGS)
+def make_story(rng: random.Random, words: dict = WORDS) -> str:
+    name, friend = rng.sample(words["names"], 2)
+    animal, thing = rng.choice(words["animals"]), rng.choice(words["things"])
+    color = rng.choice(words["colors"])
+    place, verb = rng.choice(words["places"]), rng.choice(words["verbs"])
+    feeling = rng.choice(words["feelings"])
     opening = rng.choice([
         f"Once upon a time, there was a little {animal} named {name}.",
         f"One day, a little {animal} named {name} went to the {place}.",
@@ -54,9 +72,9 @@ def make_story(rng: random.Random) -> str:
     return " ".join([opening] + middle[: rng.randint(2, 4)] + [ending])
 
 
-def make_stories(num_stories: int, seed: int = 0) -> list[str]:
+def make_stories(num_stories: int, seed: int = 0, words: dict = WORDS) -> list[str]:
     rng = random.Random(seed)
-    return [make_story(rng) for _ in range(num_stories)]
+    return [make_story(rng, words) for _ in range(num_stories)]
 
 
 def write_endoftext(path: str, stories: list[str]) -> None:
@@ -81,8 +99,10 @@ if __name__ == "__main__":
     parser.add_argument("--num_stories", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shards", type=int, default=0, help="write TinyStories-style dataNN.json shards")
+    parser.add_argument("--words", choices=WORD_SETS, default="default",
+                        help="other: the same stories about other characters, places and objects")
     args = parser.parse_args()
-    stories = make_stories(args.num_stories, args.seed)
+    stories = make_stories(args.num_stories, args.seed, WORD_SETS[args.words])
     if args.shards:
         write_json_shards(args.out, stories, args.shards)
     else:

@@ -200,22 +200,25 @@ def test_speedups_change_no_generated_token(monkeypatch):
 
 
 # ----------------------------------------------------------------- memory
-FAULTS_ON_REALLOCATION = """
-import resource, sys, torch, cpu_speedups
-import model, tinystories  # the heap train.py's process has when main() applies the setting
-applied = cpu_speedups.keep_freed_memory() if sys.argv[1] == "on" else None  # "off": glibc's defaults
-def allocate_and_free():  # as a training step does with its logits: 256 MB, every page written, freed
+# page faults while a 256 MB block (a training step's logits: every page written) is allocated and freed,
+# once the heap has settled: within a dozen rounds small allocations land in the freed blocks, and the
+# holes they leave take a few rounds to merge into one as large as the block
+REALLOCATION_FAULTS = """
+def allocate_and_free():
     x = torch.ones(64 * 2**20)
     del x
-# the heap settles within a dozen rounds: small allocations land in the freed blocks, and the holes they
-# leave take a few rounds to merge into one as large as the block (an import more or less changes how many)
 for _ in range(16):
     allocate_and_free()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(4):
     allocate_and_free()
-print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 """
+FAULTS_ON_REALLOCATION = """
+import resource, sys, torch, cpu_speedups
+import model, tinystories  # the heap train.py's process has when main() applies the setting
+applied = cpu_speedups.keep_freed_memory() if sys.argv[1] == "on" else None  # "off": glibc's defaults
+""" + REALLOCATION_FAULTS + "print(applied, faults)"
 
 
 def test_keep_freed_memory_reuses_large_blocks_without_page_faults():

@@ -66,16 +66,6 @@ def intact_at(out, iteration):
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    # test_train.py's corpus: the synthetic stories with their own 512-token vocabulary
-    root = tmp_path_factory.mktemp("faults_data")
-    write_endoftext(root / "stories.txt", make_stories(1500, seed=3))
-    ts.train_vocab(root, 512, input=root / "stories.txt", name="fixture")
-    ts.prepare(root, root / "stories.txt", "fixture", vocab_size=512)
-    return root
-
-
-@pytest.fixture(scope="module")
 def reference(data_dir, tmp_path_factory):
     # the uninterrupted run the interrupted ones must match
     out = tmp_path_factory.mktemp("reference") / "out"

@@ -4,7 +4,7 @@ import sys
 
 import matplotlib
 import pytest
-from test_train import data_dir, ok, run_train  # noqa: F401  (data_dir: the fixture corpus, a fixture)
+from test_train import ok, run_train
 
 import plot
 import runs
@@ -209,10 +209,9 @@ def test_help_works(capsys):
 
 
 @pytest.mark.slow  # ~10 s on 2 busy cores
-def test_a_real_training_run(monkeypatch, request, tmp_path, capsys):
+def test_a_real_training_run(monkeypatch, data_dir, tmp_path, capsys):
     out = tmp_path / "out"
-    data = request.getfixturevalue("data_dir")
-    stdout = ok(run_train(["--max_iters=10", "--eval_interval=5", "--eval_iters=1"], data, out)).stdout
+    stdout = ok(run_train(["--max_iters=10", "--eval_interval=5", "--eval_iters=1"], data_dir, out)).stdout
     printed = [(int(i), float(x)) for i, x in re.findall(r"^iter (\d+) \| loss (\d+\.\d+)", stdout, re.M)]
     printed_val = [float(v) for v in re.findall(r"^eval iter \d+: .* val loss (\d+\.\d+)", stdout, re.M)]
     params = int(re.search(r"^model: ([\d,]+) parameters", stdout, re.M).group(1).replace(",", ""))

@@ -58,3 +58,13 @@ def test_autocast_is_a_no_op_in_float32():
 def test_first_line():
     assert runtime.first_line(ValueError("one\ntwo")) == "one"
     assert runtime.first_line(KeyError()) == "KeyError"
+
+
+def test_cpu_threads_default_to_half_the_cores(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert runtime.cpu_threads(None) == 4 and runtime.cpu_threads(3) == 3
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert runtime.cpu_threads(None) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # torchrun's, or the user's: torch has already read it
+    assert runtime.cpu_threads(None) == torch.get_num_threads()

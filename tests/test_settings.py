@@ -91,3 +91,12 @@ def test_max_tokens_and_max_epochs_set_max_iters():
         settings.resolve_config(train.default_config() | {"max_tokens": 10, "max_epochs": 1.0})
     # a checkpoint's max_tokens gives way to a max_iters given on resume
     assert settings.settle_run_length(c, {"max_iters"}, 5_000)["max_tokens"] is None
+
+
+def test_an_unknown_gpu_gets_no_made_up_mfu(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA Future X1")
+    assert settings.resolve_peak_flops(None, "cuda") is None
+    out = capsys.readouterr().out
+    assert "warning: no bf16 peak known for 'NVIDIA Future X1', so no MFU is shown; pass --peak_flops=" in out
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    assert settings.resolve_peak_flops(None, "cuda") == 989e12 and capsys.readouterr().out == ""

@@ -13,11 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixture_corpus import make_stories, write_endoftext
+from test_cpu_speedups import REALLOCATION_FAULTS
 
 import dataloader
 import memory
-import tinystories
 import train
 from checkpoint import from_checkpoint, write_llama2c
 from configurator import parse_config
@@ -41,17 +40,6 @@ FIRST_LOG_LINE = re.compile(r"^iter 1 \| loss \d+\.\d{4} \| lr \d\.\d\de[+-]\d\d
 # ----------------------------------------------------------------------------- helpers
 
 
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory) -> Path:
-    # the synthetic corpus with its own 512-token vocabulary, made by the data stage's own functions
-    root = tmp_path_factory.mktemp("train_data")
-    text = root / "stories.txt"
-    write_endoftext(text, make_stories(1500, seed=3))
-    tinystories.train_vocab(root, 512, input=text, name="fixture")
-    tinystories.prepare(root, text, "fixture", vocab_size=512)
-    return root
-
-
 def run_train(args, data_dir, out_dir, torchrun=0, timeout=240) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1")  # tiny models: one thread each is fastest on a shared CPU
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"] \
@@ -69,6 +57,19 @@ def read_metrics(out_dir) -> tuple[list[dict], list[dict]]:
     with open(out_dir / "metrics.jsonl", encoding="utf-8") as f:
         records = [json.loads(line) for line in f]
     return [r for r in records if "loss" in r], [r for r in records if "val_loss" in r]
+
+
+def assert_same_losses(a, b, evals=True):
+    """Two runs' training losses and gradient norms, iteration by iteration (and their evals, unless the runs
+    have different numbers of processes, whose evals average different numbers of batches)."""
+    (logs_a, evals_a), (logs_b, evals_b) = read_metrics(a), read_metrics(b)
+    assert [r["iter"] for r in logs_a] == [r["iter"] for r in logs_b]
+    compared = [("loss", logs_a, logs_b), ("grad_norm", logs_a, logs_b)]
+    if evals:
+        assert [r["iter"] for r in evals_a] == [r["iter"] for r in evals_b]
+        compared.append(("val_loss", evals_a, evals_b))
+    for key, first, second in compared:
+        assert [r[key] for r in first] == pytest.approx([r[key] for r in second], rel=1e-4, abs=1e-6), key
 
 
 def assert_one_line_error(result, *fragments):
@@ -301,10 +302,28 @@ def test_finetune_from_a_llama2c_file(short_run, data_dir, tmp_path):
     logs, evals = read_metrics(out)
     assert [r["iter"] for r in logs] == list(range(1, 9)) and logs[0]["tokens"] == 2 * 8 * 32  # a new run
     assert abs(logs[0]["loss"] - source_evals[-1]["train_loss"]) < 0.3, (logs[0], source_evals[-1])
-    assert evals[-1]["val_loss"] < source_evals[-1]["val_loss"]  # and training goes on from there
+    # the starting point is evaluated first: the source model's loss on this data, as its own run measured it
+    assert evals[0]["iter"] == 0 and evals[0]["val_loss"] == pytest.approx(source_evals[-1]["val_loss"], rel=1e-4)
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]  # and training goes on from there
+    assert "warning" not in result.stdout
     model, ckpt = from_checkpoint(out / "ckpt.pt")
     assert ckpt["iter_num"] == 8 and ckpt["model_args"]["dim"] == 32 and ckpt["config"]["dim"] == 32
     assert ckpt["config"]["init_from"] == str(source)
+
+
+def test_a_model_worse_than_uniform_on_its_new_data_is_flagged(short_run, data_dir, tmp_path):
+    # a llama2.c file carries no tokenizer: one made with another vocabulary of the same size (here, the
+    # short run's model with its token ids shuffled) would otherwise fine-tune silently on the wrong tokens
+    model = from_checkpoint(short_run[0] / "ckpt.pt")[0]
+    with torch.no_grad():
+        model.tok_embeddings.weight.copy_(model.tok_embeddings.weight[torch.randperm(512, generator=torch.Generator()
+                                                                                     .manual_seed(0))])
+    source = tmp_path / "other_vocabulary.bin"
+    write_llama2c(source, model)
+    result = ok(run_train([f"--init_from={source}", "--max_iters=1", "--eval_interval=1"], data_dir, tmp_path / "o"))
+    assert re.search(r"warning: the model starts at val loss \d+\.\d\d, worse than guessing uniformly among its "
+                     r"512 tokens \(ln 512 = 6\.24\): the data was almost surely tokenized with another "
+                     r"vocabulary than the model's", result.stdout), result.stdout
 
 
 def test_finetune_vocab_mismatch_names_the_data_it_needs(data_dir, tmp_path):
@@ -414,12 +433,7 @@ def test_ddp_two_processes_match_one_process(data_dir, tmp_path):
     ok(run_train(args, data_dir, single))
     result = ok(run_train(args, data_dir, ddp, torchrun=2))
     assert "2 process(es) x 2 accumulation step(s)" in result.stdout
-    single_logs, _ = read_metrics(single)
-    ddp_logs, _ = read_metrics(ddp)
-    assert len(ddp_logs) == 5
-    for a, b in zip(single_logs, ddp_logs):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6)
-        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4, abs=1e-6)
+    assert_same_losses(ddp, single, evals=False)
     ckpt = torch.load(ddp / "ckpt.pt", weights_only=False)
     assert len(ckpt["rng_state"]) == 2 and not any(k.startswith("module.") for k in ckpt["model"])
 
@@ -502,16 +516,7 @@ def test_a_bf16_run_resumes_in_float16(data_dir, tmp_path):
 TRAIN_THEN_REALLOCATE = """
 import resource, sys, torch, train
 train.train(train.parse_settings(sys.argv[1:]))
-def allocate_and_free():  # 256 MB, every page written, freed
-    x = torch.ones(64 * 2**20)
-    del x
-for _ in range(6):
-    allocate_and_free()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(4):
-    allocate_and_free()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-"""
+""" + REALLOCATION_FAULTS + "print(faults)"
 
 
 def test_train_in_process_leaves_the_allocator_alone(data_dir, tmp_path):
@@ -629,7 +634,7 @@ def test_batch_size_auto_keeps_the_tokens_per_iteration(data_dir, tmp_path, monk
 def test_a_run_measured_in_tokens(data_dir, tmp_path):
     result = ok(run_train(["--max_tokens=2048", "--eval_interval=100", "--print_model=True"], data_dir, tmp_path / "o"))
     assert re.search(r"^run: 4 iterations \(set by max_tokens=2048\) = 2,048 tokens = 0\.\d\d epochs, "
-                     r"0\.\d tokens per parameter;", result.stdout, re.M), result.stdout
+                     r"0\.\d tokens per parameter; device cpu \(1 CPU threads\)", result.stdout, re.M), result.stdout
     assert re.search(r"^  layers\.1\.feed_forward\.w2\.weight +32x96 +3,072$", result.stdout, re.M)
     logs, evals = read_metrics(tmp_path / "o")
     assert logs[-1]["iter"] == 4 and logs[-1]["tokens"] == 2048 and evals[-1]["iter"] == 4
@@ -644,3 +649,15 @@ def test_under_torchrun_a_bad_setting_is_said_once(data_dir, tmp_path):
     ours = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("error: ")]
     assert ours == ["error: unknown config key 'learnig_rate' (from --learnig_rate=1e-3); did you mean "
                     "'learning_rate'?"]
+
+
+def test_threads_default_to_half_the_cores(data_dir, tmp_path):
+    # with every core taken, another job on the machine stalls the step (tenfold, measured): half by default
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    result = ok(subprocess.run([sys.executable, TRAIN, *TINY, "--max_iters=1", "--eval_interval=1",
+                                f"--data_dir={data_dir}", f"--out_dir={tmp_path}"], capture_output=True, text=True,
+                               env=env, timeout=240))
+    half = max(1, len(os.sched_getaffinity(0)) // 2)
+    assert f"device cpu ({half} CPU threads)" in result.stdout
+    result = ok(run_train(["--max_iters=1", "--eval_interval=1", "--threads=2", "--overwrite=True"], data_dir, tmp_path))
+    assert "device cpu (2 CPU threads)" in result.stdout

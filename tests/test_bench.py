@@ -1,0 +1,38 @@
+"""The benchmark scripts are run by hand, not timed here; what they must get right is checked on a CPU."""
+import sys
+
+import pytest
+import torch
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "bench"))
+import bench_train  # noqa: E402
+
+
+@pytest.mark.slow  # dynamo traces the 260K model twice
+def test_bench_train_compiles_each_config_afresh_with_static_shapes(monkeypatch):
+    # four configs in one process: without a reset the 2nd-4th recompile with dynamic shapes, so their
+    # figures would not be the static graph a user's run compiles
+    events, real_compile = [], torch.compile
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: events.append("reset"))
+
+    def compile(model, **kwargs):
+        events.append(("compile", kwargs.get("dynamic")))
+        return real_compile(model, backend="eager", **kwargs)
+
+    monkeypatch.setattr(torch, "compile", compile)
+    args = bench_train.parse_args(["--compile", "--device", "cpu", "--batch_size", "1", "--iters", "1",
+                                   "--warmup", "1"])
+    for name in ("260k", "260k"):
+        assert bench_train.bench_config(name, args)["tok_s"] > 0
+    assert events == ["reset", ("compile", False)] * 2
+
+
+def test_gpu_check_reports_a_kernel_for_every_call_site(capsys):
+    import gpu_check
+
+    gpu_check.main(["--device", "cpu"])
+    lines = capsys.readouterr().out.splitlines()[1:]
+    assert len(lines) == 4  # two shapes x float32, bfloat16 (no float16 on CPU)
+    for line in lines:
+        assert "training=flash" in line and "prefill=flash" in line and "decode=flash" in line, line
