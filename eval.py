@@ -5,10 +5,14 @@ it writes when asked, and how often it uses the words a Words: instruction reque
     python eval.py --checkpoint=out/15m/ckpt.pt --input=data/valid.txt
     python eval.py --checkpoint=out/sft/ckpt.pt --input=instruct-valid.txt --out=responses.jsonl
     python eval.py --checkpoint=out/sft/ckpt.pt --input=stories.txt --words_from_story=3 --max_records=200
+    python eval.py --checkpoint=out/sft15m/ckpt.pt --input=data/TinyStories_all_data --held_out=True
 
 --input is anything `tinystories.py prepare` reads: stories or text (.txt, .json, .jsonl or a directory), or
 instruction records (instruct.py), told apart by content (--format to force one). Any checkpoint sample.py
 reads; --device, --dtype and --tokenizer as in sample.py.
+
+--held_out=True keeps the documents or records `prepare` puts in the validation split (0, 100, 200, ...):
+a model trained on data prepared from --input is measured on what it has not seen.
 
 Plain text: the documents are tokenized as in the shards (BOS before each) and every token after the first
 is predicted once, the stream cut into consecutive windows of the model's context (a window does not see
@@ -44,6 +48,7 @@ OPTIONS = {
     "input": ("", "the text, stories or instruction records to measure on (a file or a directory)"),
     "format": ("auto", f"how to read --input: auto, {', '.join(instruct.FORMATS)} (as tinystories.py prepare)"),
     "words_from_story": (0, "N > 0: plain stories become Words: instructions of N of their words (as prepare)"),
+    "held_out": (False, "True: only the records prepare holds out for validation (0, 100, 200, ... of --input)"),
     "tokenizer": ("", "sentencepiece .model; \"\" = the one recorded in the checkpoint"),
     "batch_size": (16, "context windows per forward pass"),
     "max_records": (None, "instruction records: the first N only (None = all)"),
@@ -118,7 +123,7 @@ def generate_responses(model, tok, template: str, records: list, cfg: dict):
 
 def evaluate(model, tok, checkpoint: dict, cfg: dict, ctx, say=print) -> dict:
     source = tinystories.InputRecords(cfg["input"], cfg["format"], cfg["words_from_story"])
-    items = list(source)
+    items = [item for i, item in enumerate(source) if not cfg["held_out"] or tinystories.is_val(i)]
     if not items:
         raise EvalError(f"no documents in {cfg['input']}")
     if source.skips.reasons:

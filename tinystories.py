@@ -82,7 +82,8 @@ def read_json_stories(path) -> list[str]:
 def input_files(path: Path) -> list[Path]:
     suffixes = (".txt", ".json", ".jsonl")
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in suffixes
+        # (meta.json: the description pretokenize and prepare write beside their shards, not text)
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in suffixes and p.name != "meta.json"
                        and not any(part.startswith(".") for part in p.relative_to(path).parts))
         if not files:
             raise DataError(f"no .txt, .json or .jsonl files in {path}")

@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import sentencepiece as spm
 import torch
@@ -20,6 +21,7 @@ import sample
 import tinystories as ts
 import train
 from checkpoint import write_hf
+from dataloader import mask_name
 from tokenizer import Tokenizer
 
 SEP = "\n<|endoftext|>\n"
@@ -205,12 +207,28 @@ def test_tuning_on_words_from_its_stories_makes_a_model_use_the_requested_words(
               "--learning_rate=2e-3", "--device=cpu", f"--data_dir={tmp_path}"]
     train.train(train.parse_settings(common + ["--dataset=plain", "--max_iters=250", "--eval_interval=250",
                                                f"--out_dir={tmp_path / 'base'}"]))
-    train.train(train.parse_settings(common + ["--dataset=words", "--max_iters=150", "--eval_interval=150",
-                                               f"--out_dir={tmp_path / 'tuned'}", f"--init_from={tmp_path / 'base'}/ckpt.pt"]))
+    # copying a requested word into its place in the story is learnt late: ~2M tokens at this size
+    train.train(train.parse_settings(common + ["--dataset=words", "--max_iters=1000", "--eval_interval=1000",
+                                               "--learning_rate=3e-3", f"--out_dir={tmp_path / 'tuned'}",
+                                               f"--init_from={tmp_path / 'base'}/ckpt.pt"]))
     scores = {name: eval.main([f"--checkpoint={tmp_path / name / 'ckpt.pt'}", f"--input={tmp_path / 'held_out.txt'}",
                                "--words_from_story=3", "--max_new_tokens=150"])
               for name in ("base", "tuned")}
     base, tuned = scores["base"], scores["tuned"]
-    assert tuned["words_used_share"] > 2 * base["words_used_share"] and tuned["words_used_share"] > 0.3, scores
-    assert tuned["words_share"] >= base["words_share"] + 0.1, scores
+    # the base uses a third of the requested words (the fixture's stories share many words) and meets no
+    # constraint; the tuned model about two thirds, and meets all three words in a good share of stories
+    assert tuned["words_used_share"] > 1.5 * base["words_used_share"] and tuned["words_used_share"] > 0.5, scores
+    assert tuned["words_share"] >= base["words_share"] + 0.15, scores
     assert tuned["loss"] < base["loss"]  # on the held-out stories' responses
+
+
+def test_held_out_measures_the_records_prepare_held_out(tmp_path, tok_path, ckpts):
+    # eval --held_out=True on the input of a prepared dataset reads exactly its validation shard's tokens
+    write_endoftext(tmp_path / "s.txt", make_stories(250, seed=9))
+    ts.prepare(tmp_path, tmp_path / "s.txt", "words", tokenizer=tok_path, words_from_story=3)
+    result = eval.main([f"--checkpoint={ckpts['story']}", f"--input={tmp_path / 's.txt'}", "--words_from_story=3",
+                        "--held_out=True", "--max_new_tokens=2"])
+    val = tmp_path / "words" / "data00.bin"
+    mask = np.fromfile(val.with_name(mask_name(val.name)), dtype=np.uint8)
+    assert result["records"] == 3  # records 0, 100 and 200
+    assert result["tokens"] == val.stat().st_size // 2 == len(mask) and result["targets"] == int(mask.sum())

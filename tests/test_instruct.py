@@ -20,6 +20,7 @@ from test_export import tiny_model, train_tokenizer
 
 import dataloader
 import instruct
+import runs
 import tinystories as ts
 import train
 from checkpoint import from_checkpoint, write_hf
@@ -104,8 +105,13 @@ def test_tinystories_json_shards(tmp_path, tok_path):
              {"story": "Sun.", "summary": "The sun shone."},
              {"story": "Nothing asked."},
              {"story": "", "summary": "No story."}]
-    (tmp_path / "data00.json").write_text(json.dumps(items), encoding="utf-8")
-    out = prepare(tmp_path, tok_path, tmp_path / "data00.json")
+    # the folder as pretokenize leaves it: its token shards and their meta.json beside the JSON
+    shards = tmp_path / "TinyStories_all_data"
+    shards.mkdir()
+    (shards / "data00.json").write_text(json.dumps(items), encoding="utf-8")
+    (shards / "meta.json").write_text(json.dumps({"tokenizer": str(tok_path), "vocab_size": 400}), encoding="utf-8")
+    (shards / "data00.bin").write_bytes(b"\0\0")
+    out = prepare(tmp_path, tok_path, shards)
     assert decoded_records(out) == [story("Words: dog, see\nFeatures: Dialogue\nSummary: Lily and a dog.",
                                           "Lily saw a dog."),
                                     story("Words: cat", "A cat ran."), story("Summary: The sun shone.", "Sun.")]
@@ -378,7 +384,7 @@ def test_the_loss_is_the_mean_over_the_response_tokens_of_the_whole_iteration(sf
     train.train(train.parse_settings(TINY + ["--max_iters=1", f"--data_dir={root}", f"--out_dir={tmp_path}",
                                              f"--init_from={base}"]))
     assert "instruction data: loss on " in capsys.readouterr().out
-    logged = json.loads((tmp_path / "metrics.jsonl").read_text(encoding="utf-8").splitlines()[0])
+    logged = runs.read_metrics(tmp_path)[0][0]  # the first log record (an eval of the base comes before it)
 
     # by hand: the same four micro-batches, one forward over all of them, the mean over the counted targets
     model, _ = from_checkpoint(base)
@@ -435,7 +441,7 @@ def test_ddp_and_accumulation_give_the_single_process_loss(sft_data, tmp_path):
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
         lines = (tmp_path / name / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
         logs[name] = [json.loads(line) for line in lines]
-    assert len(logs["ddp"]) == len(logs["single"]) == 4  # 3 steps and the final eval
+    assert len(logs["ddp"]) == len(logs["single"]) == 5  # the base's eval, 3 steps and the final eval
     for a, b in zip(logs["single"], logs["ddp"]):
         for key in ("loss", "grad_norm", "train_loss", "val_loss"):
             if key in a:
