@@ -50,7 +50,7 @@ def decoded_records(shard_dir) -> list[list[tuple[str, bool]]]:
         ids = np.fromfile(shard, np.uint16).tolist()
         learn = np.fromfile(shard.with_suffix(".mask"), np.uint8).tolist()
         assert len(learn) == len(ids) and set(learn) <= {0, 1}
-        for i, (t, m) in enumerate(zip(ids, learn)):
+        for t, m in zip(ids, learn):
             if t == tok.bos_id:
                 assert m == 0
                 records.append([])
@@ -58,10 +58,10 @@ def decoded_records(shard_dir) -> list[list[tuple[str, bool]]]:
                 records[-1].append(([t], bool(m)))
             else:
                 records[-1][-1][0].append(t)
-    for runs in records:
-        for ids, response in runs:
+    for pieces in records:
+        for ids, response in pieces:
             assert (ids[-1] == tok.eos_id) == response and tok.eos_id not in ids[:-1]
-    return [[(tok.decode(ids[:-1] if response else ids), response) for ids, response in runs] for runs in records]
+    return [[(tok.decode(ids[:-1] if response else ids), response) for ids, response in pieces] for pieces in records]
 
 
 def story(prompt: str, response: str) -> list[tuple[str, bool]]:
@@ -313,7 +313,9 @@ def test_hf_chat_template_gives_the_same_tokens(tmp_path, tok_path, request, voc
                  template=template)
         assert from_checkpoint(out)[1]["template"]["name"] == template  # read back
         hf = transformers.AutoTokenizer.from_pretrained(out, local_files_only=True)
-        ids = lambda m, **kw: list(hf.apply_chat_template(m, tokenize=True, return_dict=True, **kw)["input_ids"])
+
+        def ids(m, hf=hf, **kw):
+            return list(hf.apply_chat_template(m, tokenize=True, return_dict=True, **kw)["input_ids"])
         assert ids(records[0]) == instruct.encode_records(tok, template, records)[0].tolist()
         assert ids(records[0][:-1], add_generation_prompt=True) == instruct.prompt_ids(tok, template, records[0][:-1])
 
