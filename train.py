@@ -358,7 +358,7 @@ def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str)
         checkpoint = checkpoint or read_checkpoint(init_path, device)
         check_vocabulary(checkpoint, init_path, meta, shard_dir)
         if not resume:
-            c = settings.for_finetune(c, checkpoint["model_args"], init_path)
+            c = settings.for_finetune(c, checkpoint["model_args"], init_path, given)
     args = ModelArgs.from_dict(c)
     if c["auto_batch_size"]:
         c.update(settings.choose_batch_size(c, args, world_size, device))
