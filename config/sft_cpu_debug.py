@@ -1,6 +1,6 @@
 # Instruction-tunes the CPU debug model (config/train_cpu_debug.py) on Words: instructions made from the
 # fixture corpus' own stories: a laptop-sized check of the whole instruction path (masked loss, template,
-# sample.py --instruction, eval.py's Words: score), about a minute on 2 cores. A model this small learns
+# sample.py --instruction, eval.py's Words: score), one to two minutes on 2 cores. A model this small learns
 # to put the requested words into its story only after ~2 M tokens, hence the high learning rate.
 # Data first (after the debug run, with its vocabulary):
 #   python tinystories.py prepare --input data/fixture_stories.txt --name fixture_words \
