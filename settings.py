@@ -144,12 +144,13 @@ def for_resume(c: dict, saved: dict, given: set, path: str) -> dict:
     return c
 
 
-def for_finetune(c: dict, saved_args: dict, path: str) -> dict:
-    # the model's shape is the checkpoint's; dropout and max_seq_len stay the config's
+def for_finetune(c: dict, saved_args: dict, path: str, given: set) -> dict:
+    # the model's shape is the checkpoint's; dropout and max_seq_len stay the config's. The note names the
+    # shape settings given (config file or command line) that the checkpoint overrules, not the defaults.
     c = dict(c)
     saved, wanted = ModelArgs.from_dict(saved_args), ModelArgs.from_dict(c)
     shape = [f.name for f in fields(ModelArgs) if f.name not in NOT_SHAPE + ("multiple_of",)]
-    diffs = [k for k in shape if getattr(saved, k) != getattr(wanted, k)]  # multiple_of only derives hidden_dim
+    diffs = [k for k in shape if k in given and getattr(saved, k) != getattr(wanted, k)]
     if diffs:
         print0(f"note: the model's shape comes from {path}: "
                + ", ".join(f"{k}={getattr(saved, k)!r} (config: {getattr(wanted, k)!r})" for k in diffs))

@@ -265,15 +265,17 @@ def evaluate(model, loaders: dict, eval_iters: int, world_size: int, device, ctx
     losses = {}
     for split, loader in loaders.items():
         loader.rewind()
-        total = torch.zeros((), device=device)
+        total = torch.zeros(2, device=device)  # the summed loss and the number of targets (masked: responses)
         for _ in range(eval_iters):
             x, y = loader.next_batch()
             with ctx:
                 _, loss = model(x, y)
-            total += loss.float()
+            counted = (y != -1).sum().float()
+            total += torch.stack([torch.where(counted > 0, loss.float() * counted, 0.0), counted])
         if world_size > 1:
             dist.all_reduce(total)  # every rank evaluates its own batches; the mean is over all of them
-        losses[split] = total.item() / (eval_iters * world_size)
+        loss_sum, counted = total.tolist()
+        losses[split] = loss_sum / max(counted, 1)
     model.train()
     return losses
 
@@ -356,7 +358,7 @@ def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str)
         checkpoint = checkpoint or read_checkpoint(init_path, device)
         check_vocabulary(checkpoint, init_path, meta, shard_dir)
         if not resume:
-            c = settings.for_finetune(c, checkpoint["model_args"], init_path)
+            c = settings.for_finetune(c, checkpoint["model_args"], init_path, given)
     args = ModelArgs.from_dict(c)
     if c["auto_batch_size"]:
         c.update(settings.choose_batch_size(c, args, world_size, device))
@@ -440,6 +442,9 @@ def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str)
         print0(lora.summary(raw_model) + f"; base {lora_base['path']}")
     print0(f"tokens per iteration: {tokens_per_iter:,} = {world_size} process(es) x {accum_steps} accumulation "
            f"step(s) x {c['batch_size']} batch x {c['max_seq_len']} tokens")
+    if loader.masked:
+        print0(f"instruction data: loss on {loader.loss_share:.0%} of tokens (the responses; "
+               f"{meta['instruction']['template']['name']} template)")
     print0(f"run: {c['max_iters']:,} iterations{length} = {budget:,} tokens = "
            f"{budget / loader.tokens_per_epoch:.2f} epochs, {budget / params:.1f} tokens per parameter; "
            f"device {device}" + (f" ({torch.get_num_threads()} CPU threads)" if device_type == "cpu" else "")
@@ -475,7 +480,7 @@ def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str)
         return {"iter_num": iter_num}
     if rng_to_restore is not None:
         runs.set_rng_state(rng_to_restore)  # last, so that nothing above draws from the restored streams
-    x, y = loader.next_batch()
+    batches = [loader.next_batch() for _ in range(accum_steps)]  # an iteration's micro-batches, made ahead
 
     while iter_num < c["max_iters"]:
         lr = get_lr(iter_num, c["learning_rate"], c["warmup_iters"], c["lr_decay_iters"], c["min_lr"]) \
@@ -483,18 +488,30 @@ def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str)
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        # gradient accumulation: accum_steps micro-batches per optimizer step on each process
+        # The loss is the mean over the iteration's targets, all micro-batches of all ranks. Every target
+        # counts in pretraining, the same number per micro-batch: each micro-batch's mean / accum_steps. With
+        # instruction data only response tokens count, a different number per micro-batch: each mean is
+        # weighted by its count n, times world_size / the total (DDP averages the gradients over ranks).
+        if loader.masked:
+            counts = [(y != -1).sum() for _, y in batches]
+            total = torch.stack(counts).sum()
+            if ddp:
+                dist.all_reduce(total)  # a tensor op: the host does not wait for it
+            weights = [n * world_size / total.clamp(min=1) for n in counts]
         loss_sum = torch.zeros((), device=device)
         for micro_step in range(accum_steps):
             last = micro_step == accum_steps - 1
+            x, y = batches[micro_step]
             # under DDP the gradients are all-reduced once, in the last micro-step's backward
             with nullcontext() if last or not ddp else train_model.no_sync():
                 with ctx:
                     _, loss = train_model(x, y)
-                    loss = loss / accum_steps  # gradients add up over micro-steps: this makes them a mean
-                # the next micro-batch (after the last one, the next iteration's first) is made while the
-                # GPU works, before anything below waits for it
-                x, y = loader.next_batch()
+                    if loader.masked:  # (a micro-batch without a response has a NaN mean and weight 0)
+                        loss = torch.where(weights[micro_step] > 0, loss * weights[micro_step], 0.0)
+                    else:
+                        loss = loss / accum_steps
+                # the next iteration's micro-batch is made while the GPU works, before anything below waits
+                batches[micro_step] = loader.next_batch()
                 scaler.scale(loss).backward()
             loss_sum += loss.detach().float()
         scaler.unscale_(optimizer)  # clip and report the true gradients, not the fp16-scaled ones
@@ -512,7 +529,7 @@ def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str)
         if iter_num % c["log_interval"] == 0 or iter_num == c["max_iters"]:
             if ddp:
                 dist.all_reduce(loss_sum)  # SUM (gloo has no AVG): the mean over ranks of the micro-step means
-                loss_sum /= world_size
+                loss_sum /= world_size  # (weighted by world_size / total with instruction data: the mean)
             lossf = loss_sum.item()  # waits for the GPU, so the time below is real
             dt = progress.window()  # None at the first step: compiling and warming up, not timed
             norm = grad_norm.item()
@@ -562,8 +579,10 @@ def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str)
                 state = {**lora.checkpoint_entries(raw_model, lora_base), "model_args": asdict(raw_model.args),
                          "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "config": c,
                          "iter_num": iter_num, "tokens_seen": tokens_seen, "best_val_loss": best_val_loss,
-                         "loader_state": loader.state_dict(unused=1), "rng_state": rng_states,
+                         "loader_state": loader.state_dict(unused=accum_steps), "rng_state": rng_states,
                          "tokenizer": meta["tokenizer"], "elapsed_s": progress.elapsed()}
+                if "instruction" in meta:  # sample.py and eval.py prompt the model as it was trained
+                    state["template"] = meta["instruction"]["template"]
             written = on_master(runs.save_checkpoints, c["out_dir"], state, latest, improved,
                                 c["keep_checkpoints"], save_checkpoint)
             if master:

@@ -84,11 +84,19 @@ def write_endoftext(path: str, stories: list[str]) -> None:
             f.write(story + "\n<|endoftext|>\n")
 
 
+def json_record(story: str) -> dict:
+    # a record shaped like TinyStories' own: the story, the words and features it was written to, a summary
+    words = [w for kind in ("animals", "things", "verbs") for w in WORDS[kind] if f" {w}" in story][:3]
+    return {"story": story, "instruction": {"prompt:": "", "words": words,
+                                            "features": ["Dialogue"] if '"' in story else []},
+            "summary": story.split(". ")[0] + ".", "source": "fixture"}
+
+
 def write_json_shards(out_dir: str, stories: list[str], shards: int) -> None:
     os.makedirs(out_dir, exist_ok=True)
     per = -(-len(stories) // shards)
     for i in range(shards):
-        chunk = [{"story": s} for s in stories[i * per : (i + 1) * per]]
+        chunk = [json_record(s) for s in stories[i * per : (i + 1) * per]]
         with open(os.path.join(out_dir, f"data{i:02d}.json"), "w", encoding="utf-8") as f:
             json.dump(chunk, f)
 

@@ -50,7 +50,7 @@ def shrunk(line: str, iters: int) -> str:
         extra = SMALL_MODEL + [f"--max_iters={iters}"]
     elif script == "demo.py":
         extra = ["--max_iters=20", "--eval_interval=10", "--warmup_iters=5"]
-    elif script == "sample.py":
+    elif script in ("sample.py", "eval.py"):
         extra = ["--max_new_tokens=16"]
     elif script == "tinystories.py" and "--vocab_size" in words and "0" not in words:
         extra = ["--vocab_size", "512"]  # own vocabularies of a corpus this small

@@ -298,7 +298,8 @@ def test_finetune_from_a_llama2c_file(short_run, data_dir, tmp_path):
     _, source_evals = read_metrics(short_run[0])
     out = tmp_path / "ft"
     result = ok(run_train([f"--init_from={source}", "--dim=64", "--max_iters=8", "--eval_interval=4"], data_dir, out))
-    assert f"note: the model's shape comes from {source}: dim=32 (config: 64)" in result.stdout
+    # (the settings given; not hidden_dim, which the config derives from dim)
+    assert f"note: the model's shape comes from {source}: dim=32 (config: 64)\n" in result.stdout
     logs, evals = read_metrics(out)
     assert [r["iter"] for r in logs] == list(range(1, 9)) and logs[0]["tokens"] == 2 * 8 * 32  # a new run
     assert abs(logs[0]["loss"] - source_evals[-1]["train_loss"]) < 0.3, (logs[0], source_evals[-1])
