@@ -17,13 +17,14 @@ import torch
 import torch.nn.functional as F
 from fixture_corpus import make_stories, write_endoftext
 from test_export import tiny_model, train_tokenizer
+from test_train import assert_same_losses
 
 import dataloader
 import instruct
 import runs
 import tinystories as ts
 import train
-from checkpoint import from_checkpoint, write_hf
+from checkpoint import from_checkpoint, write_hf, write_llama2c
 from dataloader import DataError, read_meta
 from tokenizer import Tokenizer
 
@@ -448,3 +449,24 @@ def test_ddp_and_accumulation_give_the_single_process_loss(sft_data, tmp_path):
         for key in ("loss", "grad_norm", "train_loss", "val_loss"):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-5), key
+
+
+@pytest.mark.slow
+def test_an_instruction_run_resumes_exactly_and_exports_as_an_ordinary_model(sft_data, tmp_path):
+    root, base = sft_data
+    common = TINY + ["--eval_interval=2", "--lr_decay_iters=6", f"--data_dir={root}", "--dropout=0.1"]
+    train.train(train.parse_settings(common + ["--max_iters=6", f"--out_dir={tmp_path / 'whole'}",
+                                               f"--init_from={base}"]))
+    train.train(train.parse_settings(common + ["--max_iters=4", f"--out_dir={tmp_path / 'split'}",
+                                               f"--init_from={base}"]))
+    train.train(train.parse_settings(common + ["--max_iters=6", f"--out_dir={tmp_path / 'split'}",
+                                               "--init_from=resume"]))
+    assert_same_losses(tmp_path / "split", tmp_path / "whole")
+
+    # llama2.c's format holds the weights alone: the same logits, the template left behind
+    model, ckpt = from_checkpoint(tmp_path / "whole" / "ckpt.pt")
+    write_llama2c(tmp_path / "tuned.bin", model)
+    again, _ = from_checkpoint(tmp_path / "tuned.bin")
+    x = torch.randint(0, 400, (2, 32))
+    torch.testing.assert_close(again.eval()(x, x)[0], model.eval()(x, x)[0])
+    assert ckpt["template"]["name"] == "story"
