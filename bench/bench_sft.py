@@ -50,6 +50,7 @@ def main() -> None:
     p.add_argument("--work", default="/tmp/bench_sft", help="data and runs go here")
     p.add_argument("--pretrain_iters", type=int, default=2000)
     p.add_argument("--tune_iters", type=int, default=1000)
+    p.add_argument("--batch_size", type=int, default=32, help="sequences of 256 tokens per iteration")
     p.add_argument("--records", type=int, default=200, help="validation stories to generate for")
     args = p.parse_args()
     src = os.path.join(os.path.abspath(args.shared), "data", "tinystories")
@@ -67,7 +68,7 @@ def main() -> None:
          "--tokenizer", tok], ROOT)
     run(["tinystories.py", "prepare", f"--data_dir={w('data')}", "--input", train_txt, "--name", "words",
          "--tokenizer", tok, "--words_from_story", "3"], ROOT)
-    common = [*SHAPE, "--max_seq_len=256", "--batch_size=32", "--gradient_accumulation_steps=1", "--dropout=0.0",
+    common = [*SHAPE, "--max_seq_len=256", f"--batch_size={args.batch_size}", "--gradient_accumulation_steps=1", "--dropout=0.0",
               "--compile=False", "--device=cpu", f"--data_dir={w('data')}", "--eval_iters=10",
               "--log_interval=100", "--overwrite=True"]
     run(["train.py", *common, "--dataset=plain", "--learning_rate=2e-3", "--warmup_iters=100",
@@ -80,7 +81,7 @@ def main() -> None:
     scores = {name: (evaluate(w(name, "ckpt.pt"), valid_txt, args, words=True),
                      evaluate(w(name, "ckpt.pt"), valid_txt, args, words=False))
               for name in ("base", "tuned")}
-    print(f"\n260K shape, {args.pretrain_iters} pretraining + {args.tune_iters} tuning iterations of 32 x 256 "
+    print(f"\n260K shape, {args.pretrain_iters} pretraining + {args.tune_iters} tuning iterations of {args.batch_size} x 256 "
           f"tokens; {args.records} validation stories ({time.time() - t0:.0f} s in all)\n")
     print("| model | Words: constraints met | requested words used | loss on the responses | "
           "plain validation stories, bits per byte |")
