@@ -68,8 +68,8 @@ def main() -> None:
          "--tokenizer", tok], ROOT)
     run(["tinystories.py", "prepare", f"--data_dir={w('data')}", "--input", train_txt, "--name", "words",
          "--tokenizer", tok, "--words_from_story", "3"], ROOT)
-    common = [*SHAPE, "--max_seq_len=256", f"--batch_size={args.batch_size}", "--gradient_accumulation_steps=1", "--dropout=0.0",
-              "--compile=False", "--device=cpu", f"--data_dir={w('data')}", "--eval_iters=10",
+    common = [*SHAPE, "--max_seq_len=256", f"--batch_size={args.batch_size}", "--gradient_accumulation_steps=1",
+              "--dropout=0.0", "--compile=False", "--device=cpu", f"--data_dir={w('data')}", "--eval_iters=10",
               "--log_interval=100", "--overwrite=True"]
     run(["train.py", *common, "--dataset=plain", "--learning_rate=2e-3", "--warmup_iters=100",
          f"--max_iters={args.pretrain_iters}", f"--eval_interval={args.pretrain_iters}",
@@ -81,8 +81,8 @@ def main() -> None:
     scores = {name: (evaluate(w(name, "ckpt.pt"), valid_txt, args, words=True),
                      evaluate(w(name, "ckpt.pt"), valid_txt, args, words=False))
               for name in ("base", "tuned")}
-    print(f"\n260K shape, {args.pretrain_iters} pretraining + {args.tune_iters} tuning iterations of {args.batch_size} x 256 "
-          f"tokens; {args.records} validation stories ({time.time() - t0:.0f} s in all)\n")
+    print(f"\n260K shape, {args.pretrain_iters} pretraining + {args.tune_iters} tuning iterations of "
+          f"{args.batch_size} x 256 tokens; {args.records} validation stories ({time.time() - t0:.0f} s in all)\n")
     print("| model | Words: constraints met | requested words used | loss on the responses | "
           "plain validation stories, bits per byte |")
     print("| --- | --- | --- | --- | --- |")
