@@ -16,7 +16,8 @@ from model import ModelArgs, Transformer
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.gpu
-SMALL = ModelArgs(dim=128, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=512, multiple_of=32, max_seq_len=128)
+SMALL = ModelArgs(dim=128, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=512, multiple_of=32,
+                  max_seq_len=128)
 
 
 def batch(args: ModelArgs, B=4):
