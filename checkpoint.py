@@ -555,7 +555,8 @@ def read_hf(path) -> dict:
     state = from_hf_state_dict({k: v.float() for k, v in load_file(weights_path).items()}, args)
     if not _shared_classifier(state):
         raise CheckpointError(f"{path} has an untied lm_head; model.py ties it to the token embedding")
-    tokenizer, tokenizer_config = (os.path.join(path, name) for name in ("tokenizer.model", "tokenizer_config.json"))
+    tokenizer, tokenizer_config = (os.path.join(path, name)
+                                   for name in ("tokenizer.model", "tokenizer_config.json"))
     checkpoint = {"model": state, "model_args": asdict(args), "source": os.path.abspath(path),
                   "tokenizer": os.path.abspath(tokenizer) if os.path.isfile(tokenizer) else None}
     if os.path.isfile(tokenizer_config):  # one of our instruction templates, exported by write_hf

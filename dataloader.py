@@ -284,7 +284,7 @@ class BatchLoader:
         self.consumed, self._workers = 0, None
 
     def state_dict(self, unused: int = 0) -> dict:
-        """unused: batches already returned but not trained on yet (fetched ahead): they come again on resume."""
+        """unused: batches returned but not trained on yet (fetched ahead): they come again on resume."""
         consumed = self.consumed - unused
         g = self.rank + self.world_size * consumed
         shards, starts = self.batches.locate(g)

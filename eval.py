@@ -46,9 +46,12 @@ from fileio import atomic_write
 OPTIONS = {
     "checkpoint": ("out/ckpt.pt", "train.py's checkpoint, a llama2.c .bin, or a Hugging Face directory"),
     "input": ("", "the text, stories or instruction records to measure on (a file or a directory)"),
-    "format": ("auto", f"how to read --input: auto, {', '.join(instruct.FORMATS)} (as tinystories.py prepare)"),
-    "words_from_story": (0, "N > 0: plain stories become Words: instructions of N of their words (as prepare)"),
-    "held_out": (False, "True: only the records prepare holds out for validation (0, 100, 200, ... of --input)"),
+    "format": ("auto", f"how to read --input: auto, {', '.join(instruct.FORMATS)} "
+                       f"(as tinystories.py prepare)"),
+    "words_from_story": (0, "N > 0: plain stories become Words: instructions of N of their words "
+                            "(as prepare)"),
+    "held_out": (False, "True: only the records prepare holds out for validation "
+                        "(0, 100, 200, ... of --input)"),
     "tokenizer": ("", "sentencepiece .model; \"\" = the one recorded in the checkpoint"),
     "batch_size": (16, "context windows per forward pass"),
     "max_records": (None, "instruction records: the first N only (None = all)"),
@@ -68,10 +71,11 @@ class EvalError(Exception):
 
 
 def usage() -> str:
-    shown = {name: '""' if d == "" else d if isinstance(d, str) else repr(d) for name, (d, _) in OPTIONS.items()}
+    shown = {name: '""' if d == "" else d if isinstance(d, str) else repr(d)
+             for name, (d, _) in OPTIONS.items()}
     width = max(len(f"--{name}={value}") for name, value in shown.items())
-    lines = ["usage: python eval.py --checkpoint=CKPT --input=FILE [--key=value ...]", "", __doc__.strip(), "",
-             "options:"]
+    lines = ["usage: python eval.py --checkpoint=CKPT --input=FILE [--key=value ...]", "", __doc__.strip(),
+             "", "options:"]
     lines += [f"  {f'--{name}={shown[name]}':<{width}}  {text}" for name, (_, text) in OPTIONS.items()]
     return "\n".join(lines)
 
@@ -89,7 +93,8 @@ def check_settings(cfg: dict) -> dict:
 
 
 @torch.no_grad()
-def stream_loss(model, tokens: np.ndarray, mask: np.ndarray | None, batch_size: int, ctx) -> tuple[float, int]:
+def stream_loss(model, tokens: np.ndarray, mask: np.ndarray | None, batch_size: int,
+                ctx) -> tuple[float, int]:
     """(summed loss in nats, targets) over a token stream: every token after the first is a target (where
     mask is 1), predicted from the window of up to max_seq_len tokens before it that it shares."""
     T, device = model.args.max_seq_len, model.output.weight.device
@@ -134,8 +139,9 @@ def evaluate(model, tok, checkpoint: dict, cfg: dict, ctx, say=print) -> dict:
     else:
         trained = (checkpoint.get("template") or {}).get("name")
         if trained and trained != source.template:
-            raise EvalError(f"{cfg['checkpoint']} was tuned on the {trained} template but {cfg['input']} holds "
-                            f"{source.template}-template records ({', '.join(sorted(set(source.formats)))})")
+            raise EvalError(f"{cfg['checkpoint']} was tuned on the {trained} template but {cfg['input']} "
+                            f"holds {source.template}-template records "
+                            f"({', '.join(sorted(set(source.formats)))})")
         items = items[:cfg["max_records"]]
         tokens, mask = instruct.encode_records(tok, source.template, items)
         nbytes = sum(len(m["content"].encode("utf-8")) for r in items for m in r if m["role"] == "assistant")
@@ -144,8 +150,9 @@ def evaluate(model, tok, checkpoint: dict, cfg: dict, ctx, say=print) -> dict:
     loss = nats / max(targets, 1)
     result = {"documents": len(items), "tokens": len(tokens), "targets": targets, "loss": loss,
               "bits_per_byte": nats / math.log(2) / max(nbytes, 1), "perplexity": math.exp(loss)}
-    say(f"{cfg['input']}: {what}: {targets:,} tokens predicted ({nbytes:,} bytes) | loss {loss:.4f} per token | "
-        f"{result['bits_per_byte']:.4f} bits per byte | perplexity {result['perplexity']:.3f}")
+    say(f"{cfg['input']}: {what}: {targets:,} tokens predicted ({nbytes:,} bytes) | "
+        f"loss {loss:.4f} per token | {result['bits_per_byte']:.4f} bits per byte | "
+        f"perplexity {result['perplexity']:.3f}")
     if source.template is None:
         return result
 
@@ -157,13 +164,14 @@ def evaluate(model, tok, checkpoint: dict, cfg: dict, ctx, say=print) -> dict:
             asked, requested = asked + 1, requested + len(words)
             met += instruct.words_met(words, response)
             used += sum(instruct.words_met([w], response) for w in words)
-    result.update(records=len(rows), words_asked=asked, words_met=met, words_share=met / asked if asked else None,
+    result.update(records=len(rows), words_asked=asked, words_met=met,
+                  words_share=met / asked if asked else None,
                   words_used_share=used / requested if requested else None)
     how = "greedy" if cfg["temperature"] == 0 else f"temperature {cfg['temperature']}"
     say(f"generated {len(rows):,} responses ({how})" + (f": {cfg['out']}" if cfg["out"] else ""))
     if asked:
-        say(f"Words constraints met: {met:,} of {asked:,} ({met / asked:.1%}); requested words used: {used:,} of "
-            f"{requested:,} ({used / requested:.1%})")
+        say(f"Words constraints met: {met:,} of {asked:,} ({met / asked:.1%}); "
+            f"requested words used: {used:,} of {requested:,} ({used / requested:.1%})")
     if cfg["out"]:
         with atomic_write(cfg["out"]) as tmp, open(tmp, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
@@ -185,8 +193,8 @@ def main(argv=None) -> dict | None:
         model, checkpoint = sample.load_model(cfg["checkpoint"], device)
         tok = sample.load_tokenizer(cfg, checkpoint, model.args.vocab_size)
         model = model.to(dtype=runtime.DTYPES[dtype]).eval()
-        print(f"{model.num_params() / 1e6:.1f}M parameters from {cfg['checkpoint']}, tokenizer {tok.model_path}, "
-              f"{device} {dtype}", file=sys.stderr)
+        print(f"{model.num_params() / 1e6:.1f}M parameters from {cfg['checkpoint']}, "
+              f"tokenizer {tok.model_path}, {device} {dtype}", file=sys.stderr)
         return evaluate(model, tok, checkpoint, cfg, runtime.autocast(device, dtype))
     except (EvalError, sample.SampleError, ConfigError, DataError, instruct.InstructError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

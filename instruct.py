@@ -169,7 +169,8 @@ def parse_fields(text: str) -> dict:
     Text before the first field, or a field given twice, is an InstructError."""
     marks = list(_FIELD_LINE.finditer(text))
     if not marks or text[:marks[0].start()].strip():
-        raise InstructError("no field line (Words:, Features:, Random sentence:, Summary:, Story:) at the start")
+        raise InstructError("no field line (Words:, Features:, Random sentence:, Summary:, Story:) "
+                            "at the start")
     fields = {}
     for m, end in zip(marks, [m.start() for m in marks[1:]] + [len(text)]):
         if m[1] in fields:
@@ -199,7 +200,8 @@ def instruction_messages(template: str, text: str) -> list[dict]:
                             "instructions such as \"Words: dog, ball, happy\"") from None
     content = render_fields({k: v for k, v in fields.items() if k != "Story"})
     if not content:
-        raise InstructError(f"no instruction in {text.strip()[:60]!r}: give a field such as \"Words: dog, ball\"")
+        raise InstructError(f"no instruction in {text.strip()[:60]!r}: "
+                            "give a field such as \"Words: dog, ball\"")
     return [{"role": "user", "content": content}]
 
 
@@ -299,7 +301,8 @@ def _turn(m: dict) -> dict:
 # -----------------------------------------------------------------------------
 # Words: instructions from plain stories, and whether a response honours them
 
-# function words and TinyStories' boilerplate ("Once upon a time", "one day", "a little dog named"): never picked as a story's content words
+# function words and TinyStories' boilerplate ("Once upon a time", "one day", "a little dog named"):
+# never picked as a story's content words
 STOPWORDS = frozenset("""
 about above after again all also and any are around away back because been before being below both but
 came can could did does doing done down each even ever every for from get got had has have her here hers

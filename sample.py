@@ -2,17 +2,18 @@
 Generate stories from a trained model, streamed to stdout as the tokens come.
 
     python sample.py --prompt="Once upon a time" --num_samples=3
-    python sample.py --checkpoint=out/ckpt.pt --temperature=0              # greedy
+    python sample.py --checkpoint=out/ckpt.pt --temperature=0    # greedy
     python sample.py --checkpoint=stories15M.bin --tokenizer=data/llama2_tokenizer.model --top_p=0.9
     python sample.py --prompt_file=prompt.txt --max_new_tokens=500 --device=cuda --compile=True
-    python sample.py --checkpoint=out/hf                                    # export.py --format=hf's directory
-    python sample.py --checkpoint=out/sft/ckpt.pt --instruction="Words: dog, ball, happy"   # an instruction-tuned model
+    python sample.py --checkpoint=out/hf                          # export.py --format=hf's directory
+    python sample.py --checkpoint=out/sft/ckpt.pt --instruction="Words: dog, ball, happy"  # instruction-tuned
     python sample.py --checkpoint=out/sft/ckpt.pt --instruction_file=instructions.txt
-    python sample.py --checkpoint=out/lora/ckpt.pt                          # a LoRA fine-tune: base + adapters
+    python sample.py --checkpoint=out/lora/ckpt.pt                # a LoRA fine-tune: base + adapters
 
 The tokenizer is the one recorded in the checkpoint, or a Hugging Face directory's tokenizer.model
-(--tokenizer overrides it; a llama2.c .bin records none). Each story stops at the end-of-story token (BOS or EOS) or after max_new_tokens;
-samples (and instructions) are separated by a line of dashes. Settings and timing go to stderr, stories to stdout.
+(--tokenizer overrides it; a llama2.c .bin records none). Each story stops at the end-of-story token
+(BOS or EOS) or after max_new_tokens; samples (and instructions) are separated by a line of dashes.
+Settings and timing go to stderr, stories to stdout.
 
 --instruction renders the instruction in the template the checkpoint was tuned with (instruct.py; a story
 model takes fields such as "Words: dog, ball, happy", one a line, \n starting a new line; a chat model the
@@ -38,7 +39,8 @@ OPTIONS = {
     "tokenizer": ("", "sentencepiece .model; \"\" = the one recorded in the checkpoint"),
     "prompt": ("", "text the stories start with (\"\" = from scratch)"),
     "prompt_file": ("", "or read the prompt from this file (one trailing newline dropped)"),
-    "instruction": ("", "an instruction-tuned model: the instruction, in its template; prints the response only"),
+    "instruction": ("", "an instruction-tuned model: the instruction, in its template; "
+                        "prints the response only"),
     "instruction_file": ("", "or instructions from this file, one a line, or instruction records"),
     "num_samples": (1, "stories to generate"),
     "max_new_tokens": (256, "at most this many new tokens per story (fewer if the story ends)"),
@@ -94,7 +96,8 @@ def read_prompt(cfg: dict) -> str:
         with open(cfg["prompt_file"], encoding="utf-8") as f:
             text = f.read()
     except UnicodeDecodeError as e:
-        raise SampleError(f"prompt file {cfg['prompt_file']} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        raise SampleError(f"prompt file {cfg['prompt_file']} is not UTF-8 text "
+                          f"({e.reason} at byte {e.start})") from None
     return text[:-1] if text.endswith("\n") else text
 
 
@@ -105,25 +108,27 @@ def read_instructions(cfg: dict, checkpoint: dict) -> tuple[str, list[list[dict]
 
     template = (checkpoint.get("template") or {}).get("name")
     if template is None:
-        raise SampleError(f"{cfg['checkpoint']} records no instruction template (it was not tuned on instruction "
-                          "data): give it raw text with --prompt")
+        raise SampleError(f"{cfg['checkpoint']} records no instruction template "
+                          "(it was not tuned on instruction data): give it raw text with --prompt")
     path = cfg["instruction_file"]
     try:
         if not path:
-            return template, [instruct.instruction_messages(template, cfg["instruction"].replace("\\n", "\n"))]
+            instruction = cfg["instruction"].replace("\\n", "\n")
+            return template, [instruct.instruction_messages(template, instruction)]
         if not os.path.isfile(path):
             raise SampleError(f"instruction file not found: {path}")
         source = tinystories.InputRecords(path)
         records = list(source)
         if source.template is not None:  # records with their references: prompt with all but the reply
             if source.template != template:
-                raise SampleError(f"{path} holds {source.template}-template records but {cfg['checkpoint']} was "
-                                  f"tuned on the {template} template")
+                raise SampleError(f"{path} holds {source.template}-template records but "
+                                  f"{cfg['checkpoint']} was tuned on the {template} template")
             return template, [messages[:-1] for messages in records]
         with open(path, encoding="utf-8") as f:
             text = f.read()
         texts = text.split("<|endoftext|>") if "<|endoftext|>" in text else text.splitlines()
-        return template, [instruct.instruction_messages(template, t.replace("\\n", "\n")) for t in texts if t.strip()]
+        return template, [instruct.instruction_messages(template, t.replace("\\n", "\n"))
+                          for t in texts if t.strip()]
     except (instruct.InstructError, DataError) as e:
         raise SampleError(str(e)) from None
 
@@ -148,7 +153,8 @@ def load_tokenizer(cfg: dict, checkpoint: dict, vocab_size: int):
         raise SampleError(f"{cfg['checkpoint']} records no tokenizer (a llama2.c file?): "
                           "pass --tokenizer=path/to/tokenizer.model")
     if path.endswith(".bin"):
-        raise SampleError(f"{path} looks like llama2.c's tokenizer.bin; pass the sentencepiece .model it was made from")
+        raise SampleError(f"{path} looks like llama2.c's tokenizer.bin; "
+                          "pass the sentencepiece .model it was made from")
     if not os.path.isfile(path):
         hint = "" if cfg["tokenizer"] else " (the path recorded in the checkpoint; pass --tokenizer=PATH)"
         raise SampleError(f"tokenizer not found: {path}{hint}")
@@ -169,8 +175,8 @@ def encode_prompt(tok, text: str, max_seq_len: int) -> list[int]:
 
 def check_prompt(ids: list[int], max_seq_len: int) -> list[int]:
     if len(ids) >= max_seq_len:  # at least one position must be left for a new token
-        raise SampleError(f"the prompt is {len(ids)} tokens (with BOS) but the model's context is {max_seq_len}: "
-                          f"shorten it to at most {max_seq_len - 1} tokens")
+        raise SampleError(f"the prompt is {len(ids)} tokens (with BOS) but the model's context is "
+                          f"{max_seq_len}: shorten it to at most {max_seq_len - 1} tokens")
     return ids
 
 
@@ -201,14 +207,16 @@ def generate_story(model, tok, prompt_ids: list[int], cfg: dict, write, echo: bo
     # decode_stream keeps sentencepiece's leading-space rule and holds back the bytes of a
     # multi-byte character until it is complete, so the text equals tok.decode of all ids (of the new ids
     # alone, without the prompt: a response starts without the space that follows "Story:")
-    for text in tok.decode_stream(until_stop(stream, stop_ids(tok), new), prev_id=prompt_ids[-1] if echo else None):
+    for text in tok.decode_stream(until_stop(stream, stop_ids(tok), new),
+                                  prev_id=prompt_ids[-1] if echo else None):
         write(text)
     return new
 
 
 def usage() -> str:
     # defaults as they are typed on the command line: text without quotes
-    shown = {name: '""' if d == "" else d if isinstance(d, str) else repr(d) for name, (d, _) in OPTIONS.items()}
+    shown = {name: '""' if d == "" else d if isinstance(d, str) else repr(d)
+             for name, (d, _) in OPTIONS.items()}
     width = max(len(f"--{name}={value}") for name, value in shown.items())
     lines = ["usage: python sample.py [config.py ...] [--key=value ...]", "", __doc__.strip(), "", "options:"]
     lines += [f"  {f'--{name}={shown[name]}':<{width}}  {text}" for name, (_, text) in OPTIONS.items()]
@@ -237,13 +245,15 @@ def setup(argv):
         prompts = [encode_prompt(tok, prompt, model.args.max_seq_len)]
     else:
         template, instructions = read_instructions(cfg, checkpoint)
-        prompts = [check_prompt(instruct.prompt_ids(tok, template, m), model.args.max_seq_len) for m in instructions]
+        prompts = [check_prompt(instruct.prompt_ids(tok, template, m), model.args.max_seq_len)
+                   for m in instructions]
     model = model.to(dtype=dtype).eval()  # the KV cache follows the weights' dtype
     if cfg["compile"]:
-        # generate_stream runs self.hidden_states (this instance attribute) for the prefill and every decode step
+        # generate_stream runs self.hidden_states (an instance attribute) for the prefill and each decode step
         model.hidden_states = torch.compile(model.hidden_states)
     print(f"{model.num_params() / 1e6:.1f}M parameters from {cfg['checkpoint']}, tokenizer {tok.model_path}, "
-          f"{device} {str(dtype).removeprefix('torch.')}, {torch.get_num_threads()} CPU thread(s)", file=sys.stderr)
+          f"{device} {str(dtype).removeprefix('torch.')}, {torch.get_num_threads()} CPU thread(s)",
+          file=sys.stderr)
     return cfg, model, tok, prompts, echo
 
 
@@ -257,7 +267,8 @@ def main(argv=None):
     except (SampleError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    if hasattr(sys.stdout, "reconfigure"):  # a console that cannot show a character shows an escape, not a crash
+    # a console that cannot show a character shows an escape, not a crash
+    if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="backslashreplace")
 
     def write(text):
@@ -281,7 +292,8 @@ def main(argv=None):
         # (Python's recipe: point stdout at devnull so the flush at exit does not fail again)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
-    print(f"{n_tokens} tokens in {seconds:.2f} s: {n_tokens / max(seconds, 1e-9):.1f} tokens/s", file=sys.stderr)
+    print(f"{n_tokens} tokens in {seconds:.2f} s: {n_tokens / max(seconds, 1e-9):.1f} tokens/s",
+          file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ Instruction data (TinyStoriesInstruct text, TinyStories' JSON with its words/fea
 or chat JSONL; instruct.py describes them and the template) gets a loss mask beside each shard, so that
 training learns the responses only; --words_from_story=N makes such records from plain stories:
 
-    python tinystories.py prepare --input TinyStoriesInstruct-train.txt --name instruct       # Llama 2 vocabulary
+    python tinystories.py prepare --input TinyStoriesInstruct-train.txt --name instruct  # Llama 2 vocabulary
     python tinystories.py prepare --input my.txt --name words --words_from_story 3 --vocab_size 512
 
 Shards hold every document stripped, with BOS prepended, concatenated. data00.bin is the validation split,
@@ -83,7 +83,8 @@ def input_files(path: Path) -> list[Path]:
     suffixes = (".txt", ".json", ".jsonl")
     if path.is_dir():
         # (meta.json: the description pretokenize and prepare write beside their shards, not text)
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in suffixes and p.name != "meta.json"
+        files = sorted(p for p in path.rglob("*")
+                       if p.is_file() and p.suffix in suffixes and p.name != "meta.json"
                        and not any(part.startswith(".") for part in p.relative_to(path).parts))
         if not files:
             raise DataError(f"no .txt, .json or .jsonl files in {path}")
@@ -128,8 +129,8 @@ class InputRecords:
                             "stories only")
         template = "story" if self.words else instruct.TEMPLATE_OF.get(fmt)
         if self.formats and template != self.template:
-            raise DataError(f"{file} holds {fmt} records but {self.files[0]} holds {self.formats[0]}: prepare "
-                            "them as separate datasets, or force one reading with --format")
+            raise DataError(f"{file} holds {fmt} records but {self.files[0]} holds {self.formats[0]}: "
+                            "prepare them as separate datasets, or force one reading with --format")
         self.template = template
         self.formats.append(fmt)
         skips = instruct.Skips()
@@ -356,7 +357,8 @@ def _follow_log(path: Path, bar, done: threading.Event) -> None:
 def tinystories_shards(data_dir: Path) -> list[Path]:
     src = data_dir / TINYSTORIES_DIR
     if not (shards := list_shards(src, "json")):
-        raise DataError(f"no TinyStories data (dataNN.json) in {src}: run `{data_command('download', data_dir)}`")
+        raise DataError(f"no TinyStories data (dataNN.json) in {src}: "
+                        f"run `{data_command('download', data_dir)}`")
     return shards
 
 
@@ -447,7 +449,8 @@ def _prepare_jobs(source: InputRecords, input, tok: Tokenizer) -> Iterator[tuple
     size = lambda item: len(item) if isinstance(item, str) else sum(len(m["content"]) for m in item)
     for i, item in enumerate(source):
         if i == 0 and source.template and tok.eos_id < 0:
-            raise DataError(f"{tok.model_path} has no EOS token, which ends every response of instruction data")
+            raise DataError(f"{tok.model_path} has no EOS token, "
+                            "which ends every response of instruction data")
         if is_val(i):
             val.append(item)
             continue
@@ -583,7 +586,7 @@ def _encode_job(job: tuple, out_path: str) -> tuple[int, int, int | None]:
         for path, array in ((out, tokens), (out.with_name(mask_name(out.stem) + ".tmp"), mask)):
             if array is not None:
                 with open(path, "wb") as f:
-                    f.write(memoryview(array))  # not array.tofile(), whose error on a full disk is a byte count
+                    f.write(memoryview(array))  # not array.tofile(): its error on a full disk is a byte count
     return len(docs), len(tokens), None if mask is None else int(mask.sum())
 
 
@@ -599,8 +602,9 @@ def main(argv=None) -> int:
 
     p = sub.add_parser("download", parents=[common],
                        help="fetch and unpack TinyStories and the Llama 2 tokenizer")
-    p.add_argument("--url", help=f"URL, file:// URL or local path of {download.ARCHIVE}, or of a folder (ending in /) "
-                                 f"holding it and tokenizer.model (default: $HF_ENDPOINT/{download.TINYSTORIES_PATH}, "
+    p.add_argument("--url", help=f"URL, file:// URL or local path of {download.ARCHIVE}, or of a folder "
+                                 "(ending in /) holding it and tokenizer.model "
+                                 f"(default: $HF_ENDPOINT/{download.TINYSTORIES_PATH}, "
                                  "HF_ENDPOINT defaulting to https://huggingface.co)")
     p.add_argument("--tokenizer_url", help="URL or path of the Llama 2 tokenizer.model (default: the one in "
                                            f"--url's folder, else {download.LLAMA2_TOKENIZER_URL})")
@@ -636,11 +640,12 @@ def main(argv=None) -> int:
                         "else DATA_DIR/tok{N}.model")
     p.add_argument("--tokenizer", help="use this sentencepiece .model instead")
     p.add_argument("--format", default="auto",
-                   help=f"how to read --input: auto (default: told from its content), {', '.join(instruct.FORMATS)}; "
+                   help="how to read --input: auto (default: told from its content), "
+                        f"{', '.join(instruct.FORMATS)}; "
                         "all but text are instruction records, written with a loss mask (see instruct.py)")
     p.add_argument("--words_from_story", type=int, default=0, metavar="N",
-                   help="plain stories -> instruction records \"Words: w1, ..., wN\" + the story, the N words "
-                        "picked from the story's own (see instruct.words_from_story)")
+                   help="plain stories -> instruction records \"Words: w1, ..., wN\" + the story, "
+                        "the N words picked from the story's own (see instruct.words_from_story)")
 
     args = parser.parse_args(argv)
     try:

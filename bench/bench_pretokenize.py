@@ -57,7 +57,8 @@ def timed(cmd: list[str], repeats: int) -> list[float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5, help="runs of each command; the median is reported")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
@@ -73,7 +74,8 @@ def main() -> None:
             tar.extractall(src, filter="data")
         shutil.copy(model, data / "llama2_tokenizer.model")
         base_out.mkdir()
-        ours_cmd = [sys.executable, str(ROOT / "tinystories.py"), "pretokenize", "--vocab_size", "0", "--data_dir", str(data)]
+        ours_cmd = [sys.executable, str(ROOT / "tinystories.py"), "pretokenize", "--vocab_size", "0",
+                    "--data_dir", str(data)]
         base_cmd = [sys.executable, "-c", BASELINE, str(src), str(model), str(base_out)]
         # alternate the two so that load from other processes on the machine hits both alike
         ours, base = [], []
@@ -83,23 +85,25 @@ def main() -> None:
         meta = json.loads((src / "meta.json").read_text(encoding="utf-8"))
         tokens = meta["num_tokens"]
         shards = sorted(src.glob("data*.bin"))
-        identical = all(np.array_equal(np.fromfile(p, np.uint16), np.fromfile(base_out / p.name, np.uint16)) for p in shards)
+        identical = all(np.array_equal(np.fromfile(p, np.uint16), np.fromfile(base_out / p.name, np.uint16))
+                        for p in shards)
 
     t_ours, t_base = statistics.median(ours), statistics.median(base)
     result = {
         "tokens": tokens, "stories": meta["num_stories"], "cpus": os.cpu_count(), "repeats": args.repeats,
-        "ours_s": t_ours, "ours_tok_s": tokens / t_ours, "baseline_s": t_base, "baseline_tok_s": tokens / t_base,
+        "ours_s": t_ours, "ours_tok_s": tokens / t_ours,
+        "baseline_s": t_base, "baseline_tok_s": tokens / t_base,
         "speedup_vs_baseline": t_base / t_ours, "speedup_vs_reference": tokens / t_ours / REFERENCE_TOK_S,
         "outputs_identical": identical,
     }
-    print(f"pretokenize, TinyStories sample: {meta['num_stories']:,} stories, {tokens:,} tokens, {os.cpu_count()} CPUs, "
-          f"whole process, median of {args.repeats}")
-    print(f"  tinystories.py pretokenize --vocab_size 0  {t_ours:6.2f} s  {tokens / t_ours / 1e6:5.2f} M tokens/s"
-          f"   (runs: {', '.join(f'{t:.2f}' for t in ours)})")
-    print(f"  llama2.c-style per-story baseline          {t_base:6.2f} s  {tokens / t_base / 1e6:5.2f} M tokens/s"
-          f"   (runs: {', '.join(f'{t:.2f}' for t in base)})")
-    print(f"  {t_base / t_ours:.1f}x the baseline, {result['speedup_vs_reference']:.1f}x the 0.26 M tokens/s llama2.c "
-          f"reference; same tokens as the baseline: {'yes' if identical else 'NO'}")
+    print(f"pretokenize, TinyStories sample: {meta['num_stories']:,} stories, {tokens:,} tokens, "
+          f"{os.cpu_count()} CPUs, whole process, median of {args.repeats}")
+    print(f"  tinystories.py pretokenize --vocab_size 0  {t_ours:6.2f} s  "
+          f"{tokens / t_ours / 1e6:5.2f} M tokens/s   (runs: {', '.join(f'{t:.2f}' for t in ours)})")
+    print(f"  llama2.c-style per-story baseline          {t_base:6.2f} s  "
+          f"{tokens / t_base / 1e6:5.2f} M tokens/s   (runs: {', '.join(f'{t:.2f}' for t in base)})")
+    print(f"  {t_base / t_ours:.1f}x the baseline, {result['speedup_vs_reference']:.1f}x the 0.26 M tokens/s "
+          f"llama2.c reference; same tokens as the baseline: {'yes' if identical else 'NO'}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
 

@@ -10,7 +10,8 @@ stories, the cost of the tuning to plain story writing.
     python bench/bench_sft.py --shared PATH --work /tmp/sft --pretrain_iters 3000 --tune_iters 1500
 
 Every step is the project's own command line (printed as it runs), in --work: train_vocab, prepare (plain
-and Words: data), train.py twice; then eval.py four times, in this process. Greedy generation, 100 new tokens at most.
+and Words: data), train.py twice; then eval.py four times, in this process. Greedy generation, 100 new
+tokens at most.
 """
 import argparse
 import os
@@ -46,7 +47,8 @@ def evaluate(ckpt: str, data: str, args, words: bool) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shared", default=os.path.join(ROOT, "..", "shared"), help="the folder holding data/tinystories")
+    p.add_argument("--shared", default=os.path.join(ROOT, "..", "shared"),
+                   help="the folder holding data/tinystories")
     p.add_argument("--work", default="/tmp/bench_sft", help="data and runs go here")
     p.add_argument("--pretrain_iters", type=int, default=2000)
     p.add_argument("--tune_iters", type=int, default=1000)
@@ -68,9 +70,9 @@ def main() -> None:
          "--tokenizer", tok], ROOT)
     run(["tinystories.py", "prepare", f"--data_dir={w('data')}", "--input", train_txt, "--name", "words",
          "--tokenizer", tok, "--words_from_story", "3"], ROOT)
-    common = [*SHAPE, "--max_seq_len=256", f"--batch_size={args.batch_size}", "--gradient_accumulation_steps=1",
-              "--dropout=0.0", "--compile=False", "--device=cpu", f"--data_dir={w('data')}", "--eval_iters=10",
-              "--log_interval=100", "--overwrite=True"]
+    common = [*SHAPE, "--max_seq_len=256", f"--batch_size={args.batch_size}",
+              "--gradient_accumulation_steps=1", "--dropout=0.0", "--compile=False", "--device=cpu",
+              f"--data_dir={w('data')}", "--eval_iters=10", "--log_interval=100", "--overwrite=True"]
     run(["train.py", *common, "--dataset=plain", "--learning_rate=2e-3", "--warmup_iters=100",
          f"--max_iters={args.pretrain_iters}", f"--eval_interval={args.pretrain_iters}",
          f"--out_dir={w('base')}"], ROOT)
@@ -81,14 +83,15 @@ def main() -> None:
     scores = {name: (evaluate(w(name, "ckpt.pt"), valid_txt, args, words=True),
                      evaluate(w(name, "ckpt.pt"), valid_txt, args, words=False))
               for name in ("base", "tuned")}
-    print(f"\n260K shape, {args.pretrain_iters} pretraining + {args.tune_iters} tuning iterations of "
-          f"{args.batch_size} x 256 tokens; {args.records} validation stories ({time.time() - t0:.0f} s in all)\n")
+    print(f"\n260K shape, {args.pretrain_iters} pretraining + {args.tune_iters} tuning iterations "
+          f"of {args.batch_size} x 256 tokens; {args.records} validation stories "
+          f"({time.time() - t0:.0f} s in all)\n")
     print("| model | Words: constraints met | requested words used | loss on the responses | "
           "plain validation stories, bits per byte |")
     print("| --- | --- | --- | --- | --- |")
     for name, (words, plain) in scores.items():
-        print(f"| {name} | {words['words_share']:.1%} | {words['words_used_share']:.1%} | {words['loss']:.3f} | "
-              f"{plain['bits_per_byte']:.4f} |")
+        print(f"| {name} | {words['words_share']:.1%} | {words['words_used_share']:.1%} | "
+              f"{words['loss']:.3f} | {plain['bits_per_byte']:.4f} |")
 
 
 if __name__ == "__main__":

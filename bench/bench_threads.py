@@ -44,7 +44,8 @@ def main() -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    neighbours = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.neighbours)]
+    spin = [sys.executable, "-c", "while True: pass"]
+    neighbours = [subprocess.Popen(spin) for _ in range(args.neighbours)]
     try:
         times = {n: [] for n in counts}
         for _ in range(args.rounds):
@@ -64,8 +65,8 @@ def main() -> None:
     print("| threads | median tokens/s | slowest step's tokens/s | fastest step's tokens/s |")
     print("| --- | --- | --- | --- |")
     for n in counts:
-        t = times[n]
-        print(f"| {n} | {tokens / statistics.median(t):,.0f} | {tokens / max(t):,.0f} | {tokens / min(t):,.0f} |")
+        median, slowest, fastest = statistics.median(times[n]), max(times[n]), min(times[n])
+        print(f"| {n} | {tokens / median:,.0f} | {tokens / slowest:,.0f} | {tokens / fastest:,.0f} |")
 
 
 if __name__ == "__main__":

@@ -102,7 +102,8 @@ def write_json_shards(out_dir: str, stories: list[str], shards: int) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", help="a .txt file, or a directory when --shards is given")
     parser.add_argument("--num_stories", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)

@@ -37,7 +37,8 @@ def tok_path(tmp_path_factory) -> Path:
 
 
 def save(path: Path, model, tok_path, template=None) -> Path:
-    torch.save({"model": model.state_dict(), "model_args": dataclasses.asdict(model.args), "tokenizer": str(tok_path),
+    torch.save({"model": model.state_dict(), "model_args": dataclasses.asdict(model.args),
+                "tokenizer": str(tok_path),
                 **({"template": instruct.template_info(template)} if template else {})}, path)
     return path
 
@@ -55,7 +56,8 @@ def summed_nll(model, stream: list[int], learn: list[int] | None = None) -> tupl
     T, total, count = model.args.max_seq_len, 0.0, 0
     for k in range(0, len(stream) - 1, T):
         x, y = torch.tensor([stream[k:k + T]]), torch.tensor(stream[k + 1:k + T + 1])
-        keep = torch.ones(len(y), dtype=torch.bool) if learn is None else torch.tensor(learn[k + 1:k + T + 1]) == 1
+        keep = (torch.ones(len(y), dtype=torch.bool) if learn is None
+                else torch.tensor(learn[k + 1:k + T + 1]) == 1)
         with torch.no_grad():
             log_probs = F.log_softmax(model(x, x)[0][0, :len(y)].double(), dim=-1)
         total -= log_probs[torch.arange(len(y)), y][keep].sum().item()
@@ -64,18 +66,21 @@ def summed_nll(model, stream: list[int], learn: list[int] | None = None) -> tupl
 
 
 def test_bits_per_byte_equals_an_independent_computation(tmp_path, tok_path, ckpts, capsys):
-    stories = make_stories(12, seed=3) + ["Lily saw 12 ducks.\nShe said: \u201chello, caf\u00e9!\u201d \U0001F642"]
+    stories = make_stories(12, seed=3) + [
+        "Lily saw 12 ducks.\nShe said: \u201chello, caf\u00e9!\u201d \U0001F642"]
     write_endoftext(tmp_path / "s.txt", stories)
     result = eval.main([f"--checkpoint={ckpts['base']}", f"--input={tmp_path / 's.txt'}", "--batch_size=3"])
     assert "bits per byte" in capsys.readouterr().out and "records" not in result
 
     sp = spm.SentencePieceProcessor(model_file=str(tok_path))
-    docs = [d.strip() for d in (tmp_path / "s.txt").read_text(encoding="utf-8").split("<|endoftext|>") if d.strip()]
+    text = (tmp_path / "s.txt").read_text(encoding="utf-8")
+    docs = [d.strip() for d in text.split("<|endoftext|>") if d.strip()]
     stream = [i for d in docs for i in [sp.bos_id()] + sp.encode(d)]
     model = tiny_model(vocab_size=400, max_seq_len=64, std=0.1)
     nats, count = summed_nll(model, stream)
     assert len(stream) > 4 * 64 and count == len(stream) - 1 == result["targets"]
-    assert result["bits_per_byte"] == pytest.approx(nats / math.log(2) / sum(len(d.encode()) for d in docs), rel=1e-5)
+    nbytes = sum(len(d.encode()) for d in docs)
+    assert result["bits_per_byte"] == pytest.approx(nats / math.log(2) / nbytes, rel=1e-5)
     assert result["loss"] == pytest.approx(nats / count, rel=1e-5)
     assert result["perplexity"] == pytest.approx(math.exp(nats / count), rel=1e-5)
 
@@ -84,7 +89,8 @@ def test_instruction_records_masked_loss_responses_and_words_score(tmp_path, tok
     src = tmp_path / "records.txt"
     src.write_text(SEP.join(f"{p}\nStory: {s}" for p, s in RECORDS) + SEP, encoding="utf-8")
     out = tmp_path / "rows.jsonl"
-    result = eval.main([f"--checkpoint={ckpts['story']}", f"--input={src}", "--max_new_tokens=12", f"--out={out}"])
+    result = eval.main([f"--checkpoint={ckpts['story']}", f"--input={src}", "--max_new_tokens=12",
+                        f"--out={out}"])
     printed = capsys.readouterr().out
     assert "4 instruction records" in printed and "Words constraints met: " in printed
 
@@ -92,15 +98,16 @@ def test_instruction_records_masked_loss_responses_and_words_score(tmp_path, tok
     sp = spm.SentencePieceProcessor(model_file=str(tok_path))
     stream, learn = [], []
     for prompt, response in RECORDS:
-        pieces = [([sp.bos_id()], 0), (sp.encode(f"{prompt}\nStory:"), 0), (sp.encode(response) + [sp.eos_id()], 1)]
+        pieces = [([sp.bos_id()], 0), (sp.encode(f"{prompt}\nStory:"), 0),
+                  (sp.encode(response) + [sp.eos_id()], 1)]
         for ids, m in pieces:
             stream += ids
             learn += [m] * len(ids)
     model = tiny_model(vocab_size=400, max_seq_len=64, std=0.1)
     nats, count = summed_nll(model, stream, learn)
     assert result["targets"] == count and result["loss"] == pytest.approx(nats / count, rel=1e-5)
-    assert result["bits_per_byte"] == pytest.approx(nats / math.log(2) / sum(len(r.encode()) for _, r in RECORDS),
-                                                    rel=1e-5)
+    nbytes = sum(len(r.encode()) for _, r in RECORDS)
+    assert result["bits_per_byte"] == pytest.approx(nats / math.log(2) / nbytes, rel=1e-5)
 
     rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert [(r["instruction"], r["reference"]) for r in rows] == RECORDS
@@ -115,7 +122,8 @@ def test_instruction_records_masked_loss_responses_and_words_score(tmp_path, tok
                               rows[i]["response"]) for i in asked]
     assert result["words_asked"] == 3 and result["words_met"] == sum(met)
 
-    result = eval.main([f"--checkpoint={ckpts['base']}", f"--input={src}", "--max_new_tokens=4", "--max_records=2"])
+    result = eval.main([f"--checkpoint={ckpts['base']}", f"--input={src}", "--max_new_tokens=4",
+                        "--max_records=2"])
     assert result["records"] == 2 and result["words_asked"] == 2  # a model without a template: the input's
 
 
@@ -160,9 +168,11 @@ def test_sample_instruction_prints_only_the_response(tmp_path, tok_path, ckpts, 
                 greedy_response(tok, model, "story", "Words: cat")]
     assert expected[0] != expected[1]
     # \n in the option starts a new field line; the fields may come in any order
-    out = run_sample(capsys, f"--checkpoint={ckpts['story']}", "--instruction=Summary: A dog.\\nWords: dog, ball")
+    out = run_sample(capsys, f"--checkpoint={ckpts['story']}",
+                     "--instruction=Summary: A dog.\\nWords: dog, ball")
     assert out == expected[0] + "\n"
-    (tmp_path / "one_a_line.txt").write_text("Words: dog, ball\\nSummary: A dog.\n\nWords: cat\n", encoding="utf-8")
+    (tmp_path / "one_a_line.txt").write_text("Words: dog, ball\\nSummary: A dog.\n\nWords: cat\n",
+                                             encoding="utf-8")
     (tmp_path / "records.txt").write_text("Words: dog, ball\nSummary: A dog.\nStory: A reference." + SEP
                                           + "Story: Another.\nWords: cat" + SEP, encoding="utf-8")
     for name in ("one_a_line.txt", "records.txt"):
@@ -173,7 +183,8 @@ def test_sample_instruction_prints_only_the_response(tmp_path, tok_path, ckpts, 
     assert out == greedy_response(tok, model, "chat", "Tell me a story.") + "\n"
     # a Hugging Face export keeps the template as its chat template
     write_hf(tmp_path / "hf", model, tok_path, template="story")
-    assert run_sample(capsys, f"--checkpoint={tmp_path / 'hf'}", "--instruction=Words: cat") == expected[1] + "\n"
+    out = run_sample(capsys, f"--checkpoint={tmp_path / 'hf'}", "--instruction=Words: cat")
+    assert out == expected[1] + "\n"
 
 
 @pytest.mark.parametrize("args, message", [
@@ -211,13 +222,15 @@ def test_tuning_on_words_from_its_stories_makes_a_model_use_the_requested_words(
     train.train(train.parse_settings(common + ["--dataset=words", "--max_iters=1000", "--eval_interval=1000",
                                                "--learning_rate=3e-3", f"--out_dir={tmp_path / 'tuned'}",
                                                f"--init_from={tmp_path / 'base'}/ckpt.pt"]))
-    scores = {name: eval.main([f"--checkpoint={tmp_path / name / 'ckpt.pt'}", f"--input={tmp_path / 'held_out.txt'}",
-                               "--words_from_story=3", "--max_new_tokens=150"])
+    scores = {name: eval.main([f"--checkpoint={tmp_path / name / 'ckpt.pt'}",
+                               f"--input={tmp_path / 'held_out.txt'}", "--words_from_story=3",
+                               "--max_new_tokens=150"])
               for name in ("base", "tuned")}
     base, tuned = scores["base"], scores["tuned"]
     # the base uses a third of the requested words (the fixture's stories share many words) and meets no
     # constraint; the tuned model about two thirds, and meets all three words in a good share of stories
-    assert tuned["words_used_share"] > 1.5 * base["words_used_share"] and tuned["words_used_share"] > 0.5, scores
+    assert tuned["words_used_share"] > 1.5 * base["words_used_share"], scores
+    assert tuned["words_used_share"] > 0.5, scores
     assert tuned["words_share"] >= base["words_share"] + 0.15, scores
     assert tuned["loss"] < base["loss"]  # on the held-out stories' responses
 
@@ -226,8 +239,8 @@ def test_held_out_measures_the_records_prepare_held_out(tmp_path, tok_path, ckpt
     # eval --held_out=True on the input of a prepared dataset reads exactly its validation shard's tokens
     write_endoftext(tmp_path / "s.txt", make_stories(250, seed=9))
     ts.prepare(tmp_path, tmp_path / "s.txt", "words", tokenizer=tok_path, words_from_story=3)
-    result = eval.main([f"--checkpoint={ckpts['story']}", f"--input={tmp_path / 's.txt'}", "--words_from_story=3",
-                        "--held_out=True", "--max_new_tokens=2"])
+    result = eval.main([f"--checkpoint={ckpts['story']}", f"--input={tmp_path / 's.txt'}",
+                        "--words_from_story=3", "--held_out=True", "--max_new_tokens=2"])
     val = tmp_path / "words" / "data00.bin"
     mask = np.fromfile(val.with_name(mask_name(val.name)), dtype=np.uint8)
     assert result["records"] == 3  # records 0, 100 and 200

@@ -16,7 +16,8 @@ from model import ModelArgs, Transformer
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.gpu
-SMALL = ModelArgs(dim=128, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=512, multiple_of=32, max_seq_len=128)
+SMALL = ModelArgs(dim=128, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=512, multiple_of=32,
+                  max_seq_len=128)
 
 
 def batch(args: ModelArgs, B=4):
@@ -158,10 +159,10 @@ def test_train_py_batch_size_auto_on_cuda(tmp_path):
     write_endoftext(text, make_stories(1000, seed=5))
     tinystories.train_vocab(tmp_path / "data", 512, input=text, name="fixture")
     tinystories.prepare(tmp_path / "data", text, "fixture", vocab_size=512)
-    result = subprocess.run([sys.executable, str(ROOT / "train.py"), str(ROOT / "config" / "train_cpu_debug.py"),
-                             f"--data_dir={tmp_path / 'data'}", f"--out_dir={tmp_path / 'out'}", "--device=cuda",
-                             "--batch_size=auto", "--gradient_accumulation_steps=4", "--max_iters=20"],
-                            capture_output=True, text=True, timeout=600)
+    command = [sys.executable, str(ROOT / "train.py"), str(ROOT / "config" / "train_cpu_debug.py"),
+               f"--data_dir={tmp_path / 'data'}", f"--out_dir={tmp_path / 'out'}", "--device=cuda",
+               "--batch_size=auto", "--gradient_accumulation_steps=4", "--max_iters=20"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     # the debug config's 16 x 4 sequences fit at once on any GPU: one micro-batch of 64
     assert "batch_size=auto: 64 x 1 accumulation steps = 64 sequences per iteration" in result.stdout

@@ -62,7 +62,8 @@ def decoded_records(shard_dir) -> list[list[tuple[str, bool]]]:
     for pieces in records:
         for ids, response in pieces:
             assert (ids[-1] == tok.eos_id) == response and tok.eos_id not in ids[:-1]
-    return [[(tok.decode(ids[:-1] if response else ids), response) for ids, response in pieces] for pieces in records]
+    return [[(tok.decode(ids[:-1] if response else ids), response) for ids, response in pieces]
+            for pieces in records]
 
 
 def story(prompt: str, response: str) -> list[tuple[str, bool]]:
@@ -74,7 +75,8 @@ def story(prompt: str, response: str) -> list[tuple[str, bool]]:
 
 def test_tinystories_instruct_text_fields_in_any_order_and_missing(tmp_path, tok_path, capsys):
     records = [
-        "Words: dog, ball, happy\nSummary: A dog plays.\nStory: \n\nOnce upon a time there was a dog.\nIt was happy.",
+        "Words: dog, ball, happy\nSummary: A dog plays.\nStory: \n\n"
+        "Once upon a time there was a dog.\nIt was happy.",
         # the story first, the fields after it, in another order
         "Story: Tom had a red ball.\n\nHe liked it.\nSummary: Tom and  his ball.\nFeatures: Dialogue\n"
         "Random sentence: The sun was hot.",
@@ -87,21 +89,24 @@ def test_tinystories_instruct_text_fields_in_any_order_and_missing(tmp_path, tok
     (tmp_path / "in.txt").write_text(SEP.join(records) + SEP, encoding="utf-8")
     out = prepare(tmp_path, tok_path, tmp_path / "in.txt")
     assert decoded_records(out) == [
-        story("Words: dog, ball, happy\nSummary: A dog plays.", "Once upon a time there was a dog.\nIt was happy."),
+        story("Words: dog, ball, happy\nSummary: A dog plays.",
+              "Once upon a time there was a dog.\nIt was happy."),
         story("Features: Dialogue\nRandom sentence: The sun was hot.\nSummary: Tom and his ball.",
               "Tom had a red ball.\n\nHe liked it."),
         story("Words: cat", "A cat sat."),
     ]
     meta = read_meta(out)["instruction"]
     assert meta["template"]["name"] == "story" and meta["formats"] == ["tinystories_instruct"]
-    assert meta["skipped"] == {"no response": 1, "empty prompt": 1, "malformed record": 2} and meta["records"] == 3
+    assert meta["skipped"] == {"no response": 1, "empty prompt": 1, "malformed record": 2}
+    assert meta["records"] == 3
     assert f"skipped 4 of 7 records (2 malformed record, 1 no response, 1 empty prompt); the first: " \
            f"{tmp_path / 'in.txt'}: record 4: no response" in capsys.readouterr().out
 
 
 def test_tinystories_json_shards(tmp_path, tok_path):
     items = [{"story": "Lily saw a dog.", "summary": "Lily and a dog.", "source": "GPT-4",
-              "instruction": {"prompt:": "Write a story...", "words": ["dog", "see"], "features": ["Dialogue"]}},
+              "instruction": {"prompt:": "Write a story...", "words": ["dog", "see"],
+                              "features": ["Dialogue"]}},
              {"story": "A cat ran.", "instruction": {"words": ["cat"], "features": []}},
              {"story": "Sun.", "summary": "The sun shone."},
              {"story": "Nothing asked."},
@@ -110,12 +115,14 @@ def test_tinystories_json_shards(tmp_path, tok_path):
     shards = tmp_path / "TinyStories_all_data"
     shards.mkdir()
     (shards / "data00.json").write_text(json.dumps(items), encoding="utf-8")
-    (shards / "meta.json").write_text(json.dumps({"tokenizer": str(tok_path), "vocab_size": 400}), encoding="utf-8")
+    (shards / "meta.json").write_text(json.dumps({"tokenizer": str(tok_path), "vocab_size": 400}),
+                                      encoding="utf-8")
     (shards / "data00.bin").write_bytes(b"\0\0")
     out = prepare(tmp_path, tok_path, shards)
     assert decoded_records(out) == [story("Words: dog, see\nFeatures: Dialogue\nSummary: Lily and a dog.",
                                           "Lily saw a dog."),
-                                    story("Words: cat", "A cat ran."), story("Summary: The sun shone.", "Sun.")]
+                                    story("Words: cat", "A cat ran."),
+                                    story("Summary: The sun shone.", "Sun.")]
     assert read_meta(out)["instruction"]["skipped"] == {"empty prompt": 1, "no response": 1}
 
 
@@ -132,14 +139,15 @@ def test_prompt_response_and_alpaca_jsonl(tmp_path, tok_path):
     chat = lambda q, a: [(f"User: {q}\nAssistant:", False), (a, True)]
     assert decoded_records(out) == [chat("Say hi.", "Hi!"), chat("Add the numbers.\n\n2 and 3", "5"),
                                     chat("Name a color.", "Red.")]
-    assert read_meta(out)["instruction"]["skipped"] == {"malformed line": 1, "no response": 1, "empty prompt": 1,
-                                                        "malformed record": 1}
+    assert read_meta(out)["instruction"]["skipped"] == {"malformed line": 1, "no response": 1,
+                                                        "empty prompt": 1, "malformed record": 1}
 
 
 def test_chat_jsonl_learns_every_assistant_turn_and_nothing_else(tmp_path, tok_path):
     conversations = [
         {"conversations": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"},
-                           {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "A story?"},
+                           {"role": "assistant", "content": "Hello!"},
+                           {"role": "user", "content": "A story?"},
                            {"role": "assistant", "content": "Once, a cat.\nThe end."}]},
         {"conversations": [{"from": "human", "value": "Q1"}, {"from": "gpt", "value": "A1"}]},  # ShareGPT
         {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"},
@@ -150,11 +158,12 @@ def test_chat_jsonl_learns_every_assistant_turn_and_nothing_else(tmp_path, tok_p
         {"messages": [{"role": "user", "content": "Two"}, {"role": "user", "content": "questions"},
                       {"role": "assistant", "content": "One answer."}]},
     ]
-    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(c) + "\n" for c in conversations), encoding="utf-8")
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(c) + "\n" for c in conversations),
+                                         encoding="utf-8")
     out = prepare(tmp_path, tok_path, tmp_path / "chat.jsonl")
     assert decoded_records(out) == [
-        [("System: Be kind.\nUser: Hi\nAssistant:", False), ("Hello!", True), ("User: A story?\nAssistant:", False),
-         ("Once, a cat.\nThe end.", True)],
+        [("System: Be kind.\nUser: Hi\nAssistant:", False), ("Hello!", True),
+         ("User: A story?\nAssistant:", False), ("Once, a cat.\nThe end.", True)],
         [("User: Q1\nAssistant:", False), ("A1", True)],
         [("User: Two\nUser: questions\nAssistant:", False), ("One answer.", True)],
     ]
@@ -183,11 +192,12 @@ def test_forced_format_and_a_plain_rerun_leaves_no_mask(tmp_path, tok_path):
 
 @pytest.mark.parametrize("files, args, message", [
     ({"bad.jsonl": '{"prompt": "", "response": "x"}\n{"prompt": "q"}\n'}, [],
-     'bad.jsonl: nothing usable as prompt_response instruction records (skipped 2 of 2 records (1 empty prompt, '
-     '1 no response); the first: '),
+     'bad.jsonl: nothing usable as prompt_response instruction records (skipped 2 of 2 records '
+     '(1 empty prompt, 1 no response); the first: '),
     ({"in.txt": "Story: no instruction" + SEP}, ["--format", "tinystories_instruct"],
      "nothing usable as tinystories_instruct instruction records"),
-    ({"in.txt": "Just a story."}, ["--format", "csv"], "--format=csv: choose auto, text, tinystories_instruct"),
+    ({"in.txt": "Just a story."}, ["--format", "csv"],
+     "--format=csv: choose auto, text, tinystories_instruct"),
     ({"in.jsonl": '{"prompt": "q", "response": "r"}\n'}, ["--words_from_story", "2"],
      "holds prompt_response records: --words_from_story makes instructions from plain stories only"),
     ({"d/a.jsonl": '{"prompt": "q", "response": "r"}\n', "d/b.txt": "Words: a\nStory: b" + SEP}, [],
@@ -210,10 +220,11 @@ def test_unusable_input_is_a_one_line_error(tmp_path, tok_path, capsys, files, a
 
 def test_words_from_story_picks_content_words_with_a_fixed_seed(tmp_path, tok_path):
     text = "Once upon a time, Lily saw a big dog. The dog was happy. Lily didn't run; she jumped and smiled."
-    assert instruct.content_words(text) == ["saw", "big", "dog", "happy", "run", "jumped", "smiled"]  # no names
+    # names are not content words
+    assert instruct.content_words(text) == ["saw", "big", "dog", "happy", "run", "jumped", "smiled"]
     picked = instruct.words_from_story(text, 3)
     assert len(set(picked)) == 3 and set(picked) <= set(instruct.content_words(text))
-    assert all(instruct.words_from_story(text, 3) == picked for _ in range(3))  # the same story, the same words
+    assert all(instruct.words_from_story(text, 3) == picked for _ in range(3))  # same story, same words
     with pytest.raises(instruct.Skip, match="fewer than 8 content words"):
         instruct.words_from_story(text, 8)
 
@@ -221,7 +232,8 @@ def test_words_from_story_picks_content_words_with_a_fixed_seed(tmp_path, tok_pa
     write_endoftext(tmp_path / "s.txt", stories)
     out = prepare(tmp_path, tok_path, tmp_path / "s.txt", words_from_story=2)
     records = decoded_records(out)
-    assert len(records) == 40 and read_meta(out)["instruction"]["skipped"] == {"fewer than 2 content words": 1}
+    assert len(records) == 40
+    assert read_meta(out)["instruction"]["skipped"] == {"fewer than 2 content words": 1}
     by_story = {s: instruct.words_from_story(s, 2) for s in stories[:40]}
     for (prompt, _), (response, _) in records:
         assert prompt == f"Words: {', '.join(by_story[response])}\nStory:"
@@ -242,17 +254,19 @@ def test_words_met_allows_simple_inflections(words, response, met):
 
 
 def test_requested_words_and_user_instructions():
-    user = [{"role": "user", "content": "Words: Dog, toy car\nSummary: Fun."}, {"role": "assistant", "content": "x"}]
+    user = [{"role": "user", "content": "Words: Dog, toy car\nSummary: Fun."},
+            {"role": "assistant", "content": "x"}]
     assert instruct.requested_words(user) == ["dog", "toy", "car"]
     assert instruct.requested_words([{"role": "user", "content": "Summary: no words"}]) is None
     assert instruct.instruction_messages("story", "Summary: A dog.\nWords: dog") == \
         [{"role": "user", "content": "Words: dog\nSummary: A dog."}]
-    assert instruct.instruction_messages("chat", " Tell me a story. ") == [{"role": "user", "content": "Tell me a story."}]
+    assert instruct.instruction_messages("chat", " Tell me a story. ") == \
+        [{"role": "user", "content": "Tell me a story."}]
     with pytest.raises(instruct.InstructError, match="such as \"Words: dog, ball, happy\""):
         instruct.instruction_messages("story", "Write about a dog")
 
 
-# ----------------------------------------------------------------------------- the template in both vocabularies
+# ----------------------------------------------------------------------------- template, both vocabularies
 
 
 RECORDS = [[{"role": "user", "content": "Words: dog, ball, café\nSummary: A dog 🐶 plays."},
@@ -279,8 +293,9 @@ def check_round_trip(tok: Tokenizer):
             else:
                 piece.append(t)
         assert pieces == [m["content"] for m in records[0] if m["role"] == "assistant"]  # byte for byte
-        assert tok.decode([t for t, m in zip(record, learn) if not m]) .startswith(
-            "Words: dog, ball, café\nSummary: A dog 🐶 plays.\nStory:" if template == "story" else "System: Be kind.")
+        unmasked = tok.decode([t for t, m in zip(record, learn) if not m])
+        assert unmasked.startswith("Words: dog, ball, café\nSummary: A dog 🐶 plays.\nStory:"
+                                   if template == "story" else "System: Be kind.")
         prompt = instruct.prompt_ids(tok, template, records[0][:-1])
         assert record[:len(prompt)] == prompt and learn[len(prompt)] == 1  # generation starts at the response
 
@@ -318,7 +333,8 @@ def test_hf_chat_template_gives_the_same_tokens(tmp_path, tok_path, request, voc
         def ids(m, hf=hf, **kw):
             return list(hf.apply_chat_template(m, tokenize=True, return_dict=True, **kw)["input_ids"])
         assert ids(records[0]) == instruct.encode_records(tok, template, records)[0].tolist()
-        assert ids(records[0][:-1], add_generation_prompt=True) == instruct.prompt_ids(tok, template, records[0][:-1])
+        assert (ids(records[0][:-1], add_generation_prompt=True)
+                == instruct.prompt_ids(tok, template, records[0][:-1]))
 
 
 # ----------------------------------------------------------------------------- the loader
@@ -345,7 +361,8 @@ def test_loader_targets_only_the_responses_even_in_records_longer_than_the_windo
 
 
 @pytest.mark.parametrize("damage, message", [
-    ("missing", "data00.mask is missing (the loss mask of instruction data): run `python tinystories.py prepare"),
+    ("missing", "data00.mask is missing (the loss mask of instruction data): "
+                "run `python tinystories.py prepare"),
     ("short", "data01.mask (9 bytes) does not match"),
 ])
 def test_a_missing_or_mismatched_mask_is_refused(tmp_path, damage, message):
@@ -422,10 +439,12 @@ def test_a_micro_batch_without_responses_adds_nothing(sft_data, tmp_path, monkey
         return (x, torch.full_like(y, -1)) if self.consumed % 2 else (x, y)
 
     monkeypatch.setattr(dataloader.BatchLoader, "next_batch", every_other_without_targets)
-    result = train.train(train.parse_settings(TINY + ["--max_iters=2", f"--data_dir={root}", f"--out_dir={tmp_path}",
-                                                      f"--init_from={base}"]))
-    logs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
-    assert all(np.isfinite([r.get("loss", 0), r.get("grad_norm", 0), r.get("val_loss", 0)]).all() for r in logs)
+    result = train.train(train.parse_settings(TINY + ["--max_iters=2", f"--data_dir={root}",
+                                                      f"--out_dir={tmp_path}", f"--init_from={base}"]))
+    logs = [json.loads(line)
+            for line in (tmp_path / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert all(np.isfinite([r.get("loss", 0), r.get("grad_norm", 0), r.get("val_loss", 0)]).all()
+               for r in logs)
     assert np.isfinite(result["best_val_loss"])
 
 
@@ -436,10 +455,11 @@ def test_ddp_and_accumulation_give_the_single_process_loss(sft_data, tmp_path):
     root, base = sft_data
     env = dict(os.environ, OMP_NUM_THREADS="1")
     logs = {}
-    for name, launcher, evals in (("single", [], 2),
-                                  ("ddp", ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"], 1)):
-        cmd = [sys.executable, *launcher, str(ROOT / "train.py"), *TINY, "--max_iters=3", f"--data_dir={root}",
-               f"--out_dir={tmp_path / name}", f"--init_from={base}", f"--eval_iters={evals}"]
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    for name, launcher, evals in (("single", [], 2), ("ddp", torchrun, 1)):
+        cmd = [sys.executable, *launcher, str(ROOT / "train.py"), *TINY, "--max_iters=3",
+               f"--data_dir={root}", f"--out_dir={tmp_path / name}", f"--init_from={base}",
+               f"--eval_iters={evals}"]
         r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240, cwd=tmp_path)
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
         lines = (tmp_path / name / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
