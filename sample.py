@@ -52,11 +52,9 @@ OPTIONS = {
     "dtype": ("auto", "float32 | bfloat16 | float16; auto = bfloat16 (or float16) on cuda, else float32"),
     "compile": (False, "torch.compile the forward pass (pays off on a GPU for long generations)"),
     # Batch-1 decoding is hundreds of tiny ops a token, each a parallel region whose threads wait for the
-    # slowest. On this project's 2-core CPU, idle, two threads were no faster than one for any model size
-    # (260K, 15M, 42M, 110M: equal within noise); with one core busy elsewhere, two threads fell to 46
-    # tokens/s for the 15M model where one kept 121 (OpenMP threads spin-waiting for the descheduled one).
-    # A laptop always has something else running, so one thread is the default; try --threads=0 on an
-    # idle many-core machine for the larger models.
+    # slowest: more threads gain little, and one thread descheduled by another job stalls the rest. A
+    # laptop always has something else running, so one thread is the default (figures: bench/README.md);
+    # try --threads=0 on an idle many-core machine for the larger models.
     "threads": (1, "CPU threads (0 = torch's default, one per physical core)"),
     "cpu_speedups": (True, "faster CPU kernels for the same math (cpu_speedups.py); False = plain PyTorch"),
 }
