@@ -27,7 +27,9 @@ llama2.c tokenizer.bin: uint32 max_token_length, then per token: float32 score, 
   tokens stay '<0x0A>' for run.c to turn into a byte).
 A Hugging Face directory: config.json, model.safetensors (Hugging Face's names, wq and wk rows
   permuted for its rotate_half RoPE), and with a tokenizer: tokenizer.model, tokenizer_config.json and
-  generation_config.json; transformers' LlamaForCausalLM / AutoTokenizer load it offline.
+  generation_config.json; transformers' LlamaForCausalLM / AutoTokenizer load it offline. An
+  instruction-tuned model's template (instruct.py; "template" in our checkpoint) is the tokenizer's
+  chat_template, read back as the template.
 A PEFT adapter directory: adapter_config.json (peft's LoraConfig: r, lora_alpha, target_modules ...) and
   adapter_model.safetensors, the adapters named after the Hugging Face weights they add to
   (base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight, (rank, in); lora_B, (out, rank));
@@ -44,6 +46,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import instruct
 import lora
 import runtime
 from fileio import atomic_write
@@ -462,7 +465,9 @@ def hf_tokenizer_config(sp, max_seq_len: int) -> dict:
     }
 
 
-def write_hf(out_dir, model: Transformer, tokenizer_path=None, dtype="float32") -> list[str]:
+def write_hf(out_dir, model: Transformer, tokenizer_path=None, dtype="float32", template=None) -> list[str]:
+    # template: the instruct.py template an instruction-tuned model was trained with (its name), written as
+    # the tokenizer's chat template
     from safetensors.torch import save  # needed by the HF format only (requirements-dev.txt)
 
     args = model.args
@@ -493,7 +498,10 @@ def write_hf(out_dir, model: Transformer, tokenizer_path=None, dtype="float32") 
         bos, stops = sp.bos_id(), [i for i in (sp.eos_id(), sp.bos_id()) if i >= 0]
         with atomic_write(out("tokenizer.model")) as tmp:
             shutil.copyfile(tokenizer_path, tmp)
-        write_json("tokenizer_config.json", hf_tokenizer_config(sp, args.max_seq_len))
+        config = hf_tokenizer_config(sp, args.max_seq_len)
+        if template:
+            config["chat_template"] = instruct.hf_chat_template(template)
+        write_json("tokenizer_config.json", config)
         write_json("generation_config.json", {"bos_token_id": bos, "eos_token_id": stops})
     write_json("config.json", hf_config(args, bos, stops, dtype, tied))  # last: with a config it is complete
     return written
@@ -547,6 +555,12 @@ def read_hf(path) -> dict:
     state = from_hf_state_dict({k: v.float() for k, v in load_file(weights_path).items()}, args)
     if not _shared_classifier(state):
         raise CheckpointError(f"{path} has an untied lm_head; model.py ties it to the token embedding")
-    tokenizer = os.path.join(path, "tokenizer.model")
-    return {"model": state, "model_args": asdict(args), "source": os.path.abspath(path),
-            "tokenizer": os.path.abspath(tokenizer) if os.path.isfile(tokenizer) else None}
+    tokenizer, tokenizer_config = (os.path.join(path, name)
+                                   for name in ("tokenizer.model", "tokenizer_config.json"))
+    checkpoint = {"model": state, "model_args": asdict(args), "source": os.path.abspath(path),
+                  "tokenizer": os.path.abspath(tokenizer) if os.path.isfile(tokenizer) else None}
+    if os.path.isfile(tokenizer_config):  # one of our instruction templates, exported by write_hf
+        with open(tokenizer_config, encoding="utf-8") as f:
+            if template := instruct.template_of_chat_template(json.load(f).get("chat_template")):
+                checkpoint["template"] = instruct.template_info(template)
+    return checkpoint

@@ -68,7 +68,8 @@ def _coerce(key: str, value, default, where: str, annotation=None):
     if value is None:
         if default is None:
             return None
-        raise ConfigError(f"{key} cannot be None ({where}); it is a {expected[0].__name__} (default {default!r})")
+        raise ConfigError(f"{key} cannot be None ({where}); "
+                          f"it is a {expected[0].__name__} (default {default!r})")
     for t in expected:
         if (converted := _convert(value, t)) is not None:
             return converted
@@ -104,7 +105,7 @@ def _read_config_file(path: str) -> dict:
         source = f.read()
     namespace: dict = {}
     try:
-        exec(compile(source, path, "exec"), namespace)  # its own namespace: it cannot touch the script's globals
+        exec(compile(source, path, "exec"), namespace)  # its own namespace, away from the script's globals
     except SyntaxError as e:
         raise ConfigError(f"{path}:{e.lineno}: syntax error: {e.msg}") from None
     except Exception as e:  # any error while running the file, reported in one line
@@ -132,7 +133,8 @@ def parse_config(defaults: dict, argv: list[str], types: dict | None = None) -> 
             config.given.add(key)
     for arg in overrides:
         if not arg.startswith("--") or arg == "--":
-            raise ConfigError(f"cannot read argument '{arg}': settings are --key=value, config files are paths")
+            raise ConfigError(f"cannot read argument '{arg}': "
+                              "settings are --key=value, config files are paths")
         key, sep, raw = arg[2:].partition("=")  # only the first '=' separates: values may contain '='
         if key not in defaults:
             raise _unknown_key(key, defaults, f"from {arg}")

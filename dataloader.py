@@ -8,7 +8,8 @@ Where the token shards live, and the batch loader train.py reads them with.
 
 A shard directory (written by `python tinystories.py pretokenize` or `prepare`) holds dataNN.bin, uint16
 token ids back to back, and a meta.json naming the tokenizer. data00.bin is the validation split, the rest
-train.
+train. Instruction data (instruct.py) has a loss mask beside each shard, dataNN.mask: one byte per token,
+1 where the token is a target to learn (a response), 0 elsewhere; its y holds -1 (ignored) at the 0s.
 """
 import itertools
 import json
@@ -86,6 +87,11 @@ def list_shards(shard_dir, ext: str = "bin") -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def mask_name(shard_name: str) -> str:
+    # dataNN.bin -> dataNN.mask, the loss mask of instruction data
+    return shard_name.removesuffix(".bin") + ".mask"
+
+
 # -----------------------------------------------------------------------------
 # the batch loader
 
@@ -94,7 +100,9 @@ class ShardBatches:
 
     The window stream: epoch e visits the shards in an order drawn from (seed, e); within a shard it takes
     non-overlapping windows of max_seq_len + 1 tokens from a random offset, in a random order, both drawn
-    from (seed, e, shard). Batch g is windows g*B ... g*B + B - 1 of that stream."""
+    from (seed, e, shard). Batch g is windows g*B ... g*B + B - 1 of that stream. With loss masks (instruction
+    data) the same windows of the masks set y to -1 where a target is not learned: records are packed like
+    stories, and a record cut by a window still trains on the part of its response inside it."""
 
     def __init__(self, shard_dir, split: str, batch_size: int, max_seq_len: int, seed: int, vocab_size: int):
         shards = list_shards(shard_dir)
@@ -106,14 +114,29 @@ class ShardBatches:
         # Every shard of both splits, before the first step: an id past the embedding would be an IndexError
         # mid-run on a CPU and a device-side assert on a GPU, and a damaged validation shard would stop the
         # run at its first eval. The price is one sequential read of the set, at memory or disk speed.
-        for path in shards:
+        masks = [p.with_name(mask_name(p.name)) for p in shards]
+        found = [m.exists() for m in masks]
+        if (masked := any(found)) and not all(found):
+            raise DataError(f"{masks[found.index(False)]} is missing (the loss mask of instruction data): "
+                            f"{rebuild} again")
+        loss_tokens = []  # per shard: the targets of instruction data
+        for path, mask in zip(shards, masks):
             size = path.stat().st_size
             if size % 2:
                 raise DataError(f"{path} is damaged (an odd size, not uint16 token ids): {rebuild} again")
             if size and (top := int(np.memmap(path, dtype=np.uint16, mode="r").max())) >= vocab_size:
                 raise DataError(f"{path} is damaged or from another tokenizer (token id {top}, vocab_size "
                                 f"{vocab_size}): {rebuild} again")
-        self.paths = [str(p) for p in (shards[:1] if split == "val" else shards[1:])]
+            if masked and mask.stat().st_size != size // 2:
+                raise DataError(f"{mask} ({mask.stat().st_size:,} bytes) does not match {path} "
+                                f"({size // 2:,} tokens, one mask byte each): {rebuild} again")
+            if masked:
+                learn = np.memmap(mask, dtype=np.uint8, mode="r") if size else np.empty(0)
+                loss_tokens.append(int(np.count_nonzero(learn)))
+        keep = slice(0, 1) if split == "val" else slice(1, None)
+        self.paths = [str(p) for p in shards[keep]]
+        self.masks = [str(m) for m in masks[keep]] if masked else None
+        self.loss_tokens = sum(loss_tokens[keep]) if masked else None
         self.batch_size, self.window, self.seed = batch_size, max_seq_len + 1, seed % 2**63
         self.tokens = np.array([os.path.getsize(p) for p in self.paths], dtype=np.int64) // 2
         full = self.tokens // self.window
@@ -137,9 +160,13 @@ class ShardBatches:
             rows = shards == s
             # opened per batch and dropped: a memmap held for the whole run grows resident memory
             data = np.memmap(self.paths[s], dtype=np.uint16, mode="r")
-            windows = data[starts[rows, None] + np.arange(self.window)]  # (rows, T + 1)
+            index = starts[rows, None] + np.arange(self.window)
+            windows = data[index]  # (rows, T + 1)
             x[rows], y[rows] = windows[:, :-1], windows[:, 1:]
             del data
+            if self.masks is not None:  # instruction data: only the responses' tokens are targets
+                learn = np.memmap(self.masks[s], dtype=np.uint8, mode="r")[index[:, 1:]]  # (rows, T)
+                y[rows] = np.where(learn != 0, y[rows], -1)
         return torch.from_numpy(x), torch.from_numpy(y)
 
     def locate(self, g: int) -> tuple[np.ndarray, np.ndarray]:
@@ -211,6 +238,7 @@ class BatchLoader:
         # pinned memory only helps (and only works everywhere) on CUDA
         self.pin = self.device.startswith("cuda")
         self.batches = ShardBatches(shard_dir, split, batch_size, max_seq_len, seed, vocab_size)
+        self.masked = self.batches.masks is not None  # instruction data: y is -1 outside the responses
         self.consumed = 0  # batches this rank has returned
         self._workers = None
 
@@ -218,6 +246,13 @@ class BatchLoader:
     def tokens_per_epoch(self) -> int:
         # the targets of one pass over the split: each window of max_seq_len + 1 tokens gives max_seq_len
         return self.batches.per_epoch * self.max_seq_len
+
+    @property
+    def loss_share(self) -> float | None:
+        # instruction data: the share of the split's tokens that are targets (the responses); else None
+        if not self.masked:
+            return None
+        return self.batches.loss_tokens / max(int(self.batches.tokens.sum()), 1)
 
     def next_batch(self):
         if self.num_workers == 0:
@@ -249,7 +284,7 @@ class BatchLoader:
         self.consumed, self._workers = 0, None
 
     def state_dict(self, unused: int = 0) -> dict:
-        """unused: batches already returned but not trained on yet (fetched ahead): they come again on resume."""
+        """unused: batches returned but not trained on yet (fetched ahead): they come again on resume."""
         consumed = self.consumed - unused
         g = self.rank + self.world_size * consumed
         shards, starts = self.batches.locate(g)

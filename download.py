@@ -209,7 +209,8 @@ def download(data_dir, url: str | None = None, tokenizer_url: str | None = None,
         except DataError as e:
             if archive == data_dir / ARCHIVE:
                 archive.unlink(missing_ok=True)  # ours and unusable: the next run downloads it again
-                raise DataError(f"{e} (deleted it: run `{data_command('download', data_dir)}` again)") from None
+                raise DataError(f"{e} (deleted it: "
+                                f"run `{data_command('download', data_dir)}` again)") from None
             raise
         print(f"unpacked {n} shards into {target}")
     fetch_tokenizer(data_dir / LLAMA2_TOKENIZER, tokenizer_url or folder_tokenizer or LLAMA2_TOKENIZER_URL,

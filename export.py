@@ -12,7 +12,8 @@ it (out/model.bin -> out/model.tokenizer.bin), so exports with different vocabul
 run.c reads version 0 only (on version 1 it stops with "malloc failed!"); runq.c reads version 2; version
 1 (float32 with a header) is read by this project's sample.py and train.py. The command to run is printed.
 --format=hf writes config.json, model.safetensors and, with a tokenizer, tokenizer.model,
-tokenizer_config.json and generation_config.json (generate() stops at EOS or BOS, as sample.py does).
+tokenizer_config.json and generation_config.json (generate() stops at EOS or BOS, as sample.py does); an
+instruction-tuned model's template becomes the tokenizer's chat template.
 Loading it needs: pip install transformers safetensors protobuf sentencepiece (without protobuf,
 AutoTokenizer fails with a misleading "`tiktoken` is required").
 --format=pt writes our own checkpoint (model, model_args, tokenizer) from a llama2.c file or a Hugging
@@ -162,13 +163,18 @@ def run(out: str, cfg: dict) -> list[str]:
             print(f"run it with llama2.c's {program}.c: ./{program} {shlex.quote(out)} -z {z}")
         return written
     if fmt == "hf":
-        written = write_hf(out, model, tokenizer, cfg["dtype"])
+        template = (checkpoint.get("template") or {}).get("name") if tokenizer else None
+        written = write_hf(out, model, tokenizer, cfg["dtype"], template)
         print(f"wrote {out}/ ({', '.join(os.path.basename(p) for p in written)}; {cfg['dtype']})")
         print(f"load it with transformers (pip install transformers safetensors protobuf sentencepiece): "
               f"AutoModelForCausalLM.from_pretrained({out!r}), AutoTokenizer.from_pretrained({out!r})")
+        if template:
+            print(f"its tokenizer's chat template is the {template} template it was tuned with: "
+                  "tokenizer.apply_chat_template(messages, add_generation_prompt=True)")
         return written
     save_checkpoint(out, {"model": model.state_dict(), "model_args": asdict(model.args),
-                          "tokenizer": os.path.abspath(tokenizer) if tokenizer else None})
+                          "tokenizer": os.path.abspath(tokenizer) if tokenizer else None,
+                          **({"template": checkpoint["template"]} if checkpoint.get("template") else {})})
     print(f"wrote {out} (checkpoint for sample.py / fine-tuning)")
     return [out]
 

@@ -85,13 +85,14 @@ def split_batch(sequences: int, world_size: int, largest: int) -> tuple[int, int
 
 
 def step_fits(args: ModelArgs, batch_size: int, device: str, dtype: str) -> bool:
-    """Runs a real training step (forward, backward, AdamW) of batch_size sequences on the GPU: does it fit?"""
+    """Runs a real step (forward, backward, AdamW) of batch_size sequences on the GPU: does it fit?"""
     model = optimizer = x = loss = None
     try:
         model = Transformer(args).to(device)
         optimizer = model.configure_optimizers(0.0, 1e-4, (0.9, 0.95), "cuda")
         x = torch.randint(args.vocab_size, (batch_size, args.max_seq_len + 1), device=device)
-        context = torch.autocast("cuda", dtype=getattr(torch, dtype)) if dtype != "float32" else torch.enable_grad()
+        context = (torch.autocast("cuda", dtype=getattr(torch, dtype)) if dtype != "float32"
+                   else torch.enable_grad())
         with context:
             _, loss = model(x[:, :-1], x[:, 1:])
         loss.backward()

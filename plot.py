@@ -35,8 +35,8 @@ IGNORED = ("out_dir", "data_dir", "init_from", "eval_only", "device", "always_sa
 # settings train.py's resolve_config fills from others when left at None (min_lr = learning_rate / 10,
 # lr_decay_iters = max_iters): named only where some run set them otherwise
 DERIVED = {"min_lr": ("learning_rate", 0.1), "lr_decay_iters": ("max_iters", 1)}
-TABLE_NOTE = ("time: the run's wall time, evals and checkpoints included (for runs that do not record it, the "
-              "training steps' time from ms/iter)\n"
+TABLE_NOTE = ("time: the run's wall time, evals and checkpoints included "
+              "(for runs that do not record it, the training steps' time from ms/iter)\n"
               "tok/s: training throughput, evals excluded; MFU: time-weighted, where the GPU's peak is known")
 
 
@@ -181,7 +181,8 @@ def make_figure(loaded: list[Run], x: str = "iter", log: bool = False, smooth: f
         val_at, val = x_values(run, run.evals, x) / div, [r["val_loss"] for r in run.evals]
         ax_loss.plot(val_at, val, "o--", color=color, ms=4, gid=f"{run.path}:val_loss")
         ax_lr.plot(at, [r["lr"] for r in run.logs], color=color, gid=f"{run.path}:lr")
-        speed = [np.nan if r.get("tok_per_s") is None else r["tok_per_s"] for r in run.logs]  # a first step: untimed
+        # a first step: untimed
+        speed = [np.nan if r.get("tok_per_s") is None else r["tok_per_s"] for r in run.logs]
         ax_speed.plot(at, speed, color=color, gid=f"{run.path}:tok_per_s")
     average = f"over the last {SPAN:.0%} of each run" if smooth is None else f"weight {smooth:g}"
     ax_loss.set_title(f"train loss (moving average {average}; raw faint) and val loss (o--)",

@@ -73,8 +73,8 @@ def truncate_metrics(path, last_iter: int) -> None:
 
 def numbered_checkpoints(out_dir) -> list[str]:
     """ckpt_NNNNNN.pt files, oldest first."""
-    found = [(int(m[1]), name) for name in os.listdir(out_dir) if (m := re.fullmatch(r"ckpt_(\d+)\.pt", name))] \
-        if os.path.isdir(out_dir) else []
+    names = os.listdir(out_dir) if os.path.isdir(out_dir) else []
+    found = [(int(m[1]), name) for name in names if (m := re.fullmatch(r"ckpt_(\d+)\.pt", name))]
     return [os.path.join(out_dir, name) for _, name in sorted(found)]
 
 
@@ -123,7 +123,8 @@ def previous_run(out_dir) -> str | None:
                     last = json.loads(line)["iter"]
                 except (ValueError, KeyError, TypeError):
                     pass
-    held = " and ".join(name for name in ("ckpt.pt", "metrics.jsonl") if os.path.exists(os.path.join(out_dir, name)))
+    held = " and ".join(name for name in ("ckpt.pt", "metrics.jsonl")
+                        if os.path.exists(os.path.join(out_dir, name)))
     return held + (f" up to iteration {last}" if last is not None else "")
 
 
@@ -134,7 +135,8 @@ def set_aside_previous_run(out_dir) -> str:
     with writing(aside):
         os.makedirs(aside)
     for name in os.listdir(out_dir):
-        if name in ("metrics.jsonl", "config.json", "wandb_run_id") or re.fullmatch(r"ckpt(_best|_\d+)?\.pt", name):
+        if (name in ("metrics.jsonl", "config.json", "wandb_run_id")
+                or re.fullmatch(r"ckpt(_best|_\d+)?\.pt", name)):
             os.replace(os.path.join(out_dir, name), os.path.join(aside, name))
     return aside
 
@@ -215,7 +217,8 @@ class WandbLogger:
             if resume and os.path.exists(id_file):
                 with open(id_file, encoding="utf-8") as f:
                     run_id = f.read().strip()
-            self.run = wandb.init(project=config["wandb_project"], id=run_id, resume="allow" if run_id else None,
+            self.run = wandb.init(project=config["wandb_project"], id=run_id,
+                                  resume="allow" if run_id else None,
                                   name=config["wandb_run_name"] or os.path.basename(os.path.abspath(out_dir)),
                                   config=config)
             with open(id_file, "w", encoding="utf-8") as f:
@@ -270,7 +273,7 @@ class Progress:
         self.window_iters += 1
 
     def window(self) -> float | None:
-        """Seconds per iteration since the previous call (None right after the first step), and a new window."""
+        """Seconds per iteration since the last call (None right after the first step), and a new window."""
         now = time.perf_counter()
         dt = (now - self.window_start) / self.window_iters if self.window_iters else None
         if dt is not None:

@@ -2,15 +2,24 @@
 Generate stories from a trained model, streamed to stdout as the tokens come.
 
     python sample.py --prompt="Once upon a time" --num_samples=3
-    python sample.py --checkpoint=out/ckpt.pt --temperature=0              # greedy
+    python sample.py --checkpoint=out/ckpt.pt --temperature=0    # greedy
     python sample.py --checkpoint=stories15M.bin --tokenizer=data/llama2_tokenizer.model --top_p=0.9
     python sample.py --prompt_file=prompt.txt --max_new_tokens=500 --device=cuda --compile=True
-    python sample.py --checkpoint=out/hf                                    # export.py --format=hf's directory
-    python sample.py --checkpoint=out/lora/ckpt.pt                          # a LoRA fine-tune: base + adapters
+    python sample.py --checkpoint=out/hf                          # export.py --format=hf's directory
+    python sample.py --checkpoint=out/sft/ckpt.pt --instruction="Words: dog, ball, happy"  # instruction-tuned
+    python sample.py --checkpoint=out/sft/ckpt.pt --instruction_file=instructions.txt
+    python sample.py --checkpoint=out/lora/ckpt.pt                # a LoRA fine-tune: base + adapters
 
 The tokenizer is the one recorded in the checkpoint, or a Hugging Face directory's tokenizer.model
-(--tokenizer overrides it; a llama2.c .bin records none). Each story stops at the end-of-story token (BOS or EOS) or after max_new_tokens;
-samples are separated by a line of dashes. Settings and timing go to stderr, stories to stdout.
+(--tokenizer overrides it; a llama2.c .bin records none). Each story stops at the end-of-story token
+(BOS or EOS) or after max_new_tokens; samples (and instructions) are separated by a line of dashes.
+Settings and timing go to stderr, stories to stdout.
+
+--instruction renders the instruction in the template the checkpoint was tuned with (instruct.py; a story
+model takes fields such as "Words: dog, ball, happy", one a line, \n starting a new line; a chat model the
+user's message) and prints only the response. --instruction_file holds one instruction a line (or records
+separated by <|endoftext|> lines), or instruction records as `tinystories.py prepare` reads them (their
+responses are left out). --prompt stays raw text, given to the model as it is.
 """
 import os
 import pickle
@@ -20,6 +29,7 @@ import time
 import torch
 
 import cpu_speedups
+import instruct
 import runtime
 from configurator import ConfigError, parse_config
 
@@ -29,6 +39,9 @@ OPTIONS = {
     "tokenizer": ("", "sentencepiece .model; \"\" = the one recorded in the checkpoint"),
     "prompt": ("", "text the stories start with (\"\" = from scratch)"),
     "prompt_file": ("", "or read the prompt from this file (one trailing newline dropped)"),
+    "instruction": ("", "an instruction-tuned model: the instruction, in its template; "
+                        "prints the response only"),
+    "instruction_file": ("", "or instructions from this file, one a line, or instruction records"),
     "num_samples": (1, "stories to generate"),
     "max_new_tokens": (256, "at most this many new tokens per story (fewer if the story ends)"),
     "temperature": (1.0, "0 = greedy (argmax); higher is more random"),
@@ -39,11 +52,9 @@ OPTIONS = {
     "dtype": ("auto", "float32 | bfloat16 | float16; auto = bfloat16 (or float16) on cuda, else float32"),
     "compile": (False, "torch.compile the forward pass (pays off on a GPU for long generations)"),
     # Batch-1 decoding is hundreds of tiny ops a token, each a parallel region whose threads wait for the
-    # slowest. On this project's 2-core CPU, idle, two threads were no faster than one for any model size
-    # (260K, 15M, 42M, 110M: equal within noise); with one core busy elsewhere, two threads fell to 46
-    # tokens/s for the 15M model where one kept 121 (OpenMP threads spin-waiting for the descheduled one).
-    # A laptop always has something else running, so one thread is the default; try --threads=0 on an
-    # idle many-core machine for the larger models.
+    # slowest: more threads gain little, and one thread descheduled by another job stalls the rest. A
+    # laptop always has something else running, so one thread is the default (figures: bench/README.md);
+    # try --threads=0 on an idle many-core machine for the larger models.
     "threads": (1, "CPU threads (0 = torch's default, one per physical core)"),
     "cpu_speedups": (True, "faster CPU kernels for the same math (cpu_speedups.py); False = plain PyTorch"),
 }
@@ -68,8 +79,9 @@ def check_settings(cfg: dict) -> dict:
         raise SampleError(f"--top_k={top_k!r} must be a positive integer, or None / 0 for no limit")
     if not 0 < cfg["top_p"] <= 1:
         raise SampleError(f"--top_p={cfg['top_p']} must be in (0, 1] (1 = no limit)")
-    if cfg["prompt"] and cfg["prompt_file"]:
-        raise SampleError("give --prompt or --prompt_file, not both")
+    given = [f"--{k}" for k in ("prompt", "prompt_file", "instruction", "instruction_file") if cfg[k]]
+    if len(given) > 1:
+        raise SampleError(f"give one of {' and '.join(given)}, not both")
     return {**cfg, "top_k": top_k or None, "top_p": None if cfg["top_p"] == 1 else cfg["top_p"]}
 
 
@@ -82,8 +94,41 @@ def read_prompt(cfg: dict) -> str:
         with open(cfg["prompt_file"], encoding="utf-8") as f:
             text = f.read()
     except UnicodeDecodeError as e:
-        raise SampleError(f"prompt file {cfg['prompt_file']} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        raise SampleError(f"prompt file {cfg['prompt_file']} is not UTF-8 text "
+                          f"({e.reason} at byte {e.start})") from None
     return text[:-1] if text.endswith("\n") else text
+
+
+def read_instructions(cfg: dict, checkpoint: dict) -> tuple[str, list[list[dict]]]:
+    """--instruction or --instruction_file -> (the checkpoint's template, the messages of each prompt)."""
+    import tinystories  # the input formats
+    from dataloader import DataError
+
+    template = (checkpoint.get("template") or {}).get("name")
+    if template is None:
+        raise SampleError(f"{cfg['checkpoint']} records no instruction template "
+                          "(it was not tuned on instruction data): give it raw text with --prompt")
+    path = cfg["instruction_file"]
+    try:
+        if not path:
+            instruction = cfg["instruction"].replace("\\n", "\n")
+            return template, [instruct.instruction_messages(template, instruction)]
+        if not os.path.isfile(path):
+            raise SampleError(f"instruction file not found: {path}")
+        source = tinystories.InputRecords(path)
+        records = list(source)
+        if source.template is not None:  # records with their references: prompt with all but the reply
+            if source.template != template:
+                raise SampleError(f"{path} holds {source.template}-template records but "
+                                  f"{cfg['checkpoint']} was tuned on the {template} template")
+            return template, [messages[:-1] for messages in records]
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        texts = text.split("<|endoftext|>") if "<|endoftext|>" in text else text.splitlines()
+        return template, [instruct.instruction_messages(template, t.replace("\\n", "\n"))
+                          for t in texts if t.strip()]
+    except (instruct.InstructError, DataError) as e:
+        raise SampleError(str(e)) from None
 
 
 def load_model(path: str, device: str):
@@ -106,7 +151,8 @@ def load_tokenizer(cfg: dict, checkpoint: dict, vocab_size: int):
         raise SampleError(f"{cfg['checkpoint']} records no tokenizer (a llama2.c file?): "
                           "pass --tokenizer=path/to/tokenizer.model")
     if path.endswith(".bin"):
-        raise SampleError(f"{path} looks like llama2.c's tokenizer.bin; pass the sentencepiece .model it was made from")
+        raise SampleError(f"{path} looks like llama2.c's tokenizer.bin; "
+                          "pass the sentencepiece .model it was made from")
     if not os.path.isfile(path):
         hint = "" if cfg["tokenizer"] else " (the path recorded in the checkpoint; pass --tokenizer=PATH)"
         raise SampleError(f"tokenizer not found: {path}{hint}")
@@ -122,10 +168,13 @@ def load_tokenizer(cfg: dict, checkpoint: dict, vocab_size: int):
 
 
 def encode_prompt(tok, text: str, max_seq_len: int) -> list[int]:
-    ids = tok.encode(text, bos=True)
+    return check_prompt(tok.encode(text, bos=True), max_seq_len)
+
+
+def check_prompt(ids: list[int], max_seq_len: int) -> list[int]:
     if len(ids) >= max_seq_len:  # at least one position must be left for a new token
-        raise SampleError(f"the prompt is {len(ids)} tokens (with BOS) but the model's context is {max_seq_len}: "
-                          f"shorten it to at most {max_seq_len - 1} tokens")
+        raise SampleError(f"the prompt is {len(ids)} tokens (with BOS) but the model's context is "
+                          f"{max_seq_len}: shorten it to at most {max_seq_len - 1} tokens")
     return ids
 
 
@@ -144,23 +193,28 @@ def until_stop(tokens, stops: set[int], out: list[int]):
         yield t
 
 
-def generate_story(model, tok, prompt_ids: list[int], cfg: dict, write) -> list[int]:
-    """Streams one story (the prompt's text, then the new text) through write(str); returns the new ids."""
+def generate_story(model, tok, prompt_ids: list[int], cfg: dict, write, echo: bool = True) -> list[int]:
+    """Streams one story (the prompt's text unless echo is False, then the new text) through write(str);
+    returns the new ids."""
     device = model.output.weight.device
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
     stream = model.generate_stream(idx, cfg["max_new_tokens"], cfg["temperature"], cfg["top_k"], cfg["top_p"])
     new: list[int] = []
-    write(tok.decode(prompt_ids))
+    if echo:
+        write(tok.decode(prompt_ids))
     # decode_stream keeps sentencepiece's leading-space rule and holds back the bytes of a
-    # multi-byte character until it is complete, so the text equals tok.decode of all ids
-    for text in tok.decode_stream(until_stop(stream, stop_ids(tok), new), prev_id=prompt_ids[-1]):
+    # multi-byte character until it is complete, so the text equals tok.decode of all ids (of the new ids
+    # alone, without the prompt: a response starts without the space that follows "Story:")
+    for text in tok.decode_stream(until_stop(stream, stop_ids(tok), new),
+                                  prev_id=prompt_ids[-1] if echo else None):
         write(text)
     return new
 
 
 def usage() -> str:
     # defaults as they are typed on the command line: text without quotes
-    shown = {name: '""' if d == "" else d if isinstance(d, str) else repr(d) for name, (d, _) in OPTIONS.items()}
+    shown = {name: '""' if d == "" else d if isinstance(d, str) else repr(d)
+             for name, (d, _) in OPTIONS.items()}
     width = max(len(f"--{name}={value}") for name, value in shown.items())
     lines = ["usage: python sample.py [config.py ...] [--key=value ...]", "", __doc__.strip(), "", "options:"]
     lines += [f"  {f'--{name}={shown[name]}':<{width}}  {text}" for name, (_, text) in OPTIONS.items()]
@@ -184,14 +238,21 @@ def setup(argv):
     dtype = runtime.DTYPES[runtime.resolve_dtype(cfg["dtype"], device)]
     model, checkpoint = load_model(cfg["checkpoint"], device)
     tok = load_tokenizer(cfg, checkpoint, model.args.vocab_size)
-    prompt_ids = encode_prompt(tok, prompt, model.args.max_seq_len)
+    echo = not (cfg["instruction"] or cfg["instruction_file"])  # an instruction's response only
+    if echo:
+        prompts = [encode_prompt(tok, prompt, model.args.max_seq_len)]
+    else:
+        template, instructions = read_instructions(cfg, checkpoint)
+        prompts = [check_prompt(instruct.prompt_ids(tok, template, m), model.args.max_seq_len)
+                   for m in instructions]
     model = model.to(dtype=dtype).eval()  # the KV cache follows the weights' dtype
     if cfg["compile"]:
-        # generate_stream runs self.hidden_states (this instance attribute) for the prefill and every decode step
+        # generate_stream runs self.hidden_states (an instance attribute) for the prefill and each decode step
         model.hidden_states = torch.compile(model.hidden_states)
     print(f"{model.num_params() / 1e6:.1f}M parameters from {cfg['checkpoint']}, tokenizer {tok.model_path}, "
-          f"{device} {str(dtype).removeprefix('torch.')}, {torch.get_num_threads()} CPU thread(s)", file=sys.stderr)
-    return cfg, model, tok, prompt_ids
+          f"{device} {str(dtype).removeprefix('torch.')}, {torch.get_num_threads()} CPU thread(s)",
+          file=sys.stderr)
+    return cfg, model, tok, prompts, echo
 
 
 def main(argv=None):
@@ -200,11 +261,12 @@ def main(argv=None):
         print(usage())
         return
     try:
-        cfg, model, tok, prompt_ids = setup(argv)
+        cfg, model, tok, prompts, echo = setup(argv)
     except (SampleError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    if hasattr(sys.stdout, "reconfigure"):  # a console that cannot show a character shows an escape, not a crash
+    # a console that cannot show a character shows an escape, not a crash
+    if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="backslashreplace")
 
     def write(text):
@@ -214,11 +276,11 @@ def main(argv=None):
     torch.manual_seed(cfg["seed"])
     n_tokens, seconds = 0, 0.0
     try:
-        for i in range(cfg["num_samples"]):
+        for i, prompt_ids in enumerate(p for p in prompts for _ in range(cfg["num_samples"])):
             if i:
                 write(f"\n{SEPARATOR}\n")
             t0 = time.perf_counter()
-            n_tokens += len(generate_story(model, tok, prompt_ids, cfg, write))
+            n_tokens += len(generate_story(model, tok, prompt_ids, cfg, write, echo))
             seconds += time.perf_counter() - t0
         write("\n")
     except KeyboardInterrupt:
@@ -228,7 +290,8 @@ def main(argv=None):
         # (Python's recipe: point stdout at devnull so the flush at exit does not fail again)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
-    print(f"{n_tokens} tokens in {seconds:.2f} s: {n_tokens / max(seconds, 1e-9):.1f} tokens/s", file=sys.stderr)
+    print(f"{n_tokens} tokens in {seconds:.2f} s: {n_tokens / max(seconds, 1e-9):.1f} tokens/s",
+          file=sys.stderr)
 
 
 if __name__ == "__main__":

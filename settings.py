@@ -36,8 +36,9 @@ def resolve_config(config: dict) -> dict:
             raise ConfigError(f"{key}={c[key]!r} is not one of {', '.join(map(repr, allowed))}")
     for key in ("init_from", "init_checkpoint"):
         if c[key] not in ("scratch", "resume", "auto", None) and not os.path.exists(c[key]):
-            raise ConfigError(f"{key}={c[key]!r} is not 'scratch', 'resume', 'auto' or an existing checkpoint "
-                              f"to fine-tune (a train.py .pt, a llama2.c .bin or a Hugging Face directory)")
+            raise ConfigError(f"{key}={c[key]!r} is not 'scratch', 'resume', 'auto' or an existing "
+                              f"checkpoint to fine-tune "
+                              f"(a train.py .pt, a llama2.c .bin or a Hugging Face directory)")
     if c["init_checkpoint"] is not None and c["init_from"] != "auto":
         raise ConfigError(f"init_checkpoint={c['init_checkpoint']!r} is for init_from='auto'; to fine-tune, "
                           f"pass --init_from={c['init_checkpoint']}")
@@ -45,9 +46,9 @@ def resolve_config(config: dict) -> dict:
         has_checkpoint = os.path.exists(os.path.join(c["out_dir"], "ckpt.pt"))
         c["init_from"] = "resume" if has_checkpoint else c["init_checkpoint"] or "scratch"
         c["overwrite"] = c["overwrite"] or not has_checkpoint  # what an attempt that died early left
-    at_least_one = ("threads", "batch_size", "max_seq_len", "gradient_accumulation_steps", "eval_interval", "log_interval",
-                    "checkpoint_interval", "eval_iters", "vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads",
-                    "hidden_dim", "multiple_of")
+    at_least_one = ("threads", "batch_size", "max_seq_len", "gradient_accumulation_steps", "eval_interval",
+                    "log_interval", "checkpoint_interval", "eval_iters", "vocab_size", "dim", "n_layers",
+                    "n_heads", "n_kv_heads", "hidden_dim", "multiple_of")
     for key in at_least_one:
         if c[key] is not None and c[key] < 1:
             raise ConfigError(f"{key}={c[key]} must be at least 1")
@@ -70,8 +71,8 @@ def resolve_config(config: dict) -> dict:
     if c["min_lr"] is None:
         c["min_lr"] = c["learning_rate"] / 10
     if c["decay_lr"] and c["lr_decay_iters"] is not None and c["lr_decay_iters"] < c["warmup_iters"]:
-        raise ConfigError(f"lr_decay_iters={c['lr_decay_iters']} is shorter than warmup_iters={c['warmup_iters']}; "
-                          f"lower --warmup_iters or raise --lr_decay_iters")
+        raise ConfigError(f"lr_decay_iters={c['lr_decay_iters']} is shorter than "
+                          f"warmup_iters={c['warmup_iters']}; lower --warmup_iters or raise --lr_decay_iters")
     if c["max_tokens"] is not None and c["max_epochs"] is not None:
         raise ConfigError("give the run's length once: max_tokens or max_epochs (or max_iters), not both")
     for key in ("max_tokens", "max_epochs"):
@@ -84,15 +85,18 @@ def resolve_config(config: dict) -> dict:
     return c
 
 
-def settle_run_length(c: dict, given: set, tokens_per_epoch: int, iter_num: int = 0, tokens_seen: int = 0) -> dict:
+def settle_run_length(c: dict, given: set, tokens_per_epoch: int, iter_num: int = 0,
+                      tokens_seen: int = 0) -> dict:
     """max_iters from max_tokens or max_epochs when one of them sets the run's length (the iterations that
     reach it from where a resumed run stands), then lr_decay_iters (None: max_iters)."""
     c = dict(c)
     budget = next((k for k in ("max_tokens", "max_epochs") if c[k] is not None), None)
     if budget and "max_iters" in given:
         if budget in given:
-            raise ConfigError(f"give the run's length once: max_iters={c['max_iters']} or {budget}={c[budget]}")
-        print0(f"note: max_iters={c['max_iters']} sets the run's length, not the checkpoint's {budget}={c[budget]}")
+            raise ConfigError(f"give the run's length once: max_iters={c['max_iters']} "
+                              f"or {budget}={c[budget]}")
+        print0(f"note: max_iters={c['max_iters']} sets the run's length, not the checkpoint's "
+               f"{budget}={c[budget]}")
         c[budget] = None
     elif budget:
         tokens = c["max_tokens"] if budget == "max_tokens" else round(c["max_epochs"] * tokens_per_epoch)
@@ -107,8 +111,8 @@ def warn_about_the_schedule(c: dict) -> None:
     # a smoke run (--max_iters=20 with a config's 1000 warmup steps) is legitimate: run it, but say so
     if c["decay_lr"] and c["max_iters"] < c["warmup_iters"]:
         reached = c["learning_rate"] * c["max_iters"] / c["warmup_iters"]  # the warmup's last step
-        print0(f"warning: max_iters={c['max_iters']} ends inside warmup_iters={c['warmup_iters']}: the learning "
-               f"rate only climbs to {reached:.1e} of {c['learning_rate']:.1e}; pass e.g. "
+        print0(f"warning: max_iters={c['max_iters']} ends inside warmup_iters={c['warmup_iters']}: "
+               f"the learning rate only climbs to {reached:.1e} of {c['learning_rate']:.1e}; pass e.g. "
                f"--warmup_iters={max(1, c['max_iters'] // 10)} to warm up and decay within the run")
 
 
@@ -129,32 +133,36 @@ def for_resume(c: dict, saved: dict, given: set, path: str) -> dict:
     shape_keys |= {"lora_rank", "lora_targets"}  # the adapters' shape
     shape = [k.split()[0] for k in changed if k.split()[0] in shape_keys]
     if shape:
-        raise ConfigError(f"{path} was trained with " + ", ".join(f"{k}={saved[k]!r} (config: {c[k]!r})" for k in shape)
-                          + "; a resumed run keeps the model's shape: drop those settings, or start a new run")
+        differ = ", ".join(f"{k}={saved[k]!r} (config: {c[k]!r})" for k in shape)
+        raise ConfigError(f"{path} was trained with {differ}; a resumed run keeps the model's shape: "
+                          "drop those settings, or start a new run")
     try:
         runtime.resolve_dtype(c["dtype"], c["device"])
     except ConfigError:  # a bf16 run resumed on a GPU without bf16
         kept = [k for k in kept if not k.startswith("dtype=")]
-        changed.append(f"dtype {saved['dtype']!r} -> {runtime.resolve_dtype('auto', c['device'])!r} (this device)")
         c["dtype"] = runtime.resolve_dtype("auto", c["device"])
+        changed.append(f"dtype {saved['dtype']!r} -> {c['dtype']!r} (this device)")
     if kept:
-        print0(f"note: continuing with the checkpoint's {', '.join(kept)} (give a setting again to change it)")
+        print0(f"note: continuing with the checkpoint's {', '.join(kept)} "
+               f"(give a setting again to change it)")
     if changed:
         print0(f"note: changed on resume: {', '.join(changed)}")
     return c
 
 
-def for_finetune(c: dict, saved_args: dict, path: str) -> dict:
-    # the model's shape is the checkpoint's; dropout and max_seq_len stay the config's
+def for_finetune(c: dict, saved_args: dict, path: str, given: set) -> dict:
+    # the model's shape is the checkpoint's; dropout and max_seq_len stay the config's. The note names the
+    # shape settings given (config file or command line) that the checkpoint overrules, not the defaults.
     c = dict(c)
     saved, wanted = ModelArgs.from_dict(saved_args), ModelArgs.from_dict(c)
     shape = [f.name for f in fields(ModelArgs) if f.name not in NOT_SHAPE + ("multiple_of",)]
-    diffs = [k for k in shape if getattr(saved, k) != getattr(wanted, k)]  # multiple_of only derives hidden_dim
+    diffs = [k for k in shape if k in given and getattr(saved, k) != getattr(wanted, k)]
     if diffs:
         print0(f"note: the model's shape comes from {path}: "
                + ", ".join(f"{k}={getattr(saved, k)!r} (config: {getattr(wanted, k)!r})" for k in diffs))
     if saved.max_seq_len != c["max_seq_len"]:
-        print0(f"note: training with max_seq_len={c['max_seq_len']}; {path} was trained with {saved.max_seq_len}")
+        print0(f"note: training with max_seq_len={c['max_seq_len']}; "
+               f"{path} was trained with {saved.max_seq_len}")
     c.update({k: getattr(saved, k) for k in shape})
     return c
 
@@ -176,11 +184,12 @@ def choose_batch_size(c: dict, args: ModelArgs, world_size: int, device: str) ->
         dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
         largest = int(smallest)
     if largest == 0:
-        raise ConfigError(f"batch_size=auto: not even one sequence of {args.max_seq_len} tokens fits ({how}); "
-                          f"use a shorter --max_seq_len or a smaller model")
+        raise ConfigError(f"batch_size=auto: not even one sequence of {args.max_seq_len} tokens fits "
+                          f"({how}); use a shorter --max_seq_len or a smaller model")
     batch, accum = memory.split_batch(sequences, world_size, largest)
     print0(f"batch_size=auto: {batch} x {accum} accumulation steps = {sequences} sequences per iteration "
-           f"(up to {largest} fit, {how}; the micro-batch must divide the {sequences // world_size} per process)")
+           f"(up to {largest} fit, {how}; "
+           f"the micro-batch must divide the {sequences // world_size} per process)")
     return {"batch_size": batch, "gradient_accumulation_steps": accum}
 
 
@@ -197,20 +206,24 @@ def check_memory(c: dict, args: ModelArgs, device: str, world_size: int) -> None
     largest = memory.largest_that_fits(
         lambda b: memory.step_bytes(args, b, c["dtype"], device_type, frozen) <= share, c["batch_size"])
     where = f"{free / 2**30:.1f} GiB is available" + (f" to {here} processes" if here > 1 else "")
-    what = f"a training step of {c['batch_size']} x {args.max_seq_len} tokens needs about {need / here / 2**30:.1f} GiB"
+    what = (f"a training step of {c['batch_size']} x {args.max_seq_len} tokens needs about "
+            f"{need / here / 2**30:.1f} GiB")
     if largest == 0:
-        raise ConfigError(f"{what} even at batch_size=1 and {where}: use a shorter --max_seq_len or a smaller model")
+        raise ConfigError(f"{what} even at batch_size=1 and {where}: "
+                          f"use a shorter --max_seq_len or a smaller model")
     batch, accum = memory.split_batch(c["batch_size"] * c["gradient_accumulation_steps"], world_size, largest)
-    raise ConfigError(f"{what} (the (batch, context, vocab) logits are most of it) but {where}: try "
-                      f"--batch_size={batch} --gradient_accumulation_steps={accum} (the same tokens per iteration)")
+    raise ConfigError(f"{what} (the (batch, context, vocab) logits are most of it) but {where}: "
+                      f"try --batch_size={batch} --gradient_accumulation_steps={accum} "
+                      f"(the same tokens per iteration)")
 
 
 def split_accumulation(steps: int, world_size: int) -> int:
     # gradient_accumulation_steps is global: the tokens per iteration do not change with the number of GPUs
     if steps % world_size:
+        nearest = max(world_size, steps // world_size * world_size)
         raise ConfigError(f"gradient_accumulation_steps={steps} must be divisible by the number of processes "
                           f"({world_size}): it is the global count, split across them; try "
-                          f"--gradient_accumulation_steps={max(world_size, steps // world_size * world_size)}")
+                          f"--gradient_accumulation_steps={nearest}")
     return steps // world_size
 
 

@@ -14,6 +14,13 @@ Your own text (a .txt with <|endoftext|> lines between documents, a plain .txt, 
     python tinystories.py prepare --input my.txt --name mine --vocab_size 1024      # data/mine/dataNN.bin
     python tinystories.py prepare --input my.txt --name mine                        # or Llama 2's vocabulary
 
+Instruction data (TinyStoriesInstruct text, TinyStories' JSON with its words/features/summary, prompt/response
+or chat JSONL; instruct.py describes them and the template) gets a loss mask beside each shard, so that
+training learns the responses only; --words_from_story=N makes such records from plain stories:
+
+    python tinystories.py prepare --input TinyStoriesInstruct-train.txt --name instruct  # Llama 2 vocabulary
+    python tinystories.py prepare --input my.txt --name words --words_from_story 3 --vocab_size 512
+
 Shards hold every document stripped, with BOS prepended, concatenated. data00.bin is the validation split,
 the rest train (as in llama2.c). An input with a single shard, and `prepare`, hold out documents
 0, 100, 200, ... as data00.bin. Each shard directory has a meta.json naming the tokenizer it was made with.
@@ -34,7 +41,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 import download
-from dataloader import TINYSTORIES_DIR, DataError, data_command, list_shards
+import instruct
+from dataloader import TINYSTORIES_DIR, DataError, data_command, list_shards, mask_name
 from fileio import atomic_write, check_writable, writing
 from tokenizer import MAX_VOCAB_SIZE, Tokenizer
 
@@ -74,7 +82,9 @@ def read_json_stories(path) -> list[str]:
 def input_files(path: Path) -> list[Path]:
     suffixes = (".txt", ".json", ".jsonl")
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in suffixes
+        # (meta.json: the description pretokenize and prepare write beside their shards, not text)
+        files = sorted(p for p in path.rglob("*")
+                       if p.is_file() and p.suffix in suffixes and p.name != "meta.json"
                        and not any(part.startswith(".") for part in p.relative_to(path).parts))
         if not files:
             raise DataError(f"no .txt, .json or .jsonl files in {path}")
@@ -86,16 +96,84 @@ def input_files(path: Path) -> list[Path]:
     return [path]
 
 
-def iter_documents(path) -> Iterator[str]:
-    """Stripped, non-empty documents of a file or directory, in order."""
-    for file in input_files(Path(path)):
-        read = {".txt": _txt_documents, ".jsonl": _jsonl_documents, ".json": _json_documents}[file.suffix]
-        try:
-            for doc in read(file):
-                if doc := doc.strip():
-                    yield doc
-        except UnicodeDecodeError as e:
-            raise DataError(f"{file} is not UTF-8 text ({e})") from None
+class InputRecords:
+    """The documents of --input, or its instruction records (instruct.py), file by file, in order.
+
+    Each file's format is told from its first records (instruct.detect_format), or forced with fmt. Iterating
+    yields stripped, non-empty documents (str) for plain text, else records (lists of messages); .template
+    is then the instruct.py template every file must share, None for plain text. Instruction records that
+    cannot be used are skipped and counted in .skips; a file with none usable is an error."""
+
+    def __init__(self, path, fmt: str = "auto", words_from_story: int = 0):
+        if fmt not in ("auto",) + instruct.FORMATS:
+            raise DataError(f"--format={fmt}: choose auto, {', '.join(instruct.FORMATS)}")
+        if words_from_story < 0:
+            raise DataError(f"--words_from_story={words_from_story} must be >= 0 (0 = off)")
+        self.files = input_files(Path(path))
+        self.fmt, self.words = fmt, words_from_story
+        self.template, self.formats, self.skips = None, [], instruct.Skips()
+
+    def __iter__(self):
+        for file in self.files:
+            try:
+                yield from self._read(file)
+            except UnicodeDecodeError as e:
+                raise DataError(f"{file} is not UTF-8 text ({e})") from None
+
+    def _read(self, file: Path):
+        items = _file_items(file)
+        head = list(itertools.islice(items, 20))
+        fmt = self.fmt if self.fmt != "auto" else instruct.detect_format([item for _, item in head])
+        if self.words and fmt != "text":
+            raise DataError(f"{file} holds {fmt} records: --words_from_story makes instructions from plain "
+                            "stories only")
+        template = "story" if self.words else instruct.TEMPLATE_OF.get(fmt)
+        if self.formats and template != self.template:
+            raise DataError(f"{file} holds {fmt} records but {self.files[0]} holds {self.formats[0]}: "
+                            "prepare them as separate datasets, or force one reading with --format")
+        self.template = template
+        self.formats.append(fmt)
+        skips = instruct.Skips()
+        for where, item in itertools.chain(head, items):
+            if fmt == "text":
+                if isinstance(item, json.JSONDecodeError):
+                    raise DataError(f"{where}: not JSON ({item})")
+                item = _document(item, where).strip()
+                if template is None:
+                    if item:
+                        yield item
+                    continue
+            if isinstance(item, str) and not item.strip():
+                continue  # an empty document, or the blank text after a last <|endoftext|>
+            try:
+                messages = self._record(fmt, item)
+            except instruct.Skip as e:
+                skips.add(str(e), where)
+                continue
+            skips.kept += 1
+            yield messages
+        if template is not None and not skips.kept:
+            what = skips.summary() if skips.reasons else "no records"
+            raise DataError(f"{file}: nothing usable as {fmt} instruction records ({what})")
+        self.skips.merge(skips)
+
+    def _record(self, fmt: str, item) -> list[dict]:
+        if isinstance(item, json.JSONDecodeError):
+            raise instruct.Skip("malformed line")
+        if fmt == "text":
+            return instruct.words_record(item, self.words)
+        return instruct.to_messages(fmt, item)
+
+
+def _file_items(file: Path) -> Iterator[tuple[str, object]]:
+    # (where, item): the documents of a .txt, the values of a .json / .jsonl (a json.JSONDecodeError for a
+    # line that is not JSON)
+    if file.suffix == ".txt":
+        yield from ((f"{file}: record {i}", doc) for i, doc in enumerate(_txt_documents(file), 1))
+    elif file.suffix == ".jsonl":
+        yield from _jsonl_items(file)
+    else:
+        yield from _json_items(file)
 
 
 def _txt_documents(file: Path) -> Iterator[str]:
@@ -134,28 +212,27 @@ def chunk_text(text: str, size: int) -> list[str]:
     return [c.strip() for c in chunks if c.strip()]
 
 
-def _jsonl_documents(file: Path) -> Iterator[str]:
+def _jsonl_items(file: Path) -> Iterator[tuple[str, object]]:
     with open(file, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if line.strip():
                 try:
-                    obj = json.loads(line)
+                    yield f"{file}:{lineno}", json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise DataError(f"{file}:{lineno}: not JSON ({e})") from None
-                yield _document(obj, f"{file}:{lineno}")
+                    yield f"{file}:{lineno}", e
 
 
-def _json_documents(file: Path) -> Iterator[str]:
+def _json_items(file: Path) -> Iterator[tuple[str, object]]:
     with open(file, encoding="utf-8") as f:
         try:
             items = json.load(f)
         except json.JSONDecodeError as e:
             if e.msg == "Extra data":  # JSON lines in a .json file
-                yield from _jsonl_documents(file)
+                yield from _jsonl_items(file)
                 return
             raise DataError(f"{file}: not JSON ({e})") from None
     for i, obj in enumerate(items if isinstance(items, list) else [items]):
-        yield _document(obj, f"{file}[{i}]")
+        yield f"{file}[{i}]", obj
 
 
 def _document(obj, where: str) -> str:
@@ -170,20 +247,27 @@ def _document(obj, where: str) -> str:
 # -----------------------------------------------------------------------------
 # train_vocab: a sentencepiece BPE vocabulary, with llama2.c's trainer choices
 
-def train_vocab(data_dir, vocab_size: int, num_stories: int = 100_000, input=None, name=None) -> Path:
+def train_vocab(data_dir, vocab_size: int, num_stories: int = 100_000, input=None, name=None,
+                special_tokens=(), fmt: str = "auto") -> Path:
     import sentencepiece as spm
 
     data_dir = Path(data_dir)
     if not 0 < vocab_size <= MAX_VOCAB_SIZE:
         raise DataError(f"--vocab_size must be between 1 and {MAX_VOCAB_SIZE:,} (token ids are stored as "
                         "uint16)")
+    if bad := [t for t in special_tokens if not t or t != "".join(t.split())]:
+        raise DataError(f"--special_tokens {bad[0]!r}: a special token is text without spaces, e.g. Story: "
+                        "or <|endoftext|>")
     if input is not None:
         if name is None:
             raise DataError("train_vocab --input needs --name NAME (the vocabulary goes to DATA_DIR/NAME/, "
                             "where `prepare --name NAME` finds it)")
         check_name(name)
         out = data_dir / name / f"tok{vocab_size}.model"
-        docs = (d for i, d in enumerate(iter_documents(input)) if not is_val(i))  # fit on training data only
+        source = InputRecords(input, fmt)
+        # fit on training data only; instruction records as the text of their template
+        docs = (d if isinstance(d, str) else instruct.record_text(source.template, d)
+                for i, d in enumerate(source) if not is_val(i))
     else:
         out = data_dir / f"tok{vocab_size}.model"
         docs = _tinystories_train_stories(data_dir)
@@ -204,7 +288,7 @@ def train_vocab(data_dir, vocab_size: int, num_stories: int = 100_000, input=Non
                 sentence_iterator=iter(lines), model_writer=model, model_type="bpe", vocab_size=vocab_size,
                 input_format="text", character_coverage=1.0, num_threads=cpu_count(),
                 split_digits=True, allow_whitespace_only_pieces=True, byte_fallback=True,
-                normalization_rule_name="identity",
+                normalization_rule_name="identity", user_defined_symbols=list(special_tokens),
                 # unlike llama2.c's vocabularies, keep runs of spaces (as Llama 2's own model does): shards
                 # decode back to exactly the text
                 remove_extra_whitespaces=False,
@@ -273,7 +357,8 @@ def _follow_log(path: Path, bar, done: threading.Event) -> None:
 def tinystories_shards(data_dir: Path) -> list[Path]:
     src = data_dir / TINYSTORIES_DIR
     if not (shards := list_shards(src, "json")):
-        raise DataError(f"no TinyStories data (dataNN.json) in {src}: run `{data_command('download', data_dir)}`")
+        raise DataError(f"no TinyStories data (dataNN.json) in {src}: "
+                        f"run `{data_command('download', data_dir)}`")
     return shards
 
 
@@ -346,38 +431,48 @@ def pretokenize(data_dir, vocab_size: int = 0, tokenizer=None) -> Path:
     return write_shards(out, jobs, tok, total, num_jobs=len(jobs), source=src)
 
 
-def prepare(data_dir, input, name: str, vocab_size: int = 0, tokenizer=None) -> Path:
+def prepare(data_dir, input, name: str, vocab_size: int = 0, tokenizer=None, fmt: str = "auto",
+            words_from_story: int = 0) -> Path:
     data_dir = Path(data_dir)
     check_name(name)
-    files = input_files(Path(input))  # fail on a bad --input before any work
+    source = InputRecords(input, fmt, words_from_story)  # fail on a bad --input before any work
     tok = find_tokenizer(data_dir, vocab_size, tokenizer, name)
-    total = sum(p.stat().st_size for p in files)
-    return write_shards(data_dir / name, _prepare_jobs(input), tok, total, num_jobs=None, source=Path(input))
+    total = sum(p.stat().st_size for p in source.files)
+    return write_shards(data_dir / name, _prepare_jobs(source, input, tok), tok, total, num_jobs=None,
+                        source=Path(input), records=source)
 
 
-def _prepare_jobs(input) -> Iterator[tuple[str, tuple, int]]:
+def _prepare_jobs(source: InputRecords, input, tok: Tokenizer) -> Iterator[tuple[str, tuple, int]]:
+    # documents (or records) 0, 100, 200, ... are the validation split data00.bin
     val, train, chars, shard = [], [], 0, 1
-    for i, doc in enumerate(iter_documents(input)):
+    job = lambda items: ("records", source.template, items) if source.template else ("docs", items)
+    size = lambda item: len(item) if isinstance(item, str) else sum(len(m["content"]) for m in item)
+    for i, item in enumerate(source):
+        if i == 0 and source.template and tok.eos_id < 0:
+            raise DataError(f"{tok.model_path} has no EOS token, "
+                            "which ends every response of instruction data")
         if is_val(i):
-            val.append(doc)
+            val.append(item)
             continue
-        train.append(doc)
-        chars += len(doc)
+        train.append(item)
+        chars += size(item)
         if chars >= SHARD_CHARS:
-            yield f"data{shard:02d}.bin", ("docs", train), chars
+            yield f"data{shard:02d}.bin", job(train), chars
             train, chars, shard = [], 0, shard + 1
     if train:
-        yield f"data{shard:02d}.bin", ("docs", train), chars
+        yield f"data{shard:02d}.bin", job(train), chars
     elif shard == 1:
-        raise DataError(f"{input} holds {len(val)} document(s): need at least 2, one of them held out for "
+        what = "instruction record" if source.template else "document"
+        raise DataError(f"{input} holds {len(val)} {what}(s): need at least 2, one of them held out for "
                         "validation")
-    yield "data00.bin", ("docs", val), sum(map(len, val))
+    yield "data00.bin", job(val), sum(map(size, val))
 
 
 def write_shards(out_dir: Path, jobs: Iterable[tuple[str, tuple, int]], tok: Tokenizer, total: int,
-                 num_jobs: int | None, source: Path) -> Path:
-    """Encode jobs (shard name, source, weight) in a process pool. Shards are written under temporary
-    names and renamed into place only when every job succeeded; meta.json comes last."""
+                 num_jobs: int | None, source: Path, records: InputRecords | None = None) -> Path:
+    """Encode jobs (shard name, source, weight) in a process pool. Shards (and the loss masks of instruction
+    records, dataNN.mask) are written under temporary names and renamed into place only when every job
+    succeeded; meta.json comes last."""
     t0 = time.time()
     check_writable(out_dir)  # a read-only folder is refused before any tokenizing
     cpus = cpu_count()
@@ -395,8 +490,8 @@ def write_shards(out_dir: Path, jobs: Iterable[tuple[str, tuple, int]], tok: Tok
         with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
                   desc=f"tokenizing into {out_dir}") as bar:
             for name, job, weight in jobs:
-                tmps.append(out_dir / f"{name}.tmp")
-                pending[pool.submit(_encode_job, job, str(tmps[-1]))] = (name, weight)
+                tmps += [out_dir / f"{name}.tmp", out_dir / f"{mask_name(name)}.tmp"]
+                pending[pool.submit(_encode_job, job, str(tmps[-2]))] = (name, weight)
                 if len(pending) >= 2 * procs:  # prepare reads its input as it goes: bound what waits
                     _collect(pending, results, bar, concurrent.futures.FIRST_COMPLETED)
             _collect(pending, results, bar, concurrent.futures.ALL_COMPLETED)
@@ -416,19 +511,37 @@ def write_shards(out_dir: Path, jobs: Iterable[tuple[str, tuple, int]], tok: Tok
     for old in list_shards(out_dir):
         if old.name not in results:
             old.unlink()  # left by an earlier run with more shards
-    for name in results:
+            (out_dir / mask_name(old.name)).unlink(missing_ok=True)
+    for name, (_, _, counted) in results.items():
         os.replace(out_dir / f"{name}.tmp", out_dir / name)
+        mask = out_dir / mask_name(name)
+        if counted is None:
+            mask.unlink(missing_ok=True)  # an earlier run's instruction data
+        else:
+            os.replace(f"{mask}.tmp", mask)
     names = [p.name for p in list_shards(out_dir)]
     stories, tokens = (sum(results[n][k] for n in names) for k in (0, 1))
     meta = {"tokenizer": tok.model_path, "vocab_size": tok.vocab_size, "bos_id": tok.bos_id,
             "eos_id": tok.eos_id, "num_stories": stories, "num_tokens": tokens, "dtype": "uint16",
             "source": str(Path(source).resolve()), "val_shard": names[0],
             "shards": {n: {"stories": results[n][0], "tokens": results[n][1]} for n in names}}
+    counted = ""
+    if records is not None and records.template:
+        loss_tokens = sum(results[n][2] for n in names)
+        for n in names:
+            meta["shards"][n]["loss_tokens"] = results[n][2]
+        meta["instruction"] = {"template": instruct.template_info(records.template),
+                               "formats": sorted(set(records.formats)), "records": stories,
+                               "loss_tokens": loss_tokens, "skipped": dict(records.skips.reasons)}
+        counted = f"; loss on {loss_tokens / tokens:.0%} of them (the responses), {records.template} template"
+        if records.skips.reasons:
+            print(records.skips.summary())
     with atomic_write(out_dir / "meta.json") as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=1)
     dt = time.time() - t0
-    print(f"wrote {len(names)} shards to {out_dir}: {stories:,} stories, {tokens:,} tokens "
-          f"({tokens / max(stories, 1):.1f} per story; validation {names[0]}: {results[names[0]][1]:,} "
+    what, whats = ("instruction record", "instruction records") if counted else ("story", "stories")
+    print(f"wrote {len(names)} shards to {out_dir}: {stories:,} {whats}, {tokens:,} tokens{counted} "
+          f"({tokens / max(stories, 1):.1f} per {what}; validation {names[0]}: {results[names[0]][1]:,} "
           "tokens) "
           f"in {dt:.1f} s ({tokens / dt / 1e6:.2f} M tokens/s)")
     return out_dir
@@ -453,18 +566,28 @@ def _init_worker(model_path: str, threads: int) -> None:
     _worker_threads = threads
 
 
-def _encode_job(job: tuple, out_path: str) -> tuple[int, int]:
+def _encode_job(job: tuple, out_path: str) -> tuple[int, int, int | None]:
+    """Writes a shard; returns (documents, tokens, tokens in the loss: None for plain text)."""
+    mask = None
     if job[0] == "json":
         _, path, part = job
         docs = read_json_stories(path)
         if part is not None:
             docs = [d for i, d in enumerate(docs) if is_val(i) == (part == "val")]
+    elif job[0] == "records":
+        _, template, docs = job
+        tokens, mask = instruct.encode_records(_worker_tok, template, docs, num_threads=_worker_threads)
     else:
         docs = job[1]
-    tokens = _worker_tok.encode_documents(docs, num_threads=_worker_threads)
-    with writing(Path(out_path).parent), open(out_path, "wb") as f:
-        f.write(memoryview(tokens))  # not tokens.tofile(), whose error on a full disk is a byte count
-    return len(docs), len(tokens)
+    if mask is None:
+        tokens = _worker_tok.encode_documents(docs, num_threads=_worker_threads)
+    out = Path(out_path)  # dataNN.bin.tmp; the mask goes to dataNN.mask.tmp
+    with writing(out.parent):
+        for path, array in ((out, tokens), (out.with_name(mask_name(out.stem) + ".tmp"), mask)):
+            if array is not None:
+                with open(path, "wb") as f:
+                    f.write(memoryview(array))  # not array.tofile(): its error on a full disk is a byte count
+    return len(docs), len(tokens), None if mask is None else int(mask.sum())
 
 
 # -----------------------------------------------------------------------------
@@ -479,8 +602,9 @@ def main(argv=None) -> int:
 
     p = sub.add_parser("download", parents=[common],
                        help="fetch and unpack TinyStories and the Llama 2 tokenizer")
-    p.add_argument("--url", help=f"URL, file:// URL or local path of {download.ARCHIVE}, or of a folder (ending in /) "
-                                 f"holding it and tokenizer.model (default: $HF_ENDPOINT/{download.TINYSTORIES_PATH}, "
+    p.add_argument("--url", help=f"URL, file:// URL or local path of {download.ARCHIVE}, or of a folder "
+                                 "(ending in /) holding it and tokenizer.model "
+                                 f"(default: $HF_ENDPOINT/{download.TINYSTORIES_PATH}, "
                                  "HF_ENDPOINT defaulting to https://huggingface.co)")
     p.add_argument("--tokenizer_url", help="URL or path of the Llama 2 tokenizer.model (default: the one in "
                                            f"--url's folder, else {download.LLAMA2_TOKENIZER_URL})")
@@ -494,6 +618,11 @@ def main(argv=None) -> int:
                    help="train on this many stories (default: 100000)")
     p.add_argument("--input", help="fit your own text instead (see prepare): DATA_DIR/NAME/tok{N}.model")
     p.add_argument("--name", help="with --input: the dataset name you give prepare")
+    p.add_argument("--special_tokens", nargs="+", default=[], metavar="TOKEN",
+                   help="text that is always one token, e.g. the template's markers User: Assistant: or "
+                        "<|endoftext|>")
+    p.add_argument("--format", default="auto",
+                   help="with --input: how to read it, as for prepare (default: auto)")
 
     p = sub.add_parser("pretokenize", parents=[common], help="TinyStories -> token shards")
     p.add_argument("--vocab_size", type=int, default=0,
@@ -510,17 +639,26 @@ def main(argv=None) -> int:
                    help="0 (default): Llama 2; N: DATA_DIR/NAME/tok{N}.model (from train_vocab --input), "
                         "else DATA_DIR/tok{N}.model")
     p.add_argument("--tokenizer", help="use this sentencepiece .model instead")
+    p.add_argument("--format", default="auto",
+                   help="how to read --input: auto (default: told from its content), "
+                        f"{', '.join(instruct.FORMATS)}; "
+                        "all but text are instruction records, written with a loss mask (see instruct.py)")
+    p.add_argument("--words_from_story", type=int, default=0, metavar="N",
+                   help="plain stories -> instruction records \"Words: w1, ..., wN\" + the story, "
+                        "the N words picked from the story's own (see instruct.words_from_story)")
 
     args = parser.parse_args(argv)
     try:
         if args.command == "download":
             download.download(args.data_dir, args.url, args.tokenizer_url, args.retries)
         elif args.command == "train_vocab":
-            train_vocab(args.data_dir, args.vocab_size, args.num_stories, args.input, args.name)
+            train_vocab(args.data_dir, args.vocab_size, args.num_stories, args.input, args.name,
+                        args.special_tokens, args.format)
         elif args.command == "pretokenize":
             pretokenize(args.data_dir, args.vocab_size, args.tokenizer)
         else:
-            prepare(args.data_dir, args.input, args.name, args.vocab_size, args.tokenizer)
+            prepare(args.data_dir, args.input, args.name, args.vocab_size, args.tokenizer, args.format,
+                    args.words_from_story)
     except (DataError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -11,8 +11,10 @@ Trains a small Llama on TinyStories (or your own data): on a CPU, one GPU, or se
 
 Several nodes (the data on each; out_dir on a shared filesystem so that every node can resume):
 
-    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST0 --master_port=29500 train.py CONFIG
-    torchrun --nnodes=2 --node_rank=1 --nproc_per_node=8 --master_addr=HOST0 --master_port=29500 train.py CONFIG
+    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST0 --master_port=29500 \
+             train.py CONFIG
+    torchrun --nnodes=2 --node_rank=1 --nproc_per_node=8 --master_addr=HOST0 --master_port=29500 \
+             train.py CONFIG
     (without InfiniBand, prefix NCCL_IB_DISABLE=1)
 
 --init_from=PATH fine-tunes a trained model: one of our .pt checkpoints, a llama2.c model file or a Hugging
@@ -63,17 +65,19 @@ out_dir = "out"
 data_dir = "data"
 dataset = "tinystories"  # or the NAME of `python tinystories.py prepare --name NAME`
 eval_interval = 2000  # iterations between evals; one that improves the val loss also writes ckpt_best.pt
-log_interval: int | None = None  # iterations per log line; None: 1 on a CPU, 10 on a GPU (each log line waits for it)
+# iterations per log line; None: 1 on a CPU, 10 on a GPU (each log line waits for it)
+log_interval: int | None = None
 eval_iters = 100  # batches per split per process at each eval
 eval_only = False  # evaluate once (the checkpoint when resuming) and exit
-checkpoint_interval: int | None = None  # iterations between writes of out_dir/ckpt.pt (and at the end); None: eval_interval
+# iterations between writes of out_dir/ckpt.pt (and one at the end); None: eval_interval
+checkpoint_interval: int | None = None
 keep_checkpoints = 0  # also keep the last N checkpoints as out_dir/ckpt_NNNNNN.pt
 # 'scratch'; 'resume': out_dir/ckpt.pt with its optimizer, data position and RNG, exactly where it stopped;
 # a PATH to fine-tune (a train.py .pt, a llama2.c .bin, an HF directory): a fresh run from iteration 0;
 # 'auto': 'resume' when out_dir/ckpt.pt exists, else init_checkpoint (or 'scratch'): relaunch the same command
 init_from = "scratch"
-init_checkpoint: str | None = None  # with init_from='auto': the model to fine-tune when there is no ckpt.pt yet
-overwrite = False  # a new run may replace the run already in out_dir (its files are kept until its first checkpoint)
+init_checkpoint: str | None = None  # with init_from='auto': the model to fine-tune when there is no ckpt.pt
+overwrite = False  # a new run may replace out_dir's run (kept until the new run's first checkpoint)
 # LoRA (lora.py), with --init_from=PATH: the weights stay frozen and low-rank adapters beside them train
 lora_rank = 0  # 0: off (every weight trains); e.g. 8: the adapters' rank
 lora_alpha = 16.0  # the adapters' update is scaled by lora_alpha / lora_rank
@@ -90,8 +94,8 @@ batch_size = 128  # micro-batch size per process
 auto_batch_size = False
 vocab_source = "llama2"  # 'llama2' (32,000 tokens) or 'custom' (data_dir/tok{vocab_size}.model)
 num_workers = 0  # data loader worker processes
-# model: every field of ModelArgs (model.py) is a setting, with its default (the 15M model): dim,
-# n_layers, n_heads, n_kv_heads, vocab_size, hidden_dim, multiple_of, norm_eps, max_seq_len, dropout, rope_theta
+# model: every field of ModelArgs (model.py) is a setting, with its default (the 15M model): dim, n_layers,
+# n_heads, n_kv_heads, vocab_size, hidden_dim, multiple_of, norm_eps, max_seq_len, dropout, rope_theta
 # optimizer: AdamW
 gradient_accumulation_steps = 4  # global: split across processes under DDP
 learning_rate = 5e-4
@@ -142,7 +146,7 @@ def setting_types() -> dict:
 
 
 def parse_settings(argv: list[str]) -> dict:
-    # --batch_size=auto: the batch_size it would have replaced (a config file's) sets the sequences per iteration
+    # --batch_size=auto: the batch_size it would replace (a config file's) sets the sequences per iteration
     argv = ["--auto_batch_size=True" if a == "--batch_size=auto" else a for a in argv]
     return parse_config(default_config(), argv, setting_types())
 
@@ -199,11 +203,11 @@ def check_vocabulary(checkpoint: dict, path: str, meta: dict, shard_dir) -> None
     # weights made for another vocabulary would train on tokens that mean something else, without any error
     n, trained = checkpoint["model_args"]["vocab_size"], checkpoint.get("config")
     if trained:  # train.py's checkpoints record the data they were trained on
-        hint = (f"it was trained with --dataset={trained['dataset']} --vocab_source={trained['vocab_source']} "
-                f"--vocab_size={trained['vocab_size']}")
+        hint = (f"it was trained with --dataset={trained['dataset']} "
+                f"--vocab_source={trained['vocab_source']} --vocab_size={trained['vocab_size']}")
     elif n == 32000:
-        hint = ("llama2.c's stories15M/42M/110M.bin need data in the Llama 2 vocabulary: --vocab_source=llama2 "
-                "--vocab_size=32000 (made by python tinystories.py pretokenize)")
+        hint = ("llama2.c's stories15M/42M/110M.bin need data in the Llama 2 vocabulary: "
+                "--vocab_source=llama2 --vocab_size=32000 (made by python tinystories.py pretokenize)")
     else:
         hint = f"use data made with its own {n}-token tokenizer {checkpoint.get('tokenizer') or ''}".rstrip()
     if n != meta["vocab_size"]:
@@ -214,8 +218,8 @@ def check_vocabulary(checkpoint: dict, path: str, meta: dict, shard_dir) -> None
         if not (os.path.isfile(saved) and os.path.isfile(current)):
             print0(f"note: {path} was trained on data from {saved}, the data now comes from {current}")
         elif not filecmp.cmp(saved, current, shallow=False):  # a copy elsewhere is the same tokenizer
-            raise TrainError(f"{path} was trained with the tokenizer {saved} but the data in {shard_dir} was made "
-                             f"with {current}: the same vocabulary size, different tokens; {hint}")
+            raise TrainError(f"{path} was trained with the tokenizer {saved} but the data in {shard_dir} "
+                             f"was made with {current}: the same vocabulary size, different tokens; {hint}")
 
 
 def open_dataset(c: dict):
@@ -223,8 +227,9 @@ def open_dataset(c: dict):
     shard_dir = dataloader.dataset_dir(c["data_dir"], c["dataset"], c["vocab_source"], c["vocab_size"])
     meta = dataloader.read_meta(shard_dir)
     if meta["vocab_size"] != c["vocab_size"]:
-        raise ConfigError(f"the data in {shard_dir} was tokenized with a {meta['vocab_size']}-token vocabulary but "
-                          f"vocab_size={c['vocab_size']}; set --vocab_size={meta['vocab_size']} or re-tokenize")
+        raise ConfigError(f"the data in {shard_dir} was tokenized with a {meta['vocab_size']}-token "
+                          f"vocabulary but vocab_size={c['vocab_size']}; "
+                          f"set --vocab_size={meta['vocab_size']} or re-tokenize")
     return shard_dir, meta
 
 
@@ -237,7 +242,8 @@ def setup_distributed(c: dict):
     if restart and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         # torchrun restarted the workers (--max-restarts) and they share its store: the dead attempt's
         # addresses are still there, and connecting to them fails. Each attempt gets keys of its own.
-        agent = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False)
+        agent = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                              is_master=False)
         store = dist.PrefixStore(f"llama-tiny/attempt-{restart}", agent)
     if device.startswith("cuda"):
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"  # one GPU per process on each node
@@ -265,15 +271,17 @@ def evaluate(model, loaders: dict, eval_iters: int, world_size: int, device, ctx
     losses = {}
     for split, loader in loaders.items():
         loader.rewind()
-        total = torch.zeros((), device=device)
+        total = torch.zeros(2, device=device)  # the summed loss and the number of targets (masked: responses)
         for _ in range(eval_iters):
             x, y = loader.next_batch()
             with ctx:
                 _, loss = model(x, y)
-            total += loss.float()
+            counted = (y != -1).sum().float()
+            total += torch.stack([torch.where(counted > 0, loss.float() * counted, 0.0), counted])
         if world_size > 1:
             dist.all_reduce(total)  # every rank evaluates its own batches; the mean is over all of them
-        losses[split] = total.item() / (eval_iters * world_size)
+        loss_sum, counted = total.tolist()
+        losses[split] = loss_sum / max(counted, 1)
     model.train()
     return losses
 
@@ -342,8 +350,8 @@ def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str)
     resume = c["init_from"] == "resume"
     previous = None if resume or c["eval_only"] else runs.previous_run(c["out_dir"])
     if previous and not c["overwrite"]:  # checked on every rank, before any time is spent
-        raise ConfigError(f"{c['out_dir']} already holds a run ({previous}): --init_from=resume continues it, "
-                          f"--overwrite=True replaces it, or pass another --out_dir")
+        raise ConfigError(f"{c['out_dir']} already holds a run ({previous}): --init_from=resume continues "
+                          f"it, --overwrite=True replaces it, or pass another --out_dir")
     if not c["eval_only"]:  # a folder that cannot be written (read-only, no permission) is refused now
         on_master(fileio.check_writable, c["out_dir"], then="pass another --out_dir")
     checkpoint = None
@@ -356,7 +364,7 @@ def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str)
         checkpoint = checkpoint or read_checkpoint(init_path, device)
         check_vocabulary(checkpoint, init_path, meta, shard_dir)
         if not resume:
-            c = settings.for_finetune(c, checkpoint["model_args"], init_path)
+            c = settings.for_finetune(c, checkpoint["model_args"], init_path, given)
     args = ModelArgs.from_dict(c)
     if c["auto_batch_size"]:
         c.update(settings.choose_batch_size(c, args, world_size, device))
@@ -365,9 +373,10 @@ def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str)
     loader = dataloader.BatchLoader(shard_dir, "train", c["batch_size"], c["max_seq_len"], c["seed"],
                                     vocab_size=c["vocab_size"], rank=rank, world_size=world_size,
                                     device=device, num_workers=c["num_workers"])
-    eval_loaders = {split: dataloader.BatchLoader(shard_dir, split, c["batch_size"], c["max_seq_len"], EVAL_SEED,
-                                                  vocab_size=c["vocab_size"], rank=rank, world_size=world_size,
-                                                  device=device) for split in ("train", "val")}
+    eval_loaders = {split: dataloader.BatchLoader(shard_dir, split, c["batch_size"], c["max_seq_len"],
+                                                  EVAL_SEED, vocab_size=c["vocab_size"], rank=rank,
+                                                  world_size=world_size, device=device)
+                    for split in ("train", "val")}
     start = (checkpoint["iter_num"], checkpoint["tokens_seen"]) if resume else (0, 0)
     c = settings.settle_run_length(c, given, loader.tokens_per_epoch, *start)
     settings.warn_about_the_schedule(c)
@@ -379,15 +388,15 @@ def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str)
         torch.set_float32_matmul_precision("high")  # TF32 matmuls
 
     # the model, the optimizer and the data, restored from the checkpoint when resuming
-    runtime.seed_everything(c["seed"] + rank)  # rank 0 draws the initial weights; DDP copies them to the others
+    runtime.seed_everything(c["seed"] + rank)  # DDP copies rank 0's initial weights to the others
     raw_model = Transformer(args).to(device)
     if checkpoint is not None:
         raw_model.load_state_dict(checkpoint["model"])  # a resumed LoRA run: its base's weights
     lora_base = None  # LoRA: the base model's path and hash; the adapters are attached to raw_model
     if c["lora_rank"]:
         lora_base = lora.attach_for_training(raw_model, c, checkpoint if resume else None)
-    optimizer = raw_model.configure_optimizers(c["weight_decay"], c["learning_rate"], (c["beta1"], c["beta2"]),
-                                               device_type)
+    optimizer = raw_model.configure_optimizers(c["weight_decay"], c["learning_rate"],
+                                               (c["beta1"], c["beta2"]), device_type)
     # a no-op unless float16: it scales the loss so small gradients do not underflow
     scaler = torch.amp.GradScaler(device_type, enabled=c["dtype"] == "float16")
     iter_num, tokens_seen, best_val_loss, last_saved, rng_to_restore = 0, 0, float("inf"), None, None
@@ -406,8 +415,9 @@ def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str)
         if len(rng_states) == world_size:
             rng_to_restore = rng_states[rank]
         else:
-            print0(f"note: {ckpt_path} was saved by {len(rng_states)} process(es), this run has {world_size}: "
-                   f"the data continues where it was, the random streams (dropout) are reseeded")
+            print0(f"note: {ckpt_path} was saved by {len(rng_states)} process(es), "
+                   f"this run has {world_size}: the data continues where it was, "
+                   f"the random streams (dropout) are reseeded")
             torch.manual_seed(c["seed"] + rank + iter_num * 1000)  # fresh streams, still deterministic
         print0(f"resuming from iteration {iter_num:,} ({tokens_seen:,} tokens) of {ckpt_path}")
     checkpoint = None  # free the memory before training
@@ -434,12 +444,15 @@ def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str)
         print0(parameter_table(raw_model))
     params, budget = raw_model.num_params(), tokens_seen + tokens_per_iter * (c["max_iters"] - iter_num)
     length = next((f" (set by {k}={c[k]})" for k in ("max_tokens", "max_epochs") if c[k] is not None), "")
-    print0(f"model: {params:,} parameters ({raw_model.num_params(non_embedding=True):,} without the embedding); "
-           f"data: {shard_dir} ({loader.tokens_per_epoch:,} training tokens per epoch)")
+    print0(f"model: {params:,} parameters ({raw_model.num_params(non_embedding=True):,} without the "
+           f"embedding); data: {shard_dir} ({loader.tokens_per_epoch:,} training tokens per epoch)")
     if lora_base:
         print0(lora.summary(raw_model) + f"; base {lora_base['path']}")
-    print0(f"tokens per iteration: {tokens_per_iter:,} = {world_size} process(es) x {accum_steps} accumulation "
-           f"step(s) x {c['batch_size']} batch x {c['max_seq_len']} tokens")
+    print0(f"tokens per iteration: {tokens_per_iter:,} = {world_size} process(es) x "
+           f"{accum_steps} accumulation step(s) x {c['batch_size']} batch x {c['max_seq_len']} tokens")
+    if loader.masked:
+        print0(f"instruction data: loss on {loader.loss_share:.0%} of tokens (the responses; "
+               f"{meta['instruction']['template']['name']} template)")
     print0(f"run: {c['max_iters']:,} iterations{length} = {budget:,} tokens = "
            f"{budget / loader.tokens_per_epoch:.2f} epochs, {budget / params:.1f} tokens per parameter; "
            f"device {device}" + (f" ({torch.get_num_threads()} CPU threads)" if device_type == "cpu" else "")
@@ -461,12 +474,14 @@ def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str)
     fine_tune = c["init_from"] not in ("scratch", "resume")
     if c["eval_only"] or fine_tune:  # a fine-tune's starting point: the model on its new data
         losses = evaluate(model, eval_loaders, c["eval_iters"], world_size, device, ctx)
-        print0(f"eval at iteration {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+        print0(f"eval at iteration {iter_num}: train loss {losses['train']:.4f}, "
+               f"val loss {losses['val']:.4f}")
         uniform = math.log(c["vocab_size"])
         if c["init_from"] != "scratch" and losses["val"] > uniform:
-            print0(f"warning: the model starts at val loss {losses['val']:.2f}, worse than guessing uniformly "
-                   f"among its {c['vocab_size']:,} tokens (ln {c['vocab_size']:,} = {uniform:.2f}): the data was "
-                   f"almost surely tokenized with another vocabulary than the model's")
+            print0(f"warning: the model starts at val loss {losses['val']:.2f}, "
+                   f"worse than guessing uniformly among its {c['vocab_size']:,} tokens "
+                   f"(ln {c['vocab_size']:,} = {uniform:.2f}): "
+                   f"the data was almost surely tokenized with another vocabulary than the model's")
         if c["eval_only"]:
             return {"iter_num": iter_num, **losses}
         log({"iter": 0, "tokens": 0, "train_loss": losses["train"], "val_loss": losses["val"]})
@@ -475,7 +490,7 @@ def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str)
         return {"iter_num": iter_num}
     if rng_to_restore is not None:
         runs.set_rng_state(rng_to_restore)  # last, so that nothing above draws from the restored streams
-    x, y = loader.next_batch()
+    batches = [loader.next_batch() for _ in range(accum_steps)]  # an iteration's micro-batches, made ahead
 
     while iter_num < c["max_iters"]:
         lr = get_lr(iter_num, c["learning_rate"], c["warmup_iters"], c["lr_decay_iters"], c["min_lr"]) \
@@ -483,18 +498,30 @@ def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str)
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        # gradient accumulation: accum_steps micro-batches per optimizer step on each process
+        # The loss is the mean over the iteration's targets, all micro-batches of all ranks. Every target
+        # counts in pretraining, the same number per micro-batch: each micro-batch's mean / accum_steps. With
+        # instruction data only response tokens count, a different number per micro-batch: each mean is
+        # weighted by its count n, times world_size / the total (DDP averages the gradients over ranks).
+        if loader.masked:
+            counts = [(y != -1).sum() for _, y in batches]
+            total = torch.stack(counts).sum()
+            if ddp:
+                dist.all_reduce(total)  # a tensor op: the host does not wait for it
+            weights = [n * world_size / total.clamp(min=1) for n in counts]
         loss_sum = torch.zeros((), device=device)
         for micro_step in range(accum_steps):
             last = micro_step == accum_steps - 1
+            x, y = batches[micro_step]
             # under DDP the gradients are all-reduced once, in the last micro-step's backward
             with nullcontext() if last or not ddp else train_model.no_sync():
                 with ctx:
                     _, loss = train_model(x, y)
-                    loss = loss / accum_steps  # gradients add up over micro-steps: this makes them a mean
-                # the next micro-batch (after the last one, the next iteration's first) is made while the
-                # GPU works, before anything below waits for it
-                x, y = loader.next_batch()
+                    if loader.masked:  # (a micro-batch without a response has a NaN mean and weight 0)
+                        loss = torch.where(weights[micro_step] > 0, loss * weights[micro_step], 0.0)
+                    else:
+                        loss = loss / accum_steps
+                # the next iteration's micro-batch is made while the GPU works, before anything below waits
+                batches[micro_step] = loader.next_batch()
                 scaler.scale(loss).backward()
             loss_sum += loss.detach().float()
         scaler.unscale_(optimizer)  # clip and report the true gradients, not the fp16-scaled ones
@@ -511,8 +538,8 @@ def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str)
 
         if iter_num % c["log_interval"] == 0 or iter_num == c["max_iters"]:
             if ddp:
-                dist.all_reduce(loss_sum)  # SUM (gloo has no AVG): the mean over ranks of the micro-step means
-                loss_sum /= world_size
+                dist.all_reduce(loss_sum)  # SUM (gloo has no AVG): the ranks' mean of the micro-step means
+                loss_sum /= world_size  # (weighted by world_size / total with instruction data: the mean)
             lossf = loss_sum.item()  # waits for the GPU, so the time below is real
             dt = progress.window()  # None at the first step: compiling and warming up, not timed
             norm = grad_norm.item()
@@ -545,7 +572,8 @@ def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str)
                 if not math.isfinite(value):
                     stop_non_finite(f"the {split} loss", value)
             print0(f"eval iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-            log({"iter": iter_num, "tokens": tokens_seen, "train_loss": losses["train"], "val_loss": losses["val"]})
+            log({"iter": iter_num, "tokens": tokens_seen, "train_loss": losses["train"],
+                 "val_loss": losses["val"]})
             improved = losses["val"] < best_val_loss
             best_val_loss = min(best_val_loss, losses["val"])
             progress.not_timed(time.perf_counter() - eval_start, evaluation=True)
@@ -559,11 +587,14 @@ def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str)
                 dist.all_gather_object(rng_states, runs.get_rng_state())  # every rank takes part
             state = None  # rank 0's
             if master:
-                state = {**lora.checkpoint_entries(raw_model, lora_base), "model_args": asdict(raw_model.args),
-                         "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "config": c,
+                state = {**lora.checkpoint_entries(raw_model, lora_base),
+                         "model_args": asdict(raw_model.args), "optimizer": optimizer.state_dict(),
+                         "scaler": scaler.state_dict(), "config": c,
                          "iter_num": iter_num, "tokens_seen": tokens_seen, "best_val_loss": best_val_loss,
-                         "loader_state": loader.state_dict(unused=1), "rng_state": rng_states,
+                         "loader_state": loader.state_dict(unused=accum_steps), "rng_state": rng_states,
                          "tokenizer": meta["tokenizer"], "elapsed_s": progress.elapsed()}
+                if "instruction" in meta:  # sample.py and eval.py prompt the model as it was trained
+                    state["template"] = meta["instruction"]["template"]
             written = on_master(runs.save_checkpoints, c["out_dir"], state, latest, improved,
                                 c["keep_checkpoints"], save_checkpoint)
             if master:
@@ -574,8 +605,8 @@ def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str)
                 last_saved = iter_num
             progress.not_timed(time.perf_counter() - save_start)
 
-    print0(f"done: {iter_num:,} iterations, {tokens_seen:,} tokens in {runs.format_duration(progress.elapsed())}, "
-           f"best val loss {best_val_loss:.4f}")
+    print0(f"done: {iter_num:,} iterations, {tokens_seen:,} tokens in "
+           f"{runs.format_duration(progress.elapsed())}, best val loss {best_val_loss:.4f}")
     return {"iter_num": iter_num, "best_val_loss": best_val_loss}
 
 
@@ -594,17 +625,18 @@ def main(argv: list[str] | None = None) -> None:
     config = None
     try:
         config = parse_settings(argv)
-        torch.set_num_threads(runtime.cpu_threads(config["threads"]))  # process-wide, like the allocator:
-        if config["cpu_speedups"] and runtime.resolve_device(config["device"]) == "cpu":  # here, not in train()
+        # process-wide, like the allocator: here, not in train()
+        torch.set_num_threads(runtime.cpu_threads(config["threads"]))
+        if config["cpu_speedups"] and runtime.resolve_device(config["device"]) == "cpu":
             speedups.keep_freed_memory()
         train(config)
     except (ConfigError, TrainError, dataloader.DataError, OSError) as e:  # OSError: a file and the reason
         fail(f"error: {e}")
     except torch.cuda.OutOfMemoryError:
         b, a = config["batch_size"], config["gradient_accumulation_steps"]
-        fail(f"error: CUDA out of memory with batch_size={b} (x {config['max_seq_len']} tokens per micro-batch); "
-             f"try --batch_size={max(b // 2, 1)} --gradient_accumulation_steps={a * 2} (the same tokens per "
-             f"iteration), or a shorter max_seq_len")
+        fail(f"error: CUDA out of memory with batch_size={b} (x {config['max_seq_len']} tokens per "
+             f"micro-batch); try --batch_size={max(b // 2, 1)} --gradient_accumulation_steps={a * 2} "
+             f"(the same tokens per iteration), or a shorter max_seq_len")
     except KeyboardInterrupt:
         fail("interrupted; the last checkpoint (if any) is intact: --init_from=resume continues from it")
 

@@ -59,7 +59,8 @@ def timed(cmd: list[str], repeats: int, cwd=None) -> list[float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5, help="runs of each command; the median is reported")
     parser.add_argument("--json", help="also write the figures to this file")
     parser.add_argument("--peer", help="a llama2.c checkout: time its own pretokenize (see above)")
@@ -78,15 +79,18 @@ def main() -> None:
             tar.extractall(src, filter="data")
         shutil.copy(model, data / "llama2_tokenizer.model")
         base_out.mkdir()
-        ours_cmd = [sys.executable, str(ROOT / "tinystories.py"), "pretokenize", "--vocab_size", "0", "--data_dir", str(data)]
+        ours_cmd = [sys.executable, str(ROOT / "tinystories.py"), "pretokenize", "--vocab_size", "0",
+                    "--data_dir", str(data)]
         base_cmd, base_cwd = [sys.executable, "-c", BASELINE, str(src), str(model), str(base_out)], None
         if args.peer:  # llama2.c reads data/TinyStories_all_data and tokenizer.model from its working folder
             base_cwd = Path(tmp) / "peer"
             base_out = base_cwd / "data" / "TinyStories_all_data"
             shutil.copytree(src, base_out)
             shutil.copy(model, base_cwd / "tokenizer.model")
-            base_cmd = [sys.executable, str(Path(args.peer) / "tinystories.py"), "pretokenize", "--vocab_size=0"]
-        base_name = "llama2.c's tinystories.py pretokenize" if args.peer else "llama2.c-style per-story baseline"
+            base_cmd = [sys.executable, str(Path(args.peer) / "tinystories.py"), "pretokenize",
+                        "--vocab_size=0"]
+        base_name = "llama2.c's tinystories.py pretokenize" if args.peer else \
+            "llama2.c-style per-story baseline"
         # alternate the two so that load from other processes on the machine hits both alike
         ours, base = [], []
         for _ in range(args.repeats):
@@ -95,20 +99,22 @@ def main() -> None:
         meta = json.loads((src / "meta.json").read_text(encoding="utf-8"))
         tokens = meta["num_tokens"]
         shards = sorted(src.glob("data*.bin"))
-        identical = all(np.array_equal(np.fromfile(p, np.uint16), np.fromfile(base_out / p.name, np.uint16)) for p in shards)
+        identical = all(np.array_equal(np.fromfile(p, np.uint16), np.fromfile(base_out / p.name, np.uint16))
+                        for p in shards)
 
     t_ours, t_base = statistics.median(ours), statistics.median(base)
     result = {
         "tokens": tokens, "stories": meta["num_stories"], "cpus": os.cpu_count(), "repeats": args.repeats,
-        "ours_s": t_ours, "ours_tok_s": tokens / t_ours, "baseline_s": t_base, "baseline_tok_s": tokens / t_base,
+        "ours_s": t_ours, "ours_tok_s": tokens / t_ours,
+        "baseline_s": t_base, "baseline_tok_s": tokens / t_base,
         "baseline": base_name, "speedup_vs_baseline": t_base / t_ours, "outputs_identical": identical,
     }
-    print(f"pretokenize, TinyStories sample: {meta['num_stories']:,} stories, {tokens:,} tokens, {os.cpu_count()} CPUs, "
-          f"whole process, median of {args.repeats}")
-    print(f"  tinystories.py pretokenize --vocab_size 0  {t_ours:6.2f} s  {tokens / t_ours / 1e6:5.2f} M tokens/s"
-          f"   (runs: {', '.join(f'{t:.2f}' for t in ours)})")
-    print(f"  {base_name:<42} {t_base:6.2f} s  {tokens / t_base / 1e6:5.2f} M tokens/s"
-          f"   (runs: {', '.join(f'{t:.2f}' for t in base)})")
+    print(f"pretokenize, TinyStories sample: {meta['num_stories']:,} stories, {tokens:,} tokens, "
+          f"{os.cpu_count()} CPUs, whole process, median of {args.repeats}")
+    print(f"  tinystories.py pretokenize --vocab_size 0  {t_ours:6.2f} s  "
+          f"{tokens / t_ours / 1e6:5.2f} M tokens/s   (runs: {', '.join(f'{t:.2f}' for t in ours)})")
+    print(f"  {base_name:<42} {t_base:6.2f} s  "
+          f"{tokens / t_base / 1e6:5.2f} M tokens/s   (runs: {', '.join(f'{t:.2f}' for t in base)})")
     print(f"  {t_base / t_ours:.2f}x ({base_name}, same run); same tokens: {'yes' if identical else 'NO'}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")

@@ -84,17 +84,26 @@ def write_endoftext(path: str, stories: list[str]) -> None:
             f.write(story + "\n<|endoftext|>\n")
 
 
+def json_record(story: str) -> dict:
+    # a record shaped like TinyStories' own: the story, the words and features it was written to, a summary
+    words = [w for kind in ("animals", "things", "verbs") for w in WORDS[kind] if f" {w}" in story][:3]
+    return {"story": story, "instruction": {"prompt:": "", "words": words,
+                                            "features": ["Dialogue"] if '"' in story else []},
+            "summary": story.split(". ")[0] + ".", "source": "fixture"}
+
+
 def write_json_shards(out_dir: str, stories: list[str], shards: int) -> None:
     os.makedirs(out_dir, exist_ok=True)
     per = -(-len(stories) // shards)
     for i in range(shards):
-        chunk = [{"story": s} for s in stories[i * per : (i + 1) * per]]
+        chunk = [json_record(s) for s in stories[i * per : (i + 1) * per]]
         with open(os.path.join(out_dir, f"data{i:02d}.json"), "w", encoding="utf-8") as f:
             json.dump(chunk, f)
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", help="a .txt file, or a directory when --shards is given")
     parser.add_argument("--num_stories", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)

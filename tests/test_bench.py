@@ -45,6 +45,7 @@ def test_bench_train_peer_mode_reads_our_train_py_on_its_shards(tmp_path):
     shape = dict(bench_train.PEER_SHAPES["260k"], dim=16, n_layers=1, n_heads=2, n_kv_heads=1, max_seq_len=32,
                  batch_size=2)
     bench_train.write_shards(tmp_path / "data", shape, n_tokens=4096)
-    args = bench_train.parse_args(["--peer", str(tmp_path), "--iters", "2", "--warmup", "1", "--threads", "1"])
+    args = bench_train.parse_args(["--peer", str(tmp_path), "--iters", "2", "--warmup", "1",
+                                   "--threads", "1"])
     ms, first_loss = bench_train.run_train("ours", shape, args, tmp_path)
     assert ms > 0 and abs(first_loss - math.log(512)) < 0.5  # random tokens: about ln(vocab)

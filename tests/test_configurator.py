@@ -81,7 +81,8 @@ def test_unknown_key_names_the_closest_valid_key(tmp_path):
         parse_config(DEFAULTS, ["--learnig_rate=1e-3"])
     assert "\n" not in str(e.value)
     path = write(tmp_path, "c.py", "batchsize = 32\n")
-    with pytest.raises(ConfigError, match=r"unknown config key 'batchsize' \(in .*c\.py\); did you mean 'batch_size'"):
+    with pytest.raises(ConfigError,
+                       match=r"unknown config key 'batchsize' \(in .*c\.py\); did you mean 'batch_size'"):
         parse_config(DEFAULTS, [path])
 
 
@@ -90,8 +91,9 @@ def test_unknown_key_with_nothing_close_lists_the_keys():
         parse_config(DEFAULTS, ["--zzzzzz=1"])
 
 
-@pytest.mark.parametrize("arg", ["--batch_size=abc", "--batch_size=32.5", "--compile=maybe", "--learning_rate='x'",
-                                 "--batch_size=None", "--learning_rate=True", "--batch_size=[1]"])
+@pytest.mark.parametrize("arg", ["--batch_size=abc", "--batch_size=32.5", "--compile=maybe",
+                                 "--learning_rate='x'", "--batch_size=None", "--learning_rate=True",
+                                 "--batch_size=[1]"])
 def test_wrong_types_are_one_line_errors(arg):
     key = arg[2:].split("=")[0]
     with pytest.raises(ConfigError, match=f"{key}") as e:

@@ -37,12 +37,12 @@ def test_torchrun_restarts_a_killed_rank_and_the_run_continues_exactly(data_dir,
     ok(run_train(args, data_dir, reference, torchrun=2))
     out = tmp_path / "out"
     marker = tmp_path / "killed"
-    # rank 1 dies as it fetches its 7th batch: in iteration 4 (2 micro-batches per rank per iteration),
-    # after the checkpoint at iteration 4
+    # rank 1 dies as it fetches its 11th batch: in iteration 5, after the checkpoint at iteration 4 (2
+    # micro-batches per rank per iteration, fetched an iteration ahead: iteration i fetches 2i + 1 and 2i + 2)
     script = [str(ROOT / "tests" / "kill_rank.py"), str(ROOT / "train.py"), *TINY, *args,
               f"--data_dir={data_dir}", f"--out_dir={out}"]
     result = finished(torchrun("--standalone", "--nproc_per_node=2", "--max-restarts=3", script_args=script,
-                               env={"KILL_RANK": "1", "KILL_AT": "9", "MARKER": str(marker)}, cwd=tmp_path))
+                               env={"KILL_RANK": "1", "KILL_AT": "10", "MARKER": str(marker)}, cwd=tmp_path))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert marker.exists() and "resuming from iteration 4" in result.stdout
     assert_same_losses(out, reference)

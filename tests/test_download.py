@@ -288,7 +288,8 @@ def test_a_folder_serves_both_files(server, payload, tmp_path, where):
 def test_the_readme_names_every_mirror_option_together():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     [paragraph] = [p for p in readme.split("\n\n") if "HF_ENDPOINT" in p]
-    assert all(option in paragraph for option in ("--url", "--tokenizer_url", "FOLDER/", download.LLAMA2_TOKENIZER))
+    assert all(option in paragraph
+               for option in ("--url", "--tokenizer_url", "FOLDER/", download.LLAMA2_TOKENIZER))
 
 
 def test_one_name_for_the_llama2_tokenizer():

@@ -20,7 +20,8 @@ pytestmark = pytest.mark.slow
 
 
 def run(*args, cwd) -> str:
-    result = subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 0, f"{args} failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
     assert "Traceback" not in result.stderr
     return result.stdout + result.stderr
@@ -69,7 +70,8 @@ def test_download_to_export(tmp_path, http_server):
         [f"data0{i}.json" for i in range(4)]
     assert "note: skipped the Llama 2 tokenizer" in out
     assert not list((work / data).rglob("*.part"))
-    assert "already" in run(ROOT / "tinystories.py", "download", "--url", f"{url}/TinyStories_all_data.tar.gz",
+    assert "already" in run(ROOT / "tinystories.py", "download",
+                            "--url", f"{url}/TinyStories_all_data.tar.gz",
                             "--tokenizer_url", f"{url}/no_such_tokenizer.model", cwd=work)
 
     # a vocabulary of our own, then shards: data00.bin validation, the rest train
@@ -89,7 +91,8 @@ def test_download_to_export(tmp_path, http_server):
     ckpt = work / "out" / "ckpt.pt"
     assert ckpt.is_file() and (work / "out" / "config.json").is_file()
     run(ROOT / "train.py", *model, "--max_iters=200", "--lr_decay_iters=200", "--init_from=resume", cwd=work)
-    metrics = [json.loads(line) for line in (work / "out" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    lines = (work / "out" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    metrics = [json.loads(line) for line in lines]
     train_losses = [m["loss"] for m in metrics if "loss" in m]
     assert max(m["iter"] for m in metrics) == 200
     assert train_losses[-1] < train_losses[0] - 1.0  # from ~ln(320) = 5.8 towards the corpus' entropy
@@ -106,9 +109,10 @@ def test_download_to_export(tmp_path, http_server):
     run(ROOT / "export.py", "model.bin", f"--checkpoint={ckpt}", "--format=llama2c", "--version=1", cwd=work)
     assert (work / "model.bin").is_file() and (work / "model.tokenizer.bin").is_file()
     run(ROOT / "export.py", "hf", f"--checkpoint={ckpt}", "--format=hf", cwd=work)
-    assert {"config.json", "model.safetensors", "tokenizer.model"} <= {p.name for p in (work / "hf").iterdir()}
-    from_bin = run(ROOT / "sample.py", "--checkpoint=model.bin", f"--tokenizer={work / data / 'tok320.model'}",
-                   *greedy, cwd=work)
+    exported = {p.name for p in (work / "hf").iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.model"} <= exported
+    from_bin = run(ROOT / "sample.py", "--checkpoint=model.bin",
+                   f"--tokenizer={work / data / 'tok320.model'}", *greedy, cwd=work)
     assert story_text(from_bin) == story_text(story)
 
 
@@ -128,7 +132,8 @@ def test_demo_runs_offline_outside_the_checkout(tmp_path):
                     and "__pycache__" not in p.parts and ".pytest_cache" not in p.parts)
     out = run(ROOT / "demo.py", "--max_iters=30", "--eval_interval=30", "--warmup_iters=5",
               f"--data_dir={tmp_path / 'data'}", f"--out_dir={tmp_path / 'demo_out'}", cwd=tmp_path)
-    assert (tmp_path / "demo_out" / "ckpt.pt").is_file() and (tmp_path / "data" / "fixture" / "meta.json").is_file()
+    assert (tmp_path / "demo_out" / "ckpt.pt").is_file()
+    assert (tmp_path / "data" / "fixture" / "meta.json").is_file()
     stories = generated_after("Once upon a time", out.split("$ python sample.py", 1)[1].split("\n", 1)[1])
     assert len(stories) == 2 and all(len(s.split()) >= 5 for s in stories), stories
     after = sorted(p.relative_to(ROOT) for p in ROOT.rglob("*") if ".git" not in p.parts

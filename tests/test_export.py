@@ -32,8 +32,9 @@ def train_tokenizer(out_dir: Path, vocab_size: int = 400) -> Path:
     prefix = out_dir / f"tok{vocab_size}"
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines), model_prefix=str(prefix), model_type="bpe", vocab_size=vocab_size,
-        self_test_sample_size=0, input_format="text", character_coverage=1.0, num_threads=1, split_digits=True,
-        allow_whitespace_only_pieces=True, byte_fallback=True, normalization_rule_name="identity", minloglevel=2)
+        self_test_sample_size=0, input_format="text", character_coverage=1.0, num_threads=1,
+        split_digits=True, allow_whitespace_only_pieces=True, byte_fallback=True,
+        normalization_rule_name="identity", minloglevel=2)
     return prefix.with_suffix(".model")
 
 
@@ -112,7 +113,8 @@ def test_llama2c_int8_round_trip_within_quantisation_error(tmp_path, model):
     assert (out.argmax(-1) == ref.argmax(-1)).float().mean() > 0.8
     n_norm = sum(t.numel() for t in model.parameters() if t.dim() == 1)
     n_matrix = sum(t.numel() for t in model.parameters() if t.dim() == 2)  # tied embedding counted once
-    assert os.path.getsize(path) == 256 + 4 * n_norm + n_matrix + 4 * n_matrix // 16  # int8 + a scale per group
+    # int8 + a scale per group
+    assert os.path.getsize(path) == 256 + 4 * n_norm + n_matrix + 4 * n_matrix // 16
 
 
 def test_quantize_q80_handles_zero_groups_and_exact_values():
@@ -320,7 +322,8 @@ def check_tokenizer_bin(tmp_path, sp_path, texts):
     assert max_len == max(len(b) for b, _ in pieces)
     for i, (b, score) in enumerate(pieces):
         assert score == np.float32(sp.get_score(i))
-        expected = {sp.bos_id(): "\n<s>\n", sp.eos_id(): "\n</s>\n"}.get(i, sp.id_to_piece(i).replace("\u2581", " "))
+        spaced = sp.id_to_piece(i).replace("\u2581", " ")
+        expected = {sp.bos_id(): "\n<s>\n", sp.eos_id(): "\n</s>\n"}.get(i, spaced)
         assert b == expected.encode("utf-8"), i
     for text in texts:
         ids = sp.encode(text)
@@ -340,7 +343,7 @@ def test_tokenizer_bin_llama2(tmp_path, llama2_tokenizer):
 
 @pytest.fixture(scope="module")
 def transformers():
-    # requirements-dev.txt installs transformers, safetensors and protobuf: missing, these tests fail, not skip
+    # requirements-dev.txt installs transformers, safetensors, protobuf: missing, these tests fail, not skip
     import transformers
 
     return transformers
@@ -361,7 +364,8 @@ def to_hf_model(model: Transformer):
     config = {k: v for k, v in checkpoint.hf_config(model.args).items()
               if k not in ("architectures", "model_type", "dtype", "torch_dtype", "rope_theta")}
     hf = LlamaForCausalLM(LlamaConfig(**config, attn_implementation="eager"))
-    hf.load_state_dict(checkpoint.to_hf_state_dict(state, model.args, tied=False), strict=True)  # lm_head explicit
+    hf.load_state_dict(checkpoint.to_hf_state_dict(state, model.args, tied=False),  # lm_head explicit
+                       strict=True)
     return hf.eval()
 
 
@@ -382,7 +386,8 @@ def test_hf_logits_and_greedy_generation_match(tmp_path, model, transformers, sp
     with torch.no_grad():
         assert (to_hf_model(model)(TOKENS).logits - ref).abs().max() < 1e-4
         # and the test can tell: without the RoPE permutation the logits are far off
-        unpermuted = {theirs: model.state_dict()[ours] for ours, theirs, _ in checkpoint.hf_name_map(model.args)}
+        unpermuted = {theirs: model.state_dict()[ours]
+                      for ours, theirs, _ in checkpoint.hf_name_map(model.args)}
         hf.load_state_dict(unpermuted, strict=True)
         assert (hf(TOKENS).logits - ref).abs().max() > 0.1
 
@@ -437,8 +442,8 @@ def check_hf_tokenizer(tmp_path, sp_path, transformers, vocab_size):
     import google.protobuf  # noqa: F401  AutoTokenizer needs it; without, transformers asks for tiktoken instead
     import sentencepiece as spm
 
-    checkpoint.write_hf(tmp_path, tiny_model(vocab_size=vocab_size, dim=16, n_heads=2, n_kv_heads=1, n_layers=1),
-                        sp_path)
+    model = tiny_model(vocab_size=vocab_size, dim=16, n_heads=2, n_kv_heads=1, n_layers=1)
+    checkpoint.write_hf(tmp_path, model, sp_path)
     sp = spm.SentencePieceProcessor(model_file=str(sp_path))
     # ordinary story text (single spaces; transformers' converted tokenizer differs from
     # sentencepiece on runs of spaces, a transformers matter)
@@ -481,18 +486,20 @@ def test_cli_writes_every_format(tmp_path, sp_model, capsys):
         assert sorted(os.listdir(out.parent)) == ["model.bin", "model.tokenizer.bin"]
         assert checkpoint.read_llama2c_header(out)["version"] == version
         printed = capsys.readouterr().out
-        assert f"llama2.c version {version}" in printed and ("quantisation error" in printed) == (version == 2)
+        assert f"llama2.c version {version}" in printed
+        assert ("quantisation error" in printed) == (version == 2)
         if program:  # the command that runs it, with the tokenizer written beside it
             assert f"{program} {out} -z {out.parent / 'model.tokenizer.bin'}\n" in printed, printed
         else:
             assert "run.c reads version 0" in printed and "malloc failed!" in printed, printed
     export.main([str(tmp_path / "hf"), f"--checkpoint={ckpt}", "--format=hf", "--dtype=float16"])
-    assert sorted(os.listdir(tmp_path / "hf")) == ["config.json", "generation_config.json", "model.safetensors",
-                                                   "tokenizer.model", "tokenizer_config.json"]
+    assert sorted(os.listdir(tmp_path / "hf")) == ["config.json", "generation_config.json",
+                                                   "model.safetensors", "tokenizer.model",
+                                                   "tokenizer_config.json"]
     assert "pip install transformers safetensors protobuf sentencepiece" in capsys.readouterr().out
     # import: a llama2.c file plus its tokenizer -> our checkpoint, and an HF directory -> our checkpoint
-    export.main([str(tmp_path / "from_bin.pt"), f"--checkpoint={tmp_path / 'v0' / 'model.bin'}", "--format=pt",
-                 f"--tokenizer={sp_model}"])
+    export.main([str(tmp_path / "from_bin.pt"), f"--checkpoint={tmp_path / 'v0' / 'model.bin'}",
+                 "--format=pt", f"--tokenizer={sp_model}"])
     export.main([str(tmp_path / "from_hf.pt"), f"--checkpoint={tmp_path / 'hf'}", "--format=pt"])
     for name in ("from_bin.pt", "from_hf.pt"):
         loaded, ckpt = from_checkpoint(tmp_path / name)
@@ -546,8 +553,9 @@ def test_cli_exports_with_two_vocabularies_share_a_folder(tmp_path, sp_model, ca
         ckpt = save_checkpoint(tmp_path / f"{name}.pt", tiny_model(vocab_size=vocab_size), sp_path)
         export.main([str(tmp_path / "out" / f"{name}.bin"), f"--checkpoint={ckpt}"])
     assert sorted(os.listdir(tmp_path / "out")) == ["a.bin", "a.tokenizer.bin", "b.bin", "b.tokenizer.bin"]
-    for name, vocab_size in (("a", 400), ("b", 360)):  # read_tokenizer_bin checks the file holds exactly these
-        assert len(read_tokenizer_bin(tmp_path / "out" / f"{name}.tokenizer.bin", vocab_size)[1]) == vocab_size
+    for name, vocab_size in (("a", 400), ("b", 360)):  # read_tokenizer_bin checks the exact count
+        pieces = read_tokenizer_bin(tmp_path / "out" / f"{name}.tokenizer.bin", vocab_size)[1]
+        assert len(pieces) == vocab_size
 
 
 def test_cli_unreadable_checkpoint_is_one_line(tmp_path, capsys):
@@ -557,12 +565,14 @@ def test_cli_unreadable_checkpoint_is_one_line(tmp_path, capsys):
         if path.suffix == ".bin":
             path.write_bytes(text.read_bytes())
         code, _, err = run_cli(capsys, tmp_path / "m.bin", f"--checkpoint={path}")
-        assert code == 1 and err.startswith(f"error: cannot load --checkpoint={path}: ") and err.count("\n") == 1, err
+        assert code == 1 and err.startswith(f"error: cannot load --checkpoint={path}: "), err
+        assert err.count("\n") == 1, err
     assert not (tmp_path / "m.bin").exists()
 
 
 def test_cli_subprocess_error_has_no_traceback(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "export.py"), str(tmp_path / "m.bin"),
-                             f"--checkpoint={tmp_path / 'missing.pt'}"], capture_output=True, text=True, cwd=tmp_path)
+                             f"--checkpoint={tmp_path / 'missing.pt'}"],
+                            capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith("error: no checkpoint at")

@@ -16,7 +16,8 @@ from model import ModelArgs, Transformer
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.gpu
-SMALL = ModelArgs(dim=128, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=512, multiple_of=32, max_seq_len=128)
+SMALL = ModelArgs(dim=128, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=512, multiple_of=32,
+                  max_seq_len=128)
 
 
 def batch(args: ModelArgs, B=4):
@@ -135,3 +136,35 @@ def test_train_py_on_cuda_learns_resumes_and_logs_mfu(tmp_path, dtype, compile):
     logs = [json.loads(line) for line in lines if '"loss"' in line]
     assert logs[-1]["iter"] == 150 and logs[-1]["loss"] < logs[0]["loss"] - 2.0
     assert all(0 < m["mfu"] < 1 for m in logs[1:])
+
+
+def test_batch_size_auto_finds_the_largest_micro_batch_that_fits():
+    # with the GPU's memory capped at 4 GiB for this process, the 15M shape at context 256 in bf16 fits a
+    # few dozen sequences: real steps find the largest one, and one more does not fit
+    import memory
+    args = ModelArgs(dim=288, n_layers=6, n_heads=6, vocab_size=32000, multiple_of=32, max_seq_len=256)
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(4 * 2**30 / total)
+    try:
+        largest, how = memory.largest_batch(args, 1024, "cuda", "bfloat16")
+        assert how == "measured on the GPU" and 1 < largest < 1024
+        assert memory.step_fits(args, largest, "cuda", "bfloat16")
+        assert not memory.step_fits(args, largest + 1, "cuda", "bfloat16")
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+
+
+def test_train_py_batch_size_auto_on_cuda(tmp_path):
+    text = tmp_path / "stories.txt"
+    write_endoftext(text, make_stories(1000, seed=5))
+    tinystories.train_vocab(tmp_path / "data", 512, input=text, name="fixture")
+    tinystories.prepare(tmp_path / "data", text, "fixture", vocab_size=512)
+    command = [sys.executable, str(ROOT / "train.py"), str(ROOT / "config" / "train_cpu_debug.py"),
+               f"--data_dir={tmp_path / 'data'}", f"--out_dir={tmp_path / 'out'}", "--device=cuda",
+               "--batch_size=auto", "--gradient_accumulation_steps=4", "--max_iters=20"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    # the debug config's 16 x 4 sequences fit at once on any GPU: one micro-batch of 64
+    assert "batch_size=auto: 64 x 1 accumulation steps = 64 sequences per iteration" in result.stdout
+    config = json.loads((tmp_path / "out" / "config.json").read_text(encoding="utf-8"))["config"]
+    assert (config["batch_size"], config["gradient_accumulation_steps"]) == (64, 1)

@@ -76,13 +76,17 @@ def test_the_estimate_grows_with_what_drives_memory():
     weights = 16 * memory.num_params(args)
     assert two - weights == pytest.approx(2 * (one - weights))  # activations and logits: linear in the batch
     assert memory.step_bytes(args, 64, "bfloat16", "cuda") < one  # the logits' gradients in half precision
-    dropout = ModelArgs(dim=64, n_layers=5, n_heads=8, n_kv_heads=4, vocab_size=512, max_seq_len=512, dropout=0.05)
+    dropout = ModelArgs(dim=64, n_layers=5, n_heads=8, n_kv_heads=4, vocab_size=512, max_seq_len=512,
+                        dropout=0.05)
     plain = ModelArgs(dim=64, n_layers=5, n_heads=8, n_kv_heads=4, vocab_size=512, max_seq_len=512)
-    assert memory.step_bytes(dropout, 32, "float32", "cpu") > 3 * memory.step_bytes(plain, 32, "float32", "cpu")
-    assert memory.step_bytes(dropout, 32, "float32", "cuda") == memory.step_bytes(plain, 32, "float32", "cuda")
+    assert (memory.step_bytes(dropout, 32, "float32", "cpu")
+            > 3 * memory.step_bytes(plain, 32, "float32", "cpu"))
+    assert (memory.step_bytes(dropout, 32, "float32", "cuda")
+            == memory.step_bytes(plain, 32, "float32", "cuda"))
 
 
 def test_frozen_weights_need_no_gradients_or_optimizer_state():
     args = ModelArgs(dim=288, n_layers=6, n_heads=6, vocab_size=32000, max_seq_len=256)
-    full, lora = memory.step_bytes(args, 16, "float32", "cpu"), memory.step_bytes(args, 16, "float32", "cpu", frozen=True)
+    full = memory.step_bytes(args, 16, "float32", "cpu")
+    lora = memory.step_bytes(args, 16, "float32", "cpu", frozen=True)
     assert full - lora == 12 * memory.num_params(args)

@@ -25,12 +25,12 @@ from model import (
 
 INF = float("inf")
 REFERENCE_CONFIGS = {  # llama2.c's TinyStories models and their published parameter counts (tied embeddings)
-    "260K": (dict(dim=64, n_layers=5, n_heads=8, n_kv_heads=4, vocab_size=512, multiple_of=4, max_seq_len=512),
-             260_032),
-    "15M": (dict(dim=288, n_layers=6, n_heads=6, n_kv_heads=6, vocab_size=32000, multiple_of=32, max_seq_len=256),
-            15_191_712),
-    "42M": (dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=8, vocab_size=32000, multiple_of=32, max_seq_len=1024),
-            41_689_600),
+    "260K": (dict(dim=64, n_layers=5, n_heads=8, n_kv_heads=4, vocab_size=512, multiple_of=4,
+                  max_seq_len=512), 260_032),
+    "15M": (dict(dim=288, n_layers=6, n_heads=6, n_kv_heads=6, vocab_size=32000, multiple_of=32,
+                 max_seq_len=256), 15_191_712),
+    "42M": (dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=8, vocab_size=32000, multiple_of=32,
+                 max_seq_len=1024), 41_689_600),
     "110M": (dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=12, vocab_size=32000, multiple_of=32,
                   max_seq_len=1024), 109_529_856),
 }
@@ -298,7 +298,8 @@ def test_rope_is_a_rotation_with_the_relative_position_property():
     y = apply_rope(x, cos, sin)
     assert torch.allclose(y.norm(dim=-1), x.norm(dim=-1), rtol=1e-5)  # norms preserved
     pairs_x, pairs_y = x.reshape(2, T, 3, D // 2, 2), y.reshape(2, T, 3, D // 2, 2)
-    assert torch.allclose(pairs_y.norm(dim=-1), pairs_x.norm(dim=-1), rtol=1e-5, atol=1e-6)  # each pair rotates
+    # each pair rotates
+    assert torch.allclose(pairs_y.norm(dim=-1), pairs_x.norm(dim=-1), rtol=1e-5, atol=1e-6)
     assert torch.equal(y[:, 0], x[:, 0])  # position 0 is the identity
     assert torch.allclose(y.double(), rope_complex(x), atol=1e-5)  # Meta's interleaved convention
 

@@ -1,9 +1,9 @@
 """README.md's command lines, pasted in order as a newcomer would, in a copy of the scripts: a line that
 breaks fails here. Only sizes shrink, by settings the test appends to each line (a smaller model and
 fewer iterations for train.py, fewer tokens for sample.py); lines marked "(GPU)" and `pip install` are
-left out, and so is running the test suite. Offline: `download` gets a local folder with the synthetic corpus as TinyStories and a 512-token
-tokenizer standing in for Llama 2's (so every "Llama 2" run here has vocab_size=512), and llama2.c's
-published stories15M.bin is a small model made here."""
+left out, and so is running the test suite. Offline: `download` gets a local folder with the synthetic
+corpus as TinyStories and a 512-token tokenizer standing in for Llama 2's (so every "Llama 2" run here
+has vocab_size=512), and llama2.c's published stories15M.bin is a small model made here."""
 import re
 import shlex
 import shutil
@@ -21,9 +21,9 @@ from model import ModelArgs, Transformer
 
 pytestmark = pytest.mark.slow
 
-SMALL_MODEL = ["--dim=32", "--n_layers=1", "--n_heads=2", "--n_kv_heads=1", "--multiple_of=16", "--max_seq_len=32",
-               "--vocab_size=512", "--batch_size=4", "--gradient_accumulation_steps=1", "--eval_iters=1",
-               "--warmup_iters=1", "--eval_interval=2", "--compile=False", "--device=cpu"]
+SMALL_MODEL = ["--dim=32", "--n_layers=1", "--n_heads=2", "--n_kv_heads=1", "--multiple_of=16",
+               "--max_seq_len=32", "--vocab_size=512", "--batch_size=4", "--gradient_accumulation_steps=1",
+               "--eval_iters=1", "--warmup_iters=1", "--eval_interval=2", "--compile=False", "--device=cpu"]
 
 
 def readme_commands() -> list[str]:
@@ -50,7 +50,7 @@ def shrunk(line: str, iters: int) -> str:
         extra = SMALL_MODEL + [f"--max_iters={iters}"]
     elif script == "demo.py":
         extra = ["--max_iters=20", "--eval_interval=10", "--warmup_iters=5"]
-    elif script == "sample.py":
+    elif script in ("sample.py", "eval.py"):
         extra = ["--max_new_tokens=16"]
     elif script == "tinystories.py" and "--vocab_size" in words and "0" not in words:
         extra = ["--vocab_size", "512"]  # own vocabularies of a corpus this small
@@ -80,8 +80,9 @@ def workdir(tmp_path):
     shutil.copy(model, mirror / "tokenizer.model")
     # files a user brings: their own text, and llama2.c's stories15M.bin (here a small model, same vocabulary)
     write_endoftext(work / "my.txt", make_stories(1500, seed=6))
-    write_llama2c(work / "stories15M.bin", Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=512,
-                                                                 multiple_of=16, max_seq_len=32)))
+    small = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=512, multiple_of=16,
+                                  max_seq_len=32))
+    write_llama2c(work / "stories15M.bin", small)
     return work, mirror
 
 
@@ -98,7 +99,8 @@ def test_the_readme_runs_as_pasted(workdir):
             command += f" --url {mirror}/"
         command = re.sub(r"^python ", shlex.quote(sys.executable) + " ", command)
         result = subprocess.run(command, shell=True, cwd=work, capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, f"README line failed: {line}\n{result.stdout[-1500:]}{result.stderr[-1500:]}"
+        assert result.returncode == 0, (f"README line failed: {line}\n"
+                                        f"{result.stdout[-1500:]}{result.stderr[-1500:]}")
         assert "Traceback" not in result.stderr, f"{line}\n{result.stderr[-1500:]}"
     assert (work / "out" / "15m" / "ckpt.pt").is_file() and (work / "runs.png").is_file()
     assert (work / "out" / "model.tokenizer.bin").is_file() and (work / "out" / "adapter").is_dir()

@@ -11,9 +11,11 @@ CONFIG = {"wandb_project": "p", "wandb_run_name": None}
 
 def test_truncate_metrics_drops_lines_after_the_checkpoint(tmp_path):
     path = tmp_path / "metrics.jsonl"
-    path.write_text("".join(json.dumps({"iter": i, "loss": 1.0}) + "\n" for i in range(1, 9)), encoding="utf-8")
+    path.write_text("".join(json.dumps({"iter": i, "loss": 1.0}) + "\n" for i in range(1, 9)),
+                    encoding="utf-8")
     runs.truncate_metrics(str(path), 5)
-    assert [json.loads(line)["iter"] for line in path.read_text(encoding="utf-8").splitlines()] == [1, 2, 3, 4, 5]
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line)["iter"] for line in lines] == [1, 2, 3, 4, 5]
 
 
 def test_wandb_failures_never_stop_training(monkeypatch, tmp_path, capsys):
@@ -82,9 +84,11 @@ def test_save_checkpoints_keeps_latest_best_and_the_last_n(tmp_path):
     load = lambda name: torch.load(tmp_path / name)["iter_num"]
     assert (load("ckpt.pt"), load("ckpt_best.pt"), load("ckpt_000004.pt")) == (5, 2, 4)
     # a best checkpoint between two latest ones leaves the latest alone
-    runs.save_checkpoints(str(tmp_path), {"iter_num": 6}, latest=False, best=True, keep=2, save=save_checkpoint)
+    runs.save_checkpoints(str(tmp_path), {"iter_num": 6}, latest=False, best=True, keep=2,
+                          save=save_checkpoint)
     assert (load("ckpt.pt"), load("ckpt_best.pt")) == (5, 6)
-    assert runs.numbered_checkpoints(tmp_path) == [str(tmp_path / "ckpt_000004.pt"), str(tmp_path / "ckpt_000005.pt")]
+    assert runs.numbered_checkpoints(tmp_path) == [str(tmp_path / "ckpt_000004.pt"),
+                                                   str(tmp_path / "ckpt_000005.pt")]
 
 
 def test_previous_run_describes_what_is_there(tmp_path):

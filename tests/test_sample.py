@@ -157,7 +157,8 @@ def test_help_lists_every_option_with_its_default(capsys):
 
 
 def test_samples_are_separated(ckpt, capsys):
-    code, out, _ = run_main(capsys, f"--checkpoint={ckpt}", "--num_samples=3", "--max_new_tokens=8", "--seed=3")
+    code, out, _ = run_main(capsys, f"--checkpoint={ckpt}", "--num_samples=3", "--max_new_tokens=8",
+                            "--seed=3")
     assert code == 0 and out.count("\n" + sample.SEPARATOR + "\n") == 2
 
 
@@ -168,7 +169,8 @@ def run_script(*argv, cwd):
 
 @pytest.mark.slow
 def test_same_seed_same_stories_in_separate_processes(ckpt, tmp_path):
-    args = [f"--checkpoint={ckpt}", "--num_samples=2", "--max_new_tokens=30", "--temperature=1.0", "--top_k=50"]
+    args = [f"--checkpoint={ckpt}", "--num_samples=2", "--max_new_tokens=30", "--temperature=1.0",
+            "--top_k=50"]
     first, second = run_script(*args, "--seed=7", cwd=tmp_path), run_script(*args, "--seed=7", cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     assert first.stdout == second.stdout and len(first.stdout) > 40
@@ -179,7 +181,8 @@ def test_same_seed_same_stories_in_separate_processes(ckpt, tmp_path):
 def test_llama2_vocabulary(llama2_tokenizer, tmp_path, capsys):
     model = tiny_model(vocab_size=32000, dim=32, n_heads=2, n_kv_heads=1, n_layers=1)
     ckpt = save_checkpoint(tmp_path / "ckpt.pt", model, llama2_tokenizer)
-    code, out, err = run_main(capsys, f"--checkpoint={ckpt}", "--prompt=Once upon a time", "--max_new_tokens=10")
+    code, out, err = run_main(capsys, f"--checkpoint={ckpt}", "--prompt=Once upon a time",
+                              "--max_new_tokens=10")
     assert code == 0 and out.startswith("Once upon a time"), err
     assert len(out[len("Once upon a time"):].strip()) >= 5, out  # new text, not only the echoed prompt
 
@@ -215,7 +218,8 @@ def write_bytes(path: Path, data: bytes) -> Path:
 
 @pytest.mark.parametrize("argv, message", [
     (["--checkpoint=nowhere/ckpt.pt"], "error: no checkpoint at nowhere/ckpt.pt"),
-    (["--checkpoint={lost_tokenizer}"], "error: tokenizer not found: {dir}/moved/tok.model (the path recorded"),
+    (["--checkpoint={lost_tokenizer}"],
+     "error: tokenizer not found: {dir}/moved/tok.model (the path recorded"),
     (["--checkpoint={ckpt}", "--tokenizer=nowhere.model"], "error: tokenizer not found: nowhere.model"),
     (["--checkpoint={big_vocab}"], "has 400 tokens but the model's vocab_size is 512"),
     (["--checkpoint={bin}"], "records no tokenizer (a llama2.c file?): pass --tokenizer="),
@@ -227,7 +231,8 @@ def write_bytes(path: Path, data: bytes) -> Path:
     (["--checkpoint={ckpt}", "--dtype=float8"], "--dtype=float8"),
     (["--checkpoint={dir}/model.bin", "--tokenizer={dir}/model.bin"], "looks like llama2.c's tokenizer.bin"),
     (["--checkpoint={ckpt}", "--prompt_file={not_utf8}"], "is not UTF-8 text"),
-    (["--checkpoint={ckpt}", "--device=gpu"], "--device=gpu is not a device: use auto, cpu, cuda, cuda:N or mps"),
+    (["--checkpoint={ckpt}", "--device=gpu"],
+     "--device=gpu is not a device: use auto, cpu, cuda, cuda:N or mps"),
     (["--checkpoint={empty_dir}"], "config.json not found"),
     (["--checkpoint={damaged_hf}"], "is not a Hugging Face Llama directory (SafetensorError"),
 ])
@@ -253,8 +258,9 @@ def test_error_in_a_real_process_has_no_traceback(bad_inputs, tmp_path):
 
 def test_reader_closing_the_pipe_stops_quietly(ckpt, tmp_path):
     # `python sample.py | head -c 20`: no BrokenPipeError traceback when the reader goes away
-    proc = subprocess.Popen([sys.executable, str(ROOT / "sample.py"), f"--checkpoint={ckpt}", "--num_samples=1000",
-                             "--max_new_tokens=60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "sample.py"), f"--checkpoint={ckpt}",
+                             "--num_samples=1000", "--max_new_tokens=60"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
     proc.stdout.read(20)
     proc.stdout.close()
     _, err = proc.communicate(timeout=120)

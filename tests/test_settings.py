@@ -13,7 +13,8 @@ from model import ModelArgs, Transformer
 
 
 def test_resolve_config_fills_in_the_derived_values():
-    c = settings.resolve_config(train.default_config() | {"learning_rate": 6e-4, "max_iters": 500, "warmup_iters": 50})
+    c = settings.resolve_config(train.default_config() | {"learning_rate": 6e-4, "max_iters": 500,
+                                                          "warmup_iters": 50})
     assert c["min_lr"] == pytest.approx(6e-5)
     assert settings.settle_run_length(c, set(), tokens_per_epoch=10**6)["lr_decay_iters"] == 500
     assert c["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
@@ -25,7 +26,8 @@ def test_resolve_config_fills_in_the_derived_values():
 
 
 @pytest.mark.parametrize("override, message", [
-    ({"init_from": "resum"}, "init_from='resum' is not 'scratch', 'resume', 'auto' or an existing checkpoint"),
+    ({"init_from": "resum"},
+     "init_from='resum' is not 'scratch', 'resume', 'auto' or an existing checkpoint"),
     ({"dtype": "fp16"}, "dtype='fp16'"),
     ({"device": "tpu"}, "--device=tpu"),
     ({"batch_size": 0}, "batch_size=0 must be at least 1"),
@@ -63,7 +65,8 @@ def test_shipped_configs_reproduce_the_reference_shapes():
         assert model.num_params() == params, name
         assert c["batch_size"] * c["max_seq_len"] * c["gradient_accumulation_steps"] == tokens_per_iter, name
         assert "val loss" in path.read_text(encoding="utf-8")
-    debug = settings.resolve_config(parse_config(train.default_config(), [str(ROOT / "config" / "train_cpu_debug.py")]))
+    debug = settings.resolve_config(parse_config(train.default_config(),
+                                                 [str(ROOT / "config" / "train_cpu_debug.py")]))
     assert debug["dataset"] == "fixture" and debug["vocab_size"] == 512 and debug["device"] == "cpu"
     assert len(glob.glob(str(ROOT / "config" / "*.py"))) >= 5
 
@@ -79,11 +82,13 @@ def test_log_interval_defaults_to_fewer_host_syncs_on_a_gpu(monkeypatch):
 def test_max_tokens_and_max_epochs_set_max_iters():
     c = settings.resolve_config(train.default_config() | {"batch_size": 4, "gradient_accumulation_steps": 2,
                                                        "max_seq_len": 128, "max_tokens": 10_000})
-    assert settings.settle_run_length(c, {"max_tokens"}, tokens_per_epoch=5_000)["max_iters"] == 10  # ceil(10000 / 1024)
+    settled = settings.settle_run_length(c, {"max_tokens"}, tokens_per_epoch=5_000)
+    assert settled["max_iters"] == 10  # ceil(10000 / 1024)
     epochs = c | {"max_tokens": None, "max_epochs": 1.5}
     settled = settings.settle_run_length(epochs, {"max_epochs"}, tokens_per_epoch=5_000)
-    assert settled["max_iters"] == 8 and settled["lr_decay_iters"] == 8  # ceil(7500 / 1024); the schedule follows
-    # resumed at iteration 3 after 3,000 tokens of a 1,000-token-iteration run: the rest at 1,024 per iteration
+    assert settled["max_iters"] == 8  # ceil(7500 / 1024)
+    assert settled["lr_decay_iters"] == 8  # the schedule follows
+    # resumed at iteration 3 after 3,000 tokens (1,000 per iteration): the rest at 1,024 per iteration
     assert settings.settle_run_length(c, set(), 5_000, iter_num=3, tokens_seen=3_000)["max_iters"] == 3 + 7
     with pytest.raises(ConfigError, match="give the run's length once: max_iters=100000 or max_tokens=10000"):
         settings.settle_run_length(c, {"max_iters", "max_tokens"}, 5_000)
