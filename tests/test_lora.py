@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 from fixture_corpus import OTHER_WORDS, WORDS, make_stories, write_endoftext
-from test_export import TOKENS, logits_of, tiny_model
+from test_export import TOKENS, logits_of, tiny_model, train_tokenizer
 from test_train import TINY, assert_same_losses, main_error, ok, read_metrics, run_train
 
+import eval as eval_py
 import export
 import lora
 import sample
@@ -148,6 +149,22 @@ def test_from_checkpoint_loads_base_and_adapters(tmp_path):
     unmerged, ckpt = from_checkpoint(path, merge=False)  # train.py's resume: the base's weights + adapters
     assert torch.equal(logits_of(unmerged, TOKENS), logits_of(model, TOKENS))
     assert all(torch.equal(ckpt["model"][k], v) for k, v in tiny_model().state_dict().items())
+
+
+def test_eval_py_measures_base_and_adapters(tmp_path):
+    # eval.py (like sample.py) loads a LoRA checkpoint's base and adapters: the merged model's loss
+    tok = train_tokenizer(tmp_path)
+    base = plain_checkpoint(tmp_path / "base.pt", tiny_model())
+    model = with_adapters(tiny_model())
+    path = lora_checkpoint(tmp_path / "lora.pt", model, base)
+    write_endoftext(tmp_path / "s.txt", make_stories(6, seed=2))
+    args = [f"--input={tmp_path / 's.txt'}", f"--tokenizer={tok}"]
+    with redirect_stdout(StringIO()):
+        adapted = eval_py.main([f"--checkpoint={path}", *args])
+        merged = plain_checkpoint(tmp_path / "merged.pt", lora.merge(model))
+        same = eval_py.main([f"--checkpoint={merged}", *args])["loss"]
+        without = eval_py.main([f"--checkpoint={base}", *args])["loss"]
+    assert same == pytest.approx(adapted["loss"], rel=1e-5) and abs(without - adapted["loss"]) > 1e-3
 
 
 def test_a_changed_or_missing_base_is_refused(tmp_path):
