@@ -150,8 +150,10 @@ class Decoder:
 
     @staticmethod
     def packable(model) -> bool:
-        projections = [getattr(layer.attention, name) for layer in model.layers for name in ("wq", "wk", "wv", "wo")]
-        projections += [getattr(layer.feed_forward, name) for layer in model.layers for name in ("w1", "w2", "w3")]
+        projections = [getattr(layer.attention, name)
+                       for layer in model.layers for name in ("wq", "wk", "wv", "wo")]
+        projections += [getattr(layer.feed_forward, name)
+                        for layer in model.layers for name in ("w1", "w2", "w3")]
         return (model.output.weight.dtype == torch.float32 and all(type(p) is nn.Linear for p in projections)
                 and not (model.training and model.args.dropout > 0)
                 and "hidden_states" not in vars(model))  # sample.py --compile replaces the method
@@ -246,7 +248,7 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
     if temperature == 0.0 or top_k is not None or top_p is None or top_p >= 1.0:
         return plain(logits, temperature, top_k, top_p)
     probs = (logits.float() / temperature).softmax(-1)  # (B, V)
-    cdf = probs.cumsum(-1).numpy()  # the per-draw steps below are a few scalars: numpy's, without torch's overhead
+    cdf = probs.cumsum(-1).numpy()  # each draw below is a few scalar steps: numpy's, without torch's overhead
     tokens = []
     for row, row_cdf in zip(probs, cdf, strict=True):
         while True:

@@ -45,8 +45,10 @@ import model  # noqa: E402
 import runtime  # noqa: E402
 
 CONFIGS = {  # name -> (model args, batch size); the sequence length is max_seq_len
-    "260k": (dict(dim=64, n_layers=5, n_heads=8, n_kv_heads=4, vocab_size=512, multiple_of=4, max_seq_len=512), 32),
-    "15m": (dict(dim=288, n_layers=6, n_heads=6, n_kv_heads=6, vocab_size=32000, multiple_of=32, max_seq_len=256), 16),
+    "260k": (dict(dim=64, n_layers=5, n_heads=8, n_kv_heads=4, vocab_size=512, multiple_of=4,
+                  max_seq_len=512), 32),
+    "15m": (dict(dim=288, n_layers=6, n_heads=6, n_kv_heads=6, vocab_size=32000, multiple_of=32,
+                 max_seq_len=256), 16),
 }
 
 
@@ -221,7 +223,7 @@ def bench_config(cfg_name, args, device, dtype):
         names["baseline"] = "llama2.c-style baseline" + (" (compiled)" if args.baseline_compile else "")
         del base
 
-    # Each model is timed in a fresh process of its own: cpu_speedups.keep_freed_memory() changes how the whole
+    # Each model is timed in a fresh process: cpu_speedups.keep_freed_memory() changes how the whole
     # process allocates, so a baseline sharing our process would silently get it too.
     results = {}
     for which, name in names.items():
@@ -241,7 +243,8 @@ def bench_config(cfg_name, args, device, dtype):
             line += f"; MFU {100 * mfu:.1f}% of {peak / 1e12:.0f} TFLOPS"
         print(line, flush=True)
     if "baseline" in results:
-        print(f"speedup over the llama2.c-style baseline, same run: {results['baseline'] / results['ours']:.2f}x")
+        print(f"speedup over the llama2.c-style baseline, same run: "
+              f"{results['baseline'] / results['ours']:.2f}x")
     return results
 
 
@@ -284,7 +287,8 @@ def main():
         torch.cuda.set_device(device)  # so get_device_name() and the FLOP peak describe this GPU
         torch.set_float32_matmul_precision("high")  # TF32 matmuls, as train.py sets on CUDA
         name = torch.cuda.get_device_name()
-        print(f"device: {name}, peak {runtime.peak_flops_for(name) / 1e12:.0f} TFLOPS (bf16 dense) assumed for MFU")
+        print(f"device: {name}, peak {runtime.peak_flops_for(name) / 1e12:.0f} TFLOPS (bf16 dense) "
+              "assumed for MFU")
     if args.model:  # a child started by bench_config: time one model, report as one JSON line
         print(json.dumps(time_model(args.config, args.model, args, device, dtype)))
         return

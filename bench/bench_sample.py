@@ -72,8 +72,9 @@ def machine() -> str:
 # ----------------------------------------------------------------- side by side with run.c
 
 def run_runc(runc, model_bin, prompt, steps, sampling, seed) -> tuple[float, str]:
-    cmd = [runc, str(model_bin), "-z", str(model_bin.with_suffix(".tokenizer.bin")), "-n", str(steps), "-i", prompt,
-           "-t", str(sampling["temperature"]), "-p", str(sampling.get("top_p", 1.0)), "-s", str(seed)]
+    cmd = [runc, str(model_bin), "-z", str(model_bin.with_suffix(".tokenizer.bin")), "-n", str(steps),
+           "-i", prompt, "-t", str(sampling["temperature"]), "-p", str(sampling.get("top_p", 1.0)),
+           "-s", str(seed)]
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     found = re.search(r"achieved tok/s: ([\d.]+)", out.stderr)
     if out.returncode or not found:
@@ -105,11 +106,13 @@ def side_by_side(args):
         sys.exit(f"error: tokenizer not found: {args.tokenizer}; pass --tokenizer=PATH/llama2.model "
                  "(the Llama 2 sentencepiece model)")
     n_prompt = len(Tokenizer(args.tokenizer).encode(args.prompt, bos=True))
-    steps = n_prompt - 1 + args.new_tokens  # run.c's -n counts positions: the prompt's (BOS aside) and the new
+    steps = n_prompt - 1 + args.new_tokens  # run.c's -n: the prompt's positions (BOS aside) and the new
     print(f"decoding: 15M-shaped model, random weights, float32, one thread, prompt {args.prompt!r} "
-          f"({n_prompt} tokens with BOS), {args.new_tokens} new tokens; {args.repeats} runs each, alternating")
+          f"({n_prompt} tokens with BOS), {args.new_tokens} new tokens; "
+          f"{args.repeats} runs each, alternating")
     print(f"machine: {machine()}")
-    programs = {"run.c": None, "sample.py": False} | ({"sample.py --cpu_speedups=False": True} if args.plain else {})
+    programs = ({"run.c": None, "sample.py": False}
+                | ({"sample.py --cpu_speedups=False": True} if args.plain else {}))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for label, scale in (("trained-like", args.norm_scale), ("fresh", 1.0)):
@@ -122,10 +125,11 @@ def side_by_side(args):
                 for i in range(args.repeats):
                     for program, plain in programs.items():
                         if plain is None:
-                            tok_s, text = run_runc(args.runc, model_bin, args.prompt, steps, sampling, args.seed + i)
+                            tok_s, text = run_runc(args.runc, model_bin, args.prompt, steps, sampling,
+                                                   args.seed + i)
                         else:
-                            tok_s, text = run_sample_py(model_bin, args.tokenizer, args.prompt, args.new_tokens,
-                                                        sampling, args.seed + i, plain)
+                            tok_s, text = run_sample_py(model_bin, args.tokenizer, args.prompt,
+                                                        args.new_tokens, sampling, args.seed + i, plain)
                         figures[program].append(tok_s)
                         texts[program] = text
                 ratios = [ours / c for ours, c in zip(figures["sample.py"], figures["run.c"], strict=True)]
@@ -171,7 +175,8 @@ def in_process(args):
     n = args.new_tokens
     device = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else machine()
     print(f"15M-shaped model, {n} new tokens after BOS, batch 1, {args.device} {args.dtype}"
-          + (f", {torch.get_num_threads()} thread(s)" if args.device == "cpu" else "") + f"; {device}, {date.today()}")
+          + (f", {torch.get_num_threads()} thread(s)" if args.device == "cpu" else "")
+          + f"; {device}, {date.today()}")
 
     def run_ours(m, sampling):
         return m.generate(idx, n, **sampling)
@@ -181,7 +186,7 @@ def in_process(args):
     variants["model.generate"] = (ours, run_ours)
     if args.compile:
         compiled = copy.deepcopy(ours)
-        # generate_stream runs self.hidden_states for the prefill and each decode step, as sample.py compiles it
+        # generate_stream runs self.hidden_states for prefill and each decode step, as sample.py compiles it
         compiled.hidden_states = torch.compile(compiled.hidden_states, dynamic=True)
         t0 = time.perf_counter()
         run_ours(compiled, SAMPLING["greedy"])  # compiles prefill and decode
@@ -203,34 +208,42 @@ def in_process(args):
                 outputs[name] = fn(m, sampling)
                 sync(args.device)
                 times[name].append(time.perf_counter() - t0)
-        if label == "greedy":  # the first n - 1: at the n-th the cache slides its window, the uncached loop crops
+        # the first n - 1 only: at the n-th the cache slides its window, the uncached loop crops
+        if label == "greedy":
             tokens = [out[0, 1:n].tolist() for out in outputs.values()]
-            print(f"greedy tokens agree across variants (first {n - 1}): {all(t == tokens[0] for t in tokens)}")
+            print(f"greedy tokens agree across variants (first {n - 1}): "
+                  f"{all(t == tokens[0] for t in tokens)}")
         results[label] = {name: (n / statistics.median(t), n / min(t)) for name, t in times.items()}
 
     width = max(map(len, variants)) + 2
     print(f"\n{'tokens/s (median / best)':<{width}}" + "".join(f"{label:>24}" for label in SAMPLING))
     for name in variants:
-        print(f"{name:<{width}}" + "".join(f"{results[label][name][0]:>15.1f} / {results[label][name][1]:<6.1f}"
-                                           for label in SAMPLING))
+        print(f"{name:<{width}}" + "".join(
+            f"{results[label][name][0]:>15.1f} / {results[label][name][1]:<6.1f}" for label in SAMPLING))
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--peer", help="a llama2.c checkout with run built: the default --runc and --tokenizer")
-    parser.add_argument("--runc", help="llama2.c's run binary (make runfast): time it side by side with sample.py")
-    parser.add_argument("--tokenizer", help=f"the Llama 2 sentencepiece model (default: the peer's tokenizer.model, "
-                        f"else {DEFAULT_TOKENIZER.relative_to(ROOT)})")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--peer",
+                        help="a llama2.c checkout with run built: the default --runc and --tokenizer")
+    parser.add_argument("--runc",
+                        help="llama2.c's run binary (make runfast): time it side by side with sample.py")
+    parser.add_argument("--tokenizer", help="the Llama 2 sentencepiece model (default: the peer's "
+                        f"tokenizer.model, else {DEFAULT_TOKENIZER.relative_to(ROOT)})")
     parser.add_argument("--prompt", default="Once upon a time")
     parser.add_argument("--new_tokens", type=int, default=250)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=42, help="first sampling seed (run i uses seed + i)")
     parser.add_argument("--plain", action="store_true", help="also time sample.py --cpu_speedups=False")
-    parser.add_argument("--norm_scale", type=float, default=7.5, help="the trained-like model's final norm gain")
+    parser.add_argument("--norm_scale", type=float, default=7.5,
+                        help="the trained-like model's final norm gain")
     parser.add_argument("--device", default="cpu", help="without --runc: cpu or cuda")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--threads", type=int, default=1, help="without --runc: torch CPU threads (0 = default)")
-    parser.add_argument("--compile", action="store_true", help="without --runc: also torch.compile'd decoding")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="without --runc: torch CPU threads (0 = default)")
+    parser.add_argument("--compile", action="store_true",
+                        help="without --runc: also torch.compile'd decoding")
     parser.add_argument("--skip_uncached", action="store_true", help="without --runc: skip the uncached loop")
     args = parser.parse_args()
     if args.peer:

@@ -68,8 +68,8 @@ def bench_config(name: str, args) -> dict:
     ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[c["dtype"]]
     ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
     raw_model = Transformer(ModelArgs.from_dict(c)).to(device)
-    optimizer = raw_model.configure_optimizers(c["weight_decay"], c["learning_rate"], (c["beta1"], c["beta2"]),
-                                               device_type)
+    optimizer = raw_model.configure_optimizers(c["weight_decay"], c["learning_rate"],
+                                               (c["beta1"], c["beta2"]), device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=c["dtype"] == "float16")
     if c["compile"]:
         # a fresh dynamo for each config, and static shapes: each figure is one config's own graph, as in a
@@ -108,8 +108,9 @@ def bench_config(name: str, args) -> dict:
     peak = settings.resolve_peak_flops(args.peak_flops, device_type)
     full_tokens = c["gradient_accumulation_steps"] * c["batch_size"] * T  # one iteration of the real recipe
     return {
-        "config": name, "params": raw_model.num_params(), "step": f"{batch}x{T}x{accum}", "ms_iter": dt * 1000,
-        "tok_s": tokens / dt, "mfu": raw_model.estimate_mfu(tokens, dt, peak) if peak else None,
+        "config": name, "params": raw_model.num_params(), "step": f"{batch}x{T}x{accum}",
+        "ms_iter": dt * 1000, "tok_s": tokens / dt,
+        "mfu": raw_model.estimate_mfu(tokens, dt, peak) if peak else None,
         "full_iter_s": full_tokens / args.world_size / (tokens / dt),
         "mem_gb": torch.cuda.max_memory_allocated() / 1e9 if on_gpu else None,
     }
@@ -118,8 +119,8 @@ def bench_config(name: str, args) -> dict:
 # ----------------------------------------------------------------- side by side with llama2.c's train.py
 
 PEER_SHAPES = {  # name -> the settings both train.py's take alike: model shape and micro-batch
-    "260k": dict(vocab_source="custom", vocab_size=512, dim=64, n_layers=5, n_heads=8, n_kv_heads=4, multiple_of=4,
-                 max_seq_len=512, batch_size=32),
+    "260k": dict(vocab_source="custom", vocab_size=512, dim=64, n_layers=5, n_heads=8, n_kv_heads=4,
+                 multiple_of=4, max_seq_len=512, batch_size=32),
     "15m": dict(vocab_source="llama2", vocab_size=32000, dim=288, n_layers=6, n_heads=6, n_kv_heads=6,
                 multiple_of=32, max_seq_len=256, batch_size=16),
 }
@@ -174,8 +175,8 @@ def side_by_side(args) -> None:
     if unknown := [n for n in names if n not in PEER_SHAPES]:
         sys.exit(f"error: with --peer the configs are {', '.join(PEER_SHAPES)}, not {', '.join(unknown)}")
     print(f"# bench_train --peer: ours vs llama2.c's train.py ({peer}), {machine()}, float32, no compile, "
-          f"{args.threads} thread(s), dropout {args.dropout}, median ms/iter of {args.iters} after {args.warmup}, "
-          f"{args.repeats} rounds alternating")
+          f"{args.threads} thread(s), dropout {args.dropout}, "
+          f"median ms/iter of {args.iters} after {args.warmup}, {args.repeats} rounds alternating")
     rows = []
     for name in names:
         shape = PEER_SHAPES[name]
@@ -195,7 +196,8 @@ def side_by_side(args) -> None:
     print("|---|---|---|---|")
     for name, shape, figures, ratios in rows:
         spread = {p: f"{statistics.median(v):.0f} ({min(v):.0f} - {max(v):.0f})" for p, v in figures.items()}
-        print(f"| {name}, {shape['batch_size']} x {shape['max_seq_len']} | {spread['ours']} | {spread['llama2.c']} | "
+        print(f"| {name}, {shape['batch_size']} x {shape['max_seq_len']} | "
+              f"{spread['ours']} | {spread['llama2.c']} | "
               f"{statistics.median(ratios):.2f}x ({min(ratios):.2f} - {max(ratios):.2f}) |")
 
 
@@ -210,7 +212,8 @@ def machine() -> str:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", help=f"comma-separated: {','.join(CONFIGS)} (default: all; with --peer: "
                         f"{','.join(PEER_SHAPES)})")
     parser.add_argument("--device", default="auto")
@@ -222,13 +225,16 @@ def parse_args(argv=None):
                         help="GPUs the recipe would run on (splits its accumulation; default 1)")
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=5,
-                        help="untimed steps first: compilation, and on a CPU the heap settling (cpu_speedups.keep_freed_memory)")
-    parser.add_argument("--peer", help="a llama2.c checkout: time its train.py side by side with ours (see above)")
+                        help="untimed steps first: compilation, and on a CPU the heap settling "
+                             "(cpu_speedups.keep_freed_memory)")
+    parser.add_argument("--peer",
+                        help="a llama2.c checkout: time its train.py side by side with ours (see above)")
     parser.add_argument("--repeats", type=int, default=3, help="with --peer: rounds of ours, llama2.c's")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="with --peer: CPU threads of both (default: torch's, one per core)")
     parser.add_argument("--dropout", type=float, default=0.0, help="with --peer: both models' dropout")
-    parser.add_argument("--peak_flops", default=None, help="FLOP/s or GPU name for MFU (default: from the GPU)")
+    parser.add_argument("--peak_flops", default=None,
+                        help="FLOP/s or GPU name for MFU (default: from the GPU)")
     args = parser.parse_args(argv)
     if args.peak_flops is not None:
         try:
@@ -251,11 +257,12 @@ def main():
         sys.exit(f"error: unknown config(s) {', '.join(unknown)}; choose from {', '.join(CONFIGS)}")
 
     device = settings.resolve_config(train.default_config() | {"device": args.device})["device"]
-    where = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"CPU ({os.cpu_count()} cores, " \
-        f"{torch.get_num_threads()} threads)"
+    where = (torch.cuda.get_device_name(device) if device.startswith("cuda")
+             else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)")
     print(f"# bench_train: {where}, torch {torch.__version__}, dtype {args.dtype}, compile {args.compile}, "
           f"{args.iters} timed step(s) after {args.warmup} warm-up")
-    print("| config | params | measured step (B x T x accum) | ms/iter | tokens/s | MFU | full iter (s) | peak mem |")
+    print("| config | params | measured step (B x T x accum) | ms/iter | tokens/s | MFU | full iter (s) "
+          "| peak mem |")
     print("|---|---|---|---|---|---|---|---|")
     for name in names:
         try:
@@ -266,8 +273,8 @@ def main():
             continue
         mfu = f"{r['mfu'] * 100:.1f}%" if r["mfu"] is not None else "-"
         mem = f"{r['mem_gb']:.1f} GB" if r["mem_gb"] is not None else "-"
-        print(f"| {r['config']} | {r['params'] / 1e6:.2f}M | {r['step']} | {r['ms_iter']:.1f} | {r['tok_s']:,.0f} | "
-              f"{mfu} | {r['full_iter_s']:.2f} | {mem} |", flush=True)
+        print(f"| {r['config']} | {r['params'] / 1e6:.2f}M | {r['step']} | {r['ms_iter']:.1f} | "
+              f"{r['tok_s']:,.0f} | {mfu} | {r['full_iter_s']:.2f} | {mem} |", flush=True)
 
 
 if __name__ == "__main__":

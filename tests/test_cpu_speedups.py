@@ -137,7 +137,8 @@ def plain_step(m, tokens, start_pos):  # model.generate_stream's step without cp
     return m.output(m.hidden_states(tokens, start_pos)[:, -1, :])
 
 
-@pytest.mark.parametrize("n_heads, n_kv_heads, B", [(4, 4, 1), (4, 2, 3), (2, 1, 2)], ids=["MHA", "GQA", "MQA"])
+@pytest.mark.parametrize("n_heads, n_kv_heads, B", [(4, 4, 1), (4, 2, 3), (2, 1, 2)],
+                         ids=["MHA", "GQA", "MQA"])
 def test_decoder_logits_equal_the_plain_forward(n_heads, n_kv_heads, B):
     m = tiny_model(n_heads=n_heads, n_kv_heads=n_kv_heads, max_seq_len=32)
     tokens = torch.randint(0, 64, (B, 20), generator=torch.Generator().manual_seed(6))
@@ -145,7 +146,8 @@ def test_decoder_logits_equal_the_plain_forward(n_heads, n_kv_heads, B):
         decoder = cpu_speedups.Decoder(m)
         assert decoder.layers is not None  # the packed one-token path, not the fallback
         ours = [decoder(tokens[:, :5], 0)] + [decoder(tokens[:, i:i + 1], i) for i in range(5, 20)]
-        plain = [plain_step(m, tokens[:, :5], 0)] + [plain_step(m, tokens[:, i:i + 1], i) for i in range(5, 20)]
+        plain = ([plain_step(m, tokens[:, :5], 0)]
+                 + [plain_step(m, tokens[:, i:i + 1], i) for i in range(5, 20)])
     for i, (a, b) in enumerate(zip(ours, plain, strict=True)):
         assert a.shape == (B, 64) and (a - b).abs().max() <= 1e-5 * b.abs().max(), i
 
@@ -167,7 +169,8 @@ def test_models_the_decoder_cannot_pack_run_their_own_forward(case):
         decoder = cpu_speedups.Decoder(m)
         ours = [decoder(tokens[:, :4], 0)] + [decoder(tokens[:, i:i + 1], i) for i in range(4, 8)]
         if case != "dropout in training":  # (dropout draws differ between two forwards)
-            plain = [plain_step(m, tokens[:, :4], 0)] + [plain_step(m, tokens[:, i:i + 1], i) for i in range(4, 8)]
+            plain = ([plain_step(m, tokens[:, :4], 0)]
+                     + [plain_step(m, tokens[:, i:i + 1], i) for i in range(4, 8)])
             for a, b in zip(ours, plain, strict=True):
                 assert (a.float() - b.float()).abs().max() <= 1e-2 * b.float().abs().max()
 
@@ -182,16 +185,19 @@ def test_nucleus_sampling_without_sorting_draws_from_the_filtered_distribution()
         draws = cpu_speedups.sample_next(logits.repeat(n, 1), temperature, top_p=top_p).view(n, 2)
         for row in range(2):
             freq = torch.bincount(draws[:, row], minlength=6).double() / n
-            expected = filter_logits(logits[row:row + 1] / temperature, top_p=top_p).softmax(-1)[0].double()
-            assert torch.all(freq[expected == 0] == 0), (temperature, top_p, row)  # outside the nucleus: never
+            expected = (filter_logits(logits[row:row + 1] / temperature, top_p=top_p)
+                        .softmax(-1)[0].double())
+            assert torch.all(freq[expected == 0] == 0), (temperature, top_p, row)  # out of the nucleus: never
             # 4.5 standard deviations of a binomial frequency
-            assert torch.all((freq - expected).abs() <= 4.5 * (expected * (1 - expected) / n).sqrt() + 1e-9), (
+            assert torch.all((freq - expected).abs()
+                             <= 4.5 * (expected * (1 - expected) / n).sqrt() + 1e-9), (
                 temperature, top_p, row, freq, expected)
 
 
 def test_fast_greedy_pick_is_the_first_maximum():
     logits = torch.tensor([[0.0, 2.0, 2.0, 1.0], [5.0, -1.0, 5.0, 5.0], [-3.0, -2.0, -1.0, -1.0]])
-    assert cpu_speedups.sample_next(logits, temperature=0.0).tolist() == logits.argmax(-1).tolist() == [1, 0, 2]
+    assert (cpu_speedups.sample_next(logits, temperature=0.0).tolist() == logits.argmax(-1).tolist()
+            == [1, 0, 2])
 
 
 def test_packed_weights_are_per_generation_and_follow_training():
