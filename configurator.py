@@ -152,3 +152,14 @@ def format_config(config: dict) -> str:
     # one key per line, aligned, for the run's log
     width = max(map(len, config), default=0)
     return "\n".join(f"  {k:<{width}} = {v!r}" for k, v in config.items())
+
+
+def usage(synopsis: str, doc: str, options: dict) -> str:
+    """A script's --help: the synopsis, its docstring, then each option {name: (default, help)} with its
+    default as it is typed on the command line (text without quotes)."""
+    shown = {name: '""' if d == "" else d if isinstance(d, str) else repr(d)
+             for name, (d, _) in options.items()}
+    width = max(len(f"--{name}={value}") for name, value in shown.items())
+    lines = [f"usage: {synopsis}", "", doc.strip(), "", "options:"]
+    lines += [f"  {f'--{name}={shown[name]}':<{width}}  {text}" for name, (_, text) in options.items()]
+    return "\n".join(lines)

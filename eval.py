@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import configurator
 import instruct
 import runtime
 import sample
@@ -71,13 +72,8 @@ class EvalError(Exception):
 
 
 def usage() -> str:
-    shown = {name: '""' if d == "" else d if isinstance(d, str) else repr(d)
-             for name, (d, _) in OPTIONS.items()}
-    width = max(len(f"--{name}={value}") for name, value in shown.items())
-    lines = ["usage: python eval.py --checkpoint=CKPT --input=FILE [--key=value ...]", "", __doc__.strip(),
-             "", "options:"]
-    lines += [f"  {f'--{name}={shown[name]}':<{width}}  {text}" for name, (_, text) in OPTIONS.items()]
-    return "\n".join(lines)
+    synopsis = "python eval.py --checkpoint=CKPT --input=FILE [--key=value ...]"
+    return configurator.usage(synopsis, __doc__, OPTIONS)
 
 
 def check_settings(cfg: dict) -> dict:

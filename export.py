@@ -30,6 +30,7 @@ import shlex
 import sys
 from dataclasses import asdict
 
+import configurator
 import runtime
 from checkpoint import (
     from_checkpoint,
@@ -63,13 +64,7 @@ class ExportError(ValueError):  # bad options: printed as one line
 
 
 def usage() -> str:
-    # defaults as they are typed on the command line: text without quotes
-    shown = {name: '""' if d == "" else d if isinstance(d, str) else repr(d)
-             for name, (d, _) in OPTIONS.items()}
-    width = max(len(f"--{name}={value}") for name, value in shown.items())
-    lines = ["usage: python export.py OUT [--key=value ...]", "", __doc__.strip(), "", "options:"]
-    lines += [f"  {f'--{name}={shown[name]}':<{width}}  {text}" for name, (_, text) in OPTIONS.items()]
-    return "\n".join(lines)
+    return configurator.usage("python export.py OUT [--key=value ...]", __doc__, OPTIONS)
 
 
 def tokenizer_bin_path(model_path: str) -> str:

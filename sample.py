@@ -28,6 +28,7 @@ import time
 
 import torch
 
+import configurator
 import cpu_speedups
 import instruct
 import runtime
@@ -212,13 +213,7 @@ def generate_story(model, tok, prompt_ids: list[int], cfg: dict, write, echo: bo
 
 
 def usage() -> str:
-    # defaults as they are typed on the command line: text without quotes
-    shown = {name: '""' if d == "" else d if isinstance(d, str) else repr(d)
-             for name, (d, _) in OPTIONS.items()}
-    width = max(len(f"--{name}={value}") for name, value in shown.items())
-    lines = ["usage: python sample.py [config.py ...] [--key=value ...]", "", __doc__.strip(), "", "options:"]
-    lines += [f"  {f'--{name}={shown[name]}':<{width}}  {text}" for name, (_, text) in OPTIONS.items()]
-    return "\n".join(lines)
+    return configurator.usage("python sample.py [config.py ...] [--key=value ...]", __doc__, OPTIONS)
 
 
 def setup(argv):
