@@ -124,7 +124,13 @@ def generate_responses(model, tok, template: str, records: list, cfg: dict):
 
 def evaluate(model, tok, checkpoint: dict, cfg: dict, ctx, say=print) -> dict:
     source = tinystories.InputRecords(cfg["input"], cfg["format"], cfg["words_from_story"])
-    items = [item for i, item in enumerate(source) if not cfg["held_out"] or tinystories.is_val(i)]
+    items = []
+    for i, item in enumerate(source):
+        if cfg["held_out"] and not tinystories.is_val(i):
+            continue
+        items.append(item)
+        if source.template is not None and len(items) == cfg["max_records"]:
+            break  # instruction records: read no further than the ones measured
     if not items:
         raise EvalError(f"no documents in {cfg['input']}")
     if source.skips.reasons:

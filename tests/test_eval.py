@@ -245,3 +245,14 @@ def test_held_out_measures_the_records_prepare_held_out(tmp_path, tok_path, ckpt
     mask = np.fromfile(val.with_name(mask_name(val.name)), dtype=np.uint8)
     assert result["records"] == 3  # records 0, 100 and 200
     assert result["tokens"] == val.stat().st_size // 2 == len(mask) and result["targets"] == int(mask.sum())
+
+
+def test_max_records_reads_no_further(tmp_path, ckpts, capsys):
+    # the records after the first two are never read: a broken line there is not even counted
+    rows = [json.dumps({"prompt": "Tell me about a dog.", "response": "A dog barks."})] * 2 + ["{broken"]
+    (tmp_path / "r.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    args = [f"--checkpoint={ckpts['chat']}", f"--input={tmp_path / 'r.jsonl'}", "--max_new_tokens=2"]
+    assert eval.main(args + ["--max_records=2"])["records"] == 2
+    assert "skipped" not in capsys.readouterr().out
+    assert eval.main(args)["records"] == 2
+    assert "skipped 1 of 3 records (1 malformed line)" in capsys.readouterr().out
