@@ -30,7 +30,6 @@ torch.compile'd decoding. This is the mode for a GPU (--device cuda), where run.
 import argparse
 import copy
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -47,6 +46,9 @@ sys.path.insert(0, str(ROOT))  # model.py lives at the repo root
 import model as model_py  # noqa: E402
 from checkpoint import write_llama2c, write_tokenizer_bin  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_train import machine  # noqa: E402
+
 SAMPLING = {"greedy": dict(temperature=0.0), "T=1 top_p=0.9": dict(temperature=1.0, top_p=0.9)}
 DEFAULT_TOKENIZER = ROOT / "data" / "llama2_tokenizer.model"
 
@@ -57,16 +59,6 @@ def make_model(norm_scale: float, seed: int = 0) -> model_py.Transformer:
     with torch.no_grad():
         m.norm.weight.fill_(norm_scale)  # 1: as initialised; 7.5: a trained model's peakedness (see above)
     return m
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {date.today()}"
 
 
 # ----------------------------------------------------------------- side by side with run.c
@@ -173,10 +165,11 @@ def in_process(args):
     ours = make_model(args.norm_scale).to(args.device, getattr(torch, args.dtype))
     idx = torch.tensor([[1]], device=args.device)  # BOS
     n = args.new_tokens
-    device = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else machine()
+    where = (f"{torch.cuda.get_device_name(args.device)}, {date.today()}" if args.device.startswith("cuda")
+             else machine())
     print(f"15M-shaped model, {n} new tokens after BOS, batch 1, {args.device} {args.dtype}"
           + (f", {torch.get_num_threads()} thread(s)" if args.device == "cpu" else "")
-          + f"; {device}, {date.today()}")
+          + f"; {where}")
 
     def run_ours(m, sampling):
         return m.generate(idx, n, **sampling)

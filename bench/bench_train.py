@@ -27,6 +27,7 @@ median of the ratios of neighbouring runs, with their range.
 import argparse
 import json
 import os
+import platform
 import re
 import statistics
 import subprocess
@@ -202,7 +203,8 @@ def side_by_side(args) -> None:
 
 
 def machine() -> str:
-    cpu = "unknown CPU"
+    # the CPU, its cores, torch and the date: what a figure needs beside it
+    cpu = platform.processor() or platform.machine() or "unknown CPU"
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))

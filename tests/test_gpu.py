@@ -120,15 +120,21 @@ def test_compiled_model_matches_eager():
     assert (comp.float() - eager.float()).norm() / eager.float().norm() < 2e-2
 
 
-@pytest.mark.parametrize("dtype,compile", [("bfloat16", True), ("float16", False)])
-def test_train_py_on_cuda_learns_resumes_and_logs_mfu(tmp_path, dtype, compile):
+def debug_run(tmp_path, stories: int) -> list[str]:
+    # the fixture corpus with its own 512-token vocabulary in tmp_path/data, and the command line that
+    # trains config/train_cpu_debug.py on it on the GPU into tmp_path/out
     text = tmp_path / "stories.txt"
-    write_endoftext(text, make_stories(3000, seed=5))
+    write_endoftext(text, make_stories(stories, seed=5))
     tinystories.train_vocab(tmp_path / "data", 512, input=text, name="fixture")
     tinystories.prepare(tmp_path / "data", text, "fixture", vocab_size=512)
-    common = [sys.executable, str(ROOT / "train.py"), str(ROOT / "config" / "train_cpu_debug.py"),
-              f"--data_dir={tmp_path / 'data'}", f"--out_dir={tmp_path / 'out'}", "--device=cuda",
-              f"--dtype={dtype}", f"--compile={compile}", "--eval_interval=50", "--log_interval=10"]
+    return [sys.executable, str(ROOT / "train.py"), str(ROOT / "config" / "train_cpu_debug.py"),
+            f"--data_dir={tmp_path / 'data'}", f"--out_dir={tmp_path / 'out'}", "--device=cuda"]
+
+
+@pytest.mark.parametrize("dtype,compile", [("bfloat16", True), ("float16", False)])
+def test_train_py_on_cuda_learns_resumes_and_logs_mfu(tmp_path, dtype, compile):
+    common = debug_run(tmp_path, 3000) + [f"--dtype={dtype}", f"--compile={compile}", "--eval_interval=50",
+                                          "--log_interval=10"]
     for extra in (["--max_iters=100"], ["--max_iters=150", "--init_from=resume"]):
         result = subprocess.run(common + extra, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
@@ -155,13 +161,8 @@ def test_batch_size_auto_finds_the_largest_micro_batch_that_fits():
 
 
 def test_train_py_batch_size_auto_on_cuda(tmp_path):
-    text = tmp_path / "stories.txt"
-    write_endoftext(text, make_stories(1000, seed=5))
-    tinystories.train_vocab(tmp_path / "data", 512, input=text, name="fixture")
-    tinystories.prepare(tmp_path / "data", text, "fixture", vocab_size=512)
-    command = [sys.executable, str(ROOT / "train.py"), str(ROOT / "config" / "train_cpu_debug.py"),
-               f"--data_dir={tmp_path / 'data'}", f"--out_dir={tmp_path / 'out'}", "--device=cuda",
-               "--batch_size=auto", "--gradient_accumulation_steps=4", "--max_iters=20"]
+    command = debug_run(tmp_path, 1000) + ["--batch_size=auto", "--gradient_accumulation_steps=4",
+                                           "--max_iters=20"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     # the debug config's 16 x 4 sequences fit at once on any GPU: one micro-batch of 64
