@@ -242,10 +242,13 @@ class Transformer(nn.Module):
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
-        # 6N for the matmuls forward + backward, plus attention scores and values (PaLM appendix B)
+        # training FLOPs per token: each weight costs 2 in the forward pass, 2 for its input's gradient and
+        # 2 for its own gradient (6N, PaLM appendix B), that last 2 skipped for a frozen weight (LoRA's
+        # base); plus attention's scores and values
         a = self.args
         T = seq_len or a.max_seq_len
-        return 6 * self.num_params() + 12 * a.n_layers * a.n_heads * (a.dim // a.n_heads) * T
+        frozen = sum(p.numel() for p in self.parameters() if not p.requires_grad)
+        return 6 * self.num_params() - 2 * frozen + 12 * a.n_layers * a.n_heads * (a.dim // a.n_heads) * T
 
     def estimate_mfu(self, tokens_per_iter: int, dt: float, peak_flops: float, seq_len=None) -> float:
         # model FLOPs utilisation: achieved FLOP/s over the device's peak (bf16 dense)
