@@ -35,11 +35,17 @@ def forward_and_grads(fn, q, k, v, dy):
 @pytest.mark.parametrize("n_heads, n_kv_heads, T, head_dim",
                          [(4, 4, 37, 8), (4, 2, 64, 8), (4, 1, 300, 4), (8, 4, 512, 8)],
                          ids=["MHA", "GQA", "MQA-T300", "260K-T512"])  # 300, 512: several query blocks
-def test_small_head_attention_equals_sdpa_forward_and_backward(n_heads, n_kv_heads, T, head_dim):
+@pytest.mark.parametrize("threads", [1, 2])  # the groups of heads grow with the threads (2: uneven)
+def test_small_head_attention_equals_sdpa_forward_and_backward(n_heads, n_kv_heads, T, head_dim, threads):
     # it computes its own gradients: float64, so that any difference is a wrong formula, not rounding
     q, k, v = qkv(3, n_heads, n_kv_heads, T, head_dim)
     dy = torch.randn(3, n_heads, T, head_dim, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    ours = forward_and_grads(cpu_speedups.small_head_causal_attention, q, k, v, dy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ours = forward_and_grads(cpu_speedups.small_head_causal_attention, q, k, v, dy)
+    finally:
+        torch.set_num_threads(before)
     ref = forward_and_grads(sdpa_causal, q, k, v, dy)
     for a, b in zip(ours, ref, strict=True):
         assert a.shape == b.shape and (a - b).abs().max() < 1e-12
