@@ -59,8 +59,8 @@ def causal_attention_in_blocks(q, k, v, dropout_p: float, block: int = 64):
 def _blocks(n_heads_total: int, T: int, block: int = 128):
     # (heads, queries) pieces: queries `block` at a time, and groups of heads whose (block, T) score
     # matrices take about 1 MB together, so that they stay in cache. Each product shares its group out
-    # among the threads, so with several threads the groups grow with them: at 2 threads, 4x the heads
-    # was fastest (bench/README.md)
+    # among the threads, so with several threads the groups grow with them: at 2 threads 4x the heads
+    # was fastest (bench/README.md); 2x per thread beyond that is the same rule, not measured
     threads = torch.get_num_threads()
     step = max(1, 2**18 // (block * T)) * (2 * threads if threads > 1 else 1)
     return [(slice(h, min(h + step, n_heads_total)), a, min(a + block, T))
