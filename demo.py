@@ -5,7 +5,7 @@ The offline quick start: the whole pipeline on CPU in a few minutes, with no dow
     python demo.py --max_iters=100          # any --key=value goes to train.py (a shorter run here)
     python demo.py --data_dir=/tmp/d --out_dir=/tmp/o   # somewhere else than ./data and ./out/debug
 
-It generates a small synthetic story corpus (tests/fixture_corpus.py), fits a 512-token
+It generates a small synthetic story corpus (llamatiny/corpus.py), fits a 512-token
 vocabulary to it, tokenizes it, trains config/train_cpu_debug.py and samples two stories, printing
 each command before running it, so you can rerun any step by hand. The real thing is the same
 commands with `tinystories.py download` / `pretokenize` and a GPU config: see README.md.
@@ -35,7 +35,7 @@ def main(argv: list[str]) -> None:
     settings = dict(a[2:].split("=", 1) for a in argv)
     data_dir, out_dir = settings.get("data_dir", "data"), settings.get("out_dir", "out/debug")
     stories = os.path.join(data_dir, "fixture_stories.txt")
-    run("tests/fixture_corpus.py", stories, "--num_stories", "5000")
+    run("-m", "llamatiny.corpus", stories, "--num_stories", "5000")
     run("tinystories.py", "train_vocab", "--input", stories, "--name", "fixture", "--vocab_size", "512",
         "--data_dir", data_dir)
     run("tinystories.py", "prepare", "--input", stories, "--name", "fixture", "--vocab_size", "512",

@@ -36,13 +36,12 @@ import torch
 from tqdm import tqdm
 
 import configurator
-import instruct
-import runtime
 import sample
 import tinystories
 from configurator import ConfigError, parse_config
-from dataloader import DataError
-from fileio import atomic_write
+from llamatiny import instruct, runtime
+from llamatiny.data import DataError
+from llamatiny.fileio import atomic_write
 
 OPTIONS = {
     "checkpoint": ("out/ckpt.pt", "train.py's checkpoint, a llama2.c .bin, or a Hugging Face directory"),

@@ -31,8 +31,9 @@ import sys
 from dataclasses import asdict
 
 import configurator
-import runtime
-from checkpoint import (
+from configurator import ConfigError, parse_config
+from llamatiny import runtime
+from llamatiny.checkpoint import (
     from_checkpoint,
     load_sentencepiece,
     save_checkpoint,
@@ -41,8 +42,7 @@ from checkpoint import (
     write_peft,
     write_tokenizer_bin,
 )
-from configurator import ConfigError, parse_config
-from fileio import check_writable
+from llamatiny.fileio import check_writable
 
 # name: (default, help). --help prints them; parse_config checks the types against the defaults.
 OPTIONS = {

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import cpu_speedups
+from llamatiny import cpu_kernels
 
 
 @dataclass
@@ -128,8 +128,8 @@ class Attention(nn.Module):
 
         if not start_pos:  # training (None) or a prefill (0): causal attention among these T tokens
             dropout_p = self.dropout if self.training else 0.0
-            if x.device.type == "cpu" and cpu_speedups.ENABLED:  # same math, faster kernels: cpu_speedups.py
-                y = cpu_speedups.causal_attention(q, k, v, dropout_p)
+            if x.device.type == "cpu" and cpu_kernels.ENABLED:  # same math, faster kernels: cpu_speedups.py
+                y = cpu_kernels.causal_attention(q, k, v, dropout_p)
             else:
                 y = attention(q, k, v, is_causal=True, dropout_p=dropout_p)
         else:  # decoding: the new tokens attend to every cached position up to their own
@@ -264,8 +264,8 @@ class Transformer(nn.Module):
             return self.output(self.hidden_states(tokens, start_pos)[:, -1, :])
 
         sample = sample_next
-        if self.output.weight.device.type == "cpu" and cpu_speedups.ENABLED:  # faster on CPU: cpu_speedups.py
-            step, sample = cpu_speedups.Decoder(self), cpu_speedups.sample_next
+        if self.output.weight.device.type == "cpu" and cpu_kernels.ENABLED:  # faster on CPU: cpu_speedups.py
+            step, sample = cpu_kernels.Decoder(self), cpu_kernels.sample_next
 
         window = self.args.max_seq_len
         tokens = idx[:, -(window - 1):]  # a prompt longer than the context keeps its end

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-import runs
+from llamatiny import runs
 
 SPAN = 0.02  # the default moving average spans about this fraction of a run's logged points
 # settings that say where a run's files are or how it was started or logged, not how it trained
@@ -206,7 +206,7 @@ def make_figure(loaded: list[Run], x: str = "iter", log: bool = False, smooth: f
 
 
 def count_params(settings: dict) -> int | None:
-    from memory import num_params
+    from llamatiny.memory import num_params
     from model import ModelArgs
 
     try:

@@ -29,10 +29,8 @@ import time
 import torch
 
 import configurator
-import cpu_speedups
-import instruct
-import runtime
 from configurator import ConfigError, parse_config
+from llamatiny import cpu_kernels, instruct, runtime
 
 # name: (default, help). --help prints them; parse_config checks the types against the defaults.
 OPTIONS = {
@@ -103,7 +101,7 @@ def read_prompt(cfg: dict) -> str:
 def read_instructions(cfg: dict, checkpoint: dict) -> tuple[str, list[list[dict]]]:
     """--instruction or --instruction_file -> (the checkpoint's template, the messages of each prompt)."""
     import tinystories  # the input formats
-    from dataloader import DataError
+    from llamatiny.data import DataError
 
     template = (checkpoint.get("template") or {}).get("name")
     if template is None:
@@ -133,7 +131,7 @@ def read_instructions(cfg: dict, checkpoint: dict) -> tuple[str, list[list[dict]
 
 
 def load_model(path: str, device: str):
-    from checkpoint import from_checkpoint
+    from llamatiny.checkpoint import from_checkpoint
 
     try:
         return from_checkpoint(path, device)
@@ -145,7 +143,7 @@ def load_model(path: str, device: str):
 
 
 def load_tokenizer(cfg: dict, checkpoint: dict, vocab_size: int):
-    from tokenizer import Tokenizer
+    from llamatiny.tokenizer import Tokenizer
 
     path = cfg["tokenizer"] or checkpoint.get("tokenizer")
     if not path:
@@ -226,7 +224,7 @@ def setup(argv):
     except ConfigError as e:
         raise SampleError(str(e)) from None
     prompt = read_prompt(cfg)
-    cpu_speedups.ENABLED = cfg["cpu_speedups"]
+    cpu_kernels.ENABLED = cfg["cpu_speedups"]
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
     device = runtime.resolve_device(cfg["device"])

@@ -40,11 +40,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-import download
-import instruct
-from dataloader import TINYSTORIES_DIR, DataError, data_command, list_shards, mask_name
-from fileio import atomic_write, check_writable, writing
-from tokenizer import MAX_VOCAB_SIZE, Tokenizer
+from llamatiny import download, instruct
+from llamatiny.data import TINYSTORIES_DIR, DataError, data_command, list_shards, mask_name
+from llamatiny.fileio import atomic_write, check_writable, writing
+from llamatiny.tokenizer import MAX_VOCAB_SIZE, Tokenizer
 
 VAL_EVERY = 100  # prepare and single-shard inputs: documents 0, 100, 200, ... are the validation split
 SHARD_CHARS = 8_000_000  # prepare: text per train shard (~2 M tokens), so that every core gets work

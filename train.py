@@ -46,17 +46,12 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import cpu_speedups as speedups  # the module; `cpu_speedups` below is the setting
-import dataloader
-import fileio
-import lora
-import runs
-import runtime
-import settings
-from checkpoint import from_checkpoint, save_checkpoint
 from configurator import ConfigError, format_config, parse_config
+from llamatiny import cpu_kernels as speedups  # the module; `cpu_speedups` below is the setting
+from llamatiny import data, fileio, lora, runs, runtime, settings
+from llamatiny.checkpoint import from_checkpoint, save_checkpoint
+from llamatiny.runtime import print0
 from model import ModelArgs, Transformer
-from runtime import print0
 
 # -----------------------------------------------------------------------------
 # defaults: the 15M model of llama2.c (config/train_15m.py sets them explicitly)
@@ -224,8 +219,8 @@ def check_vocabulary(checkpoint: dict, path: str, meta: dict, shard_dir) -> None
 
 def open_dataset(c: dict):
     # the shard directory's meta.json says which tokenizer made it
-    shard_dir = dataloader.dataset_dir(c["data_dir"], c["dataset"], c["vocab_source"], c["vocab_size"])
-    meta = dataloader.read_meta(shard_dir)
+    shard_dir = data.dataset_dir(c["data_dir"], c["dataset"], c["vocab_source"], c["vocab_size"])
+    meta = data.read_meta(shard_dir)
     if meta["vocab_size"] != c["vocab_size"]:
         raise ConfigError(f"the data in {shard_dir} was tokenized with a {meta['vocab_size']}-token "
                           f"vocabulary but vocab_size={c['vocab_size']}; "
@@ -370,10 +365,10 @@ def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str)
         c.update(settings.choose_batch_size(c, args, world_size, device))
     if not c["eval_only"]:
         settings.check_memory(c, args, device, world_size)
-    loader = dataloader.BatchLoader(shard_dir, "train", c["batch_size"], c["max_seq_len"], c["seed"],
+    loader = data.BatchLoader(shard_dir, "train", c["batch_size"], c["max_seq_len"], c["seed"],
                                     vocab_size=c["vocab_size"], rank=rank, world_size=world_size,
                                     device=device, num_workers=c["num_workers"])
-    eval_loaders = {split: dataloader.BatchLoader(shard_dir, split, c["batch_size"], c["max_seq_len"],
+    eval_loaders = {split: data.BatchLoader(shard_dir, split, c["batch_size"], c["max_seq_len"],
                                                   EVAL_SEED, vocab_size=c["vocab_size"], rank=rank,
                                                   world_size=world_size, device=device)
                     for split in ("train", "val")}
@@ -630,7 +625,7 @@ def main(argv: list[str] | None = None) -> None:
         if config["cpu_speedups"] and runtime.resolve_device(config["device"]) == "cpu":
             speedups.keep_freed_memory()
         train(config)
-    except (ConfigError, TrainError, dataloader.DataError, OSError) as e:  # OSError: a file and the reason
+    except (ConfigError, TrainError, data.DataError, OSError) as e:  # OSError: a file and the reason
         fail(f"error: {e}")
     except torch.cuda.OutOfMemoryError:
         b, a = config["batch_size"], config["gradient_accumulation_steps"]

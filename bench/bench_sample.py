@@ -44,7 +44,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # model.py lives at the repo root
 import model as model_py  # noqa: E402
-from checkpoint import write_llama2c, write_tokenizer_bin  # noqa: E402
+from llamatiny.checkpoint import write_llama2c, write_tokenizer_bin  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_train import machine  # noqa: E402
@@ -89,7 +89,7 @@ def run_sample_py(model_bin, tokenizer, prompt, new_tokens, sampling, seed, plai
 
 
 def side_by_side(args):
-    from tokenizer import Tokenizer
+    from llamatiny.tokenizer import Tokenizer
 
     if not Path(args.runc).is_file() or not os.access(args.runc, os.X_OK):
         sys.exit(f"error: --runc {args.runc} is not an executable: build llama2.c's run (make runfast) and "

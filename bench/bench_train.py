@@ -43,10 +43,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the repo root
 
-import cpu_speedups  # noqa: E402
-import settings  # noqa: E402  (after the path tweak: bench/ runs as a script)
 import train  # noqa: E402
 from configurator import parse_config  # noqa: E402
+from llamatiny import cpu_kernels, settings  # noqa: E402  (after the path tweak: bench/ runs as a script)
 from model import ModelArgs, Transformer  # noqa: E402
 
 CONFIGS = ["260k", "15m", "42m", "110m"]
@@ -228,7 +227,7 @@ def parse_args(argv=None):
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=5,
                         help="untimed steps first: compilation, and on a CPU the heap settling "
-                             "(cpu_speedups.keep_freed_memory)")
+                             "(cpu_kernels.keep_freed_memory)")
     parser.add_argument("--peer",
                         help="a llama2.c checkout: time its train.py side by side with ours (see above)")
     parser.add_argument("--repeats", type=int, default=3, help="with --peer: rounds of ours, llama2.c's")
@@ -252,7 +251,7 @@ def main():
         side_by_side(args)
         return
     if args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available()):
-        cpu_speedups.keep_freed_memory()  # as train.py's main() does: the whole process, so here
+        cpu_kernels.keep_freed_memory()  # as train.py's main() does: the whole process, so here
     names = [n.strip() for n in (args.configs or ",".join(CONFIGS)).split(",") if n.strip()]
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
-import cpu_speedups  # noqa: E402
+from llamatiny import cpu_kernels  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 
 SHAPES = {  # a 260K-like model (grouped-query, 8-wide heads) and a 15M-like one (multi-head, 48-wide)
@@ -55,7 +55,7 @@ def backend(call: dict) -> str:
 
 
 def report(device: str) -> list[str]:
-    lines, enabled, cpu_speedups.ENABLED = [], cpu_speedups.ENABLED, False  # the plain path every GPU takes
+    lines, enabled, cpu_kernels.ENABLED = [], cpu_kernels.ENABLED, False  # the plain path every GPU takes
     try:
         for name, args in SHAPES.items():
             for dtype_name, dtype in DTYPES.items():
@@ -65,7 +65,7 @@ def report(device: str) -> list[str]:
                 lines.append(f"{name:9} {dtype_name:9} "
                              + "  ".join(f"{site}={backend(c)}" for site, c in sites.items()))
     finally:
-        cpu_speedups.ENABLED = enabled
+        cpu_kernels.ENABLED = enabled
     return lines
 
 

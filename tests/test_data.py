@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 from conftest import ROOT
-from fixture_corpus import make_stories, write_endoftext, write_json_shards
 
-import download
 import tinystories as ts
-from dataloader import TINYSTORIES_DIR, DataError, dataset_dir, list_shards, read_meta
-from tokenizer import Tokenizer
+from llamatiny import download
+from llamatiny.corpus import make_stories, write_endoftext, write_json_shards
+from llamatiny.data import TINYSTORIES_DIR, DataError, dataset_dir, list_shards, read_meta
+from llamatiny.tokenizer import Tokenizer
 
 VOCAB = 512
 

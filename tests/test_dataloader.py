@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT
-from fixture_corpus import make_stories, write_endoftext
 
-import dataloader as dl
 import tinystories
+from llamatiny import data as dl
+from llamatiny.corpus import make_stories, write_endoftext
 
 VOCAB = 512
 

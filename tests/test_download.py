@@ -13,11 +13,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from conftest import ROOT
 from disk_faults import disk_full
-from fixture_corpus import make_stories, write_json_shards
 
-import download
 import tinystories as ts
-from dataloader import TINYSTORIES_DIR, list_shards
+from llamatiny import download
+from llamatiny.corpus import make_stories, write_json_shards
+from llamatiny.data import TINYSTORIES_DIR, list_shards
 
 ARCHIVE_PATH = "/" + download.TINYSTORIES_PATH
 

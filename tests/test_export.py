@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fixture_corpus import make_stories
 
-import checkpoint
 import export
-from checkpoint import CheckpointError, from_checkpoint
+from llamatiny import checkpoint
+from llamatiny.checkpoint import CheckpointError, from_checkpoint
+from llamatiny.corpus import make_stories
 from model import ModelArgs, Transformer
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixture_corpus import make_stories, write_endoftext
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import tinystories
+from llamatiny.corpus import make_stories, write_endoftext
 from model import ModelArgs, Transformer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -147,7 +147,7 @@ def test_train_py_on_cuda_learns_resumes_and_logs_mfu(tmp_path, dtype, compile):
 def test_batch_size_auto_finds_the_largest_micro_batch_that_fits():
     # with the GPU's memory capped at 4 GiB for this process, the 15M shape at context 256 in bf16 fits a
     # few dozen sequences: real steps find the largest one, and one more does not fit
-    import memory
+    from llamatiny import memory
     args = ModelArgs(dim=288, n_layers=6, n_heads=6, vocab_size=32000, multiple_of=32, max_seq_len=256)
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(4 * 2**30 / total)

@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 from disk_faults import disk_full
-from fixture_corpus import make_stories, write_endoftext, write_json_shards
 from test_train import TINY, main_error, read_metrics
 
 import export
 import tinystories as ts
-from checkpoint import from_checkpoint
+from llamatiny.checkpoint import from_checkpoint
+from llamatiny.corpus import make_stories, write_endoftext, write_json_shards
 
 TRAIN, FAULTS = str(ROOT / "train.py"), str(ROOT / "tests" / "disk_faults.py")
 RUN = ["--max_iters=8", "--eval_interval=4"]  # checkpoints at iterations 4 and 8

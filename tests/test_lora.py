@@ -12,18 +12,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixture_corpus import OTHER_WORDS, WORDS, make_stories, write_endoftext
 from test_export import TOKENS, logits_of, tiny_model, train_tokenizer
 from test_train import TINY, assert_same_losses, main_error, ok, read_metrics, run_train
 
 import eval as eval_py
 import export
-import lora
 import sample
 import tinystories
 import train
-from checkpoint import CheckpointError, from_checkpoint, save_checkpoint, write_hf
 from configurator import ConfigError
+from llamatiny import lora
+from llamatiny.checkpoint import CheckpointError, from_checkpoint, save_checkpoint, write_hf
+from llamatiny.corpus import OTHER_WORDS, WORDS, make_stories, write_endoftext
 from model import ModelArgs, Transformer
 
 # the fine-tunes below: 40 steps on the other text, LoRA at rank 4 with a learning rate LoRA needs

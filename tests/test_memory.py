@@ -5,7 +5,7 @@ import sys
 import pytest
 from conftest import ROOT
 
-import memory
+from llamatiny import memory
 from model import ModelArgs
 
 
@@ -38,7 +38,7 @@ def test_split_batch_keeps_the_sequences_per_iteration(sequences, world_size, la
 
 MEASURE = """
 import torch
-import memory
+from llamatiny import memory
 from model import ModelArgs, Transformer
 
 def status(field):  # kB, from Linux's /proc

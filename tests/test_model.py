@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend
 
-import cpu_speedups
 import model
-from checkpoint import from_checkpoint
+from llamatiny import cpu_kernels
+from llamatiny.checkpoint import from_checkpoint
 from model import (
     ModelArgs,
     Transformer,
@@ -64,8 +64,8 @@ def all_logits(m, tokens):
 
 @pytest.fixture(params=[True, False], ids=["cpu_speedups", "plain"])
 def speedups(request, monkeypatch):
-    # every test that takes it runs twice: with cpu_speedups.ENABLED on (the default) and off
-    monkeypatch.setattr(cpu_speedups, "ENABLED", request.param)
+    # every test that takes it runs twice: with cpu_kernels.ENABLED on (the default) and off
+    monkeypatch.setattr(cpu_kernels, "ENABLED", request.param)
     return request.param
 
 
@@ -369,7 +369,7 @@ def test_every_attention_call_site_gets_a_fused_kernel(head_dim, kv, dtype, monk
     # slides) are causal attention with is_causal and no mask, decoding one token needs no mask. A mask
     # would cost the fused kernels on a GPU (flash refuses any; with grouped key/value heads the memory-
     # efficient one cannot take the call either). On CPU torch says which kernel it picks: flash, each time.
-    monkeypatch.setattr(cpu_speedups, "ENABLED", False)
+    monkeypatch.setattr(cpu_kernels, "ENABLED", False)
     calls = record_sdpa(monkeypatch)
     m = shaped_model(head_dim, kv, max_seq_len=16)
     tokens = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(23))

@@ -7,7 +7,7 @@ import pytest
 from test_train import ok, run_train
 
 import plot
-import runs
+from llamatiny import runs
 from model import ModelArgs, Transformer
 
 matplotlib.use("Agg")

@@ -13,10 +13,10 @@ import tarfile
 
 import pytest
 from conftest import ROOT
-from fixture_corpus import make_stories, write_endoftext, write_json_shards
 
 import tinystories
-from checkpoint import write_llama2c
+from llamatiny.checkpoint import write_llama2c
+from llamatiny.corpus import make_stories, write_endoftext, write_json_shards
 from model import ModelArgs, Transformer
 
 pytestmark = pytest.mark.slow
@@ -65,8 +65,7 @@ def workdir(tmp_path):
     for path in ROOT.glob("*.py"):
         shutil.copy(path, work)
     shutil.copytree(ROOT / "config", work / "config")
-    (work / "tests").mkdir()
-    shutil.copy(ROOT / "tests" / "fixture_corpus.py", work / "tests")
+    shutil.copytree(ROOT / "llamatiny", work / "llamatiny", ignore=shutil.ignore_patterns("__pycache__"))
     # the "internet": TinyStories and the Llama 2 tokenizer in a folder that --url FOLDER/ reads
     mirror = tmp_path / "mirror"
     stories = make_stories(2000, seed=5)

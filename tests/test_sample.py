@@ -11,8 +11,8 @@ import torch
 from test_export import save_checkpoint, tiny_model, train_tokenizer
 
 import sample
-from checkpoint import from_checkpoint, write_hf, write_llama2c
-from tokenizer import Tokenizer
+from llamatiny.checkpoint import from_checkpoint, write_hf, write_llama2c
+from llamatiny.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 

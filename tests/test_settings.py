@@ -5,10 +5,9 @@ import pytest
 import torch
 from conftest import ROOT
 
-import runtime
-import settings
 import train
 from configurator import ConfigError, parse_config
+from llamatiny import runtime, settings
 from model import ModelArgs, Transformer
 
 

@@ -13,13 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cpu_speedups import REALLOCATION_FAULTS
+from test_cpu_kernels import REALLOCATION_FAULTS
 
-import dataloader
-import memory
 import train
-from checkpoint import from_checkpoint, write_llama2c
 from configurator import parse_config
+from llamatiny import data, memory
+from llamatiny.checkpoint import from_checkpoint, write_llama2c
 from model import ModelArgs, Transformer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -598,7 +597,7 @@ def test_the_next_batch_is_made_before_the_host_waits_for_the_device(data_dir, t
     # on a GPU, .item() waits for the step to finish: the next iteration's batch must already be made by
     # then, or the GPU idles while the CPU builds it
     events = []
-    real_next, real_item = dataloader.BatchLoader.next_batch, torch.Tensor.item
+    real_next, real_item = data.BatchLoader.next_batch, torch.Tensor.item
 
     def next_batch(self):
         if self.seed != train.EVAL_SEED:  # the training loader
@@ -609,7 +608,7 @@ def test_the_next_batch_is_made_before_the_host_waits_for_the_device(data_dir, t
         events.append("sync")
         return real_item(self)
 
-    monkeypatch.setattr(dataloader.BatchLoader, "next_batch", next_batch)
+    monkeypatch.setattr(data.BatchLoader, "next_batch", next_batch)
     monkeypatch.setattr(torch.Tensor, "item", item)
     train.train(train.parse_settings(TINY + ["--max_iters=3", "--eval_interval=100",
                                              "--gradient_accumulation_steps=1", f"--data_dir={data_dir}",

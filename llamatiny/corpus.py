@@ -5,9 +5,9 @@ The stories are simple on purpose (a tiny model learns them in a minute on a CPU
 varied enough to train a vocabulary and to tell a trained model from an untrained one.
 Output is deterministic for a given seed.
 
-    python tests/fixture_corpus.py out.txt --num_stories 2000            # <|endoftext|> format
-    python tests/fixture_corpus.py out_dir --num_stories 2000 --shards 4 # data00.json ... like TinyStories
-    python tests/fixture_corpus.py other.txt --words other                # other names, places and objects
+    python -m llamatiny.corpus out.txt --num_stories 2000            # <|endoftext|> format
+    python -m llamatiny.corpus out_dir --num_stories 2000 --shards 4 # data00.json ... like TinyStories
+    python -m llamatiny.corpus other.txt --words other                # other names, places and objects
 """
 import argparse
 import json

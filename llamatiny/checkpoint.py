@@ -46,10 +46,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import instruct
-import lora
-import runtime
-from fileio import atomic_write
+from llamatiny import instruct, lora, runtime
+from llamatiny.fileio import atomic_write
 from model import ModelArgs, Transformer, precompute_rope
 
 MAGIC = 0x616B3432  # "ak42" read as a big-endian word; the bytes on disk are "24ka"

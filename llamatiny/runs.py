@@ -27,7 +27,7 @@ from datetime import datetime, timezone
 import numpy as np
 import torch
 
-from fileio import atomic_write, writing
+from llamatiny.fileio import atomic_write, writing
 
 
 def git_revision() -> str | None:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from conftest import ROOT
 from test_model import all_logits, greedy_without_cache, tiny_model
 
-import cpu_speedups
+from llamatiny import cpu_kernels
 from model import ModelArgs, Transformer
 
 
@@ -43,7 +43,7 @@ def test_small_head_attention_equals_sdpa_forward_and_backward(n_heads, n_kv_hea
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        ours = forward_and_grads(cpu_speedups.small_head_causal_attention, q, k, v, dy)
+        ours = forward_and_grads(cpu_kernels.small_head_causal_attention, q, k, v, dy)
     finally:
         torch.set_num_threads(before)
     ref = forward_and_grads(sdpa_causal, q, k, v, dy)
@@ -57,7 +57,7 @@ def test_small_head_attention_under_cpu_bfloat16_autocast():
     q, k, v = (t.detach().bfloat16().requires_grad_() for t in qkv(2, 8, 4, 128, 8))
     dy = torch.randn(2, 8, 128, 8, generator=torch.Generator().manual_seed(2))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        ours = forward_and_grads(cpu_speedups.small_head_causal_attention, q, k, v, dy)
+        ours = forward_and_grads(cpu_kernels.small_head_causal_attention, q, k, v, dy)
     assert ours[0].dtype == torch.float32 and all(g.dtype == torch.bfloat16 for g in ours[1:])
     q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))  # the same values, in float32
     ref = forward_and_grads(sdpa_causal, q32, k32, v32, dy)
@@ -83,7 +83,7 @@ def test_blocked_attention_equals_causal_attention(T, block):
     # without dropout: the same outputs and gradients as causal attention, in float64 (GQA: 4 heads, 2 kv)
     q, k, v = qkv(2, 4, 2, T, 8, seed=19)
     dy = torch.randn(2, 4, T, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    blocked = lambda *t: cpu_speedups.causal_attention_in_blocks(*t, 0.0, block=block)  # noqa: E731
+    blocked = lambda *t: cpu_kernels.causal_attention_in_blocks(*t, 0.0, block=block)  # noqa: E731
     ours = forward_and_grads(blocked, q, k, v, dy)
     ref = forward_and_grads(sdpa_causal, q, k, v, dy)
     for a, b in zip(ours, ref, strict=True):
@@ -93,7 +93,7 @@ def test_blocked_attention_equals_causal_attention(T, block):
     # 3000 draws, as 10 batches of 300 copies of the inputs (each copy draws its own dropout)
     torch.manual_seed(0)
     copies = [t.repeat(300, 1, 1, 1) for t in (q, k, v)]  # (300 * 2, heads, T, 8)
-    draws = [cpu_speedups.causal_attention_in_blocks(*copies, 0.3, block=block).view(300, *ref.shape)
+    draws = [cpu_kernels.causal_attention_in_blocks(*copies, 0.3, block=block).view(300, *ref.shape)
              for _ in range(10)]
     mean = torch.cat(draws).mean(0)
     assert (mean - ref).abs().max() < 0.1 and (mean - ref).abs().mean() < 0.02
@@ -102,16 +102,16 @@ def test_blocked_attention_equals_causal_attention(T, block):
     k2[:, :, T - 3:] += 1.0
     v2[:, :, T - 3:] += 1.0
     torch.manual_seed(1)
-    a = cpu_speedups.causal_attention_in_blocks(q, k, v, 0.3, block=block)
+    a = cpu_kernels.causal_attention_in_blocks(q, k, v, 0.3, block=block)
     torch.manual_seed(1)
-    b = cpu_speedups.causal_attention_in_blocks(q, k2, v2, 0.3, block=block)
+    b = cpu_kernels.causal_attention_in_blocks(q, k2, v2, 0.3, block=block)
     assert torch.equal(a[:, :, :T - 3], b[:, :, :T - 3]) and not torch.equal(a, b)
 
 
 def test_blocked_attention_under_cpu_bfloat16_autocast():
     q, k, v = (t.detach().bfloat16() for t in qkv(2, 4, 2, 100, 8))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        ours = cpu_speedups.causal_attention_in_blocks(q, k, v, 0.0)
+        ours = cpu_kernels.causal_attention_in_blocks(q, k, v, 0.0)
         ref = sdpa_causal(q, k, v)
     assert ours.dtype == ref.dtype and (ours.float() - ref.float()).abs().max() <= 2e-2 * ref.abs().max()
 
@@ -122,7 +122,7 @@ def test_training_losses_equal_the_plain_paths(monkeypatch):
     batch = torch.randint(0, 64, (2, 301), generator=torch.Generator().manual_seed(8))
     losses = {}
     for enabled in (True, False):
-        monkeypatch.setattr(cpu_speedups, "ENABLED", enabled)
+        monkeypatch.setattr(cpu_kernels, "ENABLED", enabled)
         m = tiny_model(n_heads=4, n_kv_heads=2, max_seq_len=300, std=None).train()
         opt = m.configure_optimizers(0.1, 3e-2, (0.9, 0.95), "cpu")
         losses[enabled] = []
@@ -149,7 +149,7 @@ def test_decoder_logits_equal_the_plain_forward(n_heads, n_kv_heads, B):
     m = tiny_model(n_heads=n_heads, n_kv_heads=n_kv_heads, max_seq_len=32)
     tokens = torch.randint(0, 64, (B, 20), generator=torch.Generator().manual_seed(6))
     with torch.inference_mode():
-        decoder = cpu_speedups.Decoder(m)
+        decoder = cpu_kernels.Decoder(m)
         assert decoder.layers is not None  # the packed one-token path, not the fallback
         ours = [decoder(tokens[:, :5], 0)] + [decoder(tokens[:, i:i + 1], i) for i in range(5, 20)]
         plain = ([plain_step(m, tokens[:, :5], 0)]
@@ -160,7 +160,7 @@ def test_decoder_logits_equal_the_plain_forward(n_heads, n_kv_heads, B):
 
 @pytest.mark.parametrize("case", ["bfloat16", "dropout in training", "LoRA"])
 def test_models_the_decoder_cannot_pack_run_their_own_forward(case):
-    import lora
+    from llamatiny import lora
 
     m = tiny_model(n_heads=4, max_seq_len=32, dropout=0.1 if case == "dropout in training" else 0.0)
     if case == "bfloat16":
@@ -169,10 +169,10 @@ def test_models_the_decoder_cannot_pack_run_their_own_forward(case):
         m.train()
     else:
         lora.attach(m, rank=2, alpha=4.0)
-    assert not cpu_speedups.Decoder.packable(m)
+    assert not cpu_kernels.Decoder.packable(m)
     tokens = torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
-        decoder = cpu_speedups.Decoder(m)
+        decoder = cpu_kernels.Decoder(m)
         ours = [decoder(tokens[:, :4], 0)] + [decoder(tokens[:, i:i + 1], i) for i in range(4, 8)]
         if case != "dropout in training":  # (dropout draws differ between two forwards)
             plain = ([plain_step(m, tokens[:, :4], 0)]
@@ -188,7 +188,7 @@ def test_nucleus_sampling_without_sorting_draws_from_the_filtered_distribution()
     n = 20_000
     for temperature, top_p in [(1.0, 0.8), (0.7, 0.5), (1.3, 0.95), (1.0, 0.05)]:
         torch.manual_seed(3)
-        draws = cpu_speedups.sample_next(logits.repeat(n, 1), temperature, top_p=top_p).view(n, 2)
+        draws = cpu_kernels.sample_next(logits.repeat(n, 1), temperature, top_p=top_p).view(n, 2)
         for row in range(2):
             freq = torch.bincount(draws[:, row], minlength=6).double() / n
             expected = (filter_logits(logits[row:row + 1] / temperature, top_p=top_p)
@@ -202,7 +202,7 @@ def test_nucleus_sampling_without_sorting_draws_from_the_filtered_distribution()
 
 def test_fast_greedy_pick_is_the_first_maximum():
     logits = torch.tensor([[0.0, 2.0, 2.0, 1.0], [5.0, -1.0, 5.0, 5.0], [-3.0, -2.0, -1.0, -1.0]])
-    assert (cpu_speedups.sample_next(logits, temperature=0.0).tolist() == logits.argmax(-1).tolist()
+    assert (cpu_kernels.sample_next(logits, temperature=0.0).tolist() == logits.argmax(-1).tolist()
             == [1, 0, 2])
 
 
@@ -238,11 +238,11 @@ def paths(monkeypatch):
             return fn(*args, **kwargs)
         return wrapper
 
-    cls = cpu_speedups.SmallHeadCausalAttention
+    cls = cpu_kernels.SmallHeadCausalAttention
     monkeypatch.setattr(cls, "apply", counting("small_head", cls.apply))
-    monkeypatch.setattr(cpu_speedups, "causal_attention_in_blocks",
-                        counting("blocks", cpu_speedups.causal_attention_in_blocks))
-    monkeypatch.setattr(cpu_speedups.Decoder, "decode", counting("decode", cpu_speedups.Decoder.decode))
+    monkeypatch.setattr(cpu_kernels, "causal_attention_in_blocks",
+                        counting("blocks", cpu_kernels.causal_attention_in_blocks))
+    monkeypatch.setattr(cpu_kernels.Decoder, "decode", counting("decode", cpu_kernels.Decoder.decode))
 
     def taken(fn):
         for name in runs:
@@ -254,7 +254,7 @@ def paths(monkeypatch):
 
 @pytest.mark.parametrize("enabled", [True, False])
 def test_each_variant_runs_where_it_applies_and_only_when_enabled(paths, monkeypatch, enabled):
-    monkeypatch.setattr(cpu_speedups, "ENABLED", enabled)
+    monkeypatch.setattr(cpu_kernels, "ENABLED", enabled)
     on = lambda *names: set(names) if enabled else set()  # noqa: E731
     tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(4))
     hd8, hd16 = tiny_model(n_heads=4).train(), tiny_model(n_heads=2).train()  # head dims 32/4 and 32/2
@@ -279,7 +279,7 @@ def test_speedups_change_no_generated_token(monkeypatch):
     prompt = torch.randint(0, 64, (3, 6), generator=torch.Generator().manual_seed(5))
     tokens, logits = {}, {}
     for enabled in (True, False):
-        monkeypatch.setattr(cpu_speedups, "ENABLED", enabled)
+        monkeypatch.setattr(cpu_kernels, "ENABLED", enabled)
         tokens[enabled] = m.generate(prompt, 40, temperature=0.0)  # slides past the context once
         logits[enabled] = all_logits(m.train(), prompt)  # training's path
         m.eval()
@@ -299,7 +299,7 @@ def test_greedy_decoding_of_a_15m_wide_model_is_the_plain_paths(monkeypatch, nor
     prompt = torch.tensor([[1, 403, 1200, 7]])
     tokens = {}
     for enabled in (True, False):
-        monkeypatch.setattr(cpu_speedups, "ENABLED", enabled)
+        monkeypatch.setattr(cpu_kernels, "ENABLED", enabled)
         tokens[enabled] = m.generate(prompt, 120, temperature=0.0)  # slides past the context once
     assert torch.equal(tokens[True], tokens[False])
 
@@ -320,9 +320,10 @@ for _ in range(4):
 faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 """
 FAULTS_ON_REALLOCATION = """
-import resource, sys, torch, cpu_speedups
+import resource, sys, torch
+from llamatiny import cpu_kernels
 import model, tinystories  # the heap train.py's process has when main() applies the setting
-applied = cpu_speedups.keep_freed_memory() if sys.argv[1] == "on" else None  # "off": glibc's defaults
+applied = cpu_kernels.keep_freed_memory() if sys.argv[1] == "on" else None  # "off": glibc's defaults
 """ + REALLOCATION_FAULTS + "print(applied, faults)"
 
 

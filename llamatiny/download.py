@@ -17,9 +17,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from dataloader import TINYSTORIES_DIR, DataError, data_command, list_shards
-from fileio import WriteError, atomic_write, check_writable, writing
-from tokenizer import Tokenizer
+from llamatiny.data import TINYSTORIES_DIR, DataError, data_command, list_shards
+from llamatiny.fileio import WriteError, atomic_write, check_writable, writing
+from llamatiny.tokenizer import Tokenizer
 
 ARCHIVE = "TinyStories_all_data.tar.gz"
 TINYSTORIES_PATH = f"datasets/roneneldan/TinyStories/resolve/main/{ARCHIVE}"

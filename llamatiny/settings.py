@@ -11,12 +11,10 @@ from dataclasses import fields
 import torch
 import torch.distributed as dist
 
-import lora
-import memory
-import runtime
 from configurator import ConfigError
+from llamatiny import lora, memory, runtime
+from llamatiny.runtime import print0
 from model import ModelArgs
-from runtime import print0
 
 # what a resumed run takes from its checkpoint unless the setting is given again: it continues as it was
 RESUMED_SETTINGS = ("dataset", "vocab_source", "batch_size", "gradient_accumulation_steps", "learning_rate",
