@@ -36,10 +36,8 @@ import torch
 from tqdm import tqdm
 
 import configurator
-import sample
-import tinystories
 from configurator import ConfigError, parse_config
-from llamatiny import instruct, runtime
+from llamatiny import generate, instruct, readers, runtime
 from llamatiny.data import DataError
 from llamatiny.fileio import atomic_write
 
@@ -117,15 +115,15 @@ def generate_responses(model, tok, template: str, records: list, cfg: dict):
     torch.manual_seed(cfg["seed"])
     for messages in tqdm(records, desc="generating", unit=" records", file=sys.stderr):
         ids = instruct.prompt_ids(tok, template, messages[:-1])
-        new = sample.generate_story(model, tok, ids, cfg, write=lambda text: None, echo=False)
+        new = generate.generate_story(model, tok, ids, cfg, write=lambda text: None, echo=False)
         yield messages, tok.decode(new)
 
 
 def evaluate(model, tok, checkpoint: dict, cfg: dict, ctx, say=print) -> dict:
-    source = tinystories.InputRecords(cfg["input"], cfg["format"], cfg["words_from_story"])
+    source = readers.InputRecords(cfg["input"], cfg["format"], cfg["words_from_story"])
     items = []
     for i, item in enumerate(source):
-        if cfg["held_out"] and not tinystories.is_val(i):
+        if cfg["held_out"] and not readers.is_val(i):
             continue
         items.append(item)
         if source.template is not None and len(items) == cfg["max_records"]:
@@ -191,13 +189,13 @@ def main(argv=None) -> dict | None:
         cfg = check_settings(parse_config(DEFAULTS, argv))
         device = runtime.resolve_device(cfg["device"])
         dtype = runtime.resolve_dtype(cfg["dtype"], device)
-        model, checkpoint = sample.load_model(cfg["checkpoint"], device)
-        tok = sample.load_tokenizer(cfg, checkpoint, model.args.vocab_size)
+        model, checkpoint = generate.load_model(cfg["checkpoint"], device)
+        tok = generate.load_tokenizer(cfg, checkpoint, model.args.vocab_size)
         model = model.to(dtype=runtime.DTYPES[dtype]).eval()
         print(f"{model.num_params() / 1e6:.1f}M parameters from {cfg['checkpoint']}, "
               f"tokenizer {tok.model_path}, {device} {dtype}", file=sys.stderr)
         return evaluate(model, tok, checkpoint, cfg, runtime.autocast(device, dtype))
-    except (EvalError, sample.SampleError, ConfigError, DataError, instruct.InstructError, OSError) as e:
+    except (EvalError, generate.LoadError, ConfigError, DataError, instruct.InstructError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 

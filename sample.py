@@ -22,7 +22,6 @@ separated by <|endoftext|> lines), or instruction records as `tinystories.py pre
 responses are left out). --prompt stays raw text, given to the model as it is.
 """
 import os
-import pickle
 import sys
 import time
 
@@ -31,6 +30,7 @@ import torch
 import configurator
 from configurator import ConfigError, parse_config
 from llamatiny import cpu_kernels, instruct, runtime
+from llamatiny.generate import LoadError, generate_story, load_model, load_tokenizer
 
 # name: (default, help). --help prints them; parse_config checks the types against the defaults.
 OPTIONS = {
@@ -100,8 +100,8 @@ def read_prompt(cfg: dict) -> str:
 
 def read_instructions(cfg: dict, checkpoint: dict) -> tuple[str, list[list[dict]]]:
     """--instruction or --instruction_file -> (the checkpoint's template, the messages of each prompt)."""
-    import tinystories  # the input formats
     from llamatiny.data import DataError
+    from llamatiny.readers import InputRecords
 
     template = (checkpoint.get("template") or {}).get("name")
     if template is None:
@@ -114,7 +114,7 @@ def read_instructions(cfg: dict, checkpoint: dict) -> tuple[str, list[list[dict]
             return template, [instruct.instruction_messages(template, instruction)]
         if not os.path.isfile(path):
             raise SampleError(f"instruction file not found: {path}")
-        source = tinystories.InputRecords(path)
+        source = InputRecords(path)
         records = list(source)
         if source.template is not None:  # records with their references: prompt with all but the reply
             if source.template != template:
@@ -130,42 +130,6 @@ def read_instructions(cfg: dict, checkpoint: dict) -> tuple[str, list[list[dict]
         raise SampleError(str(e)) from None
 
 
-def load_model(path: str, device: str):
-    from llamatiny.checkpoint import from_checkpoint
-
-    try:
-        return from_checkpoint(path, device)
-    except FileNotFoundError as e:
-        raise SampleError(str(e)) from None
-    except (OSError, ValueError, RuntimeError, EOFError, KeyError, pickle.UnpicklingError) as e:
-        # torch.load and the llama2.c reader say what is wrong; keep the first line
-        raise SampleError(f"cannot load checkpoint {path}: {runtime.first_line(e)}") from None
-
-
-def load_tokenizer(cfg: dict, checkpoint: dict, vocab_size: int):
-    from llamatiny.tokenizer import Tokenizer
-
-    path = cfg["tokenizer"] or checkpoint.get("tokenizer")
-    if not path:
-        raise SampleError(f"{cfg['checkpoint']} records no tokenizer (a llama2.c file?): "
-                          "pass --tokenizer=path/to/tokenizer.model")
-    if path.endswith(".bin"):
-        raise SampleError(f"{path} looks like llama2.c's tokenizer.bin; "
-                          "pass the sentencepiece .model it was made from")
-    if not os.path.isfile(path):
-        hint = "" if cfg["tokenizer"] else " (the path recorded in the checkpoint; pass --tokenizer=PATH)"
-        raise SampleError(f"tokenizer not found: {path}{hint}")
-    try:
-        tok = Tokenizer(path)
-    except (OSError, ValueError) as e:
-        raise SampleError(str(e)) from None
-    if tok.vocab_size != vocab_size:
-        # a mismatched tokenizer gives fluent-looking gibberish (llama2.c #263): refuse instead
-        raise SampleError(f"tokenizer {path} has {tok.vocab_size} tokens but the model's vocab_size is "
-                          f"{vocab_size}: pass the tokenizer the model was trained with (--tokenizer=PATH)")
-    return tok
-
-
 def encode_prompt(tok, text: str, max_seq_len: int) -> list[int]:
     return check_prompt(tok.encode(text, bos=True), max_seq_len)
 
@@ -175,39 +139,6 @@ def check_prompt(ids: list[int], max_seq_len: int) -> list[int]:
         raise SampleError(f"the prompt is {len(ids)} tokens (with BOS) but the model's context is "
                           f"{max_seq_len}: shorten it to at most {max_seq_len - 1} tokens")
     return ids
-
-
-def stop_ids(tok) -> set[int]:
-    # TinyStories shards put BOS before each story, so a model ends a story by starting the next
-    return {i for i in (tok.bos_id, tok.eos_id) if i >= 0}
-
-
-def until_stop(tokens, stops: set[int], out: list[int]):
-    # ints from model.generate_stream's (1,) tensors, ending before the first stop token; kept in out
-    for t in tokens:
-        t = int(t)
-        if t in stops:
-            return
-        out.append(t)
-        yield t
-
-
-def generate_story(model, tok, prompt_ids: list[int], cfg: dict, write, echo: bool = True) -> list[int]:
-    """Streams one story (the prompt's text unless echo is False, then the new text) through write(str);
-    returns the new ids."""
-    device = model.output.weight.device
-    idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
-    stream = model.generate_stream(idx, cfg["max_new_tokens"], cfg["temperature"], cfg["top_k"], cfg["top_p"])
-    new: list[int] = []
-    if echo:
-        write(tok.decode(prompt_ids))
-    # decode_stream keeps sentencepiece's leading-space rule and holds back the bytes of a
-    # multi-byte character until it is complete, so the text equals tok.decode of all ids (of the new ids
-    # alone, without the prompt: a response starts without the space that follows "Story:")
-    for text in tok.decode_stream(until_stop(stream, stop_ids(tok), new),
-                                  prev_id=prompt_ids[-1] if echo else None):
-        write(text)
-    return new
 
 
 def usage() -> str:
@@ -255,7 +186,7 @@ def main(argv=None):
         return
     try:
         cfg, model, tok, prompts, echo = setup(argv)
-    except (SampleError, ConfigError) as e:
+    except (SampleError, LoadError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     # a console that cannot show a character shows an escape, not a crash

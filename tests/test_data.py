@@ -16,6 +16,7 @@ import tinystories as ts
 from llamatiny import download
 from llamatiny.corpus import make_stories, write_endoftext, write_json_shards
 from llamatiny.data import TINYSTORIES_DIR, DataError, dataset_dir, list_shards, read_meta
+from llamatiny.readers import chunk_text
 from llamatiny.tokenizer import Tokenizer
 
 VOCAB = 512
@@ -219,7 +220,7 @@ def test_prepare_plain_text_is_cut_into_chunks(tok512, tmp_path):
     (tmp_path / "book.txt").write_text(text, encoding="utf-8")
     shutil.copy(tok512 / f"tok{VOCAB}.model", tmp_path)
     val, train = prepare_and_decode(tmp_path, tmp_path / "book.txt")
-    chunks = ts.chunk_text(text, size=1000)
+    chunks = chunk_text(text, size=1000)
     assert len(chunks) > 10 and all(len(c) <= 1000 for c in chunks)
     assert " ".join(chunks).split() == text.split()  # nothing lost, cut only at whitespace
     assert [val, train] == held_out(chunks)
