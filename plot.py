@@ -206,7 +206,7 @@ def make_figure(loaded: list[Run], x: str = "iter", log: bool = False, smooth: f
 
 
 def count_params(settings: dict) -> int | None:
-    from llamatiny.memory import num_params
+    from llamatiny.settings import num_params
     from model import ModelArgs
 
     try:

@@ -3,7 +3,14 @@ train.py's settings, checked and completed before anything trains: the 'auto' an
 length (max_iters, max_tokens or max_epochs), what a resumed run keeps from its checkpoint and a
 fine-tune from its model, a batch size that fits in memory, the split of the accumulation steps across
 processes, and the GPU's peak for MFU. Every problem is a ConfigError with a one-line message.
+
+The memory a training step needs comes last: a step that cannot fit stops at once with the batch size that
+does (on a CPU the kernel would otherwise kill the process minutes later, without a word), and
+`--batch_size=auto` picks the micro-batch for the machine. On a GPU the choice is measured, with real
+steps at the run's context and dtype; on a CPU, where running out of memory kills the process instead
+of raising an error, it comes from the estimate.
 """
+import gc
 import math
 import os
 from dataclasses import fields
@@ -12,9 +19,9 @@ import torch
 import torch.distributed as dist
 
 from configurator import ConfigError
-from llamatiny import lora, memory, runtime
+from llamatiny import lora, runtime
 from llamatiny.runtime import print0
-from model import ModelArgs
+from model import ModelArgs, Transformer
 
 # what a resumed run takes from its checkpoint unless the setting is given again: it continues as it was
 RESUMED_SETTINGS = ("dataset", "vocab_source", "batch_size", "gradient_accumulation_steps", "learning_rate",
@@ -173,8 +180,8 @@ def processes_on_this_machine(device: str) -> int:
 def choose_batch_size(c: dict, args: ModelArgs, world_size: int, device: str) -> dict:
     sequences = c["batch_size"] * c["gradient_accumulation_steps"]
     try:
-        largest, how = memory.largest_batch(args, sequences // world_size, device, c["dtype"],
-                                            processes_on_this_machine(device), frozen=c["lora_rank"] > 0)
+        largest, how = largest_batch(args, sequences // world_size, device, c["dtype"],
+                                     processes_on_this_machine(device), frozen=c["lora_rank"] > 0)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if world_size > 1:  # every process takes the same micro-batch: the one with the least memory decides
@@ -184,7 +191,7 @@ def choose_batch_size(c: dict, args: ModelArgs, world_size: int, device: str) ->
     if largest == 0:
         raise ConfigError(f"batch_size=auto: not even one sequence of {args.max_seq_len} tokens fits "
                           f"({how}); use a shorter --max_seq_len or a smaller model")
-    batch, accum = memory.split_batch(sequences, world_size, largest)
+    batch, accum = split_batch(sequences, world_size, largest)
     print0(f"batch_size=auto: {batch} x {accum} accumulation steps = {sequences} sequences per iteration "
            f"(up to {largest} fit, {how}; "
            f"the micro-batch must divide the {sequences // world_size} per process)")
@@ -194,22 +201,22 @@ def choose_batch_size(c: dict, args: ModelArgs, world_size: int, device: str) ->
 def check_memory(c: dict, args: ModelArgs, device: str, world_size: int) -> None:
     # a step that cannot fit stops now, with a batch size that does, instead of minutes later (on a CPU,
     # killed by the kernel without a word)
-    free, here = memory.available_bytes(device), processes_on_this_machine(device)
+    free, here = available_bytes(device), processes_on_this_machine(device)
     device_type = device.split(":")[0]
     frozen = c["lora_rank"] > 0
-    need = memory.step_bytes(args, c["batch_size"], c["dtype"], device_type, frozen) * here
+    need = step_bytes(args, c["batch_size"], c["dtype"], device_type, frozen) * here
     if free is None or need <= free:
         return
     share = 0.9 * free / here
-    largest = memory.largest_that_fits(
-        lambda b: memory.step_bytes(args, b, c["dtype"], device_type, frozen) <= share, c["batch_size"])
+    largest = largest_that_fits(
+        lambda b: step_bytes(args, b, c["dtype"], device_type, frozen) <= share, c["batch_size"])
     where = f"{free / 2**30:.1f} GiB is available" + (f" to {here} processes" if here > 1 else "")
     what = (f"a training step of {c['batch_size']} x {args.max_seq_len} tokens needs about "
             f"{need / here / 2**30:.1f} GiB")
     if largest == 0:
         raise ConfigError(f"{what} even at batch_size=1 and {where}: "
                           f"use a shorter --max_seq_len or a smaller model")
-    batch, accum = memory.split_batch(c["batch_size"] * c["gradient_accumulation_steps"], world_size, largest)
+    batch, accum = split_batch(c["batch_size"] * c["gradient_accumulation_steps"], world_size, largest)
     raise ConfigError(f"{what} (the (batch, context, vocab) logits are most of it) but {where}: "
                       f"try --batch_size={batch} --gradient_accumulation_steps={accum} "
                       f"(the same tokens per iteration)")
@@ -243,3 +250,115 @@ def resolve_peak_flops(setting, device_type: str):
         print0(f"warning: no bf16 peak known for {name!r}, so no MFU is shown; pass --peak_flops=FLOP/s "
                f"(its dense bf16 tensor-core peak, e.g. --peak_flops=312e12 for an A100)")
     return flops
+
+
+# -----------------------------------------------------------------------------
+# memory: how much a training step needs, and the largest micro-batch that fits
+
+def num_params(args: ModelArgs) -> int:
+    with torch.device("meta"):  # shapes only: no memory, no time
+        return Transformer(args).num_params()
+
+
+def step_bytes(args: ModelArgs, batch_size: int, dtype: str, device_type: str, frozen: bool = False) -> int:
+    """An estimate of the peak memory of one training step (forward, backward, AdamW) in bytes; within
+    about a third of what PyTorch allocates, usually below it. frozen: the weights do not train (LoRA)."""
+    params = num_params(args)
+    half = dtype in ("bfloat16", "float16")
+    # float32 weights, and unless frozen their gradients and AdamW's two moments; under autocast, the
+    # half-precision weight copies
+    weights = (4 if frozen else 16) * params + (2 * params if half else 0)
+    tokens = batch_size * args.max_seq_len
+    kv_dim = args.n_kv_heads * (args.dim // args.n_heads)
+    # what each layer keeps for the backward pass, per token: the norms' inputs and outputs, q k v before
+    # and after RoPE, the attention output, and the feed-forward's four hidden-size tensors. Autocast does
+    # not halve it: the residual stream and the norms stay float32 beside the half-precision copies.
+    per_token_layer = 9 * args.dim + 5 * kv_dim + 4 * args.hidden_dim
+    activations = tokens * args.n_layers * per_token_layer * 4
+    # the (B, T, vocab) logits: themselves, the float32 log-probabilities, and both gradients
+    logits = tokens * args.vocab_size * (12 if half else 16)
+    attention = 0
+    if device_type == "cpu" and args.dropout > 0:  # the CPU path with dropout keeps its attention weights
+        # (the weights before and after dropout, and its mask: about 10 bytes per score)
+        attention = args.n_layers * batch_size * args.n_heads * args.max_seq_len ** 2 * 10
+    return weights + activations + logits + attention
+
+
+def available_bytes(device: str) -> int | None:
+    """Memory a step may use now: the GPU's free memory, or the host's available RAM (None: unknown)."""
+    if device.startswith("cuda"):
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        return free
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:  # Linux: what can be used without swapping
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def largest_that_fits(fits, limit: int) -> int:
+    """The largest n in [1, limit] with fits(n), for fits true up to some n and false beyond: doubling
+    from 1, then bisecting between the last size that fitted and the first that did not. 0: none fits."""
+    if not fits(1):
+        return 0
+    good, bad = 1, None
+    while bad is None and good < limit:
+        n = min(2 * good, limit)
+        good, bad = (n, None) if fits(n) else (good, n)
+    if bad is None:
+        return good
+    while bad - good > 1:
+        mid = (good + bad) // 2
+        good, bad = (mid, bad) if fits(mid) else (good, mid)
+    return good
+
+
+def split_batch(sequences: int, world_size: int, largest: int) -> tuple[int, int]:
+    """(batch_size, gradient_accumulation_steps) for `sequences` per iteration over world_size processes,
+    with the micro-batch as large as possible but at most `largest`: it must divide sequences / world_size,
+    so that every process takes the same number of micro-steps and the tokens per iteration stay the same."""
+    per_process = sequences // world_size
+    batch = max(b for b in range(1, max(1, min(largest, per_process)) + 1) if per_process % b == 0)
+    return batch, sequences // batch
+
+
+def step_fits(args: ModelArgs, batch_size: int, device: str, dtype: str) -> bool:
+    """Runs a real step (forward, backward, AdamW) of batch_size sequences on the GPU: does it fit?"""
+    model = optimizer = x = loss = None
+    try:
+        model = Transformer(args).to(device)
+        optimizer = model.configure_optimizers(0.0, 1e-4, (0.9, 0.95), "cuda")
+        x = torch.randint(args.vocab_size, (batch_size, args.max_seq_len + 1), device=device)
+        context = (torch.autocast("cuda", dtype=getattr(torch, dtype)) if dtype != "float32"
+                   else torch.enable_grad())
+        with context:
+            _, loss = model(x[:, :-1], x[:, 1:])
+        loss.backward()
+        optimizer.step()
+        torch.cuda.synchronize(device)
+        return True
+    except torch.cuda.OutOfMemoryError:
+        return False
+    finally:
+        del model, optimizer, x, loss
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def largest_batch(args: ModelArgs, limit: int, device: str, dtype: str, processes_here: int = 1,
+                  frozen: bool = False, headroom: float = 0.9) -> tuple[int, str]:
+    """The largest micro-batch up to limit that fits (0: not even one), and how that was found. On a GPU,
+    with real steps; on a CPU, from the estimate against the available memory, which processes_here
+    processes of this machine share."""
+    if device.startswith("cuda"):
+        return largest_that_fits(lambda b: step_fits(args, b, device, dtype), limit), "measured on the GPU"
+    free = available_bytes(device)
+    if free is None:
+        raise ValueError("batch_size=auto needs to know the free memory, which this system does not tell: "
+                         "give --batch_size=N")
+    share = headroom * free / processes_here
+    fits = lambda b: step_bytes(args, b, dtype, device.split(":")[0], frozen) <= share
+    return largest_that_fits(fits, limit), f"estimated against {free / 2**30:.1f} GiB of available memory"

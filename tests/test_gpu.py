@@ -147,15 +147,15 @@ def test_train_py_on_cuda_learns_resumes_and_logs_mfu(tmp_path, dtype, compile):
 def test_batch_size_auto_finds_the_largest_micro_batch_that_fits():
     # with the GPU's memory capped at 4 GiB for this process, the 15M shape at context 256 in bf16 fits a
     # few dozen sequences: real steps find the largest one, and one more does not fit
-    from llamatiny import memory
+    from llamatiny import settings
     args = ModelArgs(dim=288, n_layers=6, n_heads=6, vocab_size=32000, multiple_of=32, max_seq_len=256)
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(4 * 2**30 / total)
     try:
-        largest, how = memory.largest_batch(args, 1024, "cuda", "bfloat16")
+        largest, how = settings.largest_batch(args, 1024, "cuda", "bfloat16")
         assert how == "measured on the GPU" and 1 < largest < 1024
-        assert memory.step_fits(args, largest, "cuda", "bfloat16")
-        assert not memory.step_fits(args, largest + 1, "cuda", "bfloat16")
+        assert settings.step_fits(args, largest, "cuda", "bfloat16")
+        assert not settings.step_fits(args, largest + 1, "cuda", "bfloat16")
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
 

@@ -17,7 +17,7 @@ from test_cpu_kernels import REALLOCATION_FAULTS
 
 import train
 from configurator import parse_config
-from llamatiny import data, memory
+from llamatiny import data, settings
 from llamatiny.checkpoint import from_checkpoint, write_llama2c
 from model import ModelArgs, Transformer
 
@@ -628,11 +628,11 @@ TINY_ARGS = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=1
 
 def memory_for(batch: int) -> int:
     # available memory in which a micro-batch of `batch` fits (with the 10% headroom) and one more does not
-    return int(memory.step_bytes(TINY_ARGS, batch, "float32", "cpu") / 0.9) + 1
+    return int(settings.step_bytes(TINY_ARGS, batch, "float32", "cpu") / 0.9) + 1
 
 
 def test_a_step_that_cannot_fit_stops_with_a_batch_size_that_does(data_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(memory, "available_bytes", lambda device: memory_for(2))
+    monkeypatch.setattr(settings, "available_bytes", lambda device: memory_for(2))
     message = main_error(TINY + [f"--data_dir={data_dir}", f"--out_dir={tmp_path}"])
     assert re.search(r"a training step of 8 x 32 tokens needs about [\d.]+ GiB "
                      r"\(the \(batch, context, vocab\) logits are most of it\) but [\d.]+ GiB is available: "
@@ -642,13 +642,13 @@ def test_a_step_that_cannot_fit_stops_with_a_batch_size_that_does(data_dir, tmp_
 
 
 def test_batch_size_auto_keeps_the_tokens_per_iteration(data_dir, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(memory, "available_bytes", lambda device: memory_for(5))
+    monkeypatch.setattr(settings, "available_bytes", lambda device: memory_for(5))
     train.train(train.parse_settings(TINY + ["--batch_size=auto", "--max_iters=2", "--eval_interval=2",
                                              f"--data_dir={data_dir}", f"--out_dir={tmp_path}"]))
     assert "batch_size=auto: 4 x 4 accumulation steps = 16 sequences per iteration (up to 5 fit, estimated " \
            "against" in capsys.readouterr().out
-    settings = json.loads((tmp_path / "config.json").read_text(encoding="utf-8"))["config"]
-    assert (settings["batch_size"], settings["gradient_accumulation_steps"]) == (4, 4)
+    recorded = json.loads((tmp_path / "config.json").read_text(encoding="utf-8"))["config"]
+    assert (recorded["batch_size"], recorded["gradient_accumulation_steps"]) == (4, 4)
     assert read_metrics(tmp_path)[0][-1]["tokens"] == 2 * 16 * 32
 
 
@@ -664,8 +664,8 @@ def test_a_run_measured_in_tokens(data_dir, tmp_path):
     assert re.search(r"^  layers\.1\.feed_forward\.w2\.weight +32x96 +3,072$", result.stdout, re.M)
     logs, evals = read_metrics(tmp_path / "o")
     assert logs[-1]["iter"] == 4 and logs[-1]["tokens"] == 2048 and evals[-1]["iter"] == 4
-    settings = json.loads((tmp_path / "o" / "config.json").read_text(encoding="utf-8"))["config"]
-    assert settings["max_tokens"] == 2048 and settings["max_iters"] == 4 and settings["max_epochs"] is None
+    recorded = json.loads((tmp_path / "o" / "config.json").read_text(encoding="utf-8"))["config"]
+    assert recorded["max_tokens"] == 2048 and recorded["max_iters"] == 4 and recorded["max_epochs"] is None
 
 
 @pytest.mark.slow
