@@ -191,7 +191,7 @@ def main(argv=None) -> dict | None:
         dtype = runtime.resolve_dtype(cfg["dtype"], device)
         model, checkpoint = generate.load_model(cfg["checkpoint"], device)
         tok = generate.load_tokenizer(cfg, checkpoint, model.args.vocab_size)
-        model = model.to(dtype=runtime.DTYPES[dtype]).eval()
+        model = generate.for_inference(model, runtime.DTYPES[dtype])
         print(f"{model.num_params() / 1e6:.1f}M parameters from {cfg['checkpoint']}, "
               f"tokenizer {tok.model_path}, {device} {dtype}", file=sys.stderr)
         return evaluate(model, tok, checkpoint, cfg, runtime.autocast(device, dtype))

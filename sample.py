@@ -29,8 +29,8 @@ import torch
 
 import configurator
 from configurator import ConfigError, parse_config
-from llamatiny import cpu_kernels, instruct, runtime
-from llamatiny.generate import LoadError, generate_story, load_model, load_tokenizer
+from llamatiny import instruct, runtime
+from llamatiny.generate import LoadError, for_inference, generate_story, load_model, load_tokenizer
 
 # name: (default, help). --help prints them; parse_config checks the types against the defaults.
 OPTIONS = {
@@ -55,7 +55,8 @@ OPTIONS = {
     # laptop always has something else running, so one thread is the default (figures: bench/README.md);
     # try --threads=0 on an idle many-core machine for the larger models.
     "threads": (1, "CPU threads (0 = torch's default, one per physical core)"),
-    "cpu_speedups": (True, "faster CPU kernels for the same math (cpu_speedups.py); False = plain PyTorch"),
+    "cpu_speedups": (True, "faster CPU kernels for the same math (llamatiny/cpu_kernels.py); "
+                           "False = plain PyTorch"),
 }
 DEFAULTS = {name: default for name, (default, _) in OPTIONS.items()}
 SEPARATOR = "-" * 40
@@ -155,7 +156,6 @@ def setup(argv):
     except ConfigError as e:
         raise SampleError(str(e)) from None
     prompt = read_prompt(cfg)
-    cpu_kernels.ENABLED = cfg["cpu_speedups"]
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
     device = runtime.resolve_device(cfg["device"])
@@ -169,10 +169,7 @@ def setup(argv):
         template, instructions = read_instructions(cfg, checkpoint)
         prompts = [check_prompt(instruct.prompt_ids(tok, template, m), model.args.max_seq_len)
                    for m in instructions]
-    model = model.to(dtype=dtype).eval()  # the KV cache follows the weights' dtype
-    if cfg["compile"]:
-        # generate_stream runs self.hidden_states (an instance attribute) for the prefill and each decode step
-        model.hidden_states = torch.compile(model.hidden_states)
+    model = for_inference(model, dtype, cfg["cpu_speedups"], cfg["compile"])
     print(f"{model.num_params() / 1e6:.1f}M parameters from {cfg['checkpoint']}, tokenizer {tok.model_path}, "
           f"{device} {str(dtype).removeprefix('torch.')}, {torch.get_num_threads()} CPU thread(s)",
           file=sys.stderr)

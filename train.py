@@ -47,8 +47,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import ConfigError, format_config, parse_config
-from llamatiny import cpu_kernels as speedups  # the module; `cpu_speedups` below is the setting
-from llamatiny import data, fileio, lora, runs, runtime, settings
+from llamatiny import cpu_kernels, data, fileio, lora, runs, runtime, settings
 from llamatiny.checkpoint import from_checkpoint, save_checkpoint
 from llamatiny.runtime import print0
 from model import ModelArgs, Transformer
@@ -110,7 +109,7 @@ min_lr: float | None = None  # None: learning_rate / 10
 device = "auto"  # 'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = "auto"  # 'auto' (bfloat16, else float16 on CUDA; float32 elsewhere), 'float32', 'bfloat16', 'float16'
 compile = False  # torch.compile the model (use it on a GPU)
-cpu_speedups = True  # faster CPU kernels for the same math (cpu_speedups.py); False: the plain PyTorch path
+cpu_speedups = True  # faster CPU kernels for the same math (llamatiny/cpu_kernels.py); False: plain PyTorch
 threads: int | None = None  # CPU threads; None: half the cores, so that another job cannot stall every thread
 seed = 1337
 print_model = False  # print every weight's shape and size at start
@@ -290,14 +289,12 @@ def train(config: dict) -> dict:
         given = {k for k, v in config.items() if v is not None and v != defaults.get(k)}
     c = settings.resolve_config(config)
     ddp, rank, world_size, device = setup_distributed(c)
-    speedups_before, speedups.ENABLED = speedups.ENABLED, c["cpu_speedups"]
     try:
         result = run(c, given, ddp, rank, world_size, device)
         if ddp:
             dist.barrier()  # no rank tears down its process group while another still talks to it
         return result
     finally:
-        speedups.ENABLED = speedups_before
         if ddp and dist.is_initialized():
             # DDP's reducer holds the process group; left to interpreter shutdown, gloo's threads can be
             # destroyed still running ("terminate called without an active exception", SIGABRT)
@@ -385,6 +382,8 @@ def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str)
     # the model, the optimizer and the data, restored from the checkpoint when resuming
     runtime.seed_everything(c["seed"] + rank)  # DDP copies rank 0's initial weights to the others
     raw_model = Transformer(args).to(device)
+    if c["cpu_speedups"] and device_type == "cpu":
+        cpu_kernels.attach(raw_model)  # faster kernels for the same math
     if checkpoint is not None:
         raw_model.load_state_dict(checkpoint["model"])  # a resumed LoRA run: its base's weights
     lora_base = None  # LoRA: the base model's path and hash; the adapters are attached to raw_model
@@ -623,7 +622,7 @@ def main(argv: list[str] | None = None) -> None:
         # process-wide, like the allocator: here, not in train()
         torch.set_num_threads(runtime.cpu_threads(config["threads"]))
         if config["cpu_speedups"] and runtime.resolve_device(config["device"]) == "cpu":
-            speedups.keep_freed_memory()
+            cpu_kernels.keep_freed_memory()
         train(config)
     except (ConfigError, TrainError, data.DataError, OSError) as e:  # OSError: a file and the reason
         fail(f"error: {e}")

@@ -50,6 +50,8 @@ class FineTune:
         self.device, dtype = torch.device(args.device), getattr(torch, args.dtype)
         torch.manual_seed(1337)  # the same weights and batch for both
         self.model = Transformer(ModelArgs(**SHAPE)).to(self.device)
+        if self.device.type == "cpu":
+            cpu_kernels.attach(self.model)
         self.base = None
         if mode == "lora":
             lora.attach(self.model, args.rank, args.alpha, targets=args.targets)

@@ -184,6 +184,8 @@ def build(cfg_name, which, device):
         base = Baseline(margs)
         base.load_state_dict(net.state_dict())
         net = base
+    elif device.type == "cpu":
+        cpu_kernels.attach(net)  # as train.py runs on a CPU
     x = torch.randint(0, margs.vocab_size, (batch_size, margs.max_seq_len))
     y = torch.randint(0, margs.vocab_size, (batch_size, margs.max_seq_len))
     return net.to(device), x.to(device), y.to(device)

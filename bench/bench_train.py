@@ -68,6 +68,8 @@ def bench_config(name: str, args) -> dict:
     ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[c["dtype"]]
     ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
     raw_model = Transformer(ModelArgs.from_dict(c)).to(device)
+    if c["cpu_speedups"] and device_type == "cpu":
+        cpu_kernels.attach(raw_model)
     optimizer = raw_model.configure_optimizers(c["weight_decay"], c["learning_rate"],
                                                (c["beta1"], c["beta2"]), device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=c["dtype"] == "float16")

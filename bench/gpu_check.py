@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
-from llamatiny import cpu_kernels  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 
 SHAPES = {  # a 260K-like model (grouped-query, 8-wide heads) and a 15M-like one (multi-head, 48-wide)
@@ -55,17 +54,15 @@ def backend(call: dict) -> str:
 
 
 def report(device: str) -> list[str]:
-    lines, enabled, cpu_kernels.ENABLED = [], cpu_kernels.ENABLED, False  # the plain path every GPU takes
-    try:
-        for name, args in SHAPES.items():
-            for dtype_name, dtype in DTYPES.items():
-                if dtype == torch.float16 and device == "cpu":
-                    continue  # CPU autocast in float16 is not what anyone trains with
-                sites = call_sites(args, dtype, device)
-                lines.append(f"{name:9} {dtype_name:9} "
-                             + "  ".join(f"{site}={backend(c)}" for site, c in sites.items()))
-    finally:
-        cpu_kernels.ENABLED = enabled
+    # the plain model, without the CPU kernels: the path every GPU takes
+    lines = []
+    for name, args in SHAPES.items():
+        for dtype_name, dtype in DTYPES.items():
+            if dtype == torch.float16 and device == "cpu":
+                continue  # CPU autocast in float16 is not what anyone trains with
+            sites = call_sites(args, dtype, device)
+            lines.append(f"{name:9} {dtype_name:9} "
+                         + "  ".join(f"{site}={backend(c)}" for site, c in sites.items()))
     return lines
 
 

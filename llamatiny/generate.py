@@ -1,14 +1,14 @@
 """
 What sample.py and eval.py share to generate text: a model and its tokenizer loaded for generation (a file
-that is not one, or a tokenizer that does not match, is a LoadError with a one-line message), the tokens
-that end a story, and one story streamed as it is generated.
+that is not one, or a tokenizer that does not match, is a LoadError with a one-line message) and made
+ready for it, the tokens that end a story, and one story streamed as it is generated.
 """
 import os
 import pickle
 
 import torch
 
-from llamatiny import runtime
+from llamatiny import cpu_kernels, runtime
 
 
 class LoadError(Exception):
@@ -25,6 +25,18 @@ def load_model(path: str, device: str):
     except (OSError, ValueError, RuntimeError, EOFError, KeyError, pickle.UnpicklingError) as e:
         # torch.load and the llama2.c reader say what is wrong; keep the first line
         raise LoadError(f"cannot load checkpoint {path}: {runtime.first_line(e)}") from None
+
+
+def for_inference(model, dtype: torch.dtype, cpu_speedups: bool = True, compile: bool = False):
+    """The model in dtype (the KV cache follows the weights' dtype) and eval mode; on a CPU with the faster
+    kernels for the same math unless cpu_speedups is False; its forward compiled if asked."""
+    model = model.to(dtype=dtype).eval()
+    if cpu_speedups and model.output.weight.device.type == "cpu":
+        cpu_kernels.attach(model)
+    if compile:
+        # generate_stream runs self.hidden_states (an instance attribute) for the prefill and each decode step
+        model.hidden_states = torch.compile(model.hidden_states)
+    return model
 
 
 def load_tokenizer(cfg: dict, checkpoint: dict, vocab_size: int):
