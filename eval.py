@@ -8,8 +8,8 @@ it writes when asked, and how often it uses the words a Words: instruction reque
     python eval.py --checkpoint=out/sft15m/ckpt.pt --input=data/TinyStories_all_data --held_out=True
 
 --input is anything `tinystories.py prepare` reads: stories or text (.txt, .json, .jsonl or a directory), or
-instruction records (instruct.py), told apart by content (--format to force one). Any checkpoint sample.py
-reads; --device, --dtype and --tokenizer as in sample.py.
+instruction records (llamatiny/instruct.py), told apart by content (--format to force one). Any checkpoint
+sample.py reads; --device, --dtype and --tokenizer as in sample.py.
 
 --held_out=True keeps the documents or records `prepare` puts in the validation split (0, 100, 200, ...):
 a model trained on data prepared from --input is measured on what it has not seen.

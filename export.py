@@ -23,7 +23,7 @@ A LoRA fine-tune (train.py --lora_rank) is exported merged, its adapters folded 
 adapter_config.json and adapter_model.safetensors named after --format=hf's weights: with transformers and
 peft, PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE_HF), "out/adapter"), where BASE_HF
 is the base exported with --format=hf.
-The file formats are described in checkpoint.py, which reads and writes them.
+The file formats are described in llamatiny/checkpoint.py, which reads and writes them.
 """
 import os
 import shlex

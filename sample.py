@@ -15,9 +15,9 @@ The tokenizer is the one recorded in the checkpoint, or a Hugging Face directory
 (BOS or EOS) or after max_new_tokens; samples (and instructions) are separated by a line of dashes.
 Settings and timing go to stderr, stories to stdout.
 
---instruction renders the instruction in the template the checkpoint was tuned with (instruct.py; a story
-model takes fields such as "Words: dog, ball, happy", one a line, \n starting a new line; a chat model the
-user's message) and prints only the response. --instruction_file holds one instruction a line (or records
+--instruction renders the instruction in the template the checkpoint was tuned with (llamatiny/instruct.py; a
+story model takes fields such as "Words: dog, ball, happy", one a line, \n starting a new line; a chat model
+the user's message) and prints only the response. --instruction_file holds one instruction a line (or records
 separated by <|endoftext|> lines), or instruction records as `tinystories.py prepare` reads them (their
 responses are left out). --prompt stays raw text, given to the model as it is.
 """

@@ -16,8 +16,8 @@ Your own text (a .txt with <|endoftext|> lines between documents, a plain .txt, 
     python tinystories.py prepare --input my.txt --name mine                        # or Llama 2's vocabulary
 
 Instruction data (TinyStoriesInstruct text, TinyStories' JSON with its words/features/summary, prompt/response
-or chat JSONL; instruct.py describes them and the template) gets a loss mask beside each shard, so that
-training learns the responses only; --words_from_story=N makes such records from plain stories:
+or chat JSONL; llamatiny/instruct.py describes them and the template) gets a loss mask beside each shard, so
+that training learns the responses only; --words_from_story=N makes such records from plain stories:
 
     python tinystories.py prepare --input TinyStoriesInstruct-train.txt --name instruct  # Llama 2 vocabulary
     python tinystories.py prepare --input my.txt --name words --words_from_story 3 --vocab_size 512
@@ -452,7 +452,8 @@ def main(argv=None) -> int:
     p.add_argument("--format", default="auto",
                    help="how to read --input: auto (default: told from its content), "
                         f"{', '.join(instruct.FORMATS)}; "
-                        "all but text are instruction records, written with a loss mask (see instruct.py)")
+                        "all but text are instruction records, written with a loss mask "
+                        "(see llamatiny/instruct.py)")
     p.add_argument("--words_from_story", type=int, default=0, metavar="N",
                    help="plain stories -> instruction records \"Words: w1, ..., wN\" + the story, "
                         "the N words picked from the story's own (see instruct.words_from_story)")

@@ -1,5 +1,5 @@
 """
-The CPU speed-ups of cpu_speedups.py that no other benchmark isolates, each timed in one run against
+The CPU speed-ups of llamatiny/cpu_kernels.py that no other benchmark isolates, each timed in one run against
 the plain computation it replaces, with every other setting the same (float32, --threads threads):
 
     small-head attention  small_head_causal_attention against PyTorch's scaled_dot_product_attention,

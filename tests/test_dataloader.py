@@ -1,4 +1,4 @@
-"""The batch loader and where shards live (dataloader.py), on shards of random token ids; and a damaged
+"""The batch loader and where shards live (llamatiny/data.py), on shards of random token ids; and a damaged
 shard refused by `python train.py`. No network."""
 import subprocess
 import sys

@@ -1,4 +1,4 @@
-"""checkpoint.py's formats and export.py's command line: llama2.c files (versions 0, 1, 2) and
+"""llamatiny/checkpoint.py's formats and export.py's command line: llama2.c files (versions 0, 1, 2) and
 tokenizer.bin read back byte by byte, a run.c-style forward pass on the exported file, Hugging Face
 agreement (logits, greedy generation and where it stops, tokenizer), and the command line. The
 helpers at the top (tiny tokenizer, tiny model, checkpoint) are shared with test_sample.py."""

@@ -1,7 +1,7 @@
-"""LoRA (lora.py) through every script: the layer and its merge, the checkpoint that holds adapters and names
-its base (checkpoint.py), the PEFT export read back by peft itself, and train.py runs: a fine-tune on a text
-unlike the pretraining one against a full fine-tune, frozen base weights, exact resume, the base-hash check,
-DDP and torch.compile."""
+"""LoRA (llamatiny/lora.py) through every script: the layer and its merge, the checkpoint that holds adapters
+and names its base (llamatiny/checkpoint.py), the PEFT export read back by peft itself, and train.py runs: a
+fine-tune on a text unlike the pretraining one against a full fine-tune, frozen base weights, exact resume,
+the base-hash check, DDP and torch.compile."""
 import dataclasses
 import json
 import re
