@@ -6,7 +6,7 @@ The Llama model, in one file, read bottom-up:
 - grouped-query attention: one F.scaled_dot_product_attention call (flash kernels) for training and
   prefill, and a preallocated KV cache for decoding
 - SwiGLU feed-forward; token embeddings tied to the output layer
-- generation: generate_stream / generate, sample_next and filter_logits (temperature, top-k, top-p)
+- generation: generate_stream / generate, and sample_next (temperature, top-k, top-p)
 
 Weight names follow Meta's release (wq wk wv wo, w1 w2 w3), so the llama2.c and Hugging Face exports
 map one to one. Faster CPU kernels for the same math replace three of the plain computations when the
@@ -308,7 +308,7 @@ class Transformer(nn.Module):
 def _candidates(logits, top_k=None, top_p=None, head=1024):
     """The tokens that survive top-k (exactly k, ties broken by torch.topk), then top-p: (values, index),
     both (B, k), values sorted descending with the excluded ones at -inf; index maps the columns to token
-    ids (None: no filter, all tokens in order). One implementation behind filter_logits and sample_next."""
+    ids (None: no filter, all tokens in order). sample_next draws from them."""
     V = logits.size(-1)
     top_k = top_k if top_k is not None and top_k < V else None
     top_p = top_p if top_p is not None and top_p < 1.0 else None
@@ -329,14 +329,6 @@ def _candidates(logits, top_k=None, top_p=None, head=1024):
         # drop a token when the tokens before it already reach top_p; the most likely always stays
         values = values.masked_fill(cumulative - probs >= top_p, -float("inf"))
     return values, index
-
-
-def filter_logits(logits, top_k=None, top_p=None):
-    # logits: (B, vocab_size); returns a copy with the excluded tokens at -inf, the kept ones unchanged
-    values, index = _candidates(logits, top_k, top_p)
-    if index is None:
-        return logits.clone()
-    return torch.full_like(logits, -float("inf")).scatter_(-1, index, values)
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None):

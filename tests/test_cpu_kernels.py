@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import ROOT
-from test_model import all_logits, greedy_without_cache, tiny_model
+from test_model import all_logits, filter_logits, greedy_without_cache, tiny_model
 
 from llamatiny import cpu_kernels
 from model import ModelArgs, Transformer
@@ -190,8 +190,6 @@ def test_models_the_decoder_cannot_pack_run_their_own_forward(case):
 
 
 def test_nucleus_sampling_without_sorting_draws_from_the_filtered_distribution():
-    from model import filter_logits
-
     logits = torch.tensor([[1.5, 0.2, 1.0, -0.5, 0.6, 0.0], [3.0, 0.1, 0.2, 0.3, 0.4, 0.5]]).log_softmax(-1)
     n = 20_000
     for temperature, top_p in [(1.0, 0.8), (0.7, 0.5), (1.3, 0.95), (1.0, 0.05)]:

@@ -18,7 +18,6 @@ from model import (
     ModelArgs,
     Transformer,
     apply_rope,
-    filter_logits,
     precompute_rope,
     sample_next,
 )
@@ -492,6 +491,14 @@ def test_estimate_mfu_is_the_formula_by_hand():
 
 
 # ------------------------------------------------------------------ generation and sampling
+
+def filter_logits(logits, top_k=None, top_p=None):
+    # the candidates sample_next draws from, as logits: (B, vocab_size) with the excluded tokens at -inf
+    values, index = model._candidates(logits, top_k, top_p)
+    if index is None:
+        return logits.clone()
+    return torch.full_like(logits, -float("inf")).scatter_(-1, index, values)
+
 
 def greedy_without_cache(m, idx, n):
     # the slow, obviously right way: a full forward of the whole sequence for every new token
