@@ -44,6 +44,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # model.py lives at the repo root
 import model as model_py  # noqa: E402
+from llamatiny import cpu_kernels  # noqa: E402
 from llamatiny.checkpoint import write_llama2c, write_tokenizer_bin  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -163,6 +164,8 @@ def in_process(args):
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("error: --device cuda but no CUDA device is available")
     ours = make_model(args.norm_scale).to(args.device, getattr(torch, args.dtype))
+    if args.device == "cpu":
+        cpu_kernels.attach(ours)  # as sample.py decodes on a CPU
     idx = torch.tensor([[1]], device=args.device)  # BOS
     n = args.new_tokens
     where = (f"{torch.cuda.get_device_name(args.device)}, {date.today()}" if args.device.startswith("cuda")

@@ -27,28 +27,16 @@ def load_model(path: str, device: str):
         raise LoadError(f"cannot load checkpoint {path}: {runtime.first_line(e)}") from None
 
 
-def for_inference(model, dtype: torch.dtype, cpu_speedups: bool = True, compile: bool = False):
-    """The model in dtype (the KV cache follows the weights' dtype) and eval mode; on a CPU with the faster
-    kernels for the same math unless cpu_speedups is False; its forward compiled if asked."""
-    model = model.to(dtype=dtype).eval()
-    if cpu_speedups and model.output.weight.device.type == "cpu":
-        cpu_kernels.attach(model)
-    if compile:
-        # generate_stream runs self.hidden_states (an instance attribute) for the prefill and each decode step
-        model.hidden_states = torch.compile(model.hidden_states)
-    return model
-
-
 def load_tokenizer(cfg: dict, checkpoint: dict, vocab_size: int):
     from llamatiny.tokenizer import Tokenizer
 
     path = cfg["tokenizer"] or checkpoint.get("tokenizer")
     if not path:
         raise LoadError(f"{cfg['checkpoint']} records no tokenizer (a llama2.c file?): "
-                          "pass --tokenizer=path/to/tokenizer.model")
+                        "pass --tokenizer=path/to/tokenizer.model")
     if path.endswith(".bin"):
         raise LoadError(f"{path} looks like llama2.c's tokenizer.bin; "
-                          "pass the sentencepiece .model it was made from")
+                        "pass the sentencepiece .model it was made from")
     if not os.path.isfile(path):
         hint = "" if cfg["tokenizer"] else " (the path recorded in the checkpoint; pass --tokenizer=PATH)"
         raise LoadError(f"tokenizer not found: {path}{hint}")
@@ -59,8 +47,20 @@ def load_tokenizer(cfg: dict, checkpoint: dict, vocab_size: int):
     if tok.vocab_size != vocab_size:
         # a mismatched tokenizer gives fluent-looking gibberish (llama2.c #263): refuse instead
         raise LoadError(f"tokenizer {path} has {tok.vocab_size} tokens but the model's vocab_size is "
-                          f"{vocab_size}: pass the tokenizer the model was trained with (--tokenizer=PATH)")
+                        f"{vocab_size}: pass the tokenizer the model was trained with (--tokenizer=PATH)")
     return tok
+
+
+def for_inference(model, dtype: torch.dtype, cpu_speedups: bool = True, compile: bool = False):
+    """The model in dtype (the KV cache follows the weights' dtype) and eval mode; on a CPU with the faster
+    kernels for the same math unless cpu_speedups is False; its forward compiled if asked."""
+    model = model.to(dtype=dtype).eval()
+    if cpu_speedups and model.output.weight.device.type == "cpu":
+        cpu_kernels.attach(model)
+    if compile:
+        # generate_stream runs self.hidden_states (an instance attribute) for the prefill and each decode step
+        model.hidden_states = torch.compile(model.hidden_states)
+    return model
 
 
 def stop_ids(tok) -> set[int]:
