@@ -275,8 +275,9 @@ def step_bytes(args: ModelArgs, batch_size: int, dtype: str, device_type: str, f
     # not halve it: the residual stream and the norms stay float32 beside the half-precision copies.
     per_token_layer = 9 * args.dim + 5 * kv_dim + 4 * args.hidden_dim
     activations = tokens * args.n_layers * per_token_layer * 4
-    # the (B, T, vocab) logits: themselves, the float32 log-probabilities, and both gradients
-    logits = tokens * args.vocab_size * (12 if half else 16)
+    # the (B, T, vocab) logits: themselves and the log-probabilities, then in the backward pass at once the
+    # loss's dense gradient, the softmax's exp() and the logits' gradient (20 bytes a logit in float32)
+    logits = tokens * args.vocab_size * (12 if half else 20)
     attention = 0
     if device_type == "cpu" and args.dropout > 0:  # the CPU path with dropout keeps its attention weights
         # (the weights before and after dropout, and its mask: about 10 bytes per score)
