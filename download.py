@@ -18,7 +18,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from dataloader import TINYSTORIES_DIR, DataError, data_command, list_shards
-from fileio import WriteError, atomic_write, check_writable, writing
+from fileio import WriteError, atomic_write, check_writable, usual_permissions, writing
 from tokenizer import Tokenizer
 
 ARCHIVE = "TinyStories_all_data.tar.gz"
@@ -174,6 +174,7 @@ def safe_unpack(archive: Path, target: Path) -> int:
         shards = list_shards(tmp, "json")
         if not shards:
             raise DataError(f"{archive} holds no dataNN.json files: is it TinyStories_all_data.tar.gz?")
+        usual_permissions(tmp)
         if target.exists():
             target.rmdir()  # empty, checked above
         os.rename(tmp, target)

@@ -333,3 +333,15 @@ def test_a_full_disk_while_unpacking_keeps_the_archive(server, payload, tmp_path
         assert (data / download.ARCHIVE).read_bytes() == payload["archive"]
     finally:
         subprocess.run(["umount", "-l", str(data)], check=False)
+
+
+def test_what_download_writes_gets_the_usual_permissions(payload, tmp_path):
+    # tempfile's folders are 0700 and some writers' files 0600; ours follow the umask, as files made by hand
+    archive = tmp_path / "copy.tar.gz"
+    archive.write_bytes(payload["archive"])
+    old = os.umask(0o027)
+    try:
+        assert run_download(tmp_path / "data", "--url", str(archive), "--tokenizer_url", str(archive)) == 0
+    finally:
+        os.umask(old)
+    assert (tmp_path / "data" / TINYSTORIES_DIR).stat().st_mode & 0o777 == 0o750
