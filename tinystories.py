@@ -3,6 +3,7 @@ The data stage: TinyStories (or your own text) -> uint16 token shards, which dat
 
     python tinystories.py download                      # data/TinyStories_all_data/*.json, Llama 2 tokenizer
     python tinystories.py download --url MIRROR/        # a mirror (or a local folder) holding both files
+    python tinystories.py download --version 2          # TinyStoriesV2: data/TinyStoriesV2-GPT4-*.txt
     python tinystories.py pretokenize --vocab_size 0    # Llama 2 ids: data/TinyStories_all_data/dataNN.bin
     python tinystories.py train_vocab --vocab_size 512  # data/tok512.model
     python tinystories.py pretokenize --vocab_size 512  # data/tok512/dataNN.bin
@@ -603,13 +604,18 @@ def main(argv=None) -> int:
     p = sub.add_parser("download", parents=[common],
                        help="fetch and unpack TinyStories and the Llama 2 tokenizer")
     p.add_argument("--url", help=f"URL, file:// URL or local path of {download.ARCHIVE}, or of a folder "
-                                 "(ending in /) holding it and tokenizer.model "
+                                 "(ending in /) holding it and tokenizer.model; with --version 2, the folder "
+                                 "holding its two files "
                                  f"(default: $HF_ENDPOINT/{download.TINYSTORIES_PATH}, "
                                  "HF_ENDPOINT defaulting to https://huggingface.co)")
     p.add_argument("--tokenizer_url", help="URL or path of the Llama 2 tokenizer.model (default: the one in "
                                            f"--url's folder, else {download.LLAMA2_TOKENIZER_URL})")
     p.add_argument("--retries", type=int, default=3,
                    help="resume a broken transfer this many times (default: 3)")
+    p.add_argument("--version", type=int, choices=(1, 2), default=1,
+                   help=f"1 (default): {download.ARCHIVE}, unpacked into DATA_DIR/{TINYSTORIES_DIR}/, for "
+                        "pretokenize; 2: TinyStoriesV2 (GPT-4 stories only), "
+                        f"{' and '.join(download.V2_FILES)} in DATA_DIR, for prepare --input")
 
     p = sub.add_parser("train_vocab", parents=[common],
                        help="train a sentencepiece BPE vocabulary: DATA_DIR/tok{N}.model")
@@ -650,7 +656,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "download":
-            download.download(args.data_dir, args.url, args.tokenizer_url, args.retries)
+            download.download(args.data_dir, args.url, args.tokenizer_url, args.retries, args.version)
         elif args.command == "train_vocab":
             train_vocab(args.data_dir, args.vocab_size, args.num_stories, args.input, args.name,
                         args.special_tokens, args.format)
