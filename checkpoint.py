@@ -178,10 +178,11 @@ def newest_good_checkpoint(damaged: str) -> tuple[int, str] | None:
     # the checkpoints train.py keeps beside a damaged one (with keep_checkpoints the numbered ones,
     # ckpt_best.pt, ckpt.pt): (iteration, path) of the newest that loads, in that order where iterations tie
     folder = os.path.dirname(damaged)
-    good = []
-    for path in runs.numbered_checkpoints(folder)[::-1] + [os.path.join(folder, name)
-                                                           for name in ("ckpt_best.pt", "ckpt.pt")]:
+    numbered, good = runs.numbered_checkpoints(folder)[::-1], []
+    for path in numbered + [os.path.join(folder, name) for name in ("ckpt_best.pt", "ckpt.pt")]:
         if not os.path.isfile(path) or os.path.samefile(path, damaged):  # (a hard link: the same bytes)
+            continue
+        if good and path in numbered:  # the newest numbered one that loads is newer than the others
             continue
         try:
             good.append((read_pt(path, mmap=True)["iter_num"], path))  # (mmap: reads only what it looks at)
