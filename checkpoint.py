@@ -38,8 +38,10 @@ A PEFT adapter directory: adapter_config.json (peft's LoraConfig: r, lora_alpha,
 import json
 import os
 import pickle
+import shlex
 import shutil
 import struct
+import zipfile
 from dataclasses import asdict
 
 import numpy as np
@@ -48,6 +50,7 @@ from tqdm import tqdm
 
 import instruct
 import lora
+import runs
 import runtime
 from fileio import atomic_write
 from model import ModelArgs, Transformer, precompute_rope
@@ -120,17 +123,15 @@ def from_checkpoint(path, device="cpu", merge=True):
                                 "--checkpoint=PATH")
     elif path.endswith(".bin"):
         checkpoint = read_llama2c(path)
-    else:  # our own checkpoints hold the config, optimizer and RNG states: load only files you trust
+    else:
         try:
-            checkpoint = torch.load(path, map_location=device, weights_only=False)
-        except (pickle.UnpicklingError, EOFError, RuntimeError) as e:  # text, or an empty or truncated copy
-            why = " ".join(str(e).split())  # torch's messages run over several lines
-            raise CheckpointError(f"{path} is not a checkpoint written by train.py "
-                                  f"({type(e).__name__}: {why})") from e
-        if not isinstance(checkpoint, dict) or not {"model", "lora"} & set(checkpoint) \
-                or "model_args" not in checkpoint:
-            raise CheckpointError(f"{path} is not a checkpoint written by train.py (no 'model' / "
-                                  "'model_args')")
+            checkpoint = read_pt(path, device)
+        except CheckpointError as e:
+            if good := newest_good_checkpoint(path):
+                raise CheckpointError(f"{e}; the newest good checkpoint beside it is {good[1]} (iteration "
+                                      f"{good[0]}): `cp {shlex.quote(good[1])} {shlex.quote(path)}` and run "
+                                      "the same command again") from e
+            raise
     adapters = checkpoint.get("lora")
     if adapters:
         checkpoint["model"] = _lora_base_weights(path, adapters["base"], device)
@@ -149,6 +150,45 @@ def from_checkpoint(path, device="cpu", merge=True):
     if os.path.isdir(path) or path.endswith(".bin"):  # read by us: share the model's tensors, not a 2nd copy
         checkpoint["model"] = model.state_dict()
     return model, checkpoint
+
+
+def read_pt(path: str, device="cpu", mmap=False) -> dict:
+    """Our checkpoint's dict, or a CheckpointError that says whether the file is cut short or not ours."""
+    try:  # our own checkpoints hold the config, optimizer and RNG states: load only files you trust
+        checkpoint = torch.load(path, map_location=device, weights_only=False, mmap=mmap)
+    except (pickle.UnpicklingError, EOFError, RuntimeError, OSError) as e:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            zipped = f.read(4) == b"PK\x03\x04"  # torch.save writes a zip archive, whose index is at its end
+        if size == 0 or isinstance(e, EOFError) or (zipped and not zipfile.is_zipfile(path)):
+            what = "empty" if size == 0 else f"truncated ({size:,} bytes, its end missing)"
+            raise CheckpointError(f"{path} is {what}: a copy or transfer cut short, or a damaged disk") from e
+        if isinstance(e, OSError) and not zipped:  # not a read that failed on a damaged archive
+            raise
+        why = " ".join(str(e).split())  # torch's messages run over several lines
+        raise CheckpointError(f"{path} is not a checkpoint written by train.py "
+                              f"({type(e).__name__}: {why})") from e
+    if not isinstance(checkpoint, dict) or not {"model", "lora"} & set(checkpoint) \
+            or "model_args" not in checkpoint:
+        raise CheckpointError(f"{path} is not a checkpoint written by train.py (no 'model' / 'model_args')")
+    return checkpoint
+
+
+def newest_good_checkpoint(damaged: str) -> tuple[int, str] | None:
+    # the checkpoints train.py keeps beside a damaged one (with keep_checkpoints the numbered ones,
+    # ckpt_best.pt, ckpt.pt): (iteration, path) of the newest that loads, in that order where iterations tie
+    folder = os.path.dirname(damaged)
+    numbered, good = runs.numbered_checkpoints(folder)[::-1], []
+    for path in numbered + [os.path.join(folder, name) for name in ("ckpt_best.pt", "ckpt.pt")]:
+        if not os.path.isfile(path) or os.path.samefile(path, damaged):  # (a hard link: the same bytes)
+            continue
+        if good and path in numbered:  # the newest numbered one that loads is newer than the others
+            continue
+        try:
+            good.append((read_pt(path, mmap=True)["iter_num"], path))  # (mmap: reads only what it looks at)
+        except (CheckpointError, OSError, KeyError):  # damaged too, or not one of train.py's
+            pass
+    return max(good, key=lambda found: found[0], default=None)
 
 
 def _lora_base_weights(path, base: dict, device) -> dict:

@@ -2,8 +2,8 @@
 breaks fails here. Only sizes shrink, by settings the test appends to each line (a smaller model and
 fewer iterations for train.py, fewer tokens for sample.py); lines marked "(GPU)" and `pip install` are
 left out, and so is running the test suite. Offline: `download` gets a local folder with the synthetic
-corpus as TinyStories and a 512-token tokenizer standing in for Llama 2's (so every "Llama 2" run here
-has vocab_size=512), and llama2.c's published stories15M.bin is a small model made here."""
+corpus as TinyStories (V1 and V2) and a 512-token tokenizer standing in for Llama 2's (so every "Llama 2"
+run here has vocab_size=512), and llama2.c's published stories15M.bin is a small model made here."""
 import re
 import shlex
 import shutil
@@ -76,6 +76,8 @@ def workdir(tmp_path):
         for shard in sorted((tmp_path / "shards").iterdir()):
             tar.add(shard, arcname=shard.name)
     write_endoftext(tmp_path / "stand_in.txt", stories)
+    write_endoftext(mirror / "TinyStoriesV2-GPT4-train.txt", stories[200:])  # --version 2's two files
+    write_endoftext(mirror / "TinyStoriesV2-GPT4-valid.txt", stories[:200])
     model = tinystories.train_vocab(tmp_path, 512, input=tmp_path / "stand_in.txt", name="llama2")
     shutil.copy(model, mirror / "tokenizer.model")
     # files a user brings: their own text, and llama2.c's stories15M.bin (here a small model, same vocabulary)
