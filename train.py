@@ -35,7 +35,6 @@ import gc
 import inspect
 import math
 import os
-import shlex
 import sys
 import time
 import typing
@@ -175,28 +174,8 @@ def read_checkpoint(path: str, device: str, merge_lora: bool = True) -> dict:
                          f"train from scratch first, or point --out_dir at the run to continue")
     try:
         return from_checkpoint(path, device, merge=merge_lora)[1]
-    except (ValueError, OSError) as e:  # not a checkpoint, or a truncated one; the message names the file
-        message = str(e)
-        if good := newest_good_checkpoint(path):
-            message += (f"; the newest good checkpoint beside it is {good[1]} (iteration {good[0]}): "
-                        f"`cp {shlex.quote(good[1])} {shlex.quote(path)}` and run the same command again")
-        raise TrainError(message) from None
-
-
-def newest_good_checkpoint(damaged: str) -> tuple[int, str] | None:
-    # the checkpoints kept beside a damaged one: the newest numbered one that loads (keep_checkpoints), or
-    # ckpt_best.pt where it is newer. (iteration, path), or None
-    folder = os.path.dirname(damaged)
-    best = os.path.join(folder, "ckpt_best.pt")
-    good = []
-    for path in runs.numbered_checkpoints(folder)[::-1] + [best]:
-        if path == damaged or not os.path.isfile(path) or (good and path != best):
-            continue
-        try:
-            good.append((from_checkpoint(path)[1]["iter_num"], path))
-        except (ValueError, OSError, KeyError):  # damaged too (a hard link to the same bytes), or not ours
-            pass
-    return max(good, key=lambda found: found[0], default=None)
+    except (ValueError, OSError) as e:  # not a checkpoint, or a truncated one: the loader's message names the
+        raise TrainError(str(e)) from None  # file and the newest good checkpoint beside it
 
 
 def check_vocabulary(checkpoint: dict, path: str, meta: dict, shard_dir) -> None:
