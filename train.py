@@ -511,11 +511,12 @@ def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str)
         optimizer.zero_grad(set_to_none=True)
         iter_num += 1
         tokens_seen += tokens_per_iter
-        if progress.first_step_s is None and device_type == "cuda":
+        first = progress.first_step_s is None  # this process's first step gets a log line of its own
+        if first and device_type == "cuda":
             torch.cuda.synchronize()  # once, so that the first step's time (compiling, warm-up) is real
         progress.step_done()
 
-        if iter_num % c["log_interval"] == 0 or iter_num == c["max_iters"]:
+        if first or iter_num % c["log_interval"] == 0 or iter_num == c["max_iters"]:
             if ddp:
                 dist.all_reduce(loss_sum)  # SUM (gloo has no AVG): the ranks' mean of the micro-step means
                 loss_sum /= world_size  # (weighted by world_size / total with instruction data: the mean)
@@ -539,7 +540,8 @@ def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str)
                    + (f", {runs.format_duration(left)} left" if left is not None else ""))
             log({"iter": iter_num, "tokens": tokens_seen, "loss": lossf, "lr": lr, "grad_norm": norm,
                  "dt_ms": (dt or progress.first_step_s) * 1000, "tok_per_s": tok_per_s, "mfu": mfu,
-                 "elapsed_s": progress.elapsed()})
+                 "elapsed_s": progress.elapsed(),
+                 **({"first_step_s": progress.first_step_s} if first else {})})
 
         # evals, and checkpoints: ckpt.pt every checkpoint_interval, ckpt_best.pt at a better val loss
         finished = iter_num == c["max_iters"]

@@ -5,7 +5,7 @@ Decoding speed: sample.py against llama2.c's run.c, side by side, on the same mo
     python bench/bench_sample.py --runc ../llama2.c/run --tokenizer PATH/llama2.model       # the same
     python bench/bench_sample.py --runc ../llama2.c/run --tokenizer PATH/llama2.model --plain --repeats 7
     python bench/bench_sample.py                        # no run.c: model.generate in-process, see below
-    python bench/bench_sample.py --device cuda --dtype bfloat16 --compile
+    python bench/bench_sample.py --device cuda --skip_uncached     # in sample.py's dtype there: bfloat16
 
 With --runc (llama2.c's run binary, built beside the project with its `make runfast`; nothing of
 llama2.c is copied or built here): a 15M-shaped model (dim 288, 6 layers, 6 heads, vocab 32,000) with
@@ -44,6 +44,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # model.py lives at the repo root
 import model as model_py  # noqa: E402
+import runtime  # noqa: E402
 from checkpoint import write_llama2c, write_tokenizer_bin  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -162,12 +163,13 @@ def sync(device):
 def in_process(args):
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("error: --device cuda but no CUDA device is available")
-    ours = make_model(args.norm_scale).to(args.device, getattr(torch, args.dtype))
+    dtype = runtime.resolve_dtype(args.dtype, args.device)
+    ours = make_model(args.norm_scale).to(args.device, runtime.DTYPES[dtype])
     idx = torch.tensor([[1]], device=args.device)  # BOS
     n = args.new_tokens
     where = (f"{torch.cuda.get_device_name(args.device)}, {date.today()}" if args.device.startswith("cuda")
              else machine())
-    print(f"15M-shaped model, {n} new tokens after BOS, batch 1, {args.device} {args.dtype}"
+    print(f"15M-shaped model, {n} new tokens after BOS, batch 1, {args.device} {dtype}"
           + (f", {torch.get_num_threads()} thread(s)" if args.device == "cpu" else "")
           + f"; {where}")
 
@@ -232,7 +234,9 @@ def main():
     parser.add_argument("--norm_scale", type=float, default=7.5,
                         help="the trained-like model's final norm gain")
     parser.add_argument("--device", default="cpu", help="without --runc: cpu or cuda")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", *runtime.DTYPES],
+                        help="without --runc: auto (default) is sample.py's choice: bfloat16 on a GPU that "
+                             "has it, float16 on an older one, float32 on a CPU")
     parser.add_argument("--threads", type=int, default=1,
                         help="without --runc: torch CPU threads (0 = default)")
     parser.add_argument("--compile", action="store_true",

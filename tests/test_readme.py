@@ -9,11 +9,10 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tarfile
 
 import pytest
 from conftest import ROOT
-from fixture_corpus import make_stories, write_endoftext, write_json_shards
+from fixture_corpus import make_stories, write_endoftext, write_tinystories_archive
 
 import tinystories
 from checkpoint import write_llama2c
@@ -70,11 +69,8 @@ def workdir(tmp_path):
     # the "internet": TinyStories and the Llama 2 tokenizer in a folder that --url FOLDER/ reads
     mirror = tmp_path / "mirror"
     stories = make_stories(2000, seed=5)
-    write_json_shards(str(tmp_path / "shards"), stories, 4)
     mirror.mkdir()
-    with tarfile.open(mirror / "TinyStories_all_data.tar.gz", "w:gz") as tar:
-        for shard in sorted((tmp_path / "shards").iterdir()):
-            tar.add(shard, arcname=shard.name)
+    write_tinystories_archive(mirror / "TinyStories_all_data.tar.gz", stories)
     write_endoftext(tmp_path / "stand_in.txt", stories)
     write_endoftext(mirror / "TinyStoriesV2-GPT4-train.txt", stories[200:])  # --version 2's two files
     write_endoftext(mirror / "TinyStoriesV2-GPT4-valid.txt", stories[:200])

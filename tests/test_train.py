@@ -208,7 +208,8 @@ def test_short_run_learns_and_writes_its_outputs(short_run):
     logs, evals = read_metrics(out)
     assert [r["iter"] for r in logs] == list(range(1, 31))
     assert set(logs[0]) == {"iter", "tokens", "loss", "lr", "grad_norm", "dt_ms", "tok_per_s", "mfu",
-                            "elapsed_s"}
+                            "elapsed_s", "first_step_s"}
+    assert logs[0]["first_step_s"] > 0 and not any("first_step_s" in r for r in logs[1:])
     assert logs[0]["tok_per_s"] is None and all(r["tok_per_s"] > 0 for r in logs[1:])  # step 1: warm-up
     assert all(a["elapsed_s"] < b["elapsed_s"] for a, b in zip(logs, logs[1:]))
     assert set(evals[0]) == {"iter", "tokens", "train_loss", "val_loss"}
@@ -234,6 +235,20 @@ def test_short_run_learns_and_writes_its_outputs(short_run):
 
     info = json.loads((out / "config.json").read_text(encoding="utf-8"))
     assert info["config"]["batch_size"] == 8 and info["torch"] == torch.__version__ and "git" in info
+
+
+def test_the_first_step_of_each_process_is_logged_whatever_the_log_interval(data_dir, tmp_path, capsys):
+    # on a GPU log_interval defaults to 10, and the first step (compiling) must still be seen and kept
+    run = TINY + [f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--log_interval=4", "--eval_interval=6"]
+    train.train(train.parse_settings(run + ["--max_iters=6"]))
+    train.train(train.parse_settings(run + ["--max_iters=10", "--init_from=resume"]))
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("iter ")]
+    logs, _ = read_metrics(tmp_path)
+    assert [r["iter"] for r in logs] == [1, 4, 6, 7, 8, 10]  # the resumed process's first step is 7
+    assert [i for i, line in enumerate(lines) if " | first step " in line] == [0, 3]
+    assert FIRST_LOG_LINE.match(lines[0]), lines[0]
+    firsts = [r for r in logs if "first_step_s" in r]
+    assert [r["iter"] for r in firsts] == [1, 7] and all(r["first_step_s"] > 0 for r in firsts)
 
 
 @pytest.mark.slow
