@@ -22,15 +22,16 @@ from model import ModelArgs
 from runtime import print0
 
 CHECKPOINT = "checkpoint"  # where a resumed run's settings came from, beside configurator's sources
-# what describes this process rather than the run: a resumed run takes every other setting from its
+# what describes this process rather than the run, auto_batch_size included (the split of the run's
+# sequences per iteration that fits this machine's memory): a resumed run takes every other setting from its
 # checkpoint (model, data and data_dir, batch, schedule, evals, checkpoints, logging, seed, LoRA, wandb), so
-# that it continues as it was with or without its config file; these come from this command line
-# (auto_batch_size too: the split of the run's sequences per iteration that fits this machine's memory)
+# that it continues as it was with or without its config file
 THIS_PROCESS = ("out_dir", "init_from", "init_checkpoint", "overwrite", "eval_only", "device", "compile",
                 "cpu_speedups", "threads", "num_workers", "auto_batch_size", "print_model", "peak_flops")
 RUN_LENGTH = ("max_iters", "max_tokens", "max_epochs")  # one of them is the run's length
 # the settings that resolution fills in, kept as given beside the resolved ones (ckpt.pt, config.json): a
-# resumed run derives min_lr from its learning rate again, log_interval and dtype from its device
+# resumed run derives min_lr from its learning rate again, checkpoint_interval from its eval_interval,
+# log_interval and dtype from its device
 AS_GIVEN = ("min_lr", "lr_decay_iters", "max_iters", "log_interval", "checkpoint_interval", "dtype")
 # of the model's fields, what a resumed or fine-tuned run may change: the rest is the weights' shape
 NOT_SHAPE = ("dropout", "max_seq_len")
@@ -55,8 +56,8 @@ def as_given(config: dict) -> dict:
 def resume_path(config: dict) -> str | None:
     # out_dir/ckpt.pt when this run continues it: init_from='resume', or 'auto' and there is one
     path = os.path.join(config["out_dir"], "ckpt.pt")
-    return path if config["init_from"] == "resume" or (config["init_from"] == "auto"
-                                                       and os.path.exists(path)) else None
+    resumes = config["init_from"] == "resume" or (config["init_from"] == "auto" and os.path.exists(path))
+    return path if resumes else None
 
 
 def no_checkpoint_yet(out_dir: str, previous: str) -> str:
@@ -68,15 +69,15 @@ def no_checkpoint_yet(out_dir: str, previous: str) -> str:
 def _run_length(c: dict, source: dict) -> str:
     # the setting that sets the run's length: of max_iters, max_tokens and max_epochs, the one given last (the
     # command line, then a resumed run's checkpoint, then a config file, then the defaults: whichever of the
-    # three each gives replaces the others). Two from one place are an error, but a budget beats the default
-    # max_iters (a plain dict's settings have no sources, and so count as defaults)
+    # three each gives replaces the others). Two from one place are an error, except that a budget beats the
+    # default max_iters (a plain dict's settings have no sources: they count as defaults)
     precedence = {DEFAULT: 0, CHECKPOINT: 2, COMMAND_LINE: 3}  # a config file: 1
     rank = lambda key: precedence.get(source.get(key, DEFAULT), 1)
     candidates = [k for k in ("max_tokens", "max_epochs", "max_iters") if c[k] is not None]
     top = max(map(rank, candidates))
     first = [k for k in candidates if rank(k) == top]
-    if top == 0:
-        first = first[:-1] if len(first) > 1 and first[-1] == "max_iters" else first
+    if top == 0 and len(first) > 1:  # a budget over the default max_iters
+        first.remove("max_iters")
     if len(first) > 1:
         raise ConfigError("give the run's length once: "
                           + " or ".join(f"{k}={c[k]!r}{where(source, k)}" for k in first))
@@ -249,12 +250,13 @@ def for_resume(config: Config, path: str) -> Config:
         differ = ", ".join(f"{k}={saved[k]!r} (command line: {config[k]!r})" for k in shape)
         raise ConfigError(f"{path} was trained with {differ}; a resumed run keeps the model's shape: "
                           "drop those settings, or start a new run")
-    iter_num, warmup = read["iter_num"], saved.get("warmup_iters", 0)
+    iter_num, warmup = read["iter_num"], saved["warmup_iters"]
     if "warmup_iters" in typed and c["decay_lr"] and warmup <= iter_num < c["warmup_iters"]:
         raise ConfigError(f"warmup_iters={c['warmup_iters']} (command line) would warm up again: the run is "
                           f"at iteration {iter_num}, past its warmup of {warmup}; drop --warmup_iters")
+    device = runtime.resolve_device(c["device"])
     try:
-        runtime.resolve_dtype(c["dtype"], runtime.resolve_device(c["device"]))
+        runtime.resolve_dtype(c["dtype"], device)
     except ConfigError:  # a bf16 run resumed on a GPU without bf16
         if c.source["dtype"] == CHECKPOINT:
             c["dtype"] = "auto"
@@ -270,8 +272,8 @@ def for_resume(config: Config, path: str) -> Config:
     if changed:
         print0(f"note: changed on resume: {', '.join(changed)}")
     if stretched:
-        print0(f"note: the cosine decays to min_lr=0 at the run's end (iteration {stretched}): it now "
-               f"follows the run to its new end, so that the added iterations train "
+        print0(f"note: the cosine decays to min_lr=0 at the run's end (iteration {stretched}): it follows "
+               f"the run to its new end, so that no iteration trains at a learning rate of 0 "
                f"(--lr_decay_iters={stretched} with a --min_lr above 0 keeps the old end)")
     return c
 
