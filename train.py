@@ -22,8 +22,8 @@ Face directory (llama2.c's published stories15M/42M/110M.bin need data in the Ll
 weights and shape are used (a note lists where the config differs); the optimizer, data and iteration
 count start afresh. With --lora_rank=8 only low-rank adapters beside the frozen weights train (lora.py),
 and the checkpoint holds them and names the base. --init_from=resume continues out_dir/ckpt.pt with the
-settings it was trained with: a setting given again on the command line (or in a config file) replaces the
-checkpoint's, with a note.
+settings it was trained with, in place of the defaults and the config file's: only a setting on the command
+line replaces the checkpoint's, with a note.
 
 The settings are the plain Python names below; configurator.py explains the override rules.
 gradient_accumulation_steps is the global count: each of N processes does 1/N of it, so the
@@ -53,7 +53,7 @@ import runs
 import runtime
 import settings
 from checkpoint import from_checkpoint, save_checkpoint
-from configurator import ConfigError, format_config, parse_config
+from configurator import Config, ConfigError, as_config, format_config, parse_config
 from model import ModelArgs, Transformer
 from runtime import print0
 
@@ -147,7 +147,7 @@ def setting_types() -> dict:
 def parse_settings(argv: list[str]) -> dict:
     # --batch_size=auto: the batch_size it would replace (a config file's) sets the sequences per iteration
     argv = ["--auto_batch_size=True" if a == "--batch_size=auto" else a for a in argv]
-    return parse_config(default_config(), argv, setting_types())
+    return parse_config(default_config(), argv, setting_types(), settings.RENAMED, settings.IGNORED)
 
 
 def get_lr(it: int, learning_rate: float, warmup_iters: int, lr_decay_iters: int, min_lr: float) -> float:
@@ -169,9 +169,7 @@ def parameter_table(model: Transformer) -> str:
 
 
 def read_checkpoint(path: str, device: str, merge_lora: bool = True) -> dict:
-    if not os.path.exists(path):  # (a missing fine-tuning PATH was reported by resolve_config)
-        raise TrainError(f"init_from='resume' but there is no checkpoint at {path}; "
-                         f"train from scratch first, or point --out_dir at the run to continue")
+    # (a missing file was reported by resolve_config or settings.for_resume)
     try:
         return from_checkpoint(path, device, merge=merge_lora)[1]
     except (ValueError, OSError) as e:  # not a checkpoint, or a truncated one: the loader's message names the
@@ -267,16 +265,16 @@ def evaluate(model, loaders: dict, eval_iters: int, world_size: int, device, ctx
 
 def train(config: dict) -> dict:
     """Runs training with config (train.py's settings, e.g. from parse_settings); returns the final figures.
-    config.given, when present, names the settings the user set; in a plain dict, those off their default."""
-    given = getattr(config, "given", None)
-    if given is None:
-        defaults = default_config()
-        given = {k for k, v in config.items() if v is not None and v != defaults.get(k)}
+    Its .source says where each setting came from; in a plain dict, those off their default count as typed."""
+    if not isinstance(config, Config):
+        config = as_config(config, default_config())
+    if path := settings.resume_path(config):  # parsed -> the checkpoint's settings merged -> resolved
+        config = settings.for_resume(config, path)
     c = settings.resolve_config(config)
     ddp, rank, world_size, device = setup_distributed(c)
     speedups_before, speedups.ENABLED = speedups.ENABLED, c["cpu_speedups"]
     try:
-        result = run(c, given, ddp, rank, world_size, device)
+        result = run(c, config, ddp, rank, world_size, device)
         if ddp:
             dist.barrier()  # no rank tears down its process group while another still talks to it
         return result
@@ -289,7 +287,8 @@ def train(config: dict) -> dict:
             dist.destroy_process_group()
 
 
-def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str) -> dict:
+def run(c: dict, config: Config, ddp: bool, rank: int, world_size: int, device: str) -> dict:
+    # c: the resolved settings; config: the same as given, with where each came from
     master = rank == 0
     device_type = device.split(":")[0]
     ckpt_path = os.path.join(c["out_dir"], "ckpt.pt")
@@ -325,10 +324,12 @@ def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str)
         return (f"the previous checkpoint {ckpt_path} (iteration {last_saved}) is intact; {fix} and resume "
                 f"with --init_from=resume")
 
-    # the settings: a resumed run continues with its checkpoint's; a fine-tune takes the model's shape
+    # the settings: a resumed run's come from its checkpoint (train()); a fine-tune takes the model's shape
     resume = c["init_from"] == "resume"
     previous = None if resume or c["eval_only"] else runs.previous_run(c["out_dir"])
     if previous and not c["overwrite"]:  # checked on every rank, before any time is spent
+        if not os.path.exists(ckpt_path):
+            raise ConfigError(settings.no_checkpoint_yet(c["out_dir"], previous))
         raise ConfigError(f"{c['out_dir']} already holds a run ({previous}): --init_from=resume continues "
                           f"it, --overwrite=True replaces it, or pass another --out_dir")
     if not c["eval_only"]:  # a folder that cannot be written (read-only, no permission) is refused now
@@ -336,14 +337,13 @@ def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str)
     checkpoint = None
     if resume:
         checkpoint = read_checkpoint(ckpt_path, device, merge_lora=False)  # a LoRA run's base and adapters
-        c = settings.for_resume(c, checkpoint.get("config") or {}, given, ckpt_path)
     shard_dir, meta = open_dataset(c)
     if c["init_from"] != "scratch":
         init_path = ckpt_path if resume else c["init_from"]
         checkpoint = checkpoint or read_checkpoint(init_path, device)
         check_vocabulary(checkpoint, init_path, meta, shard_dir)
         if not resume:
-            c = settings.for_finetune(c, checkpoint["model_args"], init_path, given)
+            c = settings.for_finetune(c, checkpoint["model_args"], init_path, config.given)
     args = ModelArgs.from_dict(c)
     if c["auto_batch_size"]:
         c.update(settings.choose_batch_size(c, args, world_size, device))
@@ -357,7 +357,7 @@ def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str)
                                                   world_size=world_size, device=device)
                     for split in ("train", "val")}
     start = (checkpoint["iter_num"], checkpoint["tokens_seen"]) if resume else (0, 0)
-    c = settings.settle_run_length(c, given, loader.tokens_per_epoch, *start)
+    c = settings.settle_run_length(c, loader.tokens_per_epoch, *start)
     settings.warn_about_the_schedule(c)
     accum_steps = settings.split_accumulation(c["gradient_accumulation_steps"], world_size)  # per process
     tokens_per_iter = c["gradient_accumulation_steps"] * c["batch_size"] * c["max_seq_len"]  # global
@@ -415,7 +415,7 @@ def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str)
             aside = runs.set_aside_previous_run(c["out_dir"])
             print0(f"note: replacing the run in {c['out_dir']}; its files wait in {aside} until this run's "
                    f"first checkpoint")
-        runs.write_run_info(c["out_dir"], c, world_size)
+        runs.write_run_info(c["out_dir"], c, settings.as_given(config), world_size)
 
     if not c["eval_only"]:  # an eval-only run leaves out_dir as it is
         on_master(start_run_folder)
@@ -570,7 +570,7 @@ def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str)
             if master:
                 state = {**lora.checkpoint_entries(raw_model, lora_base),
                          "model_args": asdict(raw_model.args), "optimizer": optimizer.state_dict(),
-                         "scaler": scaler.state_dict(), "config": c,
+                         "scaler": scaler.state_dict(), "config": c, "as_given": settings.as_given(config),
                          "iter_num": iter_num, "tokens_seen": tokens_seen, "best_val_loss": best_val_loss,
                          "loader_state": loader.state_dict(unused=accum_steps), "rng_state": rng_states,
                          "tokenizer": meta["tokenizer"], "elapsed_s": progress.elapsed()}

@@ -1,6 +1,7 @@
 """README.md's command lines, pasted in order as a newcomer would, in a copy of the scripts: a line that
 breaks fails here. Only sizes shrink, by settings the test appends to each line (a smaller model and
-fewer iterations for train.py, fewer tokens for sample.py); lines marked "(GPU)" and `pip install` are
+fewer iterations for train.py, only fewer iterations for a resumed run, which takes the rest from its
+checkpoint as a user's does; fewer tokens for sample.py); lines marked "(GPU)" and `pip install` are
 left out, and so is running the test suite. Offline: `download` gets a local folder with the synthetic
 corpus as TinyStories (V1 and V2) and a 512-token tokenizer standing in for Llama 2's (so every "Llama 2"
 run here has vocab_size=512), and llama2.c's published stories15M.bin is a small model made here."""
@@ -46,7 +47,7 @@ def shrunk(line: str, iters: int) -> str:
     script = words[1] if words[0] == "python" else None
     extra = []
     if script == "train.py":
-        extra = SMALL_MODEL + [f"--max_iters={iters}"]
+        extra = ([] if "--init_from=resume" in words else SMALL_MODEL) + [f"--max_iters={iters}"]
     elif script == "demo.py":
         extra = ["--max_iters=20", "--eval_interval=10", "--warmup_iters=5"]
     elif script in ("sample.py", "eval.py"):

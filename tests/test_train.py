@@ -24,8 +24,8 @@ from model import ModelArgs, Transformer
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = str(ROOT / "train.py")
-CHECKPOINT_KEYS = {"model", "model_args", "optimizer", "scaler", "config", "iter_num", "tokens_seen",
-                   "best_val_loss", "loader_state", "rng_state", "tokenizer", "elapsed_s"}
+CHECKPOINT_KEYS = {"model", "model_args", "optimizer", "scaler", "config", "as_given", "iter_num",
+                   "tokens_seen", "best_val_loss", "loader_state", "rng_state", "tokenizer", "elapsed_s"}
 # a model small enough for ~10 ms iterations on one CPU thread
 TINY = ["--dataset=fixture", "--vocab_source=custom", "--vocab_size=512", "--dim=32", "--n_layers=2",
         "--n_heads=4", "--n_kv_heads=2", "--multiple_of=16", "--max_seq_len=32", "--batch_size=8",
@@ -366,7 +366,8 @@ def test_finetune_from_a_missing_or_unreadable_file(data_dir, tmp_path):
     missing = tmp_path / "stories15M.bin"
     message = main_error(TINY + [f"--init_from={missing}", f"--data_dir={data_dir}",
                                  f"--out_dir={tmp_path / 'o'}"])
-    assert f"init_from='{missing}' is not 'scratch', 'resume', 'auto' or an existing checkpoint" in message
+    assert (f"init_from='{missing}' (command line) is not 'scratch', 'resume', 'auto' or an existing "
+            "checkpoint") in message
     text = tmp_path / "notes.txt"
     text.write_text("not a model\n", encoding="utf-8")
     message = main_error(TINY + [f"--init_from={text}", f"--data_dir={data_dir}",
@@ -403,7 +404,7 @@ def test_resume_without_a_checkpoint(data_dir, tmp_path):
 def test_resume_with_other_model_args(short_run, data_dir):
     message = main_error(TINY + ["--init_from=resume", "--dim=64", f"--data_dir={data_dir}",
                                  f"--out_dir={short_run[0]}"])
-    assert "dim=32 (config: 64)" in message
+    assert "dim=32 (command line: 64)" in message
 
 
 def test_resume_on_another_vocabulary(short_run, data_dir, tmp_path):
@@ -490,11 +491,12 @@ def test_compiled_model_saves_plain_names(data_dir, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("arg, message", [
     ("--n_kv_heads=abc", "n_kv_heads='abc' (from --n_kv_heads=abc) has the wrong type: expected int or None"),
-    ("--n_kv_heads=0", "n_kv_heads=0 must be at least 1"),
+    ("--n_kv_heads=0", "n_kv_heads=0 (command line) must be at least 1"),
     ("--hidden_dim=1.5", "hidden_dim=1.5 (from --hidden_dim=1.5) has the wrong type: expected int or None"),
-    ("--hidden_dim=-4", "hidden_dim=-4 must be at least 1"),
+    ("--hidden_dim=-4", "hidden_dim=-4 (command line) must be at least 1"),
     ("--min_lr=fast", "min_lr='fast' (from --min_lr=fast) has the wrong type: expected float or None"),
-    ("--lr_decay_iters=5", "lr_decay_iters=5 is shorter than warmup_iters=1000; lower --warmup_iters"),
+    ("--lr_decay_iters=5",
+     "lr_decay_iters=5 (command line) is shorter than warmup_iters=1000 (command line); lower"),
 ])
 def test_settings_with_none_defaults_are_checked(tmp_path, arg, message):
     assert message in main_error(["config/train_cpu_debug.py", "--warmup_iters=1000", arg,
@@ -517,8 +519,9 @@ def test_resuming_with_more_iterations_keeps_the_schedule(data_dir, tmp_path):
     out = tmp_path / "out"
     ok(run_train(["--max_iters=10", "--eval_interval=10"], data_dir, out))
     result = ok(run_train(["--max_iters=16", "--eval_interval=8", "--init_from=resume"], data_dir, out))
-    assert "note: continuing with the checkpoint's lr_decay_iters=10 (give a setting again" in result.stdout
-    assert "note: changed on resume: max_iters 10 -> 16" in result.stdout
+    assert "note: continuing with the checkpoint's lr_decay_iters=10 (give a setting on the command line" \
+        in result.stdout
+    assert "note: changed on resume: eval_interval 10 -> 8, max_iters 10 -> 16" in result.stdout
     assert "resuming from iteration 10 (5,120 tokens)" in result.stdout
     logs, _ = read_metrics(out)
     assert [r["iter"] for r in logs] == list(range(1, 17))
