@@ -34,6 +34,7 @@ LLAMA_CPP_NAMES = {"tok_embeddings": "token_embd", "norm": "output_norm", "atten
                    "attention.wo": "attn_output", "ffn_norm": "ffn_norm", "feed_forward.w1": "ffn_gate",
                    "feed_forward.w2": "ffn_down", "feed_forward.w3": "ffn_up"}
 PROMPT = "Once upon a time"
+ENDING = "Tom and Sue played with the kite all day. And they lived happily ever"  # the story ends: " after."
 
 
 def llama_cpp_name(ours: str) -> str:
@@ -299,16 +300,21 @@ def greedy(llama_cpp, llm, prompt_ids, n) -> list[int]:
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_llama_cpp_greedy_equals_sample_py(trained, tmp_path, capsys, llama_cpp, dtype):
     export.main([str(tmp_path / "m.gguf"), f"--checkpoint={trained}", "--format=gguf", f"--dtype={dtype}"])
-    n = 48
-    ours, text = sample_py(capsys, trained, n, prompt=PROMPT)
     llm = load(llama_cpp, tmp_path / "m.gguf")
     tok = Tokenizer(from_checkpoint(trained)[1]["tokenizer"])
-    prompt_ids = llm.tokenize(PROMPT.encode(), add_bos=True)
-    assert prompt_ids == tok.encode(PROMPT)  # llama.cpp's tokenizer, from the file, is ours
-    theirs = greedy(llama_cpp, llm, prompt_ids, n)
-    assert theirs == ours and len(set(ours)) > 10, (theirs, ours)
-    completion = llm.create_completion(PROMPT, max_tokens=n, temperature=0.0)["choices"][0]["text"]
-    assert PROMPT + completion + "\n" == text  # the text, and where the story ends
+    n, new = 48, {}
+    for prompt in (PROMPT, ENDING):
+        ours, text = sample_py(capsys, trained, n, prompt=prompt)
+        prompt_ids = llm.tokenize(prompt.encode(), add_bos=True)
+        assert prompt_ids == tok.encode(prompt)  # llama.cpp's tokenizer, from the file, is ours
+        assert greedy(llama_cpp, llm, prompt_ids, n) == ours
+        completion = llm.create_completion(prompt, max_tokens=n, temperature=0.0)["choices"][0]
+        assert prompt + completion["text"] + "\n" == text  # the text, and where the story ends
+        new[prompt] = (ours, completion["finish_reason"])
+    ours, finish = new[PROMPT]
+    assert len(ours) == n and len(set(ours)) > 10 and finish == "length"  # a story, not one token repeated
+    ours, finish = new[ENDING]
+    assert 0 < len(ours) < n and finish == "stop"  # "after." and the next story's BOS: both stop there
 
 
 def test_llama_cpp_logits_float32_and_q8_0(trained, tmp_path, llama_cpp):
@@ -318,16 +324,28 @@ def test_llama_cpp_logits_float32_and_q8_0(trained, tmp_path, llama_cpp):
     assert 20 < len(ids) <= 64
     with torch.no_grad():
         ref = model(torch.tensor([ids]), torch.tensor([ids]))[0][0].numpy()  # (T, vocab)
-    scale = ref.std()
-    for dtype, tolerance in (("float32", 1e-4), ("q8_0", 0.05)):
-        export.main([str(tmp_path / f"{dtype}.gguf"), f"--checkpoint={trained}", "--format=gguf",
-                     f"--dtype={dtype}"])
-        llm = load(llama_cpp, tmp_path / f"{dtype}.gguf", logits_all=True)
+
+    def llama_cpp_logits(path):
+        # a float32 KV cache (llama.cpp's default is float16): the file's weights are all that differs
+        llm = load(llama_cpp, path, logits_all=True, type_k=llama_cpp.GGML_TYPE_F32,
+                   type_v=llama_cpp.GGML_TYPE_F32)
         llm.eval(ids)
-        theirs = np.array(llm.scores[:len(ids)])
-        error = np.abs(theirs - ref).max() / scale
-        assert error < tolerance, (dtype, error)  # the largest difference, in logit standard deviations
-        assert (theirs.argmax(-1) == ref.argmax(-1)).mean() > (0.999 if dtype == "float32" else 0.95)
+        return np.array(llm.scores[:len(ids)])
+
+    def error(logits):  # (largest, mean) difference from ours, in standard deviations of our logits
+        diff = np.abs(logits - ref) / ref.std()
+        return diff.max(), diff.mean()
+
+    # float32: the same numbers up to the order of summation (measured: 2e-6 at most)
+    export.main([str(tmp_path / "f32.gguf"), f"--checkpoint={trained}", "--format=gguf"])
+    assert error(llama_cpp_logits(tmp_path / "f32.gguf"))[0] < 1e-4
+    # q8_0 (weights and, in llama.cpp's products, activations in int8 blocks of 32): within 0.2 standard
+    # deviations, 0.03 on average (measured: 0.065 and 0.010), and the same likeliest token
+    export.main([str(tmp_path / "q8.gguf"), f"--checkpoint={trained}", "--format=gguf", "--dtype=q8_0"])
+    q8 = llama_cpp_logits(tmp_path / "q8.gguf")
+    largest, mean = error(q8)
+    assert largest < 0.2 and mean < 0.03, (largest, mean)
+    assert (q8.argmax(-1) == ref.argmax(-1)).mean() > 0.95
     # and the comparison can tell: wq, wk in Hugging Face's row order (the permutation llama.cpp's converter
     # undoes) rotate the wrong pairs, so every position after the first is off
     for name, w in model.state_dict().items():
@@ -335,9 +353,7 @@ def test_llama_cpp_logits_float32_and_q8_0(trained, tmp_path, llama_cpp):
         if heads:
             w.copy_(checkpoint._rope_permute(w, heads))
     checkpoint.write_gguf(tmp_path / "wrong.gguf", model, ckpt["tokenizer"])
-    llm = load(llama_cpp, tmp_path / "wrong.gguf", logits_all=True)
-    llm.eval(ids)
-    wrong = np.abs(np.array(llm.scores[:len(ids)]) - ref).max(-1) / scale
+    wrong = np.abs(llama_cpp_logits(tmp_path / "wrong.gguf") - ref).max(-1) / ref.std()
     assert wrong[0] < 1e-4 and wrong[1:].min() > 0.01, wrong
 
 
@@ -366,11 +382,14 @@ def test_llama_cpp_chat_template_round_trip(trained, data_dir, tmp_path, capsys,
     llm = load(llama_cpp, tmp_path / "m.gguf")
     messages = instruct.instruction_messages(template, instruction)
     tok = Tokenizer(tok_path)
-    rendered = Jinja2ChatFormatter(llm.metadata["tokenizer.chat_template"], eos_token="</s>",
-                                   bos_token="<s>")(messages=messages).prompt
+    # rendered as llama-cpp-python's chat handler renders it, then tokenized with special tokens parsed
+    rendered = Jinja2ChatFormatter(llm.metadata["tokenizer.chat_template"], eos_token=tok.sp.id_to_piece(
+        tok.eos_id), bos_token=tok.sp.id_to_piece(tok.bos_id))(messages=messages).prompt
     assert llm.tokenize(rendered.encode(), add_bos=False, special=True) == instruct.prompt_ids(
         tok, template, messages)
     n = 40
     ours, text = sample_py(capsys, tuned, n, instruction=instruction)
     reply = llm.create_chat_completion(messages, temperature=0.0, max_tokens=n)["choices"][0]["message"]
-    assert reply["content"] + "\n" == text == tok.decode(ours) + "\n"
+    # llama.cpp keeps the space of the reply's first piece ("▁Once" after "Story:"); sample.py prints the
+    # reply without it
+    assert reply["content"] == " " + text.removesuffix("\n") and text == tok.decode(ours) + "\n"
