@@ -666,7 +666,7 @@ def write_gguf(path, model: Transformer, tokenizer_path, dtype: str = "float32",
                 # A model trained here ends a story with the BOS that starts the next (TinyStories' shards
                 # separate stories with BOS only); as end-of-turn, llama.cpp stops there, as sample.py does
                 writer.add_eot_token_id(sp.bos_id())
-            writer.add_add_bos_token(True)
+            writer.add_add_bos_token(sp.bos_id() >= 0)  # as sample.py encodes a prompt
             writer.add_add_eos_token(False)
             # sentencepiece's dummy prefix: a space before the text, as "▁a" shows
             writer.add_add_space_prefix(sp.normalize("a").startswith("\u2581"))

@@ -140,6 +140,15 @@ def test_float16_bfloat16_and_q8_0(sp_model, tmp_path, capsys, dtype, file_type)
     assert ("2 matrices have rows that q8_0's blocks of 32 do not divide" in printed) == (dtype == "q8_0")
 
 
+def test_untied_classifier_is_written(tmp_path, sp_model):
+    model = tiny_model()
+    model.output.weight = torch.nn.Parameter(torch.randn_like(model.output.weight))  # untie
+    checkpoint.write_gguf(tmp_path / "m.gguf", model, sp_model)
+    found = tensors(tmp_path / "m.gguf")
+    assert np.array_equal(values(found["output.weight"]), model.output.weight.detach().numpy())
+    assert np.array_equal(values(found["token_embd.weight"]), model.tok_embeddings.weight.detach().numpy())
+
+
 def check_tokenizer(path, sp_path, user_defined=()):
     import sentencepiece as spm
 
@@ -166,19 +175,25 @@ def sp_model(tmp_path_factory):
     return train_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
-def test_tokenizer_with_special_tokens_and_padding(tmp_path):
+@pytest.fixture(scope="module")
+def special_gguf(tmp_path_factory) -> tuple:
     # train_vocab --special_tokens makes user-defined pieces, which llama.cpp must match whole; and a pad id
     import sentencepiece as spm
 
+    root = tmp_path_factory.mktemp("special")
     lines = [line for s in make_stories(300, seed=0) for line in s.split("\n") if line.strip()]
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_prefix=str(tmp_path / "sp"), model_type="bpe", vocab_size=400,
+        sentence_iterator=iter(lines), model_prefix=str(root / "sp"), model_type="bpe", vocab_size=400,
         character_coverage=1.0, byte_fallback=True, normalization_rule_name="identity", pad_id=3,
         user_defined_symbols=["Story:", "<|x|>"], remove_extra_whitespaces=False, minloglevel=2,
         self_test_sample_size=0, num_threads=1)
-    ckpt = save_checkpoint(tmp_path / "c.pt", tiny_model(vocab_size=400), tmp_path / "sp.model")
-    export.main([str(tmp_path / "m.gguf"), f"--checkpoint={ckpt}", "--format=gguf"])
-    types = check_tokenizer(tmp_path / "m.gguf", tmp_path / "sp.model", user_defined=("Story:", "<|x|>"))
+    ckpt = save_checkpoint(root / "c.pt", tiny_model(vocab_size=400), root / "sp.model")
+    export.main([str(root / "m.gguf"), f"--checkpoint={ckpt}", "--format=gguf"])
+    return root / "m.gguf", root / "sp.model"
+
+
+def test_tokenizer_with_special_tokens_and_padding(special_gguf):
+    types = check_tokenizer(*special_gguf, user_defined=("Story:", "<|x|>"))
     assert sorted(types.values()).count(4) == 2 and types[3] == 3  # the two pieces; <pad> is a control
 
 
@@ -298,7 +313,7 @@ def greedy(llama_cpp, llm, prompt_ids, n) -> list[int]:
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_llama_cpp_greedy_equals_sample_py(trained, tmp_path, capsys, llama_cpp, dtype):
+def test_llama_cpp_greedy_equals_sample_py(llama_cpp, trained, tmp_path, capsys, dtype):
     export.main([str(tmp_path / "m.gguf"), f"--checkpoint={trained}", "--format=gguf", f"--dtype={dtype}"])
     llm = load(llama_cpp, tmp_path / "m.gguf")
     tok = Tokenizer(from_checkpoint(trained)[1]["tokenizer"])
@@ -317,7 +332,7 @@ def test_llama_cpp_greedy_equals_sample_py(trained, tmp_path, capsys, llama_cpp,
     assert 0 < len(ours) < n and finish == "stop"  # "after." and the next story's BOS: both stop there
 
 
-def test_llama_cpp_logits_float32_and_q8_0(trained, tmp_path, llama_cpp):
+def test_llama_cpp_logits_float32_and_q8_0(llama_cpp, trained, tmp_path):
     model, ckpt = from_checkpoint(trained)
     ids = Tokenizer(ckpt["tokenizer"]).encode(
         "Once upon a time, there was a little dog named Tom. Tom had a red ball and loved to play.")
@@ -357,8 +372,19 @@ def test_llama_cpp_logits_float32_and_q8_0(trained, tmp_path, llama_cpp):
     assert wrong[0] < 1e-4 and wrong[1:].min() > 0.01, wrong
 
 
+def test_llama_cpp_tokenizes_a_prompt_with_special_tokens_as_sentencepiece(llama_cpp, special_gguf):
+    import sentencepiece as spm
+
+    path, sp_path = special_gguf
+    sp, llm = spm.SentencePieceProcessor(model_file=str(sp_path)), load(llama_cpp, path)
+    # an instruction prompt ends with its marker; where text follows such a piece ("Story: Once"), llama.cpp
+    # puts a space before the text and sentencepiece does not
+    for text in ("Words: dog, ball\nSummary: A dog runs.\nStory:", "Once upon a time"):
+        assert llm.tokenize(text.encode(), add_bos=True) == [sp.bos_id()] + sp.encode(text), text
+
+
 @pytest.mark.parametrize("template", ["story", "chat"])
-def test_llama_cpp_chat_template_round_trip(trained, data_dir, tmp_path, capsys, llama_cpp, template):
+def test_llama_cpp_chat_template_round_trip(llama_cpp, trained, tmp_path, capsys, template):
     # an instruction-tuned model as train.py writes it: its template rendered by llama-cpp-python from the
     # file's chat template gives sample.py --instruction's prompt tokens, and the same greedy reply
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
