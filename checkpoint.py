@@ -624,9 +624,8 @@ def sentencepiece_types(sp) -> list[int]:
 
 def write_gguf(path, model: Transformer, tokenizer_path, dtype: str = "float32", template=None) -> dict:
     """Writes model and its tokenizer as one GGUF file; template: the instruct.py template an
-    instruction-tuned model was trained with (its name). Returns {"bytes", "types": {GGUF name: type},
-    "kept_f16": [matrices whose rows Q8_0's blocks of 32 do not divide, written float16 as llama.cpp's
-    converter does]}."""
+    instruction-tuned model was trained with (its name). Returns {"bytes", "kept_f16": [matrices whose rows
+    Q8_0's blocks of 32 do not divide, written float16 as llama.cpp's converter does]}."""
     import gguf  # llama.cpp's writer (pip install gguf); export.py checks for it first
 
     args = model.args
@@ -637,7 +636,7 @@ def write_gguf(path, model: Transformer, tokenizer_path, dtype: str = "float32",
         del state["output.weight"]  # llama.cpp ties a missing output.weight to token_embd
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, args.n_layers)  # from Meta's names (ours)
     sp = load_sentencepiece(tokenizer_path)
-    types, kept = {}, []
+    kept = []
     with atomic_write(path) as tmp:
         writer = gguf.GGUFWriter(tmp, "llama")
         try:
@@ -684,10 +683,9 @@ def write_gguf(path, model: Transformer, tokenizer_path, dtype: str = "float32",
                     data = gguf.quants.quantize(t.numpy(), want)
                     kept.append(gguf_name)
                 writer.add_tensor(gguf_name, data, raw_dtype=want)
-                types[gguf_name] = want.name
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
             writer.write_tensors_to_file()
         finally:
             writer.close()
-    return {"bytes": os.path.getsize(path), "types": types, "kept_f16": kept}
+    return {"bytes": os.path.getsize(path), "kept_f16": kept}
