@@ -524,7 +524,7 @@ def test_cli_writes_every_format(tmp_path, sp_model, capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["--format=onnx"], "--format=onnx"),
-    (["--dtype=bfloat16"], "--dtype applies to --format=hf only"),
+    (["--dtype=bfloat16"], "--dtype applies to --format=hf and gguf only"),
     (["--group_size=32"], "--group_size applies to"),
     (["--version=3"], "--version=3"),
     (["--format=hf", "--version=1"], "--version applies"),

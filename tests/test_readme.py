@@ -1,10 +1,11 @@
 """README.md's command lines, pasted in order as a newcomer would, in a copy of the scripts: a line that
 breaks fails here. Only sizes shrink, by settings the test appends to each line (a smaller model and
 fewer iterations for train.py, only fewer iterations for a resumed run, which takes the rest from its
-checkpoint as a user's does; fewer tokens for sample.py); lines marked "(GPU)" and `pip install` are
-left out, and so is running the test suite. Offline: `download` gets a local folder with the synthetic
-corpus as TinyStories (V1 and V2) and a 512-token tokenizer standing in for Llama 2's (so every "Llama 2"
-run here has vocab_size=512), and llama2.c's published stories15M.bin is a small model made here."""
+checkpoint as a user's does; fewer tokens for sample.py); lines marked "(GPU)" or "(llama.cpp)" (its
+programs are not installed here) and `pip install` are left out, and so is running the test suite.
+Offline: `download` gets a local folder with the synthetic corpus as TinyStories (V1 and V2) and a
+512-token tokenizer standing in for Llama 2's (so every "Llama 2" run here has vocab_size=512), and
+llama2.c's published stories15M.bin is a small model made here."""
 import re
 import shlex
 import shutil
@@ -33,7 +34,7 @@ def readme_commands() -> list[str]:
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         for line in block.splitlines():
             line = line.strip()
-            if not line or line.startswith("#") or "(GPU)" in line:
+            if not line or line.startswith("#") or "(GPU)" in line or "(llama.cpp)" in line:
                 continue
             line = re.sub(r"^pip install [^&]*&&\s*", "", line)  # the quick start's install, done already
             if not line.startswith("pip ") and "pytest" not in line:  # (the suite itself runs this test)
