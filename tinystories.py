@@ -4,6 +4,7 @@ The input formats it takes are read by llamatiny/readers.py.
 
     python tinystories.py download                      # data/TinyStories_all_data/*.json, Llama 2 tokenizer
     python tinystories.py download --url MIRROR/        # a mirror (or a local folder) holding both files
+    python tinystories.py download --version 2          # TinyStoriesV2: data/TinyStoriesV2-GPT4-*.txt
     python tinystories.py pretokenize --vocab_size 0    # Llama 2 ids: data/TinyStories_all_data/dataNN.bin
     python tinystories.py train_vocab --vocab_size 512  # data/tok512.model
     python tinystories.py pretokenize --vocab_size 512  # data/tok512/dataNN.bin
@@ -30,6 +31,7 @@ import argparse
 import concurrent.futures
 import itertools
 import json
+import math
 import os
 import re
 import sys
@@ -48,6 +50,10 @@ from llamatiny.readers import InputRecords, is_val, read_json_stories
 from llamatiny.tokenizer import MAX_VOCAB_SIZE, Tokenizer
 
 SHARD_CHARS = 8_000_000  # prepare: text per train shard (~2 M tokens), so that every core gets work
+# train_vocab warns below this much text per piece: the pieces learned last are merges of pairs the text holds
+# only a few times, which a model then sees too rarely to learn. Measured on TinyStories at 2,048 pieces:
+# at 100 characters per piece half of the pieces occur fewer than 10 times in the text itself, at 200 a fifth
+MIN_CHARS_PER_PIECE = 100
 
 
 def cpu_count() -> int:
@@ -88,8 +94,17 @@ def train_vocab(data_dir, vocab_size: int, num_stories: int = 100_000, input=Non
     # one sentence per line, as llama2.c feeds the trainer (newlines become byte-fallback tokens)
     lines = [line for doc in sample for line in doc.split("\n") if line.strip()]
     log = out.with_suffix(".log")
-    print(f"training a {vocab_size}-token BPE vocabulary on {len(sample):,} stories "
-          f"({sum(map(len, lines)) / 1e6:.1f} M characters); sentencepiece's log: {log}", flush=True)
+    chars = sum(map(len, lines))
+    print(f"training a {vocab_size}-token BPE vocabulary on {len(sample):,} stories ({chars:,} characters); "
+          f"sentencepiece's log: {log}", flush=True)
+    if chars < MIN_CHARS_PER_PIECE * vocab_size:
+        advice = f"give it at least {MIN_CHARS_PER_PIECE * vocab_size:,} characters"
+        fits = 2 ** int(math.log2(max(chars // MIN_CHARS_PER_PIECE, 1)))
+        if fits >= 512:  # (the byte pieces alone take 259)
+            advice += f", or use --vocab_size {fits}"
+        print(f"warning: {vocab_size:,} pieces is a large vocabulary for {chars:,} characters of text "
+              f"({chars / vocab_size:.0f} per piece): most pieces will be too rare in it for a model to "
+              f"learn; {advice}", file=sys.stderr, flush=True)
     model = _BytesSink()
     t0 = time.time()
     try:
@@ -413,13 +428,18 @@ def main(argv=None) -> int:
     p = sub.add_parser("download", parents=[common],
                        help="fetch and unpack TinyStories and the Llama 2 tokenizer")
     p.add_argument("--url", help=f"URL, file:// URL or local path of {download.ARCHIVE}, or of a folder "
-                                 "(ending in /) holding it and tokenizer.model "
+                                 "(ending in /) holding it and tokenizer.model; with --version 2, the folder "
+                                 "holding its two files "
                                  f"(default: $HF_ENDPOINT/{download.TINYSTORIES_PATH}, "
                                  "HF_ENDPOINT defaulting to https://huggingface.co)")
     p.add_argument("--tokenizer_url", help="URL or path of the Llama 2 tokenizer.model (default: the one in "
                                            f"--url's folder, else {download.LLAMA2_TOKENIZER_URL})")
     p.add_argument("--retries", type=int, default=3,
                    help="resume a broken transfer this many times (default: 3)")
+    p.add_argument("--version", type=int, choices=(1, 2), default=1,
+                   help=f"1 (default): {download.ARCHIVE}, unpacked into DATA_DIR/{TINYSTORIES_DIR}/, for "
+                        "pretokenize; 2: TinyStoriesV2 (GPT-4 stories only), "
+                        f"{' and '.join(download.V2_FILES)} in DATA_DIR, for prepare --input")
 
     p = sub.add_parser("train_vocab", parents=[common],
                        help="train a sentencepiece BPE vocabulary: DATA_DIR/tok{N}.model")
@@ -461,7 +481,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "download":
-            download.download(args.data_dir, args.url, args.tokenizer_url, args.retries)
+            download.download(args.data_dir, args.url, args.tokenizer_url, args.retries, args.version)
         elif args.command == "train_vocab":
             train_vocab(args.data_dir, args.vocab_size, args.num_stories, args.input, args.name,
                         args.special_tokens, args.format)

@@ -22,8 +22,8 @@ Face directory (llama2.c's published stories15M/42M/110M.bin need data in the Ll
 weights and shape are used (a note lists where the config differs); the optimizer, data and iteration
 count start afresh. With --lora_rank=8 only low-rank adapters beside the frozen weights train
 (llamatiny/lora.py), and the checkpoint holds them and names the base. --init_from=resume continues
-out_dir/ckpt.pt with the settings it was trained with: a setting given again on the command line (or in a
-config file) replaces the checkpoint's, with a note.
+out_dir/ckpt.pt with the settings it was trained with, in place of the defaults and the config file's: only
+a setting on the command line replaces the checkpoint's, with a note.
 
 The settings are the plain Python names below; configurator.py explains the override rules.
 gradient_accumulation_steps is the global count: each of N processes does 1/N of it, so the
@@ -34,7 +34,6 @@ import filecmp
 import gc
 import math
 import os
-import shlex
 import sys
 import time
 import typing
@@ -45,7 +44,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from configurator import ConfigError, format_config, parse_config
+from configurator import Config, ConfigError, as_config, format_config, parse_config
 from llamatiny import cpu_kernels, data, fileio, lora, runs, runtime, settings
 from llamatiny.checkpoint import from_checkpoint, save_checkpoint
 from llamatiny.runtime import print0
@@ -141,7 +140,7 @@ def setting_types() -> dict:
 def parse_settings(argv: list[str]) -> dict:
     # --batch_size=auto: the batch_size it would replace (a config file's) sets the sequences per iteration
     argv = ["--auto_batch_size=True" if a == "--batch_size=auto" else a for a in argv]
-    return parse_config(default_config(), argv, setting_types())
+    return parse_config(default_config(), argv, setting_types(), settings.RENAMED, settings.IGNORED)
 
 
 def get_lr(it: int, learning_rate: float, warmup_iters: int, lr_decay_iters: int, min_lr: float) -> float:
@@ -163,33 +162,11 @@ def parameter_table(model: Transformer) -> str:
 
 
 def read_checkpoint(path: str, device: str, merge_lora: bool = True) -> dict:
-    if not os.path.exists(path):  # (a missing fine-tuning PATH was reported by resolve_config)
-        raise TrainError(f"init_from='resume' but there is no checkpoint at {path}; "
-                         f"train from scratch first, or point --out_dir at the run to continue")
+    # (a missing file was reported by resolve_config or settings.for_resume)
     try:
         return from_checkpoint(path, device, merge=merge_lora)[1]
-    except (ValueError, OSError) as e:  # not a checkpoint, or a truncated one; the message names the file
-        message = str(e)
-        if good := newest_good_checkpoint(path):
-            message += (f"; the newest good checkpoint beside it is {good[1]} (iteration {good[0]}): "
-                        f"`cp {shlex.quote(good[1])} {shlex.quote(path)}` and run the same command again")
-        raise TrainError(message) from None
-
-
-def newest_good_checkpoint(damaged: str) -> tuple[int, str] | None:
-    # the checkpoints kept beside a damaged one: the newest numbered one that loads (keep_checkpoints), or
-    # ckpt_best.pt where it is newer. (iteration, path), or None
-    folder = os.path.dirname(damaged)
-    best = os.path.join(folder, "ckpt_best.pt")
-    good = []
-    for path in runs.numbered_checkpoints(folder)[::-1] + [best]:
-        if path == damaged or not os.path.isfile(path) or (good and path != best):
-            continue
-        try:
-            good.append((from_checkpoint(path)[1]["iter_num"], path))
-        except (ValueError, OSError, KeyError):  # damaged too (a hard link to the same bytes), or not ours
-            pass
-    return max(good, key=lambda found: found[0], default=None)
+    except (ValueError, OSError) as e:  # not a checkpoint, or a truncated one: the loader's message names the
+        raise TrainError(str(e)) from None  # file and the newest good checkpoint beside it
 
 
 def check_vocabulary(checkpoint: dict, path: str, meta: dict, shard_dir) -> None:
@@ -260,6 +237,7 @@ class Run:
     rank: int
     world_size: int
     device: str
+    as_given: dict  # what resolution fills in, as given (settings.AS_GIVEN): a resume derives it again
     shard_dir: os.PathLike | None = None
     meta: dict | None = None  # the shards' meta.json: their tokenizer, and the template of instruction data
     loader: data.BatchLoader | None = None  # training batches: this process's share
@@ -300,12 +278,15 @@ class Run:
         return os.path.join(self.c["out_dir"], "metrics.jsonl")
 
 
-def setup(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str) -> Run:
-    r = Run(c, ddp, rank, world_size, device)
-    # the settings: a resumed run continues with its checkpoint's; a fine-tune takes the model's shape
+def setup(c: dict, config: Config, ddp: bool, rank: int, world_size: int, device: str) -> Run:
+    # c: the resolved settings; config: the same as given, with where each came from
+    r = Run(c, ddp, rank, world_size, device, as_given=settings.as_given(config))
+    # the settings: a resumed run's come from its checkpoint (train()); a fine-tune takes the model's shape
     resume = c["init_from"] == "resume"
     r.previous = None if resume or c["eval_only"] else runs.previous_run(c["out_dir"])
     if r.previous and not c["overwrite"]:  # checked on every rank, before any time is spent
+        if not os.path.exists(r.ckpt_path):
+            raise ConfigError(settings.no_checkpoint_yet(c["out_dir"], r.previous))
         raise ConfigError(f"{c['out_dir']} already holds a run ({r.previous}): --init_from=resume continues "
                           f"it, --overwrite=True replaces it, or pass another --out_dir")
     if not c["eval_only"]:  # a folder that cannot be written (read-only, no permission) is refused now
@@ -313,14 +294,13 @@ def setup(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: st
     checkpoint = None
     if resume:
         checkpoint = read_checkpoint(r.ckpt_path, device, merge_lora=False)  # a LoRA run's base and adapters
-        c = settings.for_resume(c, checkpoint.get("config") or {}, given, r.ckpt_path)
     shard_dir, meta = open_dataset(c)
     if c["init_from"] != "scratch":
         init_path = r.ckpt_path if resume else c["init_from"]
         checkpoint = checkpoint or read_checkpoint(init_path, device)
         check_vocabulary(checkpoint, init_path, meta, shard_dir)
         if not resume:
-            c = settings.for_finetune(c, checkpoint["model_args"], init_path, given)
+            c = settings.for_finetune(c, checkpoint["model_args"], init_path, config.given)
     args = ModelArgs.from_dict(c)
     if c["auto_batch_size"]:
         c.update(settings.choose_batch_size(c, args, world_size, device))
@@ -334,7 +314,7 @@ def setup(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: st
                                             world_size=world_size, device=device)
                     for split in ("train", "val")}
     start = (checkpoint["iter_num"], checkpoint["tokens_seen"]) if resume else (0, 0)
-    c = settings.settle_run_length(c, given, loader.tokens_per_epoch, *start)
+    c = settings.settle_run_length(c, loader.tokens_per_epoch, *start)
     settings.warn_about_the_schedule(c)
     r.c, r.shard_dir, r.meta, r.loader, r.eval_loaders = c, shard_dir, meta, loader, eval_loaders
     r.accum_steps = settings.split_accumulation(c["gradient_accumulation_steps"], world_size)  # per process
@@ -406,7 +386,7 @@ def start_run_folder(r: Run, resume: bool) -> None:
         aside = runs.set_aside_previous_run(c["out_dir"])
         print0(f"note: replacing the run in {c['out_dir']}; its files wait in {aside} until this run's "
                f"first checkpoint")
-    runs.write_run_info(c["out_dir"], c, r.world_size)
+    runs.write_run_info(c["out_dir"], c, r.as_given, r.world_size)
 
 
 def describe(r: Run) -> None:
@@ -514,7 +494,7 @@ def write_checkpoints(r: Run, latest: bool, improved: bool) -> None:
     if r.master:
         state = {**lora.checkpoint_entries(r.raw_model, r.lora_base),
                  "model_args": asdict(r.raw_model.args), "optimizer": r.optimizer.state_dict(),
-                 "scaler": r.scaler.state_dict(), "config": r.c,
+                 "scaler": r.scaler.state_dict(), "config": r.c, "as_given": r.as_given,
                  "iter_num": r.iter_num, "tokens_seen": r.tokens_seen, "best_val_loss": r.best_val_loss,
                  "loader_state": r.loader.state_dict(unused=r.accum_steps), "rng_state": rng_states,
                  "tokenizer": r.meta["tokenizer"], "elapsed_s": r.progress.elapsed()}
@@ -598,11 +578,12 @@ def loop(r: Run) -> dict:
         optimizer.zero_grad(set_to_none=True)
         r.iter_num += 1
         r.tokens_seen += r.tokens_per_iter
-        if progress.first_step_s is None and r.device_type == "cuda":
+        first = progress.first_step_s is None  # this process's first step gets a log line of its own
+        if first and r.device_type == "cuda":
             torch.cuda.synchronize()  # once, so that the first step's time (compiling, warm-up) is real
         progress.step_done()
 
-        if r.iter_num % c["log_interval"] == 0 or r.iter_num == c["max_iters"]:
+        if first or r.iter_num % c["log_interval"] == 0 or r.iter_num == c["max_iters"]:
             if ddp:
                 dist.all_reduce(loss_sum)  # SUM (gloo has no AVG): the ranks' mean of the micro-step means
                 loss_sum /= world_size  # (weighted by world_size / total with instruction data: the mean)
@@ -627,7 +608,8 @@ def loop(r: Run) -> dict:
                    + (f", {runs.format_duration(left)} left" if left is not None else ""))
             log(r, {"iter": r.iter_num, "tokens": r.tokens_seen, "loss": lossf, "lr": lr, "grad_norm": norm,
                     "dt_ms": (dt or progress.first_step_s) * 1000, "tok_per_s": tok_per_s, "mfu": mfu,
-                    "elapsed_s": progress.elapsed()})
+                    "elapsed_s": progress.elapsed(),
+                    **({"first_step_s": progress.first_step_s} if first else {})})
 
         # evals, and checkpoints: ckpt.pt every checkpoint_interval, ckpt_best.pt at a better val loss
         finished = r.iter_num == c["max_iters"]
@@ -657,15 +639,15 @@ def loop(r: Run) -> dict:
 
 def train(config: dict) -> dict:
     """Runs training with config (train.py's settings, e.g. from parse_settings); returns the final figures.
-    config.given, when present, names the settings the user set; in a plain dict, those off their default."""
-    given = getattr(config, "given", None)
-    if given is None:
-        defaults = default_config()
-        given = {k for k, v in config.items() if v is not None and v != defaults.get(k)}
+    Its .source says where each setting came from; in a plain dict, those off their default count as typed."""
+    if not isinstance(config, Config):
+        config = as_config(config, default_config())
+    if path := settings.resume_path(config):  # parsed -> the checkpoint's settings merged -> resolved
+        config = settings.for_resume(config, path)
     c = settings.resolve_config(config)
     ddp, rank, world_size, device = setup_distributed(c)
     try:
-        result = loop(setup(c, given, ddp, rank, world_size, device))
+        result = loop(setup(c, config, ddp, rank, world_size, device))
         if ddp:
             dist.barrier()  # no rank tears down its process group while another still talks to it
         return result

@@ -1,8 +1,10 @@
 """
-train.py's settings, checked and completed before anything trains: the 'auto' and None values, the run's
-length (max_iters, max_tokens or max_epochs), what a resumed run keeps from its checkpoint and a
-fine-tune from its model, a batch size that fits in memory, the split of the accumulation steps across
-processes, and the GPU's peak for MFU. Every problem is a ConfigError with a one-line message.
+train.py's settings, checked and completed before anything trains, in one order: parsed (configurator.py,
+which records where each came from), merged with a resumed run's checkpoint (for_resume), resolved (the
+'auto' and None values, the run's length: max_iters, max_tokens or max_epochs) and checked, once. Also what a
+fine-tune takes from its model, the split of the accumulation steps across processes, and the GPU's peak for
+MFU. Every problem is a ConfigError with a one-line message that names the setting and where its value came
+from.
 
 The memory a training step needs comes last: a step that cannot fit stops at once with the batch size that
 does (on a CPU the kernel would otherwise kill the process minutes later, without a word), and
@@ -18,37 +20,94 @@ from dataclasses import fields
 import torch
 import torch.distributed as dist
 
-from configurator import ConfigError
-from llamatiny import lora, runtime
+from configurator import COMMAND_LINE, DEFAULT, Config, ConfigError
+from llamatiny import lora, runs, runtime
 from llamatiny.runtime import print0
 from model import ModelArgs, Transformer
 
-# what a resumed run takes from its checkpoint unless the setting is given again: it continues as it was
-RESUMED_SETTINGS = ("dataset", "vocab_source", "batch_size", "gradient_accumulation_steps", "learning_rate",
-                    "min_lr", "max_iters", "max_tokens", "max_epochs", "warmup_iters", "lr_decay_iters",
-                    "decay_lr", "weight_decay", "beta1", "beta2", "grad_clip", "dtype", "seed", "lora_rank",
-                    "lora_alpha", "lora_dropout", "lora_targets") + tuple(f.name for f in fields(ModelArgs))
+CHECKPOINT = "checkpoint"  # where a resumed run's settings came from, beside configurator's sources
+# what describes this process rather than the run, auto_batch_size included (the split of the run's
+# sequences per iteration that fits this machine's memory): a resumed run takes every other setting from its
+# checkpoint (model, data and data_dir, batch, schedule, evals, checkpoints, logging, seed, LoRA, wandb), so
+# that it continues as it was with or without its config file
+THIS_PROCESS = ("out_dir", "init_from", "init_checkpoint", "overwrite", "eval_only", "device", "compile",
+                "cpu_speedups", "threads", "num_workers", "auto_batch_size", "print_model", "peak_flops")
+RUN_LENGTH = ("max_iters", "max_tokens", "max_epochs")  # one of them is the run's length
+# the settings that resolution fills in, kept as given beside the resolved ones (ckpt.pt, config.json): a
+# resumed run derives min_lr from its learning rate again, checkpoint_interval from its eval_interval,
+# log_interval and dtype from its device
+AS_GIVEN = ("min_lr", "lr_decay_iters", "max_iters", "log_interval", "checkpoint_interval", "dtype")
 # of the model's fields, what a resumed or fine-tuned run may change: the rest is the weights' shape
 NOT_SHAPE = ("dropout", "max_seq_len")
+# other projects' names for ours, for the "did you mean" (nanoGPT's; llama2.c's are ours)
+RENAMED = {"n_embd": "dim", "n_layer": "n_layers", "n_head": "n_heads", "block_size": "max_seq_len"}
+# settings of llama2.c and nanoGPT that have nothing to do here: accepted, with a note that says why
+IGNORED = {"always_save_checkpoint": "ckpt.pt is written every checkpoint_interval iterations (at each eval "
+                                     "by default) whatever the val loss, and ckpt_best.pt at each better one"}
+
+
+def where(source: dict, key: str) -> str:
+    # " (command line)", " (config/train_15m.py)", " (the checkpoint's)"; "" for a plain dict's settings
+    if key not in source:
+        return ""
+    return " (the checkpoint's)" if source[key] == CHECKPOINT else f" ({source[key]})"
+
+
+def as_given(config: dict) -> dict:
+    return {k: config[k] for k in AS_GIVEN}
+
+
+def resume_path(config: dict) -> str | None:
+    # out_dir/ckpt.pt when this run continues it: init_from='resume', or 'auto' and there is one
+    path = os.path.join(config["out_dir"], "ckpt.pt")
+    resumes = config["init_from"] == "resume" or (config["init_from"] == "auto" and os.path.exists(path))
+    return path if resumes else None
+
+
+def no_checkpoint_yet(out_dir: str, previous: str) -> str:
+    # what a run killed before its first checkpoint left, and the one way on from it
+    return (f"{out_dir} holds a run that stopped before its first checkpoint ({previous}): --overwrite=True "
+            f"starts it again (so does --init_from=auto), or pass another --out_dir")
+
+
+def _run_length(c: dict, source: dict) -> str:
+    # the setting that sets the run's length: of max_iters, max_tokens and max_epochs, the one given last (the
+    # command line, then a resumed run's checkpoint, then a config file, then the defaults: whichever of the
+    # three each gives replaces the others). Two from one place are an error, except that a budget beats the
+    # default max_iters (a plain dict's settings have no sources: they count as defaults)
+    precedence = {DEFAULT: 0, CHECKPOINT: 2, COMMAND_LINE: 3}  # a config file: 1
+    rank = lambda key: precedence.get(source.get(key, DEFAULT), 1)
+    candidates = [k for k in ("max_tokens", "max_epochs", "max_iters") if c[k] is not None]
+    top = max(map(rank, candidates))
+    first = [k for k in candidates if rank(k) == top]
+    if top == 0 and len(first) > 1:  # a budget over the default max_iters
+        first.remove("max_iters")
+    if len(first) > 1:
+        raise ConfigError("give the run's length once: "
+                          + " or ".join(f"{k}={c[k]!r}{where(source, k)}" for k in first))
+    return first[0]
 
 
 def resolve_config(config: dict) -> dict:
     # fills in the 'auto' and None settings and checks values; the result is what the run records
-    c = dict(config)
+    c, source = dict(config), getattr(config, "source", {})
+    named = lambda key: f"{key}={c[key]!r}{where(source, key)}"
+    for note in getattr(config, "notes", ()):
+        print0(note)
     choices = {"vocab_source": ("llama2", "custom"), "dtype": ("auto", "float32", "bfloat16", "float16")}
     for key, allowed in choices.items():
         if c[key] not in allowed:
-            raise ConfigError(f"{key}={c[key]!r} is not one of {', '.join(map(repr, allowed))}")
+            raise ConfigError(f"{named(key)} is not one of {', '.join(map(repr, allowed))}")
     for key in ("init_from", "init_checkpoint"):
         if c[key] not in ("scratch", "resume", "auto", None) and not os.path.exists(c[key]):
-            raise ConfigError(f"{key}={c[key]!r} is not 'scratch', 'resume', 'auto' or an existing "
+            raise ConfigError(f"{named(key)} is not 'scratch', 'resume', 'auto' or an existing "
                               f"checkpoint to fine-tune "
                               f"(a train.py .pt, a llama2.c .bin or a Hugging Face directory)")
     if c["init_checkpoint"] is not None and c["init_from"] != "auto":
         raise ConfigError(f"init_checkpoint={c['init_checkpoint']!r} is for init_from='auto'; to fine-tune, "
                           f"pass --init_from={c['init_checkpoint']}")
     if c["init_from"] == "auto":  # the same command continues the run once it has a checkpoint
-        has_checkpoint = os.path.exists(os.path.join(c["out_dir"], "ckpt.pt"))
+        has_checkpoint = resume_path(c) is not None
         c["init_from"] = "resume" if has_checkpoint else c["init_checkpoint"] or "scratch"
         c["overwrite"] = c["overwrite"] or not has_checkpoint  # what an attempt that died early left
     at_least_one = ("threads", "batch_size", "max_seq_len", "gradient_accumulation_steps", "eval_interval",
@@ -56,33 +115,45 @@ def resolve_config(config: dict) -> dict:
                     "n_heads", "n_kv_heads", "hidden_dim", "multiple_of")
     for key in at_least_one:
         if c[key] is not None and c[key] < 1:
-            raise ConfigError(f"{key}={c[key]} must be at least 1")
+            raise ConfigError(f"{named(key)} must be at least 1")
     c["device"] = runtime.resolve_device(c["device"])
     c["dtype"] = runtime.resolve_dtype(c["dtype"], c["device"])
+    if c["compile"] and c["device"] == "cpu":
+        if source.get("compile", COMMAND_LINE) == COMMAND_LINE:
+            print0("note: compile=True on a CPU: the first step waits for compiling, which takes minutes for "
+                   "the larger models, for little or no gain in step time (bench/README.md)")
+        else:  # the configs are GPU recipes
+            print0(f"note: {named('compile')} is off on a CPU, where compiling takes minutes for little or "
+                   f"no gain in step time (bench/README.md); --compile=True compiles anyway")
+            c["compile"] = False
     if c["log_interval"] is None:
         c["log_interval"] = 1 if c["device"] == "cpu" else 10
     if c["checkpoint_interval"] is None:
         c["checkpoint_interval"] = c["eval_interval"]
     for key in ("max_iters", "warmup_iters", "num_workers", "keep_checkpoints"):
         if c[key] < 0:
-            raise ConfigError(f"{key}={c[key]} must not be negative")
+            raise ConfigError(f"{named(key)} must not be negative")
     for key in ("learning_rate", "norm_eps", "rope_theta"):
         if c[key] <= 0:
-            raise ConfigError(f"{key}={c[key]} must be positive")
+            raise ConfigError(f"{named(key)} must be positive")
     if not 0 <= c["dropout"] < 1:
-        raise ConfigError(f"dropout={c['dropout']} must be in [0, 1)")
+        raise ConfigError(f"{named('dropout')} must be in [0, 1)")
     lora.check_settings(c)
 
     if c["min_lr"] is None:
         c["min_lr"] = c["learning_rate"] / 10
+    if c["decay_lr"] and c["min_lr"] > c["learning_rate"]:
+        raise ConfigError(f"{named('min_lr')} is above {named('learning_rate')}: the learning rate would "
+                          f"climb as it decays; lower --min_lr (or leave it out: learning_rate / 10)")
     if c["decay_lr"] and c["lr_decay_iters"] is not None and c["lr_decay_iters"] < c["warmup_iters"]:
-        raise ConfigError(f"lr_decay_iters={c['lr_decay_iters']} is shorter than "
-                          f"warmup_iters={c['warmup_iters']}; lower --warmup_iters or raise --lr_decay_iters")
-    if c["max_tokens"] is not None and c["max_epochs"] is not None:
-        raise ConfigError("give the run's length once: max_tokens or max_epochs (or max_iters), not both")
+        raise ConfigError(f"{named('lr_decay_iters')} is shorter than {named('warmup_iters')}; "
+                          f"lower --warmup_iters or raise --lr_decay_iters")
+    length = _run_length(c, source)
     for key in ("max_tokens", "max_epochs"):
-        if c[key] is not None and c[key] <= 0:
-            raise ConfigError(f"{key}={c[key]} must be positive")
+        if key != length:
+            c[key] = None  # (max_iters is derived from the budget in settle_run_length)
+        elif c[key] <= 0:
+            raise ConfigError(f"{named(key)} must be positive")
     try:
         ModelArgs.from_dict(c)  # invalid shapes fail here, before any data is read
     except ValueError as e:
@@ -90,20 +161,12 @@ def resolve_config(config: dict) -> dict:
     return c
 
 
-def settle_run_length(c: dict, given: set, tokens_per_epoch: int, iter_num: int = 0,
-                      tokens_seen: int = 0) -> dict:
+def settle_run_length(c: dict, tokens_per_epoch: int, iter_num: int = 0, tokens_seen: int = 0) -> dict:
     """max_iters from max_tokens or max_epochs when one of them sets the run's length (the iterations that
     reach it from where a resumed run stands), then lr_decay_iters (None: max_iters)."""
     c = dict(c)
     budget = next((k for k in ("max_tokens", "max_epochs") if c[k] is not None), None)
-    if budget and "max_iters" in given:
-        if budget in given:
-            raise ConfigError(f"give the run's length once: max_iters={c['max_iters']} "
-                              f"or {budget}={c[budget]}")
-        print0(f"note: max_iters={c['max_iters']} sets the run's length, not the checkpoint's "
-               f"{budget}={c[budget]}")
-        c[budget] = None
-    elif budget:
+    if budget:
         tokens = c["max_tokens"] if budget == "max_tokens" else round(c["max_epochs"] * tokens_per_epoch)
         tokens_per_iter = c["batch_size"] * c["gradient_accumulation_steps"] * c["max_seq_len"]
         c["max_iters"] = iter_num + max(0, math.ceil((tokens - tokens_seen) / tokens_per_iter))
@@ -119,39 +182,103 @@ def warn_about_the_schedule(c: dict) -> None:
         print0(f"warning: max_iters={c['max_iters']} ends inside warmup_iters={c['warmup_iters']}: "
                f"the learning rate only climbs to {reached:.1e} of {c['learning_rate']:.1e}; pass e.g. "
                f"--warmup_iters={max(1, c['max_iters'] // 10)} to warm up and decay within the run")
+    # so is a cosine that ends before the run at min_lr=0, when it is asked for; but never in silence
+    elif c["decay_lr"] and c["min_lr"] == 0 and c["lr_decay_iters"] < c["max_iters"]:
+        print0(f"warning: lr_decay_iters={c['lr_decay_iters']} ends before max_iters={c['max_iters']} with "
+               f"min_lr=0: the last {c['max_iters'] - c['lr_decay_iters']} iterations train at a learning "
+               f"rate of 0; pass --lr_decay_iters={c['max_iters']} or a --min_lr above 0")
 
 
-def for_resume(c: dict, saved: dict, given: set, path: str) -> dict:
-    """The settings a resumed run continues with: the checkpoint's, except those given again."""
-    c = dict(c)
-    changed, kept = [], []
-    for key in RESUMED_SETTINGS:
-        if key not in saved or saved[key] == c[key]:
-            continue
-        if key in given:
-            changed.append(f"{key} {saved[key]!r} -> {c[key]!r}")
-        else:
+def _read_settings(path: str) -> dict | None:
+    # a checkpoint's settings and iteration, without reading its tensors (mapped, not loaded); None when it
+    # cannot be read, which train.py's read_checkpoint then reports in full
+    try:
+        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        return {"config": checkpoint["config"], "as_given": checkpoint.get("as_given", {}),
+                "iter_num": checkpoint["iter_num"]}
+    except Exception:  # whatever a damaged file raises
+        return None
+
+
+def for_resume(config: Config, path: str) -> Config:
+    """The settings a resumed run continues with: its checkpoint's, in place of the defaults and the config
+    file's; only the command line changes them. Each difference is named in a note."""
+    if not os.path.exists(path):
+        if previous := runs.previous_run(config["out_dir"]):
+            raise ConfigError(f"init_from='resume' but {no_checkpoint_yet(config['out_dir'], previous)}")
+        raise ConfigError(f"init_from='resume' but there is no checkpoint at {path}; "
+                          f"train from scratch first, or point --out_dir at the run to continue")
+    if (read := _read_settings(path)) is None:
+        return config
+    # the settings as given (min_lr None is learning_rate / 10 whatever the rate), except lr_decay_iters: the
+    # cosine ends where it ended, so that a longer run does not send the learning rate back up
+    saved = read["config"] | {k: v for k, v in read["as_given"].items() if k != "lr_decay_iters"}
+    c = Config(config, config.source, config.notes)
+    typed = {k for k, w in config.source.items() if w == COMMAND_LINE}
+    changed, kept, overruled, stretched = [], [], [], None
+
+    def take(key):
+        if key in typed:
+            if saved[key] != config[key]:
+                changed.append(f"{key} {saved[key]!r} -> {config[key]!r}")
+            return
+        c[key], c.source[key] = saved[key], CHECKPOINT
+        if saved[key] != config[key] and config.source[key] == DEFAULT:
             kept.append(f"{key}={saved[key]!r}")
-            c[key] = saved[key]
+        elif saved[key] != config[key]:
+            overruled.append(f"{key}={saved[key]!r} ({config.source[key]} says {config[key]!r})")
+
+    for key in [k for k in config if k in saved and k not in THIS_PROCESS + RUN_LENGTH]:
+        take(key)
+    # the run's length: given again, it replaces the checkpoint's, whichever of the three each is
+    length = next((k for k in ("max_tokens", "max_epochs") if saved.get(k) is not None), "max_iters")
+    new_length = next((k for k in RUN_LENGTH if k in typed), None)
+    if new_length is None:
+        take(length)
+        overruled += [f"{length}={saved[length]!r} ({config.source[k]} says {k}={config[k]!r})"
+                      for k in RUN_LENGTH if k != length and config.source[k] not in (DEFAULT, COMMAND_LINE)]
+    elif (new_length, config[new_length]) != (length, saved[length]):
+        changed.append(f"{length} {saved[length]!r} -> {config[length]!r}" if new_length == length
+                       else f"{length}={saved[length]!r} -> {new_length}={config[new_length]!r}")
+        # a cosine that ends with the run at min_lr=0 follows it to its new end, or every added iteration
+        # would train at a learning rate of 0
+        if ("lr_decay_iters" not in typed and c["decay_lr"] and c["min_lr"] == 0
+                and saved["lr_decay_iters"] == saved["max_iters"]):
+            c["lr_decay_iters"], stretched = None, saved["max_iters"]
+
     # (a different vocab_size is left to check_vocabulary, which says which data the model needs)
     shape_keys = {f.name for f in fields(ModelArgs)} - set(NOT_SHAPE) - {"vocab_size"}
     shape_keys |= {"lora_rank", "lora_targets"}  # the adapters' shape
-    shape = [k.split()[0] for k in changed if k.split()[0] in shape_keys]
+    shape = [k for k in sorted(shape_keys & typed & saved.keys()) if saved[k] != config[k]]
     if shape:
-        differ = ", ".join(f"{k}={saved[k]!r} (config: {c[k]!r})" for k in shape)
+        differ = ", ".join(f"{k}={saved[k]!r} (command line: {config[k]!r})" for k in shape)
         raise ConfigError(f"{path} was trained with {differ}; a resumed run keeps the model's shape: "
                           "drop those settings, or start a new run")
+    iter_num, warmup = read["iter_num"], saved["warmup_iters"]
+    if "warmup_iters" in typed and c["decay_lr"] and warmup <= iter_num < c["warmup_iters"]:
+        raise ConfigError(f"warmup_iters={c['warmup_iters']} (command line) would warm up again: the run is "
+                          f"at iteration {iter_num}, past its warmup of {warmup}; drop --warmup_iters")
+    device = runtime.resolve_device(c["device"])
     try:
-        runtime.resolve_dtype(c["dtype"], c["device"])
+        runtime.resolve_dtype(c["dtype"], device)
     except ConfigError:  # a bf16 run resumed on a GPU without bf16
-        kept = [k for k in kept if not k.startswith("dtype=")]
-        c["dtype"] = runtime.resolve_dtype("auto", c["device"])
-        changed.append(f"dtype {saved['dtype']!r} -> {c['dtype']!r} (this device)")
+        if c.source["dtype"] == CHECKPOINT:
+            c["dtype"] = "auto"
+            kept = [k for k in kept if not k.startswith("dtype=")]
+            overruled = [k for k in overruled if not k.startswith("dtype=")]
+            changed.append(f"dtype {saved['dtype']!r} -> 'auto' (this device)")
     if kept:
         print0(f"note: continuing with the checkpoint's {', '.join(kept)} "
-               f"(give a setting again to change it)")
+               f"(give a setting on the command line to change it)")
+    if overruled:
+        print0(f"note: kept the checkpoint's {', '.join(overruled)}: a resumed run changes only the settings "
+               f"on the command line")
     if changed:
         print0(f"note: changed on resume: {', '.join(changed)}")
+    if stretched:
+        print0(f"note: the cosine decays to min_lr=0 at the run's end (iteration {stretched}): it follows "
+               f"the run to its new end, so that no iteration trains at a learning rate of 0 "
+               f"(--lr_decay_iters={stretched} with a --min_lr above 0 keeps the old end)")
     return c
 
 

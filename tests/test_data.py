@@ -236,6 +236,22 @@ def test_train_vocab_on_own_data_then_prepare(tmp_path):
     assert meta["vocab_size"] == 320
 
 
+def test_train_vocab_warns_when_the_text_is_small_for_the_vocabulary(tmp_path, capsys):
+    write_endoftext(tmp_path / "in.txt", make_stories(200, seed=6))
+    size = len((tmp_path / "in.txt").read_text(encoding="utf-8"))
+    for vocab_size, warned in ((512, False), (768, True)):
+        ts.train_vocab(tmp_path, vocab_size, input=tmp_path / "in.txt", name="mine")
+        out, err = capsys.readouterr()
+        chars = int(re.search(r"stories \(([\d,]+) characters\)", out)[1].replace(",", ""))
+        assert 0.9 * size < chars < size  # counted, not rounded to "0.1 M"; less the held-out stories
+        assert chars > ts.MIN_CHARS_PER_PIECE * 512 and chars < ts.MIN_CHARS_PER_PIECE * 768
+        warnings = [line for line in err.splitlines() if line.startswith("warning")]
+        assert warnings == ([f"warning: 768 pieces is a large vocabulary for {chars:,} characters of text "
+                             f"({chars / 768:.0f} per piece): most pieces will be too rare in it for a model "
+                             f"to learn; give it at least 76,800 characters, or use --vocab_size 512"]
+                            if warned else [])
+
+
 def test_prepare_large_input_gives_several_train_shards(tok512, tmp_path, monkeypatch):
     monkeypatch.setattr(ts, "SHARD_CHARS", 20_000)
     docs = make_stories(400, seed=7)
@@ -329,9 +345,9 @@ def test_user_errors(tok512, tmp_path, monkeypatch, capsys, args, message):
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"body": "no"}\n', encoding="utf-8")
     shutil.copy(tok512 / f"tok{VOCAB}.model", tmp_path / "t.model")
     assert ts.main(args) == 1
-    # without the progress bars
-    err = [line for line in capsys.readouterr().err.splitlines()
-           if line and "tokenizing into" not in line and "reading stories" not in line]
+    # without the progress bars, and train_vocab's warning of a vocabulary large for the text
+    err = [line for line in capsys.readouterr().err.splitlines() if line and "tokenizing into" not in line
+           and "reading stories" not in line and not line.startswith("warning: ")]
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
 
 

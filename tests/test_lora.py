@@ -369,7 +369,7 @@ def test_lora_resumes_exactly_and_refuses_a_changed_base(data_dir, base, tmp_pat
 
     message = main_error(TINY + ["--init_from=resume", "--lora_rank=8", f"--data_dir={data_dir}",
                                  f"--out_dir={full}"])
-    assert "was trained with lora_rank=4 (config: 8)" in message
+    assert "was trained with lora_rank=4 (command line: 8)" in message
     other = Transformer(ModelArgs.from_dict(torch.load(base, weights_only=False)["model_args"]))
     plain_checkpoint(own_base, other)  # a model of the same shape in the base's place
     message = main_error(TINY + ["--init_from=resume", "--max_iters=8", f"--data_dir={data_dir}",

@@ -23,8 +23,8 @@ from model import ModelArgs, Transformer
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = str(ROOT / "train.py")
-CHECKPOINT_KEYS = {"model", "model_args", "optimizer", "scaler", "config", "iter_num", "tokens_seen",
-                   "best_val_loss", "loader_state", "rng_state", "tokenizer", "elapsed_s"}
+CHECKPOINT_KEYS = {"model", "model_args", "optimizer", "scaler", "config", "as_given", "iter_num",
+                   "tokens_seen", "best_val_loss", "loader_state", "rng_state", "tokenizer", "elapsed_s"}
 # a model small enough for ~10 ms iterations on one CPU thread
 TINY = ["--dataset=fixture", "--vocab_source=custom", "--vocab_size=512", "--dim=32", "--n_layers=2",
         "--n_heads=4", "--n_kv_heads=2", "--multiple_of=16", "--max_seq_len=32", "--batch_size=8",
@@ -207,7 +207,8 @@ def test_short_run_learns_and_writes_its_outputs(short_run):
     logs, evals = read_metrics(out)
     assert [r["iter"] for r in logs] == list(range(1, 31))
     assert set(logs[0]) == {"iter", "tokens", "loss", "lr", "grad_norm", "dt_ms", "tok_per_s", "mfu",
-                            "elapsed_s"}
+                            "elapsed_s", "first_step_s"}
+    assert logs[0]["first_step_s"] > 0 and not any("first_step_s" in r for r in logs[1:])
     assert logs[0]["tok_per_s"] is None and all(r["tok_per_s"] > 0 for r in logs[1:])  # step 1: warm-up
     assert all(a["elapsed_s"] < b["elapsed_s"] for a, b in zip(logs, logs[1:]))
     assert set(evals[0]) == {"iter", "tokens", "train_loss", "val_loss"}
@@ -233,6 +234,20 @@ def test_short_run_learns_and_writes_its_outputs(short_run):
 
     info = json.loads((out / "config.json").read_text(encoding="utf-8"))
     assert info["config"]["batch_size"] == 8 and info["torch"] == torch.__version__ and "git" in info
+
+
+def test_the_first_step_of_each_process_is_logged_whatever_the_log_interval(data_dir, tmp_path, capsys):
+    # on a GPU log_interval defaults to 10, and the first step (compiling) must still be seen and kept
+    run = TINY + [f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--log_interval=4", "--eval_interval=6"]
+    train.train(train.parse_settings(run + ["--max_iters=6"]))
+    train.train(train.parse_settings(run + ["--max_iters=10", "--init_from=resume"]))
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("iter ")]
+    logs, _ = read_metrics(tmp_path)
+    assert [r["iter"] for r in logs] == [1, 4, 6, 7, 8, 10]  # the resumed process's first step is 7
+    assert [i for i, line in enumerate(lines) if " | first step " in line] == [0, 3]
+    assert FIRST_LOG_LINE.match(lines[0]), lines[0]
+    firsts = [r for r in logs if "first_step_s" in r]
+    assert [r["iter"] for r in firsts] == [1, 7] and all(r["first_step_s"] > 0 for r in firsts)
 
 
 @pytest.mark.slow
@@ -350,7 +365,8 @@ def test_finetune_from_a_missing_or_unreadable_file(data_dir, tmp_path):
     missing = tmp_path / "stories15M.bin"
     message = main_error(TINY + [f"--init_from={missing}", f"--data_dir={data_dir}",
                                  f"--out_dir={tmp_path / 'o'}"])
-    assert f"init_from='{missing}' is not 'scratch', 'resume', 'auto' or an existing checkpoint" in message
+    assert (f"init_from='{missing}' (command line) is not 'scratch', 'resume', 'auto' or an existing "
+            "checkpoint") in message
     text = tmp_path / "notes.txt"
     text.write_text("not a model\n", encoding="utf-8")
     message = main_error(TINY + [f"--init_from={text}", f"--data_dir={data_dir}",
@@ -387,7 +403,7 @@ def test_resume_without_a_checkpoint(data_dir, tmp_path):
 def test_resume_with_other_model_args(short_run, data_dir):
     message = main_error(TINY + ["--init_from=resume", "--dim=64", f"--data_dir={data_dir}",
                                  f"--out_dir={short_run[0]}"])
-    assert "dim=32 (config: 64)" in message
+    assert "dim=32 (command line: 64)" in message
 
 
 def test_resume_on_another_vocabulary(short_run, data_dir, tmp_path):
@@ -474,11 +490,12 @@ def test_compiled_model_saves_plain_names(data_dir, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("arg, message", [
     ("--n_kv_heads=abc", "n_kv_heads='abc' (from --n_kv_heads=abc) has the wrong type: expected int or None"),
-    ("--n_kv_heads=0", "n_kv_heads=0 must be at least 1"),
+    ("--n_kv_heads=0", "n_kv_heads=0 (command line) must be at least 1"),
     ("--hidden_dim=1.5", "hidden_dim=1.5 (from --hidden_dim=1.5) has the wrong type: expected int or None"),
-    ("--hidden_dim=-4", "hidden_dim=-4 must be at least 1"),
+    ("--hidden_dim=-4", "hidden_dim=-4 (command line) must be at least 1"),
     ("--min_lr=fast", "min_lr='fast' (from --min_lr=fast) has the wrong type: expected float or None"),
-    ("--lr_decay_iters=5", "lr_decay_iters=5 is shorter than warmup_iters=1000; lower --warmup_iters"),
+    ("--lr_decay_iters=5",
+     "lr_decay_iters=5 (command line) is shorter than warmup_iters=1000 (command line); lower"),
 ])
 def test_settings_with_none_defaults_are_checked(tmp_path, arg, message):
     assert message in main_error(["config/train_cpu_debug.py", "--warmup_iters=1000", arg,
@@ -501,8 +518,9 @@ def test_resuming_with_more_iterations_keeps_the_schedule(data_dir, tmp_path):
     out = tmp_path / "out"
     ok(run_train(["--max_iters=10", "--eval_interval=10"], data_dir, out))
     result = ok(run_train(["--max_iters=16", "--eval_interval=8", "--init_from=resume"], data_dir, out))
-    assert "note: continuing with the checkpoint's lr_decay_iters=10 (give a setting again" in result.stdout
-    assert "note: changed on resume: max_iters 10 -> 16" in result.stdout
+    assert "note: continuing with the checkpoint's lr_decay_iters=10 (give a setting on the command line" \
+        in result.stdout
+    assert "note: changed on resume: eval_interval 10 -> 8, max_iters 10 -> 16" in result.stdout
     assert "resuming from iteration 10 (5,120 tokens)" in result.stdout
     logs, _ = read_metrics(out)
     assert [r["iter"] for r in logs] == list(range(1, 17))
