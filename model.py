@@ -5,7 +5,7 @@ The Llama model, in one file, read bottom-up:
 - rotary position embeddings (Meta's interleaved pairs), their cos/sin always in float32
 - grouped-query attention: one F.scaled_dot_product_attention call (flash kernels) for training and
   prefill, and a preallocated KV cache for decoding
-- SwiGLU feed-forward; token embeddings tied to the output layer
+- SwiGLU feed-forward; the token embedding tied to the output layer (the classifier), or untied
 - generation: generate_stream / generate, and sample_next (temperature, top-k, top-p)
 
 Weight names follow Meta's release (wq wk wv wo, w1 w2 w3), so the llama2.c and Hugging Face exports
@@ -36,6 +36,9 @@ class ModelArgs:
     max_seq_len: int = 256
     dropout: float = 0.0
     rope_theta: float = 10000.0
+    # the output layer (the classifier) is the token embedding's matrix (llama2.c's models); False: a matrix
+    # of its own, vocab_size x dim more weights (Hugging Face's tie_word_embeddings=False)
+    tie_embeddings: bool = True
 
     def __post_init__(self):
         # resolved here, so the checkpoint and every comparison see the real numbers
@@ -196,7 +199,8 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
-        self.output.weight = self.tok_embeddings.weight  # tied: one matrix, counted once
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight  # one matrix, counted once
         # generation's step maker, (model) -> step(tokens, start_pos) -> logits, and its sampler: None is
         # the plain step of generate_stream; faster kernels may take their place (llamatiny/cpu_kernels.py)
         self.decoder, self.sampler = None, sample_next
@@ -233,7 +237,9 @@ class Transformer(nn.Module):
         return self.norm(h)
 
     def num_params(self, non_embedding: bool = False) -> int:
-        n = sum(p.numel() for p in self.parameters())  # parameters() yields the tied matrix once
+        # non_embedding: without the token embedding, as transformers' num_parameters(exclude_embeddings=True)
+        # counts: tied, that matrix is the classifier too and leaves with it; an untied classifier stays
+        n = sum(p.numel() for p in self.parameters())  # parameters() yields a tied matrix once
         return n - self.tok_embeddings.weight.numel() if non_embedding else n
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
@@ -249,13 +255,16 @@ class Transformer(nn.Module):
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
-        # training FLOPs per token: each weight costs 2 in the forward pass, 2 for its input's gradient and
-        # 2 for its own gradient (6N, PaLM appendix B), that last 2 skipped for a frozen weight (LoRA's
-        # base); plus attention's scores and values
+        # training FLOPs per token: each weight that multiplies costs 2 in the forward pass, 2 for its input's
+        # gradient and 2 for its own gradient (6N, PaLM appendix B), that last 2 skipped for a frozen weight
+        # (LoRA's base); plus attention's scores and values. An untied token embedding is a lookup, no
+        # multiply: it is left out of N (tied, the same matrix is the classifier and counts)
         a = self.args
         T = seq_len or a.max_seq_len
-        frozen = sum(p.numel() for p in self.parameters() if not p.requires_grad)
-        return 6 * self.num_params() - 2 * frozen + 12 * a.n_layers * a.n_heads * (a.dim // a.n_heads) * T
+        weights = [p for p in self.parameters() if a.tie_embeddings or p is not self.tok_embeddings.weight]
+        n = sum(p.numel() for p in weights)
+        frozen = sum(p.numel() for p in weights if not p.requires_grad)
+        return 6 * n - 2 * frozen + 12 * a.n_layers * a.n_heads * (a.dim // a.n_heads) * T
 
     def estimate_mfu(self, tokens_per_iter: int, dt: float, peak_flops: float, seq_len=None) -> float:
         # model FLOPs utilisation: achieved FLOP/s over the device's peak (bf16 dense)

@@ -87,7 +87,8 @@ auto_batch_size = False
 vocab_source = "llama2"  # 'llama2' (32,000 tokens) or 'custom' (data_dir/tok{vocab_size}.model)
 num_workers = 0  # data loader worker processes
 # model: every field of ModelArgs (model.py) is a setting, with its default (the 15M model): dim, n_layers,
-# n_heads, n_kv_heads, vocab_size, hidden_dim, multiple_of, norm_eps, max_seq_len, dropout, rope_theta
+# n_heads, n_kv_heads, vocab_size, hidden_dim, multiple_of, norm_eps, max_seq_len, dropout, rope_theta,
+# tie_embeddings (False: an output layer of its own, vocab_size x dim more weights)
 # optimizer: AdamW
 gradient_accumulation_steps = 4  # global: split across processes under DDP
 learning_rate = 5e-4
@@ -154,11 +155,15 @@ def get_lr(it: int, learning_rate: float, warmup_iters: int, lr_decay_iters: int
 
 
 def parameter_table(model: Transformer) -> str:
-    # --print_model: every weight, its shape and size (the output matrix is the embedding, tied)
-    rows = [(name, "x".join(map(str, p.shape)), p.numel()) for name, p in model.named_parameters()]
+    # --print_model: every weight, its shape and size; a tied output matrix is the embedding, counted once
+    dims = lambda p: "x".join(map(str, p.shape))
+    rows = [(name, dims(p), f"{p.numel():,}") for name, p in model.named_parameters()]
+    if model.args.tie_embeddings:  # named_parameters() yields the shared matrix once, as the embedding
+        rows.append(("output.weight", dims(model.output.weight), "tied"))
+    rows.append(("total", "", f"{model.num_params():,}"))
     width = max(len(name) for name, _, _ in rows)
-    lines = [f"  {name:<{width}}  {shape:>12}  {n:>12,}" for name, shape, n in rows]
-    return "\n".join(["parameters:"] + lines + [f"  {'total':<{width}}  {'':>12}  {model.num_params():>12,}"])
+    lines = [f"  {name:<{width}}  {shape:>12}  {n:>12}" for name, shape, n in rows]
+    return "\n".join(["parameters:"] + lines)
 
 
 def read_checkpoint(path: str, device: str, merge_lora: bool = True) -> dict:

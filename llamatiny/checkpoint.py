@@ -26,10 +26,10 @@ llama2.c tokenizer.bin: uint32 max_token_length, then per token: float32 score, 
   UTF-8 bytes of the piece with '▁' replaced by ' ' (BOS is '\\n<s>\\n', EOS '\\n</s>\\n', byte
   tokens stay '<0x0A>' for run.c to turn into a byte).
 A Hugging Face directory: config.json, model.safetensors (Hugging Face's names, wq and wk rows
-  permuted for its rotate_half RoPE), and with a tokenizer: tokenizer.model, tokenizer_config.json and
-  generation_config.json; transformers' LlamaForCausalLM / AutoTokenizer load it offline. An
-  instruction-tuned model's template (instruct.py; "template" in our checkpoint) is the tokenizer's
-  chat_template, read back as the template.
+  permuted for its rotate_half RoPE; lm_head.weight only when untied, tie_word_embeddings false), and
+  with a tokenizer: tokenizer.model, tokenizer_config.json and generation_config.json; transformers'
+  LlamaForCausalLM / AutoTokenizer load it offline. An instruction-tuned model's template (instruct.py;
+  "template" in our checkpoint) is the tokenizer's chat_template, read back as the template.
 A PEFT adapter directory: adapter_config.json (peft's LoraConfig: r, lora_alpha, target_modules ...) and
   adapter_model.safetensors, the adapters named after the Hugging Face weights they add to
   (base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight, (rank, in); lora_B, (out, rank));
@@ -210,15 +210,10 @@ def _lora_base_weights(path, base: dict, device) -> dict:
     return from_checkpoint(base["path"], device)[1]["model"]
 
 
-def _shared_classifier(state_dict) -> bool:
-    return "output.weight" not in state_dict or torch.equal(state_dict["output.weight"],
-                                                            state_dict["tok_embeddings.weight"])
-
-
 # ---------------------------------------------------------------- llama2.c model files
 
 
-def llama2c_layout(args: ModelArgs, version: int, shared: bool) -> list[tuple[str, tuple, str]]:
+def llama2c_layout(args: ModelArgs, version: int) -> list[tuple[str, tuple, str]]:
     """The file's tensors in order: (state_dict name, shape, kind) with kind 'f32' or 'q8'.
     The writer and the reader both walk this list, so they cannot disagree."""
     head_dim, kv_dim = args.dim // args.n_heads, args.n_kv_heads * (args.dim // args.n_heads)
@@ -242,7 +237,7 @@ def llama2c_layout(args: ModelArgs, version: int, shared: bool) -> list[tuple[st
     def per_layer(names, kind="f32"):
         return [entry(f"layers.{i}.{name}.weight", kind) for name in names for i in range(args.n_layers)]
 
-    classifier = [] if shared else ["output.weight"]
+    classifier = [] if args.tie_embeddings else ["output.weight"]  # untied: its own matrix, last
     if version == 0:
         return ([entry("tok_embeddings.weight")] + per_layer(["attention_norm"])
                 + per_layer(matrices[:4]) + per_layer(["ffn_norm"]) + per_layer(matrices[4:])
@@ -300,8 +295,7 @@ def write_llama2c(path, model: Transformer, version: int = 0, group_size: int | 
     state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
     state["freqs_cos"], state["freqs_sin"] = precompute_rope(args.dim // args.n_heads, args.max_seq_len,
                                                              args.rope_theta)
-    shared = _shared_classifier(state)
-    layout = llama2c_layout(args, version, shared)
+    layout = llama2c_layout(args, version)
     if version == 2:
         group_size = default_group_size(args) if group_size is None else group_size
         check_group_size(args, group_size)
@@ -309,10 +303,10 @@ def write_llama2c(path, model: Transformer, version: int = 0, group_size: int | 
     max_err = 0.0
     with atomic_write(path) as tmp, open(tmp, "wb") as f:
         if version == 0:
-            params[5] = params[5] if shared else -params[5]
+            params[5] = params[5] if args.tie_embeddings else -params[5]  # run.c: shared = vocab_size > 0
             f.write(struct.pack("<7i", *params))
         else:
-            header = struct.pack("<Ii7iB", MAGIC, version, *params, int(shared))
+            header = struct.pack("<Ii7iB", MAGIC, version, *params, int(args.tie_embeddings))
             if version == 2:
                 header += struct.pack("<i", group_size)
             f.write(header + b"\0" * (HEADER_BYTES - len(header)))
@@ -334,7 +328,7 @@ def write_llama2c(path, model: Transformer, version: int = 0, group_size: int | 
 
 
 def read_llama2c_header(path) -> dict:
-    """{"version", "params": ModelArgs, "shared": bool, "group_size": int or None,
+    """{"version", "params": ModelArgs (tie_embeddings: the classifier is shared), "group_size": int or None,
     "offset": the first weight's byte}"""
     with open(path, "rb") as f:
         head = f.read(HEADER_BYTES)
@@ -356,18 +350,19 @@ def read_llama2c_header(path) -> dict:
     if min(params) <= 0:
         raise CheckpointError(f"{path} is not a llama2.c model file (header {params})")
     try:
-        args = ModelArgs(**dict(zip(HEADER_INTS, params)), norm_eps=RUNC_NORM_EPS, rope_theta=RUNC_ROPE_THETA)
+        args = ModelArgs(**dict(zip(HEADER_INTS, params)), norm_eps=RUNC_NORM_EPS, rope_theta=RUNC_ROPE_THETA,
+                         tie_embeddings=shared)
     except (ValueError, ZeroDivisionError) as e:
         raise CheckpointError(f"{path} is not a llama2.c model file (header {params}: {e})") from None
     if version == 2:
         check_group_size(args, group_size)
-    return {"version": version, "params": args, "shared": shared, "group_size": group_size, "offset": offset}
+    return {"version": version, "params": args, "group_size": group_size, "offset": offset}
 
 
 def read_llama2c_tensors(path, header: dict) -> dict:
     """name -> float32 tensor for every entry of the file's layout (int8 matrices dequantised)."""
     args, version, gs = header["params"], header["version"], header["group_size"]
-    layout = llama2c_layout(args, version, header["shared"])
+    layout = llama2c_layout(args, version)
     numels = [int(np.prod(shape)) for _, shape, _ in layout]
     sizes = [4 * n if kind == "f32" else n + n // gs * 4 for (_, _, kind), n in zip(layout, numels)]
     expected, actual = header["offset"] + sum(sizes), os.path.getsize(path)
@@ -392,13 +387,11 @@ def read_llama2c_tensors(path, header: dict) -> dict:
 def read_llama2c(path) -> dict:
     """A llama2.c model file (version 0, 1 or 2; int8 is dequantised) -> a checkpoint dict like ours."""
     header = read_llama2c_header(path)
-    if not header["shared"]:
-        raise CheckpointError(f"{path} has a separate classifier matrix; model.py ties it to the token "
-                              "embedding")
     tensors = read_llama2c_tensors(path, header)
     # run.c recomputes RoPE and ignores the stored tables (version 0); so do we
     state = {k: v for k, v in tensors.items() if not k.startswith("freqs_")}
-    state["output.weight"] = state["tok_embeddings.weight"]
+    if header["params"].tie_embeddings:
+        state["output.weight"] = state["tok_embeddings.weight"]
     return {"model": state, "model_args": asdict(header["params"]), "tokenizer": None,
             "llama2c_version": header["version"], "source": os.path.abspath(path)}
 
@@ -463,8 +456,8 @@ def hf_name_map(args: ModelArgs) -> list[tuple[str, str, int | None]]:
 
 
 def to_hf_state_dict(state_dict: dict, args: ModelArgs, tied: bool | None = None) -> dict:
-    # tied (default: detected): lm_head is left out, HF ties it to embed_tokens from config.json
-    tied = _shared_classifier(state_dict) if tied is None else tied
+    # tied (None: args.tie_embeddings): lm_head is left out, HF ties it to embed_tokens from config.json
+    tied = args.tie_embeddings if tied is None else tied
     out = {}
     for ours, theirs, heads in hf_name_map(args):
         if ours == "output.weight" and tied:
@@ -481,11 +474,12 @@ def from_hf_state_dict(hf_state: dict, args: ModelArgs) -> dict:
             continue  # a missing key is reported by load_state_dict(strict=True)
         t = hf_state[theirs]
         out[ours] = (_rope_unpermute(t, heads) if heads else t).contiguous()
-    out.setdefault("output.weight", out.get("tok_embeddings.weight"))  # tied: HF stores embed_tokens only
+    if args.tie_embeddings:  # HF stores embed_tokens only, or ignores an lm_head stored beside it
+        out["output.weight"] = out.get("tok_embeddings.weight")
     return out
 
 
-def hf_config(args: ModelArgs, bos_id=None, eos_ids=None, dtype="float32", tied=True) -> dict:
+def hf_config(args: ModelArgs, bos_id=None, eos_ids=None, dtype="float32") -> dict:
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "hidden_size": args.dim, "intermediate_size": args.hidden_dim, "num_hidden_layers": args.n_layers,
@@ -495,7 +489,8 @@ def hf_config(args: ModelArgs, bos_id=None, eos_ids=None, dtype="float32", tied=
         # transformers 5 reads rope_parameters, 4.x reads rope_theta
         "rope_theta": args.rope_theta,
         "rope_parameters": {"rope_type": "default", "rope_theta": args.rope_theta},
-        "tie_word_embeddings": tied, "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
+        "tie_word_embeddings": args.tie_embeddings, "attention_bias": False, "mlp_bias": False,
+        "attention_dropout": 0.0,
         "bos_token_id": bos_id, "eos_token_id": eos_ids, "dtype": dtype, "torch_dtype": dtype,
         "use_cache": True,
     }
@@ -519,9 +514,7 @@ def write_hf(out_dir, model: Transformer, tokenizer_path=None, dtype="float32", 
 
     args = model.args
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    tied = _shared_classifier(state)
-    tensors = {k: v.to(runtime.DTYPES[dtype]).contiguous()
-               for k, v in to_hf_state_dict(state, args, tied).items()}
+    tensors = {k: v.to(runtime.DTYPES[dtype]).contiguous() for k, v in to_hf_state_dict(state, args).items()}
     os.makedirs(out_dir, exist_ok=True)
     written = []
 
@@ -550,7 +543,7 @@ def write_hf(out_dir, model: Transformer, tokenizer_path=None, dtype="float32", 
             config["chat_template"] = instruct.hf_chat_template(template)
         write_json("tokenizer_config.json", config)
         write_json("generation_config.json", {"bos_token_id": bos, "eos_token_id": stops})
-    write_json("config.json", hf_config(args, bos, stops, dtype, tied))  # last: with a config it is complete
+    write_json("config.json", hf_config(args, bos, stops, dtype))  # last: with a config it is complete
     return written
 
 
@@ -593,15 +586,19 @@ def read_hf(path) -> dict:
     with open(config_path, encoding="utf-8") as f:
         c = json.load(f)
     rope_theta = (c.get("rope_parameters") or {}).get("rope_theta", c.get("rope_theta", 10000.0))
+    weights = load_file(weights_path)
+    # transformers' own default is untied; a config without the setting is read by what the weights hold
+    tied = c.get("tie_word_embeddings", "lm_head.weight" not in weights)
+    if not tied and "lm_head.weight" not in weights:
+        raise CheckpointError(f"{config_path} says tie_word_embeddings=false but {weights_path} has no "
+                              "lm_head.weight: set it to true if the embedding is the classifier")
     args = ModelArgs(dim=c["hidden_size"], n_layers=c["num_hidden_layers"], n_heads=c["num_attention_heads"],
                      n_kv_heads=c.get("num_key_value_heads"), vocab_size=c["vocab_size"],
                      hidden_dim=c["intermediate_size"], max_seq_len=c.get("max_position_embeddings", 2048),
-                     norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=float(rope_theta))
+                     norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=float(rope_theta), tie_embeddings=tied)
     if c.get("head_dim", args.dim // args.n_heads) != args.dim // args.n_heads:
         raise CheckpointError(f"{config_path}: head_dim {c['head_dim']} != hidden_size / num_attention_heads")
-    state = from_hf_state_dict({k: v.float() for k, v in load_file(weights_path).items()}, args)
-    if not _shared_classifier(state):
-        raise CheckpointError(f"{path} has an untied lm_head; model.py ties it to the token embedding")
+    state = from_hf_state_dict({k: v.float() for k, v in weights.items()}, args)
     tokenizer, tokenizer_config = (os.path.join(path, name)
                                    for name in ("tokenizer.model", "tokenizer_config.json"))
     checkpoint = {"model": state, "model_args": asdict(args), "source": os.path.abspath(path),
@@ -669,7 +666,7 @@ def write_gguf(path, model: Transformer, tokenizer_path, dtype: str = "float32",
     qtype, file_type = (getattr(enum, name) for enum, name in
                         zip((gguf.GGMLQuantizationType, gguf.LlamaFileType), GGUF_TYPES[dtype]))
     state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
-    if _shared_classifier(state):
+    if args.tie_embeddings:
         del state["output.weight"]  # llama.cpp ties a missing output.weight to token_embd
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, args.n_layers)  # from Meta's names (ours)
     sp = load_sentencepiece(tokenizer_path)

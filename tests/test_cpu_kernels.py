@@ -237,7 +237,8 @@ def test_packed_weights_are_per_generation_and_follow_training():
 # way (weights packed and norms folded in), so each option the model has must give the same logits on both
 # paths. A field added to ModelArgs fails here until it has a value below and both paths support it.
 OTHER_VALUES = {"dim": 48, "n_layers": 3, "n_heads": 2, "n_kv_heads": 1, "vocab_size": 97, "hidden_dim": 72,
-                "multiple_of": 24, "norm_eps": 0.5, "max_seq_len": 20, "dropout": 0.2, "rope_theta": 50.0}
+                "multiple_of": 24, "norm_eps": 0.5, "max_seq_len": 20, "dropout": 0.2, "rope_theta": 50.0,
+                "tie_embeddings": False}
 
 
 @pytest.mark.parametrize("field", [f.name for f in dataclasses.fields(ModelArgs)])

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_model import REFERENCE_CONFIGS
 
 import export
 from llamatiny import checkpoint, lora
@@ -141,17 +142,32 @@ def test_headers_byte_by_byte(tmp_path, model):
         assert head[end:] == bytes(256 - end)
 
 
-def test_untied_classifier_marked_in_header_and_refused_on_load(tmp_path):
-    model = tiny_model()
-    model.output.weight = torch.nn.Parameter(torch.randn_like(model.output.weight))  # untie
-    checkpoint.write_llama2c(tmp_path / "v0.bin", model, 0)
-    assert struct.unpack("<7i", (tmp_path / "v0.bin").read_bytes()[:28])[5] == -model.args.vocab_size
-    header = checkpoint.read_llama2c_header(tmp_path / "v0.bin")
-    assert not header["shared"]
-    tensors = checkpoint.read_llama2c_tensors(tmp_path / "v0.bin", header)
-    assert torch.equal(tensors["output.weight"], model.output.weight.detach())
-    with pytest.raises(CheckpointError, match="separate classifier"):
-        from_checkpoint(tmp_path / "v0.bin")
+@pytest.mark.parametrize("version", [0, 1, 2])
+def test_untied_classifier_round_trips_in_every_version(tmp_path, version):
+    # llama2.c's mark of a classifier of its own: a negative vocab_size in version 0 (run.c: shared_weights =
+    # vocab_size > 0), the flag byte 0 in versions 1 and 2; the matrix comes after every other weight
+    model = tiny_model(tie_embeddings=False)
+    V, d, path = model.args.vocab_size, model.args.dim, tmp_path / "model.bin"
+    classifier = model.output.weight.detach()
+    checkpoint.write_llama2c(path, model, version, group_size=16 if version == 2 else None)
+    raw = path.read_bytes()
+    if version == 0:
+        assert struct.unpack_from("<7i", raw)[5] == -V
+    else:
+        assert struct.unpack_from("<i7iB", raw, 4)[-1] == 0
+    loaded, _ = from_checkpoint(path)
+    assert not loaded.args.tie_embeddings and loaded.output.weight is not loaded.tok_embeddings.weight
+    if version == 2:  # int8 values, then their scales, one per 16
+        scales = V * d // 16 * 4
+        assert np.array_equal(np.frombuffer(raw[-(V * d + scales):-scales], np.int8),
+                              checkpoint.quantize_q80(classifier, 16)[0].numpy())
+        agree = logits_of(loaded, TOKENS).argmax(-1) == logits_of(model, TOKENS).argmax(-1)
+        assert agree.float().mean() > 0.8
+        return
+    assert np.array_equal(np.frombuffer(raw[-4 * V * d:], "<f4"), classifier.numpy().ravel())
+    for name, t in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], t), name
+    assert torch.equal(logits_of(loaded, TOKENS), logits_of(model, TOKENS))
 
 
 def read_v0_by_hand(path):
@@ -236,6 +252,18 @@ def test_version0_matches_runc_forward_greedy(tmp_path, model):
     ours = model.generate(torch.tensor([prompt]), 20, temperature=0.0)[0, len(prompt):].tolist()
     assert runc_generate(w, params, prompt, 20) == ours
     assert len(set(ours)) > 3  # a varied sequence, not one token repeated
+
+
+def test_untied_version0_matches_runc_forward_greedy(tmp_path):
+    model = tiny_model(tie_embeddings=False)
+    checkpoint.write_llama2c(tmp_path / "model.bin", model, 0)
+    params, w = read_v0_by_hand(tmp_path / "model.bin")
+    assert np.array_equal(w["cls"], model.output.weight.detach().numpy())
+    prompt = [1, 17, 250, 3]
+    ours = model.generate(torch.tensor([prompt]), 20, temperature=0.0)[0, len(prompt):].tolist()
+    assert runc_generate(w, params, prompt, 20) == ours
+    # and the test can tell: with the embedding as the classifier, other tokens come out
+    assert runc_generate({**w, "cls": w["tok"]}, params, prompt, 20) != ours
 
 
 def test_group_size_must_divide_hidden_dim(tmp_path):
@@ -370,14 +398,19 @@ def test_rope_permutation_inverts():
     assert not torch.equal(checkpoint._rope_permute(w, 6), w)
 
 
-def to_hf_model(model: Transformer):
-    # an in-memory transformers.LlamaForCausalLM with model's weights, through the same name map
+def hf_llama(args: ModelArgs):
+    # a transformers.LlamaForCausalLM of args' shape, with transformers' own initial weights
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    state = {k: v.detach().cpu().float() for k, v in model.state_dict().items()}
-    config = {k: v for k, v in checkpoint.hf_config(model.args).items()
+    config = {k: v for k, v in checkpoint.hf_config(args).items()
               if k not in ("architectures", "model_type", "dtype", "torch_dtype", "rope_theta")}
-    hf = LlamaForCausalLM(LlamaConfig(**config, attn_implementation="eager"))
+    return LlamaForCausalLM(LlamaConfig(**config, attn_implementation="eager"))
+
+
+def to_hf_model(model: Transformer):
+    # an in-memory transformers.LlamaForCausalLM with model's weights, through the same name map
+    state = {k: v.detach().cpu().float() for k, v in model.state_dict().items()}
+    hf = hf_llama(model.args)
     hf.load_state_dict(checkpoint.to_hf_state_dict(state, model.args, tied=False),  # lm_head explicit
                        strict=True)
     return hf.eval()
@@ -422,6 +455,59 @@ def test_hf_round_trip_and_dtype(tmp_path, model, transformers):
     assert config["dtype"] == "bfloat16" and config["tie_word_embeddings"] is True
     loaded, _ = from_checkpoint(tmp_path / "bf16")
     assert torch.equal(loaded.state_dict()["norm.weight"], model.norm.weight.detach().bfloat16().float())
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize("name", REFERENCE_CONFIGS)
+def test_parameter_counts_equal_transformers(name, tie, transformers):
+    # the same shape in transformers' LlamaForCausalLM (tie_word_embeddings from our config.json): the same
+    # count, and without the embedding the same as its num_parameters(exclude_embeddings=True)
+    with torch.device("meta"):
+        ours = Transformer(ModelArgs(**REFERENCE_CONFIGS[name][0], tie_embeddings=tie))
+        theirs = hf_llama(ours.args)
+    assert ours.num_params() == sum(p.numel() for p in theirs.parameters())
+    assert ours.num_params(non_embedding=True) == theirs.num_parameters(exclude_embeddings=True)
+
+
+def test_hf_untied_lm_head_both_ways(tmp_path, transformers):
+    from safetensors import safe_open
+
+    model = tiny_model(tie_embeddings=False)
+    checkpoint.write_hf(tmp_path / "ours", model)
+    config = json.loads((tmp_path / "ours" / "config.json").read_text(encoding="utf-8"))
+    assert config["tie_word_embeddings"] is False
+    with safe_open(tmp_path / "ours" / "model.safetensors", "pt") as f:
+        assert torch.equal(f.get_tensor("lm_head.weight"), model.output.weight.detach())
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "ours", local_files_only=True,
+                                                       attn_implementation="eager").eval()
+    with torch.no_grad():
+        assert (hf(TOKENS).logits - logits_of(model, TOKENS)).abs().max() < 1e-4
+    loaded, _ = from_checkpoint(tmp_path / "ours")
+    assert not loaded.args.tie_embeddings
+    assert all(torch.equal(loaded.state_dict()[k], t) for k, t in model.state_dict().items())
+
+    # transformers' own untied model, as its save_pretrained writes it
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=400,
+                                      max_position_embeddings=64, tie_word_embeddings=False)
+    theirs = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.normal_(0, 0.3) if p.dim() == 2 else p.uniform_(0.5, 1.5)
+    theirs.eval().save_pretrained(tmp_path / "theirs")
+    loaded, _ = from_checkpoint(tmp_path / "theirs")
+    assert not loaded.args.tie_embeddings
+    with torch.no_grad():
+        assert (theirs(TOKENS).logits - logits_of(loaded.eval(), TOKENS)).abs().max() < 1e-4
+
+    # a config that says untied beside weights without an lm_head: refused, saying what to change
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(tmp_path / "theirs" / "model.safetensors")
+    del weights["lm_head.weight"]
+    save_file(weights, tmp_path / "theirs" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="tie_word_embeddings=false .* no lm_head.weight"):
+        from_checkpoint(tmp_path / "theirs")
 
 
 def test_hf_generate_stops_at_bos_or_eos(tmp_path, sp_model, transformers):

@@ -2,7 +2,8 @@
 and values, the architecture's settings, the tokenizer against sentencepiece, q8_0 within its rounding), the
 command line (every model source, LoRA merged, one-line errors), and, where llama-cpp-python is installed,
 llama.cpp itself: its greedy tokens equal sample.py's (float32 and float16 files), its q8_0 logits stay near
-ours, a wrong RoPE layout is caught, and an instruction-tuned model's chat template renders our prompt."""
+ours, a wrong RoPE layout is caught, an untied classifier is the one it uses, and an instruction-tuned model's
+chat template renders our prompt."""
 import dataclasses
 import json
 import sys
@@ -140,10 +141,11 @@ def test_float16_bfloat16_and_q8_0(sp_model, tmp_path, capsys, dtype, file_type)
 
 
 def test_untied_classifier_is_written(tmp_path, sp_model):
-    model = tiny_model()
-    model.output.weight = torch.nn.Parameter(torch.randn_like(model.output.weight))  # untie
-    checkpoint.write_gguf(tmp_path / "m.gguf", model, sp_model)
+    model = tiny_model(tie_embeddings=False)
+    ckpt = save_checkpoint(tmp_path / "c.pt", model, sp_model)
+    export.main([str(tmp_path / "m.gguf"), f"--checkpoint={ckpt}", "--format=gguf"])
     found = tensors(tmp_path / "m.gguf")
+    assert len(found) == len(model.state_dict())  # every weight, output.weight among them
     assert np.array_equal(values(found["output.weight"]), model.output.weight.detach().numpy())
     assert np.array_equal(values(found["token_embd.weight"]), model.tok_embeddings.weight.detach().numpy())
 
@@ -418,3 +420,25 @@ def test_llama_cpp_chat_template_round_trip(llama_cpp, trained, tmp_path, capsys
     # llama.cpp keeps the space of the reply's first piece ("▁Once" after "Story:"); sample.py prints the
     # reply without it
     assert reply["content"] == " " + text.removesuffix("\n") and text == tok.decode(ours) + "\n"
+
+
+def test_llama_cpp_reads_an_untied_classifier(llama_cpp, sp_model, tmp_path):
+    # output.weight in the file is llama.cpp's classifier: its logits are ours, and greedy decoding follows;
+    # with the embedding as the classifier (the tied reading) they would not be
+    model = tiny_model(tie_embeddings=False)
+    ckpt = save_checkpoint(tmp_path / "c.pt", model, sp_model)
+    export.main([str(tmp_path / "m.gguf"), f"--checkpoint={ckpt}", "--format=gguf"])
+    llm = load(llama_cpp, tmp_path / "m.gguf", logits_all=True, type_k=llama_cpp.GGML_TYPE_F32,
+               type_v=llama_cpp.GGML_TYPE_F32)
+    ids = Tokenizer(sp_model).encode(PROMPT)
+    llm.eval(ids)
+    theirs = np.array(llm.scores[:len(ids)])
+    with torch.no_grad():
+        h = model.hidden_states(torch.tensor([ids]))[0]
+        ref, tied = model.output(h).numpy(), (h @ model.tok_embeddings.weight.t()).numpy()
+    assert np.abs(theirs - ref).max() / ref.std() < 1e-4
+    assert np.abs(theirs - tied).max() / ref.std() > 0.1
+    ours = model.generate(torch.tensor([ids]), 20, temperature=0.0)[0, len(ids):].tolist()
+    ends = [i for i, token in enumerate(ours) if is_end(llama_cpp, llm, token)]
+    ours = ours[:ends[0]] if ends else ours
+    assert len(ours) > 3 and greedy(llama_cpp, llm, ids, 20) == ours

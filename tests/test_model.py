@@ -180,6 +180,29 @@ def test_embeddings_are_tied_to_the_output_layer():
     assert m.output.weight is m.tok_embeddings.weight
 
 
+def test_untied_output_layer_is_a_weight_of_its_own():
+    tied, m = tiny_model(std=None), tiny_model(std=None, tie_embeddings=False)
+    assert m.output.weight is not m.tok_embeddings.weight
+    V, d = m.args.vocab_size, m.args.dim
+    assert m.num_params() == tied.num_params() + V * d
+    # without the token embedding (transformers' exclude_embeddings): an untied classifier stays in
+    assert m.num_params(non_embedding=True) == tied.num_params(non_embedding=True) + V * d
+    sd = m.state_dict()
+    assert sd["output.weight"].data_ptr() != sd["tok_embeddings.weight"].data_ptr()
+    # each learns from its own gradient: the embedding only in the rows of the tokens looked up
+    m.train()
+    opt = m.configure_optimizers(0.0, 1e-2, (0.9, 0.95), "cpu")
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == m.num_params()
+    tokens = torch.randint(0, V // 2, (2, 8))
+    _, loss = m(tokens, tokens)
+    loss.backward()
+    assert (m.tok_embeddings.weight.grad[V // 2:] == 0).all() and (m.output.weight.grad[V // 2:] != 0).all()
+    embedding = m.tok_embeddings.weight.detach().clone()
+    opt.step()
+    assert torch.equal(m.tok_embeddings.weight[V // 2:], embedding[V // 2:])
+    assert not torch.equal(m.output.weight, m.tok_embeddings.weight)
+
+
 def test_rms_norm_formula():
     norm = model.RMSNorm(8, eps=1e-5)
     with torch.no_grad():
@@ -490,6 +513,23 @@ def test_estimate_mfu_is_the_formula_by_hand():
         m.estimate_mfu(tokens, dt)
 
 
+def test_an_untied_model_multiplies_as_much_as_the_tied_one():
+    # vocab_size x dim more weights, the same multiplies: the untied embedding is a lookup, and the untied
+    # classifier does the tied matrix's work
+    kw, n_params = REFERENCE_CONFIGS["15M"]
+    with torch.device("meta"):
+        tied, untied = Transformer(ModelArgs(**kw)), Transformer(ModelArgs(**kw, tie_embeddings=False))
+    assert untied.num_params() == n_params + 32000 * 288
+    assert untied.flops_per_token() == tied.flops_per_token()
+    assert untied.estimate_mfu(128 * 256, 0.25, 989e12) == tied.estimate_mfu(128 * 256, 0.25, 989e12)
+    # frozen (LoRA's base): a frozen classifier saves its weight gradient's 2 FLOPs a weight, a lookup nothing
+    full = untied.flops_per_token()
+    untied.tok_embeddings.weight.requires_grad_(False)
+    assert untied.flops_per_token() == full
+    untied.output.weight.requires_grad_(False)
+    assert untied.flops_per_token() == full - 2 * 32000 * 288
+
+
 # ------------------------------------------------------------------ generation and sampling
 
 def filter_logits(logits, top_k=None, top_p=None):
@@ -712,16 +752,27 @@ def write_checkpoint(path, m, **overrides):
     torch.save(ckpt, path)
 
 
-def test_from_checkpoint_round_trip(tmp_path):
-    m = tiny_model(n_kv_heads=2, std=0.3)
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_from_checkpoint_round_trip(tmp_path, tie):
+    m = tiny_model(n_kv_heads=2, std=0.3, tie_embeddings=tie)
     write_checkpoint(tmp_path / "ckpt.pt", m)
     loaded, ckpt = from_checkpoint(tmp_path / "ckpt.pt")
     assert loaded.args == m.args and ckpt["iter_num"] == 3
-    assert loaded.output.weight is loaded.tok_embeddings.weight
+    assert (loaded.output.weight is loaded.tok_embeddings.weight) == tie
     tokens = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(13))
     loaded.eval()
     with torch.no_grad():
         assert torch.equal(all_logits(loaded, tokens), all_logits(m, tokens))
+
+
+def test_a_checkpoint_from_before_tie_embeddings_loads_tied(tmp_path):
+    m = tiny_model(n_kv_heads=2)
+    args = dataclasses.asdict(m.args)
+    del args["tie_embeddings"]  # model_args as written before the setting existed
+    write_checkpoint(tmp_path / "old.pt", m, model_args=args)
+    loaded, _ = from_checkpoint(tmp_path / "old.pt")
+    assert loaded.args.tie_embeddings and loaded.output.weight is loaded.tok_embeddings.weight
+    assert torch.equal(loaded.output.weight, m.tok_embeddings.weight)
 
 
 def test_from_checkpoint_errors_are_clear(tmp_path):
