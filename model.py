@@ -6,6 +6,7 @@ The Llama model, in one file, read bottom-up:
 - grouped-query attention: one F.scaled_dot_product_attention call (flash kernels) for training and
   prefill, and a preallocated KV cache for decoding
 - SwiGLU feed-forward; the token embedding tied to the output layer (the classifier), or untied
+- three initialisations of fresh weights (INIT_SCHEMES)
 - generation: generate_stream / generate, and sample_next (temperature, top-k, top-p)
 
 Weight names follow Meta's release (wq wk wv wo, w1 w2 w3), so the llama2.c and Hugging Face exports
@@ -190,8 +191,16 @@ class TransformerBlock(nn.Module):
         return x + self.feed_forward(self.ffn_norm(x))
 
 
+# how fresh weights are drawn (train.py's weight_init): every matrix from a normal around 0, norm gains 1
+INIT_SCHEMES = {
+    "gpt2": "normal(0, 0.02); the projections into the residual stream (wo, w2) 0.02 / sqrt(2 n_layers)",
+    "hf": "normal(0, 0.02) everywhere, as transformers' LlamaForCausalLM",
+    "kaiming": "normal(0, sqrt(2 / fan_in)), fan_in the matrix's input width (He et al., kaiming_normal_)",
+}
+
+
 class Transformer(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, init: str = "gpt2"):
         super().__init__()
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
@@ -204,16 +213,23 @@ class Transformer(nn.Module):
         # generation's step maker, (model) -> step(tokens, start_pos) -> logits, and its sampler: None is
         # the plain step of generate_stream; faster kernels may take their place (llamatiny/cpu_kernels.py)
         self.decoder, self.sampler = None, sample_next
+        self.init_weights(init)
 
-        self.apply(self._init_weights)
-        # GPT-2's scaled init on the two projections that write into the residual stream
-        for name, p in self.named_parameters():
-            if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * args.n_layers))
-
-    def _init_weights(self, module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+    def init_weights(self, scheme: str = "gpt2"):
+        # scheme: one of INIT_SCHEMES. fan_in is the weight's second dimension, as torch reads it: in_features
+        # of a Linear, dim for the embedding (and so for a tied classifier)
+        if scheme not in INIT_SCHEMES:
+            raise ValueError(f"init {scheme!r}: choose one of {', '.join(INIT_SCHEMES)}")
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                if scheme == "kaiming":
+                    nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+                else:
+                    nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if scheme == "gpt2":  # GPT-2's scaled init on the two projections that write into the residual stream
+            for name, p in self.named_parameters():
+                if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.args.n_layers))
 
     def forward(self, tokens, targets=None, start_pos=None):
         # tokens: (B, T) int64; start_pos: None for training, else the cache position of tokens[:, 0]

@@ -89,6 +89,10 @@ num_workers = 0  # data loader worker processes
 # model: every field of ModelArgs (model.py) is a setting, with its default (the 15M model): dim, n_layers,
 # n_heads, n_kv_heads, vocab_size, hidden_dim, multiple_of, norm_eps, max_seq_len, dropout, rope_theta,
 # tie_embeddings (False: an output layer of its own, vocab_size x dim more weights)
+# how a run from scratch draws its weights (model.INIT_SCHEMES): 'gpt2' normal(0, 0.02) with wo and w2 at
+# 0.02/sqrt(2 n_layers) (llama2.c's, nanoGPT's); 'hf' normal(0, 0.02) everywhere (transformers' Llama);
+# 'kaiming' normal(0, sqrt(2/fan_in)) (He et al.)
+weight_init = "gpt2"  # 'gpt2', 'hf' or 'kaiming'; the norm gains start at 1 in each
 # optimizer: AdamW
 gradient_accumulation_steps = 4  # global: split across processes under DDP
 learning_rate = 5e-4
@@ -331,7 +335,7 @@ def setup(c: dict, config: Config, ddp: bool, rank: int, world_size: int, device
 
     # the model and the optimizer, restored from the checkpoint when resuming
     runtime.seed_everything(c["seed"] + rank)  # DDP copies rank 0's initial weights to the others
-    r.raw_model = raw_model = Transformer(args).to(device)
+    r.raw_model = raw_model = Transformer(args, init=c["weight_init"]).to(device)
     if c["cpu_speedups"] and r.device_type == "cpu":
         cpu_kernels.attach(raw_model)  # faster kernels for the same math
     if checkpoint is not None:

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from configurator import COMMAND_LINE, DEFAULT, Config, ConfigError
 from llamatiny import lora, runs, runtime
 from llamatiny.runtime import print0
-from model import ModelArgs, Transformer
+from model import INIT_SCHEMES, ModelArgs, Transformer
 
 CHECKPOINT = "checkpoint"  # where a resumed run's settings came from, beside configurator's sources
 # what describes this process rather than the run, auto_batch_size included (the split of the run's
@@ -94,7 +94,8 @@ def resolve_config(config: dict) -> dict:
     named = lambda key: f"{key}={c[key]!r}{where(source, key)}"
     for note in getattr(config, "notes", ()):
         print0(note)
-    choices = {"vocab_source": ("llama2", "custom"), "dtype": ("auto", "float32", "bfloat16", "float16")}
+    choices = {"vocab_source": ("llama2", "custom"), "dtype": ("auto", "float32", "bfloat16", "float16"),
+               "weight_init": tuple(INIT_SCHEMES)}
     for key, allowed in choices.items():
         if c[key] not in allowed:
             raise ConfigError(f"{named(key)} is not one of {', '.join(map(repr, allowed))}")
@@ -248,7 +249,7 @@ def for_resume(config: Config, path: str) -> Config:
 
     # (a different vocab_size is left to check_vocabulary, which says which data the model needs)
     shape_keys = {f.name for f in fields(ModelArgs)} - set(NOT_SHAPE) - {"vocab_size"}
-    shape_keys |= {"lora_rank", "lora_targets"}  # the adapters' shape
+    shape_keys |= {"lora_rank", "lora_targets", "weight_init"}  # the adapters' shape; how the weights began
     shape = [k for k in sorted(shape_keys & typed & saved.keys()) if saved[k] != config[k]]
     if shape:
         differ = ", ".join(f"{k}={saved[k]!r} (command line: {config[k]!r})" for k in shape)
@@ -296,6 +297,9 @@ def for_finetune(c: dict, saved_args: dict, path: str, given: set) -> dict:
         print0(f"note: training with max_seq_len={c['max_seq_len']}; "
                f"{path} was trained with {saved.max_seq_len}")
     c.update({k: getattr(saved, k) for k in shape})
+    if "weight_init" in given:
+        print0(f"note: weight_init={c['weight_init']!r} is for a run from scratch; the weights come from "
+               f"{path}")
     return c
 
 

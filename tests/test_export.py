@@ -16,6 +16,7 @@ import torch
 from test_model import REFERENCE_CONFIGS
 
 import export
+import train
 from llamatiny import checkpoint, lora
 from llamatiny.checkpoint import CheckpointError, from_checkpoint
 from llamatiny.corpus import make_stories
@@ -467,6 +468,33 @@ def test_parameter_counts_equal_transformers(name, tie, transformers):
         theirs = hf_llama(ours.args)
     assert ours.num_params() == sum(p.numel() for p in theirs.parameters())
     assert ours.num_params(non_embedding=True) == theirs.num_parameters(exclude_embeddings=True)
+
+
+def test_the_hf_tinystories_recipe_has_transformers_count(transformers):
+    # a Hugging Face recipe, as its users write it: LlamaConfig with the Llama 2 tokenizer's 32,000 tokens and
+    # transformers' default tie_word_embeddings=False; the same model from train.py's command line
+    config = transformers.LlamaConfig(hidden_size=256, intermediate_size=768, num_attention_heads=16,
+                                      num_hidden_layers=4, num_key_value_heads=8, vocab_size=32000)
+    c = train.parse_settings(["--dim=256", "--hidden_dim=768", "--n_heads=16", "--n_layers=4",
+                              "--n_kv_heads=8", "--tie_embeddings=False", "--weight_init=hf"])
+    with torch.device("meta"):
+        theirs, ours = transformers.LlamaForCausalLM(config), Transformer(ModelArgs.from_dict(c))
+    assert not config.tie_word_embeddings and c["vocab_size"] == 32000
+    n = sum(p.numel() for p in theirs.parameters())
+    assert ours.num_params() == n and f"{n / 1e6:.1f}M" == "19.5M"  # the recipe's published size
+
+
+def test_hf_init_draws_as_transformers_does(transformers):
+    # init='hf' against transformers' own init of the same shape: every matrix's std, matched by name
+    args = ModelArgs(dim=128, n_layers=2, n_heads=4, vocab_size=256, hidden_dim=384, tie_embeddings=False)
+    torch.manual_seed(0)
+    ours, theirs = Transformer(args, init="hf").state_dict(), hf_llama(args).state_dict()
+    default = Transformer(args).state_dict()  # gpt2: narrower residual projections
+    for name, hf_name, _ in checkpoint.hf_name_map(args):
+        assert ours[name].std().item() == pytest.approx(theirs[hf_name].std().item(), rel=0.05), name
+        assert ours[name].mean().item() == pytest.approx(theirs[hf_name].mean().item(), abs=1e-3), name
+        if name.endswith("wo.weight"):
+            assert default[name].std().item() < 0.6 * theirs[hf_name].std().item()
 
 
 def test_hf_untied_lm_head_both_ways(tmp_path, transformers):

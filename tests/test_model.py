@@ -144,21 +144,30 @@ def test_fresh_model_loss_is_close_to_ln_vocab(vocab_size, dim, tol):
     assert abs(loss.item() - math.log(vocab_size)) < tol, (loss.item(), math.log(vocab_size))
 
 
-def test_scaled_init_is_on_wo_and_w2_not_w3():
-    # GPT-2's 1/sqrt(2 * n_layers) on the projections that write into the residual stream;
-    # llama2.c #579 scaled w3 (an input projection) instead of w2
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize("scheme", list(model.INIT_SCHEMES))
+def test_each_init_scheme_draws_its_std(scheme, tie):
+    # gpt2: GPT-2's 1/sqrt(2 * n_layers) on the projections that write into the residual stream (llama2.c
+    # #579 scaled w3, an input projection, instead of w2); hf: 0.02 everywhere; kaiming:
+    # sqrt(2 / in_features), which hidden_dim 384 against dim 128 tells apart from sqrt(2 / out_features)
     n_layers = 4
     torch.manual_seed(0)
-    m = Transformer(tiny_args(dim=128, n_heads=4, n_layers=n_layers, vocab_size=256))
-    scaled = 0.02 / math.sqrt(2 * n_layers)
+    m = Transformer(tiny_args(dim=128, n_heads=4, n_layers=n_layers, vocab_size=256, hidden_dim=384,
+                              tie_embeddings=tie), init=scheme)
+    residual = ("attention.wo.weight", "feed_forward.w2.weight")
+    matrices = 0
     for name, p in m.named_parameters():
         if p.dim() == 1:
             assert torch.all(p == 1.0), name  # norm gains start at one
             continue
-        expected = scaled if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")) else 0.02
+        matrices += 1
+        expected = {"gpt2": 0.02 / math.sqrt(2 * n_layers) if name.endswith(residual) else 0.02,
+                    "hf": 0.02, "kaiming": math.sqrt(2 / p.size(1))}[scheme]
         assert p.std().item() == pytest.approx(expected, rel=0.05), name
         assert abs(p.mean().item()) < expected / 10, name
-    assert m.layers[0].feed_forward.w3.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert matrices == 7 * n_layers + (1 if tie else 2)  # the untied classifier drawn too
+    with pytest.raises(ValueError, match="xavier.*gpt2, hf, kaiming"):
+        Transformer(tiny_args(), init="xavier")
 
 
 def test_embeddings_are_tied_to_the_output_layer():

@@ -485,6 +485,33 @@ def test_compiled_model_saves_plain_names(data_dir, tmp_path, monkeypatch):
     assert ckpt["model"] and not any("_orig_mod" in k for k in ckpt["model"])
 
 
+def test_untied_head_and_weight_init_reach_the_model_and_the_checkpoint(data_dir, tmp_path, capsys):
+    # one step at a negligible learning rate: the checkpoint holds the weights as they were drawn
+    run = TINY + [f"--data_dir={data_dir}", "--max_iters=1", "--eval_interval=1", "--learning_rate=1e-9"]
+    train.train(train.parse_settings(run + ["--tie_embeddings=False", "--weight_init=kaiming",
+                                            f"--out_dir={tmp_path / 'a'}"]))
+    model, ckpt = from_checkpoint(tmp_path / "a" / "ckpt.pt")
+    assert ckpt["config"]["weight_init"] == "kaiming" and ckpt["model_args"]["tie_embeddings"] is False
+    state = ckpt["model"]
+    for name in ("tok_embeddings.weight", "output.weight", "layers.0.attention.wq.weight",
+                 "layers.1.feed_forward.w2.weight"):  # fan_in 32, 32, 32 and 96
+        assert state[name].std().item() == pytest.approx((2 / state[name].size(1)) ** 0.5, rel=0.1), name
+    assert not torch.allclose(state["output.weight"], state["tok_embeddings.weight"], atol=0.1)
+    n_params = sum(t.numel() for t in state.values())  # two matrices of 512 x 32, each counted
+    assert f"model: {n_params:,} parameters (" in capsys.readouterr().out
+
+    # a fine-tune takes the untied shape from its source; weight_init has nothing to draw
+    train.train(train.parse_settings(run + [f"--init_from={tmp_path / 'a' / 'ckpt.pt'}", "--weight_init=hf",
+                                            f"--out_dir={tmp_path / 'b'}"]))
+    assert "note: weight_init='hf' is for a run from scratch" in capsys.readouterr().out
+    tuned, _ = from_checkpoint(tmp_path / "b" / "ckpt.pt")
+    assert not tuned.args.tie_embeddings and tuned.output.weight is not tuned.tok_embeddings.weight
+    assert "weight_init='kaiming' (command line: 'hf')" in main_error(
+        run + ["--init_from=resume", "--max_iters=2", "--weight_init=hf", f"--out_dir={tmp_path / 'a'}"])
+    assert main_error(run + ["--weight_init=xavier", f"--out_dir={tmp_path / 'c'}"]) == \
+        "error: weight_init='xavier' (command line) is not one of 'gpt2', 'hf', 'kaiming'"
+
+
 # ----------------------------------------------------------------------------- settings: types and resume
 
 
