@@ -11,6 +11,8 @@ read).
     out_dir/ckpt.pt         the latest checkpoint, every checkpoint_interval iterations: what resume continues
     out_dir/ckpt_best.pt    the checkpoint with the best val loss so far
     out_dir/ckpt_NNNNNN.pt  with keep_checkpoints=N, the last N checkpoints by iteration
+    out_dir/model.bin       with export_llama2c=True, run.c's file beside ckpt.pt (model_best.bin beside
+                            ckpt_best.pt), and its tokenizer.bin
     out_dir/replaced/       a previous run's files, while a new run started with overwrite=True has no
                             checkpoint of its own yet
 Checkpoints are written atomically (checkpoint.save_checkpoint): a crash never leaves half of one. A write
