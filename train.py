@@ -584,9 +584,14 @@ def loop(r: Run) -> dict:
     """Trains from where setup() left the run to max_iters; returns the final figures."""
     c, loader, optimizer, scaler, progress = r.c, r.loader, r.optimizer, r.scaler, r.progress
     accum_steps, ddp, world_size, device = r.accum_steps, r.ddp, r.world_size, r.device
-    fine_tune = c["init_from"] not in ("scratch", "resume")
-    if c["eval_only"] or fine_tune:  # a fine-tune's starting point: the model on its new data
+    if r.device_type == "cuda":  # the peak memory of training, not of batch_size=auto's trial steps
+        torch.cuda.reset_peak_memory_stats(device)
+    # a new run's starting point, as llama2.c and nanoGPT log it: about ln(vocab_size) from scratch, a
+    # fine-tune's model on its new data (not timed as a step)
+    if c["eval_only"] or c["init_from"] != "resume":
+        eval_start = time.perf_counter()
         losses = evaluate(r.model, r.eval_loaders, c["eval_iters"], world_size, device, r.ctx)
+        progress.not_timed(time.perf_counter() - eval_start, evaluation=True)
         print0(f"eval at iteration {r.iter_num}: train loss {losses['train']:.4f}, "
                f"val loss {losses['val']:.4f}")
         uniform = math.log(c["vocab_size"])
@@ -669,6 +674,11 @@ def loop(r: Run) -> dict:
             else:
                 speed = f"{dt * 1000:.1f} ms/iter | {tok_per_s:,.0f} tokens/s | " \
                         + (f"MFU {mfu * 100:.1f}%" if mfu is not None else "MFU -")
+            # the peak of memory allocated since training began, what nvidia-smi's figure holds (with the
+            # allocator's cache on top)
+            mem = torch.cuda.max_memory_allocated(device) / 2**30 if r.device_type == "cuda" else None
+            if mem is not None:
+                speed += f" | mem {mem:.2f} GiB"
             left = progress.left(r.iter_num, c["max_iters"])
             print0(f"iter {r.iter_num} | loss {lossf:.4f} | lr {lr:.2e} | grad norm {norm:.3f} | {speed} | "
                    f"{runs.format_duration(progress.elapsed())} elapsed"
@@ -676,7 +686,8 @@ def loop(r: Run) -> dict:
             log(r, {"iter": r.iter_num, "tokens": r.tokens_seen, "loss": lossf, "lr": lr, "grad_norm": norm,
                     "dt_ms": (dt or progress.first_step_s) * 1000, "tok_per_s": tok_per_s, "mfu": mfu,
                     "elapsed_s": progress.elapsed(),
-                    **({"first_step_s": progress.first_step_s} if first else {})})
+                    **({"first_step_s": progress.first_step_s} if first else {}),
+                    **({"mem_gib": mem} if mem is not None else {})})
 
         # evals, and checkpoints: ckpt.pt every checkpoint_interval, ckpt_best.pt at a better val loss
         finished = r.iter_num == c["max_iters"]

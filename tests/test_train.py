@@ -2,6 +2,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -212,14 +213,18 @@ def test_short_run_learns_and_writes_its_outputs(short_run):
     assert logs[0]["tok_per_s"] is None and all(r["tok_per_s"] > 0 for r in logs[1:])  # step 1: warm-up
     assert all(a["elapsed_s"] < b["elapsed_s"] for a, b in zip(logs, logs[1:]))
     assert set(evals[0]) == {"iter", "tokens", "train_loss", "val_loss"}
-    assert [r["iter"] for r in evals] == [15, 30]
+    assert [r["iter"] for r in evals] == [0, 15, 30]  # the fresh model's loss, before the first step
+    assert not any("mem_gib" in r for r in logs)  # GPU memory: on a CPU, none is claimed
     assert logs[-1]["tokens"] == 30 * 2 * 8 * 32
     first, last = sum(r["loss"] for r in logs[:3]) / 3, sum(r["loss"] for r in logs[-3:]) / 3
     assert first > 5.5 and last < first - 1.0, (first, last)  # from about ln(512) = 6.2
-    assert evals[1]["val_loss"] < evals[0]["val_loss"]
+    assert evals[0]["tokens"] == 0 and abs(evals[0]["val_loss"] - math.log(512)) < 0.05, evals[0]
+    assert evals[2]["val_loss"] < evals[1]["val_loss"] < evals[0]["val_loss"]
+    assert re.search(r"^eval at iteration 0: train loss 6\.\d{4}, val loss 6\.\d{4}$", result.stdout, re.M)
 
     lines = [line for line in result.stdout.splitlines() if line.startswith("iter ")]
     assert len(lines) == 30 and FIRST_LOG_LINE.match(lines[0]), lines[0]
+    assert not any(" | mem " in line for line in lines)
     assert all(LOG_LINE.match(line) for line in lines[1:]), lines[1:3]
     assert re.search(r"^done: 30 iterations, 15,360 tokens in \d+s, best val loss \d\.\d{4}$", result.stdout,
                      re.M)
@@ -229,7 +234,7 @@ def test_short_run_learns_and_writes_its_outputs(short_run):
     assert ckpt["iter_num"] == 30 and ckpt["tokens_seen"] == 30 * 512
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"])
     assert ckpt["model_args"]["dim"] == 32 and ckpt["config"]["lr_decay_iters"] == 30
-    assert ckpt["best_val_loss"] == pytest.approx(evals[1]["val_loss"])
+    assert ckpt["best_val_loss"] == pytest.approx(evals[2]["val_loss"])
     assert Path(ckpt["tokenizer"]).is_file() and len(ckpt["rng_state"]) == 1
 
     info = json.loads((out / "config.json").read_text(encoding="utf-8"))
@@ -244,6 +249,9 @@ def test_the_first_step_of_each_process_is_logged_whatever_the_log_interval(data
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("iter ")]
     logs, _ = read_metrics(tmp_path)
     assert [r["iter"] for r in logs] == [1, 4, 6, 7, 8, 10]  # the resumed process's first step is 7
+    # the fresh run evaluates before its first step, the resumed one does not again
+    raw = (tmp_path / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    assert [r["iter"] for r in map(json.loads, raw) if "val_loss" in r] == [0, 6, 10]
     assert [i for i, line in enumerate(lines) if " | first step " in line] == [0, 3]
     assert FIRST_LOG_LINE.match(lines[0]), lines[0]
     firsts = [r for r in logs if "first_step_s" in r]
