@@ -592,8 +592,7 @@ def loop(r: Run) -> dict:
         eval_start = time.perf_counter()
         losses = evaluate(r.model, r.eval_loaders, c["eval_iters"], world_size, device, r.ctx)
         progress.not_timed(time.perf_counter() - eval_start, evaluation=True)
-        print0(f"eval at iteration {r.iter_num}: train loss {losses['train']:.4f}, "
-               f"val loss {losses['val']:.4f}")
+        print0(f"eval iter {r.iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
         uniform = math.log(c["vocab_size"])
         if c["init_from"] != "scratch" and losses["val"] > uniform:
             print0(f"warning: the model starts at val loss {losses['val']:.2f}, "

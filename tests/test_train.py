@@ -220,7 +220,7 @@ def test_short_run_learns_and_writes_its_outputs(short_run):
     assert first > 5.5 and last < first - 1.0, (first, last)  # from about ln(512) = 6.2
     assert evals[0]["tokens"] == 0 and abs(evals[0]["val_loss"] - math.log(512)) < 0.05, evals[0]
     assert evals[2]["val_loss"] < evals[1]["val_loss"] < evals[0]["val_loss"]
-    assert re.search(r"^eval at iteration 0: train loss 6\.\d{4}, val loss 6\.\d{4}$", result.stdout, re.M)
+    assert re.search(r"^eval iter 0: train loss 6\.\d{4}, val loss 6\.\d{4}$", result.stdout, re.M)
 
     lines = [line for line in result.stdout.splitlines() if line.startswith("iter ")]
     assert len(lines) == 30 and FIRST_LOG_LINE.match(lines[0]), lines[0]
@@ -310,7 +310,7 @@ def test_eval_only_evaluates_the_checkpoint(short_run, data_dir, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(short_run[0], out)
     result = ok(run_train(["--init_from=resume", "--eval_only=True", "--max_iters=30"], data_dir, out))
-    assert re.search(r"eval at iteration 30: train loss \d\.\d{4}, val loss \d\.\d{4}",
+    assert re.search(r"eval iter 30: train loss \d\.\d{4}, val loss \d\.\d{4}",
                      result.stdout), result.stdout
 
 
