@@ -206,7 +206,7 @@ def main(argv=None):
         return
     try:
         cfg, model, tok, prompts, echo = setup(argv)
-    except (SampleError, LoadError, ConfigError) as e:
+    except (SampleError, LoadError, ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     # a console that cannot show a character shows an escape, not a crash

@@ -127,11 +127,15 @@ def find_checkpoint(path: str, default: str) -> str:
     """--checkpoint as sample.py, eval.py and export.py read it -> what to load, with a note on stderr when
     that is not the path itself. A run folder (out/15m) is its best checkpoint, else its latest; the default
     (out/ckpt.pt, where llama2.c's train.py writes), when it does not exist, is the most recent run in its
-    folder (out/): the one that saved last, as llama2.c's out/ckpt.pt is the last run's."""
+    folder (out/): the one that saved last, as llama2.c's out/ckpt.pt is the last run's. A run folder without
+    a checkpoint yet is a FileNotFoundError that says so."""
     if os.path.isdir(path) and (found := checkpoint_of(path)):
         print(f"note: {path} is a run folder: reading {found} ({describe_checkpoint(found)})",
               file=sys.stderr)
         return found
+    if os.path.isfile(os.path.join(path, "metrics.jsonl")):
+        raise FileNotFoundError(f"{path} is a run folder with no checkpoint yet: train.py writes ckpt.pt "
+                                f"every checkpoint_interval iterations and at the end")
     if path != default or os.path.exists(path):
         return path
     parent = os.path.dirname(path) or "."

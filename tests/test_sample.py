@@ -190,6 +190,11 @@ def test_a_run_folder_is_its_best_checkpoint_and_the_default_its_latest_run(sp_m
     (run / "ckpt_best.pt").unlink()  # a run without a better eval yet: its latest
     code, out, err = run_main(capsys, "--checkpoint=out/15m", *story)
     assert code == 0 and out == latest and "reading out/15m/ckpt.pt (its latest; it has no ckpt_best" in err
+    (tmp_path / "out" / "new").mkdir()  # a run that has not saved yet
+    (tmp_path / "out" / "new" / "metrics.jsonl").write_text("", encoding="utf-8")
+    code, out, err = run_main(capsys, "--checkpoint=out/new", *story)
+    assert code == 1 and out == "" and err == "error: out/new is a run folder with no checkpoint yet: " \
+        "train.py writes ckpt.pt every checkpoint_interval iterations and at the end\n", err
     # two runs: the default reads the one that saved last, whatever the names' order
     older = tmp_path / "out" / "42m"
     older.mkdir()
