@@ -20,7 +20,9 @@ names it accepts but has no use for (`ignored`: {name: why}, said in a note in `
 """
 import ast
 import difflib
+import io
 import os
+import tokenize
 import types
 import typing
 
@@ -178,6 +180,34 @@ def format_config(config: dict) -> str:
     # one key per line, aligned, for the run's log
     width = max(map(len, config), default=0)
     return "\n".join(f"  {k:<{width}} = {v!r}" for k, v in config.items())
+
+
+def commented_settings(source: str, names) -> list[tuple[str, str, list[str]]]:
+    """The comments that describe settings in Python source (train.py's defaults, a dataclass): for each
+    assignment to one of names, in order, (name, the comment beside it or "", the comment lines directly
+    above it). --help reads them from the source itself, so the text lives in one place."""
+    comments, own_line = {}, set()
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = tok.string.lstrip("#").strip()
+            if not tok.line[:tok.start[1]].strip():
+                own_line.add(tok.start[0])
+    found = []
+    top = ast.parse(source).body  # the module's own assignments, not its functions' or classes'
+    if len(top) == 1 and isinstance(top[0], ast.ClassDef):  # the source of one class: its fields
+        top = top[0].body
+    for node in top:
+        target = node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else \
+            node.target if isinstance(node, ast.AnnAssign) else None
+        if isinstance(target, ast.Name) and target.id in names:
+            line = node.end_lineno
+            beside = comments[line] if line in comments and line not in own_line else ""
+            above, n = [], node.lineno - 1
+            while n in own_line:
+                above.insert(0, comments[n])
+                n -= 1
+            found.append((node.lineno, target.id, beside, above))
+    return [row[1:] for row in sorted(found)]
 
 
 def usage(synopsis: str, doc: str, options: dict) -> str:

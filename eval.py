@@ -9,7 +9,7 @@ it writes when asked, and how often it uses the words a Words: instruction reque
 
 --input is anything `tinystories.py prepare` reads: stories or text (.txt, .json, .jsonl or a directory), or
 instruction records (llamatiny/instruct.py), told apart by content (--format to force one). Any checkpoint
-sample.py reads; --device, --dtype and --tokenizer as in sample.py.
+sample.py reads (a run folder: its best checkpoint); --device, --dtype and --tokenizer as in sample.py.
 
 --held_out=True keeps the documents or records `prepare` puts in the validation split (0, 100, 200, ...):
 a model trained on data prepared from --input is measured on what it has not seen.
@@ -37,12 +37,13 @@ from tqdm import tqdm
 
 import configurator
 from configurator import ConfigError, parse_config
-from llamatiny import generate, instruct, readers, runtime
+from llamatiny import generate, instruct, readers, runs, runtime
 from llamatiny.data import DataError
 from llamatiny.fileio import atomic_write
 
 OPTIONS = {
-    "checkpoint": ("out/ckpt.pt", "train.py's checkpoint, a llama2.c .bin, or a Hugging Face directory"),
+    "checkpoint": ("out/ckpt.pt", "train.py's checkpoint or run folder (its best), a llama2.c .bin, or a "
+                                  "Hugging Face directory"),
     "input": ("", "the text, stories or instruction records to measure on (a file or a directory)"),
     "format": ("auto", f"how to read --input: auto, {', '.join(instruct.FORMATS)} "
                        f"(as tinystories.py prepare)"),
@@ -56,6 +57,7 @@ OPTIONS = {
     "max_new_tokens": (256, "at most this many tokens per generated response"),
     "temperature": (0.0, "0 = greedy (argmax); higher is more random"),
     "top_p": (1.0, "nucleus sampling with --temperature > 0 (1.0 = all tokens)"),
+    "repetition_penalty": (1.0, "> 1 makes tokens already in the context less likely (1.0 = off)"),
     "seed": (1337, "random seed for sampling"),
     "out": ("", "write the generated responses here: JSONL rows {instruction, response, reference}"),
     "device": ("auto", "auto = cuda, else mps, else cpu"),
@@ -80,8 +82,9 @@ def check_settings(cfg: dict) -> dict:
         raise EvalError("--batch_size and --max_new_tokens must be at least 1")
     if cfg["max_records"] is not None and (not isinstance(cfg["max_records"], int) or cfg["max_records"] < 1):
         raise EvalError(f"--max_records={cfg['max_records']!r} must be a positive integer (or None = all)")
-    if cfg["temperature"] < 0 or not 0 < cfg["top_p"] <= 1:
-        raise EvalError("--temperature must be >= 0 (0 = greedy) and --top_p in (0, 1]")
+    if cfg["temperature"] < 0 or not 0 < cfg["top_p"] <= 1 or cfg["repetition_penalty"] <= 0:
+        raise EvalError("--temperature must be >= 0 (0 = greedy), --top_p in (0, 1] and --repetition_penalty "
+                        "positive (1 = off)")
     return {**cfg, "top_k": None, "top_p": None if cfg["top_p"] == 1 else cfg["top_p"]}
 
 
@@ -153,6 +156,9 @@ def evaluate(model, tok, checkpoint: dict, cfg: dict, ctx, say=print) -> dict:
         f"loss {loss:.4f} per token | {result['bits_per_byte']:.4f} bits per byte | "
         f"perplexity {result['perplexity']:.3f}")
     if source.template is None:
+        if cfg["out"]:
+            say(f"note: --out={cfg['out']} not written: {cfg['input']} holds no instruction records, so "
+                f"there are no responses to write (plain text is measured, not answered)")
         return result
 
     rows, asked, met, requested, used = [], 0, 0, 0, 0
@@ -189,6 +195,7 @@ def main(argv=None) -> dict | None:
         cfg = check_settings(parse_config(DEFAULTS, argv))
         device = runtime.resolve_device(cfg["device"])
         dtype = runtime.resolve_dtype(cfg["dtype"], device)
+        cfg["checkpoint"] = runs.find_checkpoint(cfg["checkpoint"], DEFAULTS["checkpoint"])
         model, checkpoint = generate.load_model(cfg["checkpoint"], device)
         tok = generate.load_tokenizer(cfg, checkpoint, model.args.vocab_size)
         model = generate.for_inference(model, runtime.DTYPES[dtype])

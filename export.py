@@ -29,6 +29,10 @@ A LoRA fine-tune (train.py --lora_rank) is exported merged, its adapters folded 
 adapter_config.json and adapter_model.safetensors named after --format=hf's weights: with transformers and
 peft, PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE_HF), "out/adapter"), where BASE_HF
 is the base exported with --format=hf.
+--checkpoint may name a run folder (train.py's out_dir): its best checkpoint, ckpt_best.pt, else its latest,
+ckpt.pt; left at out/ckpt.pt when there is none there, the run in out/ that saved last (a note says which
+is read).
+train.py --export_llama2c=True writes run.c's model.bin beside each checkpoint as it trains.
 The file formats are described in llamatiny/checkpoint.py, which reads and writes them.
 """
 import os
@@ -38,7 +42,7 @@ from dataclasses import asdict
 
 import configurator
 from configurator import ConfigError, parse_config
-from llamatiny import runtime
+from llamatiny import runs, runtime
 from llamatiny.checkpoint import (
     GGUF_TYPES,
     from_checkpoint,
@@ -54,7 +58,8 @@ from llamatiny.fileio import check_writable
 
 # name: (default, help). --help prints them; parse_config checks the types against the defaults.
 OPTIONS = {
-    "checkpoint": ("out/ckpt.pt", "the model: train.py's checkpoint, a llama2.c .bin, or a Hugging Face dir"),
+    "checkpoint": ("out/ckpt.pt", "the model: train.py's checkpoint or run folder (its best checkpoint), a "
+                                  "llama2.c .bin, or a Hugging Face dir"),
     "format": ("llama2c", "llama2c (file + tokenizer for run.c) | hf (Hugging Face directory) | gguf (one "
                           "file for llama.cpp) | pt (ours) | peft (a LoRA fine-tune's adapters alone)"),
     "version": (None, "llama2c: 0 (None) = float32 for run.c, 1 = float32 + header, 2 = int8 for runq.c"),
@@ -121,12 +126,14 @@ def run(out: str, cfg: dict) -> list[str]:
     if fmt in ("hf", "peft") and os.path.isfile(out):
         raise ExportError(f"{out} is a file; --format={fmt} writes a directory")
     check_writable(out if fmt in ("hf", "peft") else os.path.dirname(out) or ".")  # before the model is read
+    cfg["checkpoint"] = runs.find_checkpoint(cfg["checkpoint"], DEFAULTS["checkpoint"])
     try:
         model, checkpoint = from_checkpoint(cfg["checkpoint"])  # .pt, llama2.c .bin or HF directory
     except FileNotFoundError:
         raise  # its message says what to do
     except (OSError, ValueError, RuntimeError, KeyError) as e:  # not a model file, or a damaged one
         raise ExportError(f"cannot load --checkpoint={cfg['checkpoint']}: {runtime.first_line(e)}") from None
+    print(f"read {cfg['checkpoint']} ({model.num_params() / 1e6:.1f}M parameters)")
     adapters = checkpoint.get("lora")
     if fmt == "peft":
         if not adapters:

@@ -289,9 +289,11 @@ class Transformer(nn.Module):
     # ---------------------------------------------------------------- generation
 
     @torch.inference_mode()
-    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_token=None):
+    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_token=None,
+                        repetition_penalty=1.0):
         """Yields new tokens, (B,) each, using the KV cache; ends after max_new_tokens, or once
-        every row has produced stop_token (which is not yielded)."""
+        every row has produced stop_token (which is not yielded). repetition_penalty > 1 makes the tokens
+        in the context less likely (penalize_repetition)."""
         def step(tokens, start_pos):  # (B, T) -> (B, vocab_size), the logits after the last token
             return self.output(self.hidden_states(tokens, start_pos)[:, -1, :])
 
@@ -304,6 +306,8 @@ class Transformer(nn.Module):
         pos = tokens.size(1)
         done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
+            if repetition_penalty != 1.0:
+                logits = penalize_repetition(logits, tokens, repetition_penalty)
             next_token = self.sampler(logits, temperature, top_k, top_p)  # (B,)
             if stop_token is not None:
                 done |= next_token == stop_token
@@ -354,6 +358,14 @@ def _candidates(logits, top_k=None, top_p=None, head=1024):
         # drop a token when the tokens before it already reach top_p; the most likely always stays
         values = values.masked_fill(cumulative - probs >= top_p, -float("inf"))
     return values, index
+
+
+def penalize_repetition(logits, tokens, penalty: float):
+    # CTRL's repetition penalty (Keskar et al., 2019): the logit of each token in the context is divided by
+    # penalty where it is positive and multiplied by it where negative, so penalty > 1 makes every token
+    # already there less likely, however often it occurs. Before the sampler: any sampler, greedy included.
+    seen = logits.gather(-1, tokens)  # (B, T): logits (B, vocab_size), tokens (B, T)
+    return logits.scatter(-1, tokens, torch.where(seen > 0, seen / penalty, seen * penalty))
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None):

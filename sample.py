@@ -1,8 +1,11 @@
-"""
+r"""
 Generate stories from a trained model, streamed to stdout as the tokens come.
 
     python sample.py --prompt="Once upon a time" --num_samples=3
-    python sample.py --checkpoint=out/ckpt.pt --temperature=0    # greedy
+    python sample.py --checkpoint=out/15m --temperature=0        # a run folder: its best checkpoint; greedy
+    python sample.py --checkpoint=out/15m --repetition_penalty=1.2
+    python sample.py --start="Once upon a time"                   # llama2.c's and nanoGPT's --prompt
+    python sample.py --start=FILE:prompt.txt                      # nanoGPT's prompt from a file
     python sample.py --checkpoint=stories15M.bin --tokenizer=data/llama2_tokenizer.model --top_p=0.9
     python sample.py --prompt_file=prompt.txt --max_new_tokens=500 --device=cuda --compile=True
     python sample.py --checkpoint=out/hf                          # export.py --format=hf's directory
@@ -10,16 +13,26 @@ Generate stories from a trained model, streamed to stdout as the tokens come.
     python sample.py --checkpoint=out/sft/ckpt.pt --instruction_file=instructions.txt
     python sample.py --checkpoint=out/lora/ckpt.pt                # a LoRA fine-tune: base + adapters
 
+--checkpoint names a file or a folder: a run folder (train.py's out_dir) is its best checkpoint,
+ckpt_best.pt, else its latest, ckpt.pt; an export.py --format=hf folder is that model. Left at its default,
+out/ckpt.pt, when there is none there, it is the run in out/ that saved last (after `python train.py
+config/train_15m.py`, out/15m). A note on stderr says which checkpoint is read.
+
+--repetition_penalty > 1 (1.1 - 1.3 are usual; 1 = off) makes a token that is already in the context (the
+prompt and what is generated since) less likely, whatever sampling follows: CTRL's rule, each such token's
+logit divided by the penalty where positive and multiplied by it where negative.
+
 The tokenizer is the one recorded in the checkpoint, or a Hugging Face directory's tokenizer.model
 (--tokenizer overrides it; a llama2.c .bin records none). Each story stops at the end-of-story token
 (BOS or EOS) or after max_new_tokens; samples (and instructions) are separated by a line of dashes.
 Settings and timing go to stderr, stories to stdout.
 
 --instruction renders the instruction in the template the checkpoint was tuned with (llamatiny/instruct.py; a
-story model takes fields such as "Words: dog, ball, happy", one a line, \n starting a new line; a chat model
-the user's message) and prints only the response. --instruction_file holds one instruction a line (or records
-separated by <|endoftext|> lines), or instruction records as `tinystories.py prepare` reads them (their
-responses are left out). --prompt stays raw text, given to the model as it is.
+story model takes fields such as "Words: dog, ball, happy", one a line, \n starting a new line, as in
+--instruction="Words: dog\nFeatures: Dialogue"; a chat model the user's message) and prints only the
+response. --instruction_file holds one instruction a line (or records separated by <|endoftext|> lines), or
+instruction records as `tinystories.py prepare` reads them (their responses are left out). --prompt stays raw
+text, given to the model as it is.
 """
 import os
 import sys
@@ -29,14 +42,16 @@ import torch
 
 import configurator
 from configurator import ConfigError, parse_config
-from llamatiny import instruct, runtime
+from llamatiny import instruct, runs, runtime
 from llamatiny.generate import LoadError, for_inference, generate_story, load_model, load_tokenizer
 
 # name: (default, help). --help prints them; parse_config checks the types against the defaults.
 OPTIONS = {
-    "checkpoint": ("out/ckpt.pt", "train.py's checkpoint, a llama2.c .bin, or a Hugging Face directory"),
+    "checkpoint": ("out/ckpt.pt", "train.py's checkpoint or run folder (its best), a llama2.c .bin, or a "
+                                  "Hugging Face directory"),
     "tokenizer": ("", "sentencepiece .model; \"\" = the one recorded in the checkpoint"),
-    "prompt": ("", "text the stories start with (\"\" = from scratch)"),
+    "prompt": ("", "text the stories start with (\"\" = from scratch); FILE:path reads it from a file"),
+    "start": ("", "the same as --prompt (llama2.c's and nanoGPT's name for it)"),
     "prompt_file": ("", "or read the prompt from this file (one trailing newline dropped)"),
     "instruction": ("", "an instruction-tuned model: the instruction, in its template; "
                         "prints the response only"),
@@ -46,6 +61,7 @@ OPTIONS = {
     "temperature": (1.0, "0 = greedy (argmax); higher is more random"),
     "top_k": (None, "keep only the k most likely tokens (None or 0 = all)"),
     "top_p": (0.9, "nucleus sampling: the fewest tokens with this much probability (1.0 = all)"),
+    "repetition_penalty": (1.0, "> 1 makes tokens already in the context less likely (1.0 = off)"),
     "seed": (1337, "random seed: the same seed and settings give the same stories"),
     "device": ("auto", "auto = cuda, else mps, else cpu"),
     "dtype": ("auto", "float32 | bfloat16 | float16; auto = bfloat16 (or float16) on cuda, else float32"),
@@ -79,23 +95,29 @@ def check_settings(cfg: dict) -> dict:
         raise SampleError(f"--top_k={top_k!r} must be a positive integer, or None / 0 for no limit")
     if not 0 < cfg["top_p"] <= 1:
         raise SampleError(f"--top_p={cfg['top_p']} must be in (0, 1] (1 = no limit)")
-    given = [f"--{k}" for k in ("prompt", "prompt_file", "instruction", "instruction_file") if cfg[k]]
+    if cfg["repetition_penalty"] <= 0:
+        raise SampleError(f"--repetition_penalty={cfg['repetition_penalty']} must be positive (1 = off, "
+                          "above 1 discourages repeats)")
+    prompts = ("prompt", "start", "prompt_file", "instruction", "instruction_file")
+    given = [f"--{k}" for k in prompts if cfg[k]]
     if len(given) > 1:
         raise SampleError(f"give one of {' and '.join(given)}, not both")
     return {**cfg, "top_k": top_k or None, "top_p": None if cfg["top_p"] == 1 else cfg["top_p"]}
 
 
 def read_prompt(cfg: dict) -> str:
-    if not cfg["prompt_file"]:
-        return cfg["prompt"]
-    if not os.path.isfile(cfg["prompt_file"]):
-        raise SampleError(f"prompt file not found: {cfg['prompt_file']}")
+    # --prompt (or --start) as typed, or a file's text: --prompt_file=PATH, or nanoGPT's --start=FILE:PATH
+    prompt = cfg["prompt"] or cfg["start"]
+    path = cfg["prompt_file"] or (prompt.removeprefix("FILE:") if prompt.startswith("FILE:") else "")
+    if not path:
+        return prompt
+    if not os.path.isfile(path):
+        raise SampleError(f"prompt file not found: {path}")
     try:
-        with open(cfg["prompt_file"], encoding="utf-8") as f:
+        with open(path, encoding="utf-8") as f:
             text = f.read()
     except UnicodeDecodeError as e:
-        raise SampleError(f"prompt file {cfg['prompt_file']} is not UTF-8 text "
-                          f"({e.reason} at byte {e.start})") from None
+        raise SampleError(f"prompt file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     return text[:-1] if text.endswith("\n") else text
 
 
@@ -160,6 +182,7 @@ def setup(argv):
         torch.set_num_threads(cfg["threads"])
     device = runtime.resolve_device(cfg["device"])
     dtype = runtime.DTYPES[runtime.resolve_dtype(cfg["dtype"], device)]
+    cfg["checkpoint"] = runs.find_checkpoint(cfg["checkpoint"], DEFAULTS["checkpoint"])
     model, checkpoint = load_model(cfg["checkpoint"], device)
     tok = load_tokenizer(cfg, checkpoint, model.args.vocab_size)
     echo = not (cfg["instruction"] or cfg["instruction_file"])  # an instruction's response only
@@ -183,7 +206,7 @@ def main(argv=None):
         return
     try:
         cfg, model, tok, prompts, echo = setup(argv)
-    except (SampleError, LoadError, ConfigError) as e:
+    except (SampleError, LoadError, ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     # a console that cannot show a character shows an escape, not a crash

@@ -1,4 +1,4 @@
-"""
+r"""
 Trains a small Llama on TinyStories (or your own data): on a CPU, one GPU, or several under torchrun.
 
     python train.py config/train_cpu_debug.py                      # a tiny model, about a minute on a CPU
@@ -7,7 +7,7 @@ Trains a small Llama on TinyStories (or your own data): on a CPU, one GPU, or se
     python train.py config/train_15m.py --init_from=stories15M.bin --out_dir=out/ft --learning_rate=1e-4
     python train.py config/train_15m.py --init_from=stories15M.bin --out_dir=out/lora --lora_rank=8  # LoRA
     torchrun --standalone --nproc_per_node=4 train.py config/train_110m.py
-    python train.py --help                                         # every setting and its default
+    python train.py --help                                         # every setting, its default, what it is
 
 Several nodes (the data on each; out_dir on a shared filesystem so that every node can resume):
 
@@ -32,9 +32,12 @@ out_dir/metrics.jsonl (one JSON object per log line and per eval) and out_dir/ck
 """
 import filecmp
 import gc
+import inspect
 import math
 import os
+import shlex
 import sys
+import textwrap
 import time
 import typing
 from contextlib import AbstractContextManager, nullcontext
@@ -44,17 +47,24 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from configurator import Config, ConfigError, as_config, format_config, parse_config
+from configurator import Config, ConfigError, as_config, commented_settings, format_config, parse_config
 from llamatiny import cpu_kernels, data, fileio, lora, runs, runtime, settings
-from llamatiny.checkpoint import from_checkpoint, save_checkpoint
+from llamatiny.checkpoint import (
+    CheckpointError,
+    check_runc,
+    from_checkpoint,
+    save_checkpoint,
+    write_llama2c,
+    write_tokenizer_bin,
+)
 from llamatiny.runtime import print0
 from model import ModelArgs, Transformer
 
 # -----------------------------------------------------------------------------
 # defaults: the 15M model of llama2.c (config/train_15m.py sets them explicitly)
 # I/O
-out_dir = "out"
-data_dir = "data"
+out_dir = "out"  # the run's folder: config.json, metrics.jsonl, the checkpoints
+data_dir = "data"  # where tinystories.py put the data
 dataset = "tinystories"  # or the NAME of `python tinystories.py prepare --name NAME`
 eval_interval = 2000  # iterations between evals; one that improves the val loss also writes ckpt_best.pt
 # iterations per log line; None: 1 on a CPU, 10 on a GPU (each log line waits for it)
@@ -64,6 +74,9 @@ eval_only = False  # evaluate once (the checkpoint when resuming) and exit
 # iterations between writes of out_dir/ckpt.pt (and one at the end); None: eval_interval
 checkpoint_interval: int | None = None
 keep_checkpoints = 0  # also keep the last N checkpoints as out_dir/ckpt_NNNNNN.pt
+# llama2.c's habit: run.c's model.bin (llama2.c version 0, float32) beside each ckpt.pt, model_best.bin beside
+# ckpt_best.pt, and tokenizer.bin at start (a LoRA run's with its adapters merged)
+export_llama2c = False
 # 'scratch'; 'resume': out_dir/ckpt.pt with its optimizer, data position and RNG, exactly where it stopped;
 # a PATH to fine-tune (a train.py .pt, a llama2.c .bin, an HF directory): a fresh run from iteration 0;
 # 'auto': 'resume' when out_dir/ckpt.pt exists, else init_checkpoint (or 'scratch'): relaunch the same command
@@ -76,36 +89,36 @@ lora_alpha = 16.0  # the adapters' update is scaled by lora_alpha / lora_rank
 lora_dropout = 0.0  # dropout on the adapters' input
 lora_targets = ",".join(lora.TARGETS)  # the weights that get adapters: wq,wk,wv,wo (attention), w1,w2,w3
 # wandb logging (pip install wandb)
-wandb_log = False
-wandb_project = "llama-tiny"
+wandb_log = False  # also log to Weights & Biases
+wandb_project = "llama-tiny"  # the wandb project
 wandb_run_name: str | None = None  # None: the out_dir's name
 # data
 batch_size = 128  # micro-batch size per process
 # the largest micro-batch that fits (measured on a GPU, estimated on a CPU), keeping batch_size x
 # gradient_accumulation_steps sequences per iteration; --batch_size=auto on the command line sets it
 auto_batch_size = False
+# the largest micro-batch that fits (found as for auto_batch_size) with gradient_accumulation_steps kept, so
+# that the tokens per iteration grow with it; --batch_size=max on the command line sets it
+max_batch_size = False
 vocab_source = "llama2"  # 'llama2' (32,000 tokens) or 'custom' (data_dir/tok{vocab_size}.model)
 num_workers = 0  # data loader worker processes
-# model: every field of ModelArgs (model.py) is a setting, with its default (the 15M model): dim, n_layers,
-# n_heads, n_kv_heads, vocab_size, hidden_dim, multiple_of, norm_eps, max_seq_len, dropout, rope_theta,
-# tie_embeddings (False: an output layer of its own, vocab_size x dim more weights)
 # how a run from scratch draws its weights (model.INIT_SCHEMES): 'gpt2' normal(0, 0.02) with wo and w2 at
 # 0.02/sqrt(2 n_layers) (llama2.c's, nanoGPT's); 'hf' normal(0, 0.02) everywhere (transformers' Llama);
 # 'kaiming' normal(0, sqrt(2/fan_in)) (He et al.)
 weight_init = "gpt2"  # 'gpt2', 'hf' or 'kaiming'; the norm gains start at 1 in each
 # optimizer: AdamW
 gradient_accumulation_steps = 4  # global: split across processes under DDP
-learning_rate = 5e-4
-max_iters = 100000  # optimizer steps; or the run's length in tokens or epochs (of the training split):
-max_tokens: int | None = None
-max_epochs: float | None = None
-weight_decay = 1e-1
-beta1 = 0.9
-beta2 = 0.95
+learning_rate = 5e-4  # the peak, after warmup
+max_iters = 100000  # the run's length in optimizer steps, unless max_tokens or max_epochs sets it
+max_tokens: int | None = None  # the run's length in tokens
+max_epochs: float | None = None  # the run's length in passes over the training split
+weight_decay = 1e-1  # AdamW's, on the matrices (not the norms)
+beta1 = 0.9  # AdamW's decay of its gradient average
+beta2 = 0.95  # AdamW's decay of its squared-gradient average
 grad_clip = 1.0  # 0 disables clipping
 # learning rate schedule: linear warmup, then cosine decay to min_lr
 decay_lr = True  # False: constant learning_rate
-warmup_iters = 1000
+warmup_iters = 1000  # iterations of linear warmup from learning_rate / warmup_iters
 lr_decay_iters: int | None = None  # None: max_iters
 min_lr: float | None = None  # None: learning_rate / 10
 # system
@@ -114,9 +127,12 @@ dtype = "auto"  # 'auto' (bfloat16, else float16 on CUDA; float32 elsewhere), 'f
 compile = False  # torch.compile the model (use it on a GPU)
 cpu_speedups = True  # faster CPU kernels for the same math (llamatiny/cpu_kernels.py); False: plain PyTorch
 threads: int | None = None  # CPU threads; None: half the cores, so that another job cannot stall every thread
-seed = 1337
+seed = 1337  # of the initial weights, the batches and dropout
 print_model = False  # print every weight's shape and size at start
 peak_flops: float | str | None = None  # the GPU's peak FLOP/s for MFU, or its name ('H100'); None: looked up
+# model: every field of ModelArgs (model.py) is a setting, with its default (the 15M model): dim, n_layers,
+# n_heads, n_kv_heads, vocab_size, hidden_dim, multiple_of, norm_eps, max_seq_len, dropout, rope_theta,
+# tie_embeddings (False: an output layer of its own, vocab_size x dim more weights)
 # -----------------------------------------------------------------------------
 _CONFIG_KEYS = [k for k, v in globals().items()
                 if not k.startswith("_") and isinstance(v, (bool, int, float, str, type(None)))]
@@ -142,9 +158,36 @@ def setting_types() -> dict:
     return {k: t for k, t in hints.items() if k in defaults and defaults[k] is None}
 
 
+def settings_help(width: int = 110) -> str:
+    # --help: each setting, its default and what it is, read from the comments beside the defaults above (or
+    # above a setting that has none beside it) and beside ModelArgs' fields: the text lives in one place
+    defaults = default_config()
+    with open(__file__, encoding="utf-8") as f:
+        ours = commented_settings(f.read(), defaults)
+    model = commented_settings(inspect.getsource(ModelArgs), defaults)
+    rows = [(above if beside else [], name, beside or " ".join(above)) for name, beside, above in ours]
+    rows += [(["model: the fields of ModelArgs (model.py)"] if i == 0 else [], name, beside)
+             for i, (name, beside, _) in enumerate(model)]
+    shown = {name: f"  {name} = {defaults[name]!r}" for _, name, _ in rows}
+    column = min(40, max(map(len, shown.values()))) + 2
+    lines = ["settings, their defaults and what they are (a config file or --key=value sets them):"]
+    for header, name, text in rows:
+        lines += [line for line in header if line.strip("-")]  # section titles, not the rulers
+        wrapped = textwrap.wrap(text, width - column) or [""]
+        if len(shown[name]) + 2 > column:  # a long default: its description on the lines below
+            lines.append(shown[name])
+            lines += [" " * column + part for part in wrapped if part]
+        else:
+            lines.append(f"{shown[name]:<{column}}{wrapped[0]}".rstrip())
+            lines += [" " * column + part for part in wrapped[1:]]
+    return "\n".join(lines)
+
+
 def parse_settings(argv: list[str]) -> dict:
-    # --batch_size=auto: the batch_size it would replace (a config file's) sets the sequences per iteration
-    argv = ["--auto_batch_size=True" if a == "--batch_size=auto" else a for a in argv]
+    # --batch_size=auto: the batch_size it would replace (a config file's) sets the sequences per iteration;
+    # --batch_size=max: gradient_accumulation_steps stays, the micro-batch grows to fill the memory
+    words = {"--batch_size=auto": "--auto_batch_size=True", "--batch_size=max": "--max_batch_size=True"}
+    argv = [words.get(a, a) for a in argv]
     return parse_config(default_config(), argv, setting_types(), settings.RENAMED, settings.IGNORED)
 
 
@@ -311,7 +354,12 @@ def setup(c: dict, config: Config, ddp: bool, rank: int, world_size: int, device
         if not resume:
             c = settings.for_finetune(c, checkpoint["model_args"], init_path, config.given)
     args = ModelArgs.from_dict(c)
-    if c["auto_batch_size"]:
+    if c["export_llama2c"]:
+        try:
+            check_runc(args)  # now, not at the first checkpoint
+        except CheckpointError as e:
+            raise ConfigError(f"export_llama2c=True: {e}") from None
+    if c["auto_batch_size"] or c["max_batch_size"]:
         c.update(settings.choose_batch_size(c, args, world_size, device))
     if not c["eval_only"]:
         settings.check_memory(c, args, device, world_size)
@@ -396,6 +444,11 @@ def start_run_folder(r: Run, resume: bool) -> None:
         print0(f"note: replacing the run in {c['out_dir']}; its files wait in {aside} until this run's "
                f"first checkpoint")
     runs.write_run_info(c["out_dir"], c, r.as_given, r.world_size)
+    if c["export_llama2c"]:
+        tokenizer, model = (os.path.join(c["out_dir"], name) for name in ("tokenizer.bin", "model.bin"))
+        write_tokenizer_bin(tokenizer, r.meta["tokenizer"])
+        print0(f"export_llama2c: each ckpt.pt comes with {model} for llama2.c's run.c (ckpt_best.pt with "
+               f"model_best.bin): ./run {shlex.quote(model)} -z {shlex.quote(tokenizer)}")
 
 
 def describe(r: Run) -> None:
@@ -511,12 +564,26 @@ def write_checkpoints(r: Run, latest: bool, improved: bool) -> None:
             state["template"] = r.meta["instruction"]["template"]
     written = on_master(r, runs.save_checkpoints, r.c["out_dir"], state, latest, improved,
                         r.c["keep_checkpoints"], save_checkpoint)
+    if latest:
+        r.last_saved = r.iter_num
+    if r.c["export_llama2c"]:  # once the checkpoints are safe: a failure here loses none of them
+        written = on_master(r, write_llama2c_files, r, written)
     if r.master:
         print0(f"saved {', '.join(os.path.basename(p) for p in written)} (iteration {r.iter_num})")
         if r.previous:
             runs.drop_previous_run(r.c["out_dir"])  # the new run has a checkpoint of its own now
-    if latest:
-        r.last_saved = r.iter_num
+
+
+def write_llama2c_files(r: Run, checkpoints: list[str]) -> list[str]:
+    # export_llama2c: run.c's model file beside each checkpoint just written (ckpt.pt -> model.bin,
+    # ckpt_best.pt -> model_best.bin, not the numbered ones), a LoRA run's adapters merged into its weights
+    model = lora.merge(r.raw_model) if r.lora_base else r.raw_model
+    names = {"ckpt.pt": "model.bin", "ckpt_best.pt": "model_best.bin"}
+    bins = [os.path.join(r.c["out_dir"], names[os.path.basename(p)]) for p in checkpoints
+            if os.path.basename(p) in names]
+    for path in bins:
+        write_llama2c(path, model)
+    return checkpoints + bins
 
 
 # -----------------------------------------------------------------------------
@@ -526,11 +593,15 @@ def loop(r: Run) -> dict:
     """Trains from where setup() left the run to max_iters; returns the final figures."""
     c, loader, optimizer, scaler, progress = r.c, r.loader, r.optimizer, r.scaler, r.progress
     accum_steps, ddp, world_size, device = r.accum_steps, r.ddp, r.world_size, r.device
-    fine_tune = c["init_from"] not in ("scratch", "resume")
-    if c["eval_only"] or fine_tune:  # a fine-tune's starting point: the model on its new data
+    if r.device_type == "cuda":  # the peak memory of training, not of batch_size=auto's trial steps
+        torch.cuda.reset_peak_memory_stats(device)
+    # a new run's starting point, as llama2.c and nanoGPT log it: about ln(vocab_size) from scratch, a
+    # fine-tune's model on its new data (not timed as a step)
+    if c["eval_only"] or c["init_from"] != "resume":
+        eval_start = time.perf_counter()
         losses = evaluate(r.model, r.eval_loaders, c["eval_iters"], world_size, device, r.ctx)
-        print0(f"eval at iteration {r.iter_num}: train loss {losses['train']:.4f}, "
-               f"val loss {losses['val']:.4f}")
+        progress.not_timed(time.perf_counter() - eval_start, evaluation=True)
+        print0(f"eval iter {r.iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
         uniform = math.log(c["vocab_size"])
         if c["init_from"] != "scratch" and losses["val"] > uniform:
             print0(f"warning: the model starts at val loss {losses['val']:.2f}, "
@@ -611,6 +682,11 @@ def loop(r: Run) -> dict:
             else:
                 speed = f"{dt * 1000:.1f} ms/iter | {tok_per_s:,.0f} tokens/s | " \
                         + (f"MFU {mfu * 100:.1f}%" if mfu is not None else "MFU -")
+            # the peak of memory allocated since training began, what nvidia-smi's figure holds (with the
+            # allocator's cache on top)
+            mem = torch.cuda.max_memory_allocated(device) / 2**30 if r.device_type == "cuda" else None
+            if mem is not None:
+                speed += f" | mem {mem:.2f} GiB"
             left = progress.left(r.iter_num, c["max_iters"])
             print0(f"iter {r.iter_num} | loss {lossf:.4f} | lr {lr:.2e} | grad norm {norm:.3f} | {speed} | "
                    f"{runs.format_duration(progress.elapsed())} elapsed"
@@ -618,7 +694,8 @@ def loop(r: Run) -> dict:
             log(r, {"iter": r.iter_num, "tokens": r.tokens_seen, "loss": lossf, "lr": lr, "grad_norm": norm,
                     "dt_ms": (dt or progress.first_step_s) * 1000, "tok_per_s": tok_per_s, "mfu": mfu,
                     "elapsed_s": progress.elapsed(),
-                    **({"first_step_s": progress.first_step_s} if first else {})})
+                    **({"first_step_s": progress.first_step_s} if first else {}),
+                    **({"mem_gib": mem} if mem is not None else {})})
 
         # evals, and checkpoints: ckpt.pt every checkpoint_interval, ckpt_best.pt at a better val loss
         finished = r.iter_num == c["max_iters"]
@@ -678,7 +755,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if "-h" in argv or "--help" in argv:
         print(__doc__)
-        print("settings and their defaults:\n" + format_config(default_config()))
+        print(settings_help())
         return
     config = None
     try:

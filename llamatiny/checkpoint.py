@@ -284,14 +284,18 @@ def dequantize_q80(q: torch.Tensor, scale: torch.Tensor, group_size: int) -> tor
     return (q.float().reshape(-1, group_size) * scale[:, None]).flatten()
 
 
-def write_llama2c(path, model: Transformer, version: int = 0, group_size: int | None = None) -> dict:
-    """Writes model as a llama2.c file; returns {"bytes": size, "group_size", "max_quant_error"} (None, None
-    below version 2). Bad settings fail before any file is written."""
-    args = model.args
+def check_runc(args: ModelArgs) -> None:
     if args.rope_theta != RUNC_ROPE_THETA or args.norm_eps != RUNC_NORM_EPS:
         raise CheckpointError(f"llama2.c's run.c hard-codes rope_theta={RUNC_ROPE_THETA:g} and norm_eps="
                               f"{RUNC_NORM_EPS:g}; this model has rope_theta={args.rope_theta:g}, "
                               f"norm_eps={args.norm_eps:g} (use --format=hf)")
+
+
+def write_llama2c(path, model: Transformer, version: int = 0, group_size: int | None = None) -> dict:
+    """Writes model as a llama2.c file; returns {"bytes": size, "group_size", "max_quant_error"} (None, None
+    below version 2). Bad settings fail before any file is written."""
+    args = model.args
+    check_runc(args)
     state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
     state["freqs_cos"], state["freqs_sin"] = precompute_rope(args.dim // args.n_heads, args.max_seq_len,
                                                              args.rope_theta)

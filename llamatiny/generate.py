@@ -83,7 +83,8 @@ def generate_story(model, tok, prompt_ids: list[int], cfg: dict, write, echo: bo
     returns the new ids."""
     device = model.output.weight.device
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
-    stream = model.generate_stream(idx, cfg["max_new_tokens"], cfg["temperature"], cfg["top_k"], cfg["top_p"])
+    stream = model.generate_stream(idx, cfg["max_new_tokens"], cfg["temperature"], cfg["top_k"], cfg["top_p"],
+                                   repetition_penalty=cfg["repetition_penalty"])
     new: list[int] = []
     if echo:
         write(tok.decode(prompt_ids))

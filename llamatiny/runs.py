@@ -1,7 +1,8 @@
 """
 A training run's folder, out_dir: what train.py writes there besides the checkpoint, and the
 random-number state a checkpoint carries so that a resumed run continues exactly; and the readers
-of those files (plot.py's).
+of those files (plot.py's; the checkpoint a run folder stands for, which sample.py, eval.py and export.py
+read).
 
     out_dir/config.json     the resolved settings (and as given, those resolution fills in), git commit,
                             library versions, command line
@@ -10,6 +11,8 @@ of those files (plot.py's).
     out_dir/ckpt.pt         the latest checkpoint, every checkpoint_interval iterations: what resume continues
     out_dir/ckpt_best.pt    the checkpoint with the best val loss so far
     out_dir/ckpt_NNNNNN.pt  with keep_checkpoints=N, the last N checkpoints by iteration
+    out_dir/model.bin       with export_llama2c=True, run.c's file beside ckpt.pt (model_best.bin beside
+                            ckpt_best.pt), and its tokenizer.bin
     out_dir/replaced/       a previous run's files, while a new run started with overwrite=True has no
                             checkpoint of its own yet
 Checkpoints are written atomically (checkpoint.save_checkpoint): a crash never leaves half of one. A write
@@ -110,6 +113,47 @@ def save_checkpoints(out_dir, state: dict, latest: bool, best: bool, keep: int, 
     if latest:
         place(os.path.join(out_dir, "ckpt.pt"))
     return written
+
+
+def checkpoint_of(run_dir) -> str | None:
+    """The checkpoint that a run folder's name stands for: its best (ckpt_best.pt), else its latest."""
+    for name in ("ckpt_best.pt", "ckpt.pt"):
+        if os.path.isfile(path := os.path.join(run_dir, name)):
+            return path
+    return None
+
+
+def find_checkpoint(path: str, default: str) -> str:
+    """--checkpoint as sample.py, eval.py and export.py read it -> what to load, with a note on stderr when
+    that is not the path itself. A run folder (out/15m) is its best checkpoint, else its latest; the default
+    (out/ckpt.pt, where llama2.c's train.py writes), when it does not exist, is the most recent run in its
+    folder (out/): the one that saved last, as llama2.c's out/ckpt.pt is the last run's. A run folder without
+    a checkpoint yet is a FileNotFoundError that says so."""
+    if os.path.isdir(path) and (found := checkpoint_of(path)):
+        print(f"note: {path} is a run folder: reading {found} ({describe_checkpoint(found)})",
+              file=sys.stderr)
+        return found
+    if os.path.isfile(os.path.join(path, "metrics.jsonl")):
+        raise FileNotFoundError(f"{path} is a run folder with no checkpoint yet: train.py writes ckpt.pt "
+                                f"every checkpoint_interval iterations and at the end")
+    if path != default or os.path.exists(path):
+        return path
+    parent = os.path.dirname(path) or "."
+    names = sorted(os.listdir(parent)) if os.path.isdir(parent) else []
+    found = [c for name in names if (c := checkpoint_of(os.path.join(parent, name)))]
+    if not found:
+        return path
+    found.sort(key=lambda c: max(os.path.getmtime(p) for p in (c, os.path.join(os.path.dirname(c), "ckpt.pt"))
+                                 if os.path.exists(p)), reverse=True)
+    others = f"; {len(found) - 1} older run(s) there" if len(found) > 1 else ""
+    print(f"note: no {path}; reading {found[0]} ({describe_checkpoint(found[0])}), of the most recent run in "
+          f"{parent}/{others} (--checkpoint=RUN_FOLDER picks one)", file=sys.stderr)
+    return found[0]
+
+
+def describe_checkpoint(path: str) -> str:
+    return "its best val loss; ckpt.pt is the latest" if path.endswith("ckpt_best.pt") \
+        else "its latest; it has no ckpt_best.pt"
 
 
 def previous_run(out_dir) -> str | None:

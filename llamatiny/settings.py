@@ -27,11 +27,13 @@ from model import INIT_SCHEMES, ModelArgs, Transformer
 
 CHECKPOINT = "checkpoint"  # where a resumed run's settings came from, beside configurator's sources
 # what describes this process rather than the run, auto_batch_size included (the split of the run's
-# sequences per iteration that fits this machine's memory): a resumed run takes every other setting from its
+# sequences per iteration that fits this machine's memory; max_batch_size, given again, grows the batch again,
+# and without it a resumed run keeps the batch it chose): a resumed run takes every other setting from its
 # checkpoint (model, data and data_dir, batch, schedule, evals, checkpoints, logging, seed, LoRA, wandb), so
 # that it continues as it was with or without its config file
 THIS_PROCESS = ("out_dir", "init_from", "init_checkpoint", "overwrite", "eval_only", "device", "compile",
-                "cpu_speedups", "threads", "num_workers", "auto_batch_size", "print_model", "peak_flops")
+                "cpu_speedups", "threads", "num_workers", "auto_batch_size", "max_batch_size", "print_model",
+                "peak_flops")
 RUN_LENGTH = ("max_iters", "max_tokens", "max_epochs")  # one of them is the run's length
 # the settings that resolution fills in, kept as given beside the resolved ones (ckpt.pt, config.json): a
 # resumed run derives min_lr from its learning rate again, checkpoint_interval from its eval_interval,
@@ -140,6 +142,9 @@ def resolve_config(config: dict) -> dict:
     if not 0 <= c["dropout"] < 1:
         raise ConfigError(f"{named('dropout')} must be in [0, 1)")
     lora.check_settings(c)
+    if c["auto_batch_size"] and c["max_batch_size"]:
+        raise ConfigError("--batch_size=auto keeps the tokens per iteration and --batch_size=max grows them: "
+                          "give one of them")
 
     if c["min_lr"] is None:
         c["min_lr"] = c["learning_rate"] / 10
@@ -303,25 +308,39 @@ def for_finetune(c: dict, saved_args: dict, path: str, given: set) -> dict:
     return c
 
 
+# batch_size=max tries micro-batches up to this many sequences: more than any GPU holds of the models here
+# at their contexts (the 15M model takes 128 in 24 GB), and the bound keeps the search short
+MAX_BATCH = 1024
+
+
 def processes_on_this_machine(device: str) -> int:
     # what shares the memory a step needs: a GPU is each process's own, a CPU's RAM is the node's
     return 1 if device.startswith("cuda") else int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
 def choose_batch_size(c: dict, args: ModelArgs, world_size: int, device: str) -> dict:
-    sequences = c["batch_size"] * c["gradient_accumulation_steps"]
+    # auto: the sequences per iteration stay, in the fewest micro-steps that fit; max: the micro-steps stay
+    # and the micro-batch is the largest that fits, so the sequences per iteration grow with it
+    mode, steps = "max" if c["max_batch_size"] else "auto", c["gradient_accumulation_steps"]
+    sequences = c["batch_size"] * steps
     try:
-        largest, how = largest_batch(args, sequences // world_size, device, c["dtype"],
-                                     processes_on_this_machine(device), frozen=c["lora_rank"] > 0)
+        largest, how = largest_batch(args, MAX_BATCH if mode == "max" else sequences // world_size, device,
+                                     c["dtype"], processes_on_this_machine(device), frozen=c["lora_rank"] > 0)
     except ValueError as e:
-        raise ConfigError(str(e)) from None
+        raise ConfigError(f"batch_size={mode}: {e}") from None
     if world_size > 1:  # every process takes the same micro-batch: the one with the least memory decides
         smallest = torch.tensor(largest, device=device if device.startswith("cuda") else "cpu")
         dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
         largest = int(smallest)
     if largest == 0:
-        raise ConfigError(f"batch_size=auto: not even one sequence of {args.max_seq_len} tokens fits "
+        raise ConfigError(f"batch_size={mode}: not even one sequence of {args.max_seq_len} tokens fits "
                           f"({how}); use a shorter --max_seq_len or a smaller model")
+    if mode == "max":
+        cap = ", the most it tries" if largest == MAX_BATCH else ""
+        print0(f"batch_size=max: {largest} x {steps} accumulation steps = {largest * steps} sequences per "
+               f"iteration, {largest * steps * args.max_seq_len:,} tokens (in place of {c['batch_size']} x "
+               f"{steps}; {how}{cap})")
+        return {"batch_size": largest}
     batch, accum = split_batch(sequences, world_size, largest)
     print0(f"batch_size=auto: {batch} x {accum} accumulation steps = {sequences} sequences per iteration "
            f"(up to {largest} fit, {how}; "
@@ -489,7 +508,7 @@ def largest_batch(args: ModelArgs, limit: int, device: str, dtype: str, processe
         return largest_that_fits(lambda b: step_fits(args, b, device, dtype), limit), "measured on the GPU"
     free = available_bytes(device)
     if free is None:
-        raise ValueError("batch_size=auto needs to know the free memory, which this system does not tell: "
+        raise ValueError("it needs to know the free memory, which this system does not tell: "
                          "give --batch_size=N")
     share = headroom * free / processes_here
     fits = lambda b: step_bytes(args, b, dtype, device.split(":")[0], frozen) <= share

@@ -85,6 +85,15 @@ def test_bits_per_byte_equals_an_independent_computation(tmp_path, tok_path, ckp
     assert result["perplexity"] == pytest.approx(math.exp(nats / count), rel=1e-5)
 
 
+def test_out_on_plain_text_says_it_writes_nothing(tmp_path, ckpts, capsys):
+    write_endoftext(tmp_path / "s.txt", make_stories(4, seed=5))
+    out = tmp_path / "responses.jsonl"
+    eval.main([f"--checkpoint={ckpts['base']}", f"--input={tmp_path / 's.txt'}", f"--out={out}"])
+    assert f"note: --out={out} not written: {tmp_path / 's.txt'} holds no instruction records" \
+        in capsys.readouterr().out
+    assert not out.exists()
+
+
 def test_instruction_records_masked_loss_responses_and_words_score(tmp_path, tok_path, ckpts, capsys):
     src = tmp_path / "records.txt"
     src.write_text(SEP.join(f"{p}\nStory: {s}" for p, s in RECORDS) + SEP, encoding="utf-8")

@@ -704,3 +704,20 @@ def test_cli_subprocess_error_has_no_traceback(tmp_path):
                             capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith("error: no checkpoint at")
+
+
+def test_cli_reads_a_run_folder_s_best_checkpoint_and_says_so(tmp_path, sp_model, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "out" / "15m"
+    run.mkdir(parents=True)
+    best, latest = tiny_model(seed=1), tiny_model(seed=2)
+    save_checkpoint(run / "ckpt_best.pt", best, sp_model)
+    save_checkpoint(run / "ckpt.pt", latest, sp_model)
+    for argv in (["a.pt", "--checkpoint=out/15m", "--format=pt"], ["b.pt", "--format=pt"]):  # the default too
+        export.main(argv)
+        out, err = capsys.readouterr()
+        assert "read out/15m/ckpt_best.pt (" in out, out
+        assert "reading out/15m/ckpt_best.pt (its best val loss; ckpt.pt is the latest)" in err, err
+        wq = from_checkpoint(argv[0])[0].layers[0].attention.wq.weight
+        assert torch.equal(wq, best.layers[0].attention.wq.weight)
+        assert not torch.equal(wq, latest.layers[0].attention.wq.weight)

@@ -150,6 +150,7 @@ def test_train_py_on_cuda_learns_resumes_in_float16_and_logs_mfu(data_dir, tmp_p
     assert logs[-1]["iter"] == 150 and logs[-1]["loss"] < logs[0]["loss"] - 2.0
     assert [r["iter"] for r in logs if "first_step_s" in r] == [1, 101]  # each process's first step
     assert all(0 < r["mfu"] < 1 for r in logs if "first_step_s" not in r)
+    assert all(0 < r["mem_gib"] < 1 for r in logs)  # the peak allocated: MiBs for the debug model, not 0
 
 
 @gpu

@@ -154,7 +154,7 @@ def test_disk_full_on_a_small_filesystem(reference, data_dir, small_disk):
 
 
 @pytest.mark.parametrize("file, fault, then", [
-    # metrics.jsonl: its 7th append (iteration 6) gets 20 bytes, half a line
+    # metrics.jsonl: its 7th append (iteration 5, after the eval at 0 and at 4) gets 20 bytes, half a line
     ("metrics.jsonl", (r"metrics\.jsonl$", 7, 20), INTACT_AT_4),
     ("config.json", (r"config\.json\.tmp$", 1, 100),
      "no checkpoint was written; free space and run the same command again"),

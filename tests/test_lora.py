@@ -294,7 +294,7 @@ def finetunes(data_dir, base, tmp_path_factory):
     root = tmp_path_factory.mktemp("finetunes")
     printed = train_in_process(FINETUNE + [f"--init_from={base}", "--eval_only=True"], data_dir,
                                root / "eval")
-    start = float(re.search(r"eval at iteration 0: train loss [\d.]+, val loss ([\d.]+)", printed)[1])
+    start = float(re.search(r"eval iter 0: train loss [\d.]+, val loss ([\d.]+)", printed)[1])
     train_in_process(FINETUNE + [f"--init_from={base}"], data_dir, root / "full")
     models = []
     attach = lora.attach_for_training

@@ -294,7 +294,7 @@ def test_a_real_training_run(monkeypatch, data_dir, tmp_path, capsys):
     iters, losses = lines[f"{out}:loss"]
     assert iters == [i for i, _ in printed] == list(range(1, 11))
     assert losses == pytest.approx([loss for _, loss in printed], abs=5e-5)  # the log prints 4 decimals
-    assert lines[f"{out}:val_loss"][0] == [5, 10]
+    assert lines[f"{out}:val_loss"][0] == [0, 5, 10]  # the fresh model's, then every eval_interval
     assert lines[f"{out}:val_loss"][1] == pytest.approx(printed_val, abs=5e-5)
     row = table_rows(capsys, str(out))[str(out)]
     assert row["params"] == plot.si(params) and row["tok/param"] == f"{10 * 2 * 8 * 32 / params:.3g}"

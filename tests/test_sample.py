@@ -2,6 +2,7 @@
 stopping at the end of a story, determinism under a seed, and one-line errors for bad input (the
 sampling filters themselves are tested in test_model.py)."""
 import dataclasses
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,8 +13,9 @@ from test_export import save_checkpoint, tiny_model, train_tokenizer
 
 import sample
 from llamatiny.checkpoint import from_checkpoint, write_hf, write_llama2c
-from llamatiny.generate import generate_story
+from llamatiny.generate import for_inference, generate_story
 from llamatiny.tokenizer import Tokenizer
+from model import sample_next
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,7 +52,7 @@ class ScriptedModel:
     def __init__(self, script):
         self.script, self.calls = script, []
 
-    def generate_stream(self, idx, max_new_tokens, temperature, top_k, top_p):
+    def generate_stream(self, idx, max_new_tokens, temperature, top_k, top_p, repetition_penalty=1.0):
         self.calls.append(idx.tolist())
         for t in self.script[:max_new_tokens]:
             yield torch.tensor([t])
@@ -122,11 +124,87 @@ def test_greedy_output_equals_model_generate(ckpt, sp_model, capsys, tmp_path):
     code, out, _ = run_main(capsys, f"--checkpoint={tmp_path / 'model.bin'}", f"--tokenizer={sp_model}",
                             "--prompt=Once upon a time", "--temperature=0", "--max_new_tokens=20")
     assert code == 0 and out == expected
-    # and so does a prompt file (its trailing newline dropped)
+    # and so does a prompt file (its trailing newline dropped), nanoGPT's FILE: prompt, and --start, the name
+    # llama2.c and nanoGPT give the prompt
     (tmp_path / "prompt.txt").write_text("Once upon a time\n", encoding="utf-8")
-    code, out, _ = run_main(capsys, f"--checkpoint={ckpt}", f"--prompt_file={tmp_path / 'prompt.txt'}",
-                            "--temperature=0", "--max_new_tokens=20")
-    assert code == 0 and out == expected
+    for prompt in (f"--prompt_file={tmp_path / 'prompt.txt'}", f"--prompt=FILE:{tmp_path / 'prompt.txt'}",
+                   "--start=Once upon a time", f"--start=FILE:{tmp_path / 'prompt.txt'}"):
+        code, out, _ = run_main(capsys, f"--checkpoint={ckpt}", prompt, "--temperature=0",
+                                "--max_new_tokens=20")
+        assert code == 0 and out == expected, prompt
+
+
+def repeats(ids: list[int], context: list[int]) -> int:
+    # how many of the new ids were already in the context when they came
+    return sum(t in context + ids[:i] for i, t in enumerate(ids))
+
+
+@pytest.mark.parametrize("speedups", [False, True], ids=["plain", "cpu_kernels"])
+def test_repetition_penalty_keeps_the_context_s_tokens_out(sp_model, speedups):
+    # a penalty this large leaves every token already in the context below any other with a positive logit:
+    # greedy, and near-greedy sampling through top-p (the CPU kernels' own sampler), repeat nothing, where
+    # the same model without it repeats itself
+    model = for_inference(tiny_model(), torch.float32, cpu_speedups=speedups)
+    assert (model.sampler is not sample_next) == speedups  # the sampler under test
+    prompt = Tokenizer(sp_model).encode("Once upon a time")
+    for temperature, top_p in ((0.0, None), (0.05, 0.9)):
+        new = {}
+        for penalty in (1.0, 1e6):
+            torch.manual_seed(0)
+            stream = model.generate_stream(torch.tensor([prompt]), 40, temperature, None, top_p,
+                                           repetition_penalty=penalty)
+            new[penalty] = [int(t) for t in stream]
+        assert repeats(new[1.0], prompt) > 0
+        assert repeats(new[1e6], prompt) == 0, (temperature, top_p)
+
+
+def test_repetition_penalty_from_the_command_line(ckpt, sp_model, capsys):
+    model, tok = tiny_model(), Tokenizer(sp_model)
+    prompt = tok.encode("Once upon a time")
+    ids = [int(t) for t in model.generate_stream(torch.tensor([prompt]), 20, 0.0, repetition_penalty=1.5)]
+    end = next((i for i, t in enumerate(ids) if t in (tok.bos_id, tok.eos_id)), len(ids))
+    code, out, _ = run_main(capsys, f"--checkpoint={ckpt}", "--prompt=Once upon a time", "--temperature=0",
+                            "--max_new_tokens=20", "--repetition_penalty=1.5")
+    assert code == 0 and out == tok.decode(prompt + ids[:end]) + "\n"
+    code, plain, _ = run_main(capsys, f"--checkpoint={ckpt}", "--prompt=Once upon a time", "--temperature=0",
+                              "--max_new_tokens=20")
+    assert plain != out
+
+
+def test_a_run_folder_is_its_best_checkpoint_and_the_default_its_latest_run(sp_model, tmp_path, capsys,
+                                                                          monkeypatch):
+    run = tmp_path / "out" / "15m"
+    run.mkdir(parents=True)
+    save_checkpoint(run / "ckpt_best.pt", tiny_model(seed=1), sp_model)
+    save_checkpoint(run / "ckpt.pt", tiny_model(seed=2), sp_model)
+    story = ["--prompt=Once upon a time", "--temperature=0", "--max_new_tokens=20"]
+    best, latest = (run_main(capsys, f"--checkpoint={run / name}", *story)[1] for name in ("ckpt_best.pt",
+                                                                                           "ckpt.pt"))
+    assert best != latest
+    code, out, err = run_main(capsys, f"--checkpoint={run}", *story)
+    assert code == 0 and out == best
+    assert f"note: {run} is a run folder: reading {run / 'ckpt_best.pt'} (its best val loss" in err
+    monkeypatch.chdir(tmp_path)  # the default, out/ckpt.pt, is not there; out/ holds one run
+    code, out, err = run_main(capsys, *story)
+    assert code == 0 and out == best and "note: no out/ckpt.pt; reading out/15m/ckpt_best.pt (its best" in err
+    (run / "ckpt_best.pt").unlink()  # a run without a better eval yet: its latest
+    code, out, err = run_main(capsys, "--checkpoint=out/15m", *story)
+    assert code == 0 and out == latest and "reading out/15m/ckpt.pt (its latest; it has no ckpt_best" in err
+    (tmp_path / "out" / "new").mkdir()  # a run that has not saved yet
+    (tmp_path / "out" / "new" / "metrics.jsonl").write_text("", encoding="utf-8")
+    code, out, err = run_main(capsys, "--checkpoint=out/new", *story)
+    assert code == 1 and out == "" and err == "error: out/new is a run folder with no checkpoint yet: " \
+        "train.py writes ckpt.pt every checkpoint_interval iterations and at the end\n", err
+    # two runs: the default reads the one that saved last, whatever the names' order
+    older = tmp_path / "out" / "42m"
+    older.mkdir()
+    save_checkpoint(older / "ckpt.pt", tiny_model(seed=1), sp_model)
+    for when, newest, expected in ((2e9, run, latest), (3e9, older, best)):
+        os.utime(newest / "ckpt.pt", (when, when))
+        code, out, err = run_main(capsys, *story)
+        assert code == 0 and out == expected
+        assert f"reading out/{newest.name}/ckpt.pt (its latest; it has no ckpt_best.pt), of the most " \
+               "recent run in out/; 1 older run(s) there" in err, err
 
 
 def test_hugging_face_directory_loads_and_samples(sp_model, capsys, tmp_path):
@@ -152,6 +230,7 @@ def test_help_lists_every_option_with_its_default(capsys):
     for flag in ("--help", "-h"):
         code, out, err = run_main(capsys, flag)
         assert code == 0 and err == "" and out.startswith("usage: python sample.py")
+        assert '--instruction="Words: dog\\nFeatures: Dialogue"' in out  # the \n to type, not a line break
         for name, default in sample.DEFAULTS.items():
             shown = '""' if default == "" else default if isinstance(default, str) else repr(default)
             assert f"--{name}={shown} " in out, name
@@ -228,6 +307,9 @@ def write_bytes(path: Path, data: bytes) -> Path:
     (["--checkpoint={ckpt}", "--prompt", "Once upon a time"], "unexpected argument 'Once upon a time'"),
     (["--checkpoint={ckpt}", "--prompt_file=nowhere.txt"], "prompt file not found: nowhere.txt"),
     (["--checkpoint={ckpt}", "--top_p=2"], "--top_p=2.0 must be in (0, 1]"),
+    (["--checkpoint={ckpt}", "--repetition_penalty=0"], "--repetition_penalty=0.0 must be positive"),
+    (["--checkpoint={ckpt}", "--prompt=a", "--start=b"], "give one of --prompt and --start, not both"),
+    (["--checkpoint={ckpt}", "--start=FILE:nowhere.txt"], "prompt file not found: nowhere.txt"),
     (["--checkpoint={ckpt}", "--temprature=0"], "did you mean 'temperature'"),
     (["--checkpoint={ckpt}", "--dtype=float8"], "--dtype=float8"),
     (["--checkpoint={dir}/model.bin", "--tokenizer={dir}/model.bin"], "looks like llama2.c's tokenizer.bin"),

@@ -165,7 +165,7 @@ def test_a_config_file_does_not_change_a_resumed_run(first_run, data_dir, tmp_pa
         assert setting in kept, kept
     assert "note: changed on resume: max_iters 20 -> 30" in said
     lr, evals, tokens = logged(out)
-    assert sorted(lr) == list(range(30)) and evals == [10, 20, 30]
+    assert sorted(lr) == list(range(30)) and evals == [0, 10, 20, 30]
     # 4 x 32 tokens per iteration, not the config file's 16 x 128
     assert [tokens[i + 1] - tokens[i] for i in range(20, 30)] == [TOKENS_PER_ITER] * 10
     assert [lr[i] for i in range(20, 30)] == pytest.approx([2e-4] * 10)  # min_lr: the cosine ended at 20
@@ -178,7 +178,7 @@ def test_resume_without_the_config_file_keeps_what_it_set(first_run, tmp_path, c
     result, said = train_and_say(capsys, ["--init_from=resume", f"--out_dir={out}", "--max_iters=40"])
     assert result["iter_num"] == 40
     lr, evals, tokens = logged(out)
-    assert sorted(lr) == list(range(40)) and evals == [10, 20, 30, 40]
+    assert sorted(lr) == list(range(40)) and evals == [0, 10, 20, 30, 40]
     used = torch.load(out / "ckpt.pt", weights_only=False)["config"]
     assert (used["eval_iters"], used["eval_interval"], used["checkpoint_interval"]) == (2, 10, 10)
     assert (used["learning_rate"], used["beta2"], used["batch_size"]) == (2e-3, 0.99, 4)  # the config file's

@@ -2,6 +2,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -18,7 +19,7 @@ from test_cpu_kernels import REALLOCATION_FAULTS
 import train
 from configurator import parse_config
 from llamatiny import data, settings
-from llamatiny.checkpoint import from_checkpoint, write_llama2c
+from llamatiny.checkpoint import from_checkpoint, read_llama2c_header, write_llama2c, write_tokenizer_bin
 from model import ModelArgs, Transformer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -212,14 +213,18 @@ def test_short_run_learns_and_writes_its_outputs(short_run):
     assert logs[0]["tok_per_s"] is None and all(r["tok_per_s"] > 0 for r in logs[1:])  # step 1: warm-up
     assert all(a["elapsed_s"] < b["elapsed_s"] for a, b in zip(logs, logs[1:]))
     assert set(evals[0]) == {"iter", "tokens", "train_loss", "val_loss"}
-    assert [r["iter"] for r in evals] == [15, 30]
+    assert [r["iter"] for r in evals] == [0, 15, 30]  # the fresh model's loss, before the first step
+    assert not any("mem_gib" in r for r in logs)  # GPU memory: on a CPU, none is claimed
     assert logs[-1]["tokens"] == 30 * 2 * 8 * 32
     first, last = sum(r["loss"] for r in logs[:3]) / 3, sum(r["loss"] for r in logs[-3:]) / 3
     assert first > 5.5 and last < first - 1.0, (first, last)  # from about ln(512) = 6.2
-    assert evals[1]["val_loss"] < evals[0]["val_loss"]
+    assert evals[0]["tokens"] == 0 and abs(evals[0]["val_loss"] - math.log(512)) < 0.05, evals[0]
+    assert evals[2]["val_loss"] < evals[1]["val_loss"] < evals[0]["val_loss"]
+    assert re.search(r"^eval iter 0: train loss 6\.\d{4}, val loss 6\.\d{4}$", result.stdout, re.M)
 
     lines = [line for line in result.stdout.splitlines() if line.startswith("iter ")]
     assert len(lines) == 30 and FIRST_LOG_LINE.match(lines[0]), lines[0]
+    assert not any(" | mem " in line for line in lines)
     assert all(LOG_LINE.match(line) for line in lines[1:]), lines[1:3]
     assert re.search(r"^done: 30 iterations, 15,360 tokens in \d+s, best val loss \d\.\d{4}$", result.stdout,
                      re.M)
@@ -229,7 +234,7 @@ def test_short_run_learns_and_writes_its_outputs(short_run):
     assert ckpt["iter_num"] == 30 and ckpt["tokens_seen"] == 30 * 512
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"])
     assert ckpt["model_args"]["dim"] == 32 and ckpt["config"]["lr_decay_iters"] == 30
-    assert ckpt["best_val_loss"] == pytest.approx(evals[1]["val_loss"])
+    assert ckpt["best_val_loss"] == pytest.approx(evals[2]["val_loss"])
     assert Path(ckpt["tokenizer"]).is_file() and len(ckpt["rng_state"]) == 1
 
     info = json.loads((out / "config.json").read_text(encoding="utf-8"))
@@ -244,6 +249,9 @@ def test_the_first_step_of_each_process_is_logged_whatever_the_log_interval(data
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("iter ")]
     logs, _ = read_metrics(tmp_path)
     assert [r["iter"] for r in logs] == [1, 4, 6, 7, 8, 10]  # the resumed process's first step is 7
+    # the fresh run evaluates before its first step, the resumed one does not again
+    raw = (tmp_path / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    assert [r["iter"] for r in map(json.loads, raw) if "val_loss" in r] == [0, 6, 10]
     assert [i for i, line in enumerate(lines) if " | first step " in line] == [0, 3]
     assert FIRST_LOG_LINE.match(lines[0]), lines[0]
     firsts = [r for r in logs if "first_step_s" in r]
@@ -302,7 +310,7 @@ def test_eval_only_evaluates_the_checkpoint(short_run, data_dir, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(short_run[0], out)
     result = ok(run_train(["--init_from=resume", "--eval_only=True", "--max_iters=30"], data_dir, out))
-    assert re.search(r"eval at iteration 30: train loss \d\.\d{4}, val loss \d\.\d{4}",
+    assert re.search(r"eval iter 30: train loss \d\.\d{4}, val loss \d\.\d{4}",
                      result.stdout), result.stdout
 
 
@@ -450,10 +458,23 @@ def test_cuda_out_of_memory_names_the_batch_size(monkeypatch):
     assert "batch_size=64" in message and "--batch_size=32 --gradient_accumulation_steps=8" in message
 
 
-def test_help_lists_the_settings(capsys):
+def test_help_lists_the_settings_with_what_each_is(capsys):
     train.main(["--help"])
     out = capsys.readouterr().out
-    assert "learning_rate" in out and "gradient_accumulation_steps" in out and "rope_theta" in out
+    for key, default in train.default_config().items():  # every setting, with its default
+        assert re.search(rf"^  {key} = {re.escape(repr(default))}(  |$)", out, re.M), key
+    lines = out.splitlines()
+    # the comment beside a default describes it, as do the comment lines above one without such a comment
+    described = {"eval_iters": "batches per split per process at each eval",
+                 "init_from": "'scratch'; 'resume': out_dir/ckpt.pt with its optimizer",
+                 "n_kv_heads": "None: n_heads (plain multi-head attention)"}  # (ModelArgs' own comment)
+    for key, text in described.items():
+        line = next(line for line in lines if line.startswith(f"  {key} = "))
+        assert line.endswith(text) or text in line, line
+    # the comment lines above a setting that has its own comment are a section title
+    assert lines[lines.index("I/O") + 1].startswith("  out_dir = 'out'")
+    assert "system" in lines and not any(set(line) == {"-"} for line in lines)
+    assert "--master_port=29500 \\\n" in out  # the docstring's line continuation, as typed
 
 
 # ----------------------------------------------------------------------------- DDP and compile
@@ -695,6 +716,65 @@ def test_batch_size_auto_keeps_the_tokens_per_iteration(data_dir, tmp_path, monk
     recorded = json.loads((tmp_path / "config.json").read_text(encoding="utf-8"))["config"]
     assert (recorded["batch_size"], recorded["gradient_accumulation_steps"]) == (4, 4)
     assert read_metrics(tmp_path)[0][-1]["tokens"] == 2 * 16 * 32
+
+
+def test_batch_size_max_keeps_the_accumulation_and_grows_the_tokens(data_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(settings, "available_bytes", lambda device: memory_for(5))
+    run = TINY + [f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--eval_interval=2"]
+    train.train(train.parse_settings(run + ["--batch_size=max", "--max_iters=2"]))
+    printed = capsys.readouterr().out
+    assert "batch_size=max: 5 x 2 accumulation steps = 10 sequences per iteration, 320 tokens (in place of " \
+           "8 x 2; estimated against" in printed, printed
+    assert "tokens per iteration: 320 = 1 process(es) x 2 accumulation step(s) x 5 batch x 32" in printed
+    recorded = json.loads((tmp_path / "config.json").read_text(encoding="utf-8"))["config"]
+    assert (recorded["batch_size"], recorded["gradient_accumulation_steps"]) == (5, 2)
+    # a resume keeps the batch the run chose, unless --batch_size=max is given again
+    train.train(train.parse_settings(["--init_from=resume", f"--out_dir={tmp_path}", "--max_iters=3"]))
+    assert "batch_size=max" not in capsys.readouterr().out
+    assert [r["tokens"] for r in read_metrics(tmp_path)[0]] == [320, 640, 960]
+    message = main_error(run + ["--batch_size=max", "--batch_size=auto", "--overwrite=True"])
+    assert "--batch_size=auto keeps the tokens per iteration and --batch_size=max grows them" in message
+
+
+# ----------------------------------------------------------------------------- run.c's files beside the run
+
+
+def test_export_llama2c_writes_run_c_files_beside_the_checkpoints(data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    train.train(train.parse_settings(TINY + [f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=4",
+                                             "--eval_interval=2", "--export_llama2c=True"]))
+    printed = capsys.readouterr().out
+    assert f"./run {out / 'model.bin'} -z {out / 'tokenizer.bin'}" in printed
+    assert "saved ckpt_best.pt, ckpt.pt, model_best.bin, model.bin (iteration 4)" in printed
+    for ckpt, bin_name in (("ckpt.pt", "model.bin"), ("ckpt_best.pt", "model_best.bin")):
+        assert read_llama2c_header(out / bin_name)["version"] == 0  # run.c's
+        model, checkpoint = from_checkpoint(out / ckpt)
+        exported, _ = from_checkpoint(out / bin_name)
+        # (a llama2.c file holds hidden_dim, not the multiple_of it was rounded to)
+        assert dataclasses.replace(exported.args, multiple_of=model.args.multiple_of) == model.args
+        weights, ours = exported.state_dict(), model.state_dict()
+        assert weights.keys() == ours.keys() and all(torch.equal(weights[k], v) for k, v in ours.items())
+    tokenizer = Path(checkpoint["tokenizer"])
+    write_tokenizer_bin(tmp_path / "expected.bin", tokenizer)
+    assert (out / "tokenizer.bin").read_bytes() == (tmp_path / "expected.bin").read_bytes()
+    # run.c hard-codes RoPE's theta: a model it would run wrong is refused before training, in one line
+    message = main_error(TINY + [f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'theta'}",
+                                 "--export_llama2c=True", "--rope_theta=500000"])
+    assert "export_llama2c=True: llama2.c's run.c hard-codes rope_theta=10000" in message
+
+
+def test_export_llama2c_of_a_lora_run_holds_the_merged_weights(short_run, data_dir, tmp_path):
+    base, _ = short_run
+    out = tmp_path / "lora"
+    train.train(train.parse_settings(TINY + [f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=2",
+                                             "--eval_interval=2", f"--init_from={base / 'ckpt.pt'}",
+                                             "--lora_rank=4", "--export_llama2c=True"]))
+    merged, _ = from_checkpoint(out / "ckpt.pt")  # the base with the adapters folded in
+    exported, _ = from_checkpoint(out / "model.bin")
+    base_model, _ = from_checkpoint(base / "ckpt.pt")
+    wq = "layers.0.attention.wq.weight"
+    assert torch.allclose(exported.state_dict()[wq], merged.state_dict()[wq], atol=1e-6)
+    assert not torch.equal(exported.state_dict()[wq], base_model.state_dict()[wq])  # the adapters trained
 
 
 # ----------------------------------------------------------------------------- the run's length
