@@ -37,9 +37,8 @@ class ModelArgs:
     max_seq_len: int = 256
     dropout: float = 0.0
     rope_theta: float = 10000.0
-    # the output layer (the classifier) is the token embedding's matrix (llama2.c's models); False: a matrix
-    # of its own, vocab_size x dim more weights (Hugging Face's tie_word_embeddings=False)
-    tie_embeddings: bool = True
+    # Hugging Face's tie_word_embeddings=False is tie_embeddings=False
+    tie_embeddings: bool = True  # the classifier is the token embedding (llama2.c); False: a matrix of its own
 
     def __post_init__(self):
         # resolved here, so the checkpoint and every comparison see the real numbers
