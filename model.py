@@ -38,7 +38,7 @@ class ModelArgs:
     dropout: float = 0.0
     rope_theta: float = 10000.0
     # Hugging Face's tie_word_embeddings=False is tie_embeddings=False
-    tie_embeddings: bool = True  # the classifier is the token embedding (llama2.c); False: a matrix of its own
+    tie_embeddings: bool = True  # the classifier is the token embedding (llama2.c); False: its own matrix
 
     def __post_init__(self):
         # resolved here, so the checkpoint and every comparison see the real numbers
