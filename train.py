@@ -680,8 +680,9 @@ def main(argv: list[str] | None = None) -> None:
         if runtime.resolve_device(config["device"]) == "cpu":
             print0(f"CPU threads: {threads} ({why})")
             if runtime.resolve_dtype(config["dtype"], "cpu") == "float32" and runtime.cpu_has_bf16():
-                print0("this CPU has AVX512-BF16: --dtype=bfloat16 (autocast, the weights kept in float32) "
-                       "trains faster here than float32")
+                # faster on some such CPUs, slower on others (bench/README.md): a pointer, not a promise
+                print0("this CPU has AVX512-BF16: --dtype=bfloat16 (autocast) may train faster than float32; "
+                       "time a few steps of each")
             if config["cpu_speedups"]:
                 cpu_kernels.keep_freed_memory()
         train(config)

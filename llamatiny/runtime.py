@@ -104,7 +104,7 @@ def cpu_threads(setting: int | None) -> tuple[int, str]:
     on an idle machine and half of them (at least one) on a busy one, unless OMP_NUM_THREADS says otherwise
     (torchrun sets it). Busy: a load average of half a core or more over the last minute. With every core
     taken, any other job on the machine stalls the threads that wait for each other at each small op, and
-    a step can take five times as long; alone, every core makes a step faster (figures: bench/README.md)."""
+    a step can take ten times as long; alone, every core makes a step faster (figures: bench/README.md)."""
     if setting:
         return setting, "--threads"
     if os.environ.get("OMP_NUM_THREADS"):
