@@ -126,7 +126,7 @@ device = "auto"  # 'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:1', '
 dtype = "auto"  # 'auto' (bfloat16, else float16 on CUDA; float32 elsewhere), 'float32', 'bfloat16', 'float16'
 compile = False  # torch.compile the model (use it on a GPU)
 cpu_speedups = True  # faster CPU kernels for the same math (llamatiny/cpu_kernels.py); False: plain PyTorch
-threads: int | None = None  # CPU threads; None: half the cores, so that another job cannot stall every thread
+threads: int | None = None  # CPU threads; None: all cores on an idle machine, half while other jobs run
 seed = 1337  # of the initial weights, the batches and dropout
 print_model = False  # print every weight's shape and size at start
 peak_flops: float | str | None = None  # the GPU's peak FLOP/s for MFU, or its name ('H100'); None: looked up
@@ -761,9 +761,16 @@ def main(argv: list[str] | None = None) -> None:
     try:
         config = parse_settings(argv)
         # process-wide, like the allocator: here, not in train()
-        torch.set_num_threads(runtime.cpu_threads(config["threads"]))
-        if config["cpu_speedups"] and runtime.resolve_device(config["device"]) == "cpu":
-            cpu_kernels.keep_freed_memory()
+        threads, why = runtime.cpu_threads(config["threads"])
+        torch.set_num_threads(threads)
+        if runtime.resolve_device(config["device"]) == "cpu":
+            print0(f"CPU threads: {threads} ({why})")
+            if runtime.resolve_dtype(config["dtype"], "cpu") == "float32" and runtime.cpu_has_bf16():
+                # faster on some such CPUs, slower on others (bench/README.md): a pointer, not a promise
+                print0("this CPU has AVX512-BF16: --dtype=bfloat16 (autocast) may train faster than float32; "
+                       "time a few steps of each")
+            if config["cpu_speedups"]:
+                cpu_kernels.keep_freed_memory()
         train(config)
     except (ConfigError, TrainError, data.DataError, OSError) as e:  # OSError: a file and the reason
         fail(f"error: {e}")

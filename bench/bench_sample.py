@@ -16,7 +16,7 @@ tokenizer beside it in run.c's format, and both programs decode it from the same
 process of its own with one thread (OMP_NUM_THREADS=1; sample.py --threads=1), alternating run.c, ours,
 run.c, ours, ... so that load from other processes hits both alike. Each reports its own figure:
   sample.py  "N tokens in S s: X tokens/s", the new tokens over the time from the prompt to the last
-             token (prefill and packing the weights included)
+             token (prefill included; the weights are packed at load, before it)
   run.c      "achieved tok/s", its positions (prompt included) over the time after its first forward
 Two models: "trained-like", the final norm's gain set to --norm_scale (7.5: about 1 nat per token and a
 nucleus of ~100 tokens, like a trained 15M model), and "fresh", the initialisation's near-uniform

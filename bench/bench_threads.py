@@ -1,6 +1,7 @@
 """
-Why train.py uses half the cores by default: training steps at each thread count, timed side by side
-(alternating) while a busy neighbour holds one core, as a laptop's browser or another job does.
+Why train.py takes every core of an idle machine and half of a busy one: training steps at each thread
+count, timed side by side (alternating), beside --neighbours busy processes (a laptop's browser, another
+job) or none.
 
     python bench/bench_threads.py                  # 260K shape, 8 x 512; threads 1 and all cores
     python bench/bench_threads.py --threads 1,2,4 --neighbours 0
@@ -19,6 +20,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+
+from bench_train import machine  # noqa: E402
 
 from llamatiny import cpu_kernels  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
@@ -62,8 +65,8 @@ def main() -> None:
         for proc in neighbours:
             proc.kill()
     tokens = args.batch_size * 512
-    print(f"260K shape, {args.batch_size} x 512 tokens, {args.neighbours} busy neighbour(s), "
-          f"{os.cpu_count()} cores; {args.rounds * 3} steps per thread count\n")
+    print(f"260K shape, {args.batch_size} x 512 tokens, {args.neighbours} busy neighbour(s); "
+          f"{args.rounds * 3} steps per thread count; {machine()}\n")
     print("| threads | median tokens/s | slowest step's tokens/s | fastest step's tokens/s |")
     print("| --- | --- | --- | --- |")
     for n in counts:

@@ -216,7 +216,13 @@ def machine() -> str:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
+    # the instruction set torch's kernels use (AVX2, AVX512), whether the CPU has bf16, and the load at the
+    # start: ratios on a shared machine are only comparable with others taken at a like load
+    isa = torch.backends.cpu.get_cpu_capability()
+    bf16 = ", AVX512-BF16" if runtime.cpu_has_bf16() else ""
+    load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({isa}{bf16}){load}, "
+            f"{time.strftime('%Y-%m-%d %H:%M')}")
 
 
 def parse_args(argv=None):

@@ -10,7 +10,8 @@ ModelArgs field through both); bench/README.md has the figures that justify them
 - keep_freed_memory: glibc keeps freed memory for the next training step
 
 A model gets the first two from attach(model): train.py, sample.py and eval.py call it for a model on the
-CPU unless --cpu_speedups=False. model.py does not import this module.
+CPU unless --cpu_speedups=False; sample.py and eval.py, whose weights no longer change, with frozen=True,
+which packs generation's weights once, at load. model.py does not import this module.
 """
 import ctypes
 
@@ -22,12 +23,16 @@ from torch import nn
 import model as plain  # the plain path these kernels replace
 
 
-def attach(model):
+def attach(model, frozen: bool = False):
     """Hands a model on the CPU these kernels in place of its plain ones: causal attention for training and
-    prefill, generation's decoder and sampler. Returns the model."""
+    prefill, generation's decoder and sampler. Returns the model. A frozen model's weights are packed for
+    the decoder here, once, rather than at each generation: only for a model whose weights no longer
+    change (Decoder says why)."""
     for layer in model.layers:
         layer.attention.causal_attention = causal_attention
     model.decoder, model.sampler = Decoder, sample_next
+    if frozen:
+        model.decoder = Decoder(model).reuse  # a bound method: a deep copy of the model packs its own copy
     return model
 
 
@@ -149,7 +154,9 @@ class Decoder:
     - RoPE at one position as one complex multiply, in place (Meta's own formulation of the rotation)
     - buffers made once per prefill; the KV cache is the model's own, written by its write_cache
     The weights are packed per generation and dropped after it: a copy kept across calls could go stale
-    unnoticed (the fused AdamW step changes a weight in place without bumping its _version). Only float32
+    unnoticed (the fused AdamW step changes a weight in place without bumping its _version). A model loaded
+    only to generate (attach(model, frozen=True): sample.py, eval.py) keeps one packing instead, made at
+    load, which takes ~40 ms, a tenth of a 15M model's 100 tokens on one core. Only float32
     models whose projections are plain nn.Linear, in eval mode or without dropout, decode here; any other
     (bfloat16, LoRA adapters, sample.py --compile's compiled forward) runs the model's forward for every
     step, still with the transposed classifier. On a GPU the plain path is the fast one. Figures:
@@ -159,6 +166,11 @@ class Decoder:
         self.model = model
         self.classifier = model.output.weight.detach().t().contiguous()  # (dim, vocab_size)
         self.layers = self.pack(model) if self.packable(model) else None
+
+    def reuse(self, model):
+        # model.decoder's signature, (model) -> step, for a packing made once (attach's frozen)
+        assert model is self.model
+        return self
 
     @staticmethod
     def packable(model) -> bool:

@@ -53,13 +53,14 @@ def load_tokenizer(cfg: dict, checkpoint: dict, vocab_size: int):
 
 def for_inference(model, dtype: torch.dtype, cpu_speedups: bool = True, compile: bool = False):
     """The model in dtype (the KV cache follows the weights' dtype) and eval mode; on a CPU with the faster
-    kernels for the same math unless cpu_speedups is False; its forward compiled if asked."""
+    kernels for the same math unless cpu_speedups is False, its weights packed for them once, here; its
+    forward compiled if asked."""
     model = model.to(dtype=dtype).eval()
-    if cpu_speedups and model.output.weight.device.type == "cpu":
-        cpu_kernels.attach(model)
     if compile:
         # generate_stream runs self.hidden_states (an instance attribute) for the prefill and each decode step
         model.hidden_states = torch.compile(model.hidden_states)
+    if cpu_speedups and model.output.weight.device.type == "cpu":
+        cpu_kernels.attach(model, frozen=True)  # after compile, which the decoder must see
     return model
 
 

@@ -99,17 +99,32 @@ def autocast(device: str, dtype: str):
     return torch.autocast(device.split(":")[0], dtype=DTYPES[dtype])
 
 
-def cpu_threads(setting: int | None) -> int:
-    """torch's CPU threads for a setting: N, or for None half the cores (at least one) unless OMP_NUM_THREADS
-    says otherwise (torchrun sets it). With every core taken, any other job on the machine stalls the
-    threads that wait for each other at each small op, and a step can take ten times as long; half the
-    cores leaves room for it (figures: bench/README.md)."""
+def cpu_threads(setting: int | None) -> tuple[int, str]:
+    """torch's CPU threads for a setting, and why, for the start-up line: N as set; for None, all the cores
+    on an idle machine and half of them (at least one) on a busy one, unless OMP_NUM_THREADS says otherwise
+    (torchrun sets it). Busy: a load average of half a core or more over the last minute. With every core
+    taken, any other job on the machine stalls the threads that wait for each other at each small op, and
+    a step can take ten times as long; alone, every core makes a step faster (figures: bench/README.md)."""
     if setting:
-        return setting
+        return setting, "--threads"
     if os.environ.get("OMP_NUM_THREADS"):
-        return torch.get_num_threads()
+        return torch.get_num_threads(), "OMP_NUM_THREADS"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // 2)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if load < 0.5:
+        return cores, "all cores, the machine is idle; --threads=N leaves room for other jobs"
+    return max(1, cores // 2), (f"half the cores: the load average {load:.1f} says other jobs run, and they "
+                                f"would stall every thread; --threads={cores} takes them all")
+
+
+def cpu_has_bf16() -> bool:
+    # AVX512-BF16 or AMX (Linux's flags): CPU bfloat16 autocast runs its matmuls natively, faster than float32
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def seed_everything(seed: int) -> None:

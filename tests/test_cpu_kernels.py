@@ -13,6 +13,7 @@ from conftest import ROOT
 from test_model import all_logits, filter_logits, greedy_without_cache, tiny_model
 
 from llamatiny import cpu_kernels
+from llamatiny.generate import for_inference
 from model import ModelArgs, Transformer
 
 
@@ -229,6 +230,23 @@ def test_packed_weights_are_per_generation_and_follow_training():
         opt.zero_grad(set_to_none=True)
         m.eval()
     assert len({tuple(o[0].tolist()) for o in outputs}) == 3  # training did change what it generates
+
+
+def test_a_model_loaded_to_generate_packs_once_and_generates_the_plain_paths_tokens(monkeypatch):
+    packs = []
+    pack = cpu_kernels.Decoder.pack
+    monkeypatch.setattr(cpu_kernels.Decoder, "pack", lambda self, m: packs.append(m) or pack(self, m))
+    m = tiny_model(n_heads=4, max_seq_len=32)
+    loaded = for_inference(copy.deepcopy(m), torch.float32)  # as sample.py and eval.py make it ready
+    assert len(packs) == 1  # at load
+    prompt = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(9))
+    for seed in range(3):  # a different prompt each time: the caches are per generation, the packing is not
+        prompt[:, 0] = seed
+        plain = m.generate(prompt, 40, temperature=0.0)
+        assert torch.equal(loaded.generate(prompt, 40, temperature=0.0), plain)
+    assert len(packs) == 1
+    for_inference(copy.deepcopy(m), torch.float32, compile=True)  # its compiled forward runs each step
+    assert len(packs) == 1
 
 
 # ----------------------------------------------------------------- every model option through both paths

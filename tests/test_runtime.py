@@ -60,11 +60,15 @@ def test_first_line():
     assert runtime.first_line(KeyError()) == "KeyError"
 
 
-def test_cpu_threads_default_to_half_the_cores(monkeypatch):
+def test_cpu_threads_default_to_all_cores_when_idle_and_half_when_busy(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
-    assert runtime.cpu_threads(None) == 4 and runtime.cpu_threads(3) == 3
+    monkeypatch.setattr(runtime.os, "getloadavg", lambda: (0.1, 0.2, 0.3), raising=False)
+    assert runtime.cpu_threads(None)[0] == 8 and runtime.cpu_threads(3)[0] == 3
+    monkeypatch.setattr(runtime.os, "getloadavg", lambda: (1.2, 0.2, 0.3), raising=False)
+    threads, why = runtime.cpu_threads(None)
+    assert threads == 4 and "1.2" in why and "--threads=8" in why  # the start-up line says how to take all
     monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: {0}, raising=False)
-    assert runtime.cpu_threads(None) == 1
+    assert runtime.cpu_threads(None)[0] == 1
     monkeypatch.setenv("OMP_NUM_THREADS", "2")  # torchrun's, or the user's: torch has already read it
-    assert runtime.cpu_threads(None) == torch.get_num_threads()
+    assert runtime.cpu_threads(None)[0] == torch.get_num_threads()
