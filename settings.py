@@ -22,7 +22,9 @@ from runtime import print0
 RESUMED_SETTINGS = ("dataset", "vocab_source", "batch_size", "gradient_accumulation_steps", "learning_rate",
                     "min_lr", "max_iters", "max_tokens", "max_epochs", "warmup_iters", "lr_decay_iters",
                     "decay_lr", "weight_decay", "beta1", "beta2", "grad_clip", "dtype", "seed", "lora_rank",
-                    "lora_alpha", "lora_dropout", "lora_targets") + tuple(f.name for f in fields(ModelArgs))
+                    "lora_alpha", "lora_dropout", "lora_targets", "optimizer", "muon_lr", "muon_momentum",
+                    "muon_weight_decay", "lr_schedule", "decay_frac") \
+    + tuple(f.name for f in fields(ModelArgs))
 # of the model's fields, what a resumed or fine-tuned run may change: the rest is the weights' shape
 NOT_SHAPE = ("dropout", "max_seq_len")
 
@@ -30,7 +32,8 @@ NOT_SHAPE = ("dropout", "max_seq_len")
 def resolve_config(config: dict) -> dict:
     # fills in the 'auto' and None settings and checks values; the result is what the run records
     c = dict(config)
-    choices = {"vocab_source": ("llama2", "custom"), "dtype": ("auto", "float32", "bfloat16", "float16")}
+    choices = {"vocab_source": ("llama2", "custom"), "dtype": ("auto", "float32", "bfloat16", "float16"),
+               "optimizer": ("adamw", "muon"), "lr_schedule": ("cosine", "wsd")}
     for key, allowed in choices.items():
         if c[key] not in allowed:
             raise ConfigError(f"{key}={c[key]!r} is not one of {', '.join(map(repr, allowed))}")
@@ -61,12 +64,20 @@ def resolve_config(config: dict) -> dict:
     for key in ("max_iters", "warmup_iters", "num_workers", "keep_checkpoints"):
         if c[key] < 0:
             raise ConfigError(f"{key}={c[key]} must not be negative")
-    for key in ("learning_rate", "norm_eps", "rope_theta"):
+    for key in ("learning_rate", "muon_lr", "norm_eps", "rope_theta"):
         if c[key] <= 0:
             raise ConfigError(f"{key}={c[key]} must be positive")
-    if not 0 <= c["dropout"] < 1:
-        raise ConfigError(f"dropout={c['dropout']} must be in [0, 1)")
+    for key in ("muon_weight_decay", "weight_decay"):
+        if c[key] < 0:
+            raise ConfigError(f"{key}={c[key]} must not be negative")
+    for key in ("dropout", "muon_momentum"):
+        if not 0 <= c[key] < 1:
+            raise ConfigError(f"{key}={c[key]} must be in [0, 1)")
+    if not 0 <= c["decay_frac"] <= 1:
+        raise ConfigError(f"decay_frac={c['decay_frac']} must be in [0, 1]: the share of the run that decays")
     lora.check_settings(c)
+    if c["lora_rank"] and c["optimizer"] == "muon":
+        raise ConfigError("LoRA's adapters train with AdamW: pass --optimizer=adamw with --lora_rank")
 
     if c["min_lr"] is None:
         c["min_lr"] = c["learning_rate"] / 10
@@ -136,6 +147,10 @@ def for_resume(c: dict, saved: dict, given: set, path: str) -> dict:
         differ = ", ".join(f"{k}={saved[k]!r} (config: {c[k]!r})" for k in shape)
         raise ConfigError(f"{path} was trained with {differ}; a resumed run keeps the model's shape: "
                           "drop those settings, or start a new run")
+    trained_with = saved.get("optimizer", "adamw")  # (checkpoints from before the setting: AdamW)
+    if c["optimizer"] != trained_with:
+        raise ConfigError(f"{path} was trained with optimizer={trained_with!r}, whose state a resumed run "
+                          f"continues: pass --optimizer={trained_with}, or start a new run")
     try:
         runtime.resolve_dtype(c["dtype"], c["device"])
     except ConfigError:  # a bf16 run resumed on a GPU without bf16

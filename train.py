@@ -55,7 +55,7 @@ import runtime
 import settings
 from checkpoint import from_checkpoint, save_checkpoint
 from configurator import ConfigError, format_config, parse_config
-from model import ModelArgs, Transformer
+from model import ModelArgs, Transformer, load_optimizer_state
 from runtime import print0
 
 # -----------------------------------------------------------------------------
@@ -96,9 +96,11 @@ vocab_source = "llama2"  # 'llama2' (32,000 tokens) or 'custom' (data_dir/tok{vo
 num_workers = 0  # data loader worker processes
 # model: every field of ModelArgs (model.py) is a setting, with its default (the 15M model): dim, n_layers,
 # n_heads, n_kv_heads, vocab_size, hidden_dim, multiple_of, norm_eps, max_seq_len, dropout, rope_theta
-# optimizer: AdamW
 gradient_accumulation_steps = 4  # global: split across processes under DDP
-learning_rate = 5e-4
+# optimizer: 'adamw' for every weight (llama2.c's), or 'muon': Muon for the blocks' matrices (wq wk wv wo,
+# w1 w2 w3), AdamW at learning_rate for the embedding and the norms
+optimizer = "adamw"
+learning_rate = 5e-4  # AdamW's peak learning rate
 max_iters = 100000  # optimizer steps; or the run's length in tokens or epochs (of the training split):
 max_tokens: int | None = None
 max_epochs: float | None = None
@@ -106,8 +108,16 @@ weight_decay = 1e-1
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0  # 0 disables clipping
-# learning rate schedule: linear warmup, then cosine decay to min_lr
-decay_lr = True  # False: constant learning_rate
+muon_lr = 0.02  # Muon's peak learning rate
+muon_momentum = 0.95
+muon_weight_decay = 0.0
+# learning rate schedule: linear warmup, then 'cosine' decay to min_lr, or 'wsd' (warmup-stable-decay): the
+# peak until the last decay_frac of lr_decay_iters, then a straight line to min_lr. A wsd run can be extended
+# from any point before its decay (--init_from=resume --max_iters=N --lr_decay_iters=N). The schedule scales
+# both optimizers' learning rates alike
+lr_schedule = "cosine"
+decay_frac = 0.2
+decay_lr = True  # False: constant learning rates
 warmup_iters = 1000
 lr_decay_iters: int | None = None  # None: max_iters
 min_lr: float | None = None  # None: learning_rate / 10
@@ -151,14 +161,27 @@ def parse_settings(argv: list[str]) -> dict:
     return parse_config(default_config(), argv, setting_types())
 
 
-def get_lr(it: int, learning_rate: float, warmup_iters: int, lr_decay_iters: int, min_lr: float) -> float:
+def get_lr(it: int, learning_rate: float, warmup_iters: int, lr_decay_iters: int, min_lr: float,
+           schedule: str = "cosine", decay_frac: float = 0.2) -> float:
     # it counts optimizer steps from 0; step 0 already gets learning_rate / warmup_iters, never 0
     if it < warmup_iters:
         return learning_rate * (it + 1) / warmup_iters
     if it >= lr_decay_iters:
         return min_lr
+    if schedule == "wsd":
+        decay_start = max(warmup_iters, lr_decay_iters * (1 - decay_frac))
+        if it < decay_start:
+            return learning_rate
+        return learning_rate - (it - decay_start) / (lr_decay_iters - decay_start) * (learning_rate - min_lr)
     progress = (it - warmup_iters) / (lr_decay_iters - warmup_iters)  # 0 -> 1
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
+
+
+def make_optimizer(model: Transformer, c: dict, device_type: str):
+    muon = {"lr": c["muon_lr"], "momentum": c["muon_momentum"], "weight_decay": c["muon_weight_decay"]} \
+        if c["optimizer"] == "muon" else None
+    return model.configure_optimizers(c["weight_decay"], c["learning_rate"], (c["beta1"], c["beta2"]),
+                                      device_type, muon)
 
 
 def parameter_table(model: Transformer) -> str:
@@ -395,8 +418,7 @@ def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str)
     lora_base = None  # LoRA: the base model's path and hash; the adapters are attached to raw_model
     if c["lora_rank"]:
         lora_base = lora.attach_for_training(raw_model, c, checkpoint if resume else None)
-    optimizer = raw_model.configure_optimizers(c["weight_decay"], c["learning_rate"],
-                                               (c["beta1"], c["beta2"]), device_type)
+    optimizer = make_optimizer(raw_model, c, device_type)
     # a no-op unless float16: it scales the loss so small gradients do not underflow
     scaler = torch.amp.GradScaler(device_type, enabled=c["dtype"] == "float16")
     iter_num, tokens_seen, best_val_loss, last_saved, rng_to_restore = 0, 0, float("inf"), None, None
@@ -405,7 +427,7 @@ def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str)
         iter_num, tokens_seen = checkpoint["iter_num"], checkpoint["tokens_seen"]
         progress.elapsed_before = checkpoint.get("elapsed_s", 0.0)
         best_val_loss, last_saved = checkpoint["best_val_loss"], iter_num
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        load_optimizer_state(optimizer, checkpoint["optimizer"])
         if scaler.is_enabled() and checkpoint["scaler"]:  # a bf16 or float32 run saved an empty state
             scaler.load_state_dict(checkpoint["scaler"])
         # every rank has taken the same number of batches, so rank 0's loader state places them all
@@ -493,10 +515,10 @@ def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str)
     batches = [loader.next_batch() for _ in range(accum_steps)]  # an iteration's micro-batches, made ahead
 
     while iter_num < c["max_iters"]:
-        lr = get_lr(iter_num, c["learning_rate"], c["warmup_iters"], c["lr_decay_iters"], c["min_lr"]) \
-            if c["decay_lr"] else c["learning_rate"]
+        lr = get_lr(iter_num, c["learning_rate"], c["warmup_iters"], c["lr_decay_iters"], c["min_lr"],
+                    c["lr_schedule"], c["decay_frac"]) if c["decay_lr"] else c["learning_rate"]
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]  # Muon's matrices: muon_lr / learning_rate
 
         # The loss is the mean over the iteration's targets, all micro-batches of all ranks. Every target
         # counts in pretraining, the same number per micro-batch: each micro-batch's mean / accum_steps. With

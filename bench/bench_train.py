@@ -6,7 +6,7 @@ Training speed of the reference configs: time per iteration, tokens/s and (on a 
     python bench/bench_train.py --configs 15m,110m --batch_size 8 --iters 5
 
 Each config's model and optimizer are built exactly as train.py builds them (config file ->
-parse_config -> ModelArgs, AdamW from configure_optimizers, autocast, GradScaler for float16,
+parse_config -> ModelArgs, the config's optimizer from train.make_optimizer, autocast, GradScaler for float16,
 gradient clipping, torch.compile when asked) and run on random tokens, so the figures measure
 the step itself, not the data pipeline. One measured step is `accum` micro-batches of
 `batch_size` sequences; on a GPU the defaults are the config's own (per-process) batch and
@@ -69,8 +69,7 @@ def bench_config(name: str, args) -> dict:
     ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[c["dtype"]]
     ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
     raw_model = Transformer(ModelArgs.from_dict(c)).to(device)
-    optimizer = raw_model.configure_optimizers(c["weight_decay"], c["learning_rate"],
-                                               (c["beta1"], c["beta2"]), device_type)
+    optimizer = train.make_optimizer(raw_model, c, device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=c["dtype"] == "float16")
     if c["compile"]:
         # a fresh dynamo for each config, and static shapes: each figure is one config's own graph, as in a
