@@ -4,8 +4,10 @@ Trains a small Llama on TinyStories (or your own data): on a CPU, one GPU, or se
     python train.py config/train_cpu_debug.py                      # a tiny model, about a minute on a CPU
     python train.py config/train_15m.py --batch_size=64            # a config file, then --key=value overrides
     python train.py config/train_15m.py --init_from=resume         # continue out_dir/ckpt.pt exactly
-    python train.py config/train_15m.py --init_from=stories15M.bin --out_dir=out/ft --learning_rate=1e-4
-    python train.py config/train_15m.py --init_from=stories15M.bin --out_dir=out/lora --lora_rank=8  # LoRA
+    python train.py config/train_15m.py --init_from=stories15M.bin --out_dir=out/ft \
+        --optimizer=adamw --learning_rate=1e-4                     # fine-tune with AdamW
+    python train.py config/train_15m.py --init_from=stories15M.bin --out_dir=out/lora \
+        --optimizer=adamw --lora_rank=8                            # LoRA
     torchrun --standalone --nproc_per_node=4 train.py config/train_110m.py
     python train.py --help                                         # every setting and its default
 
@@ -169,7 +171,7 @@ def get_lr(it: int, learning_rate: float, warmup_iters: int, lr_decay_iters: int
     if it >= lr_decay_iters:
         return min_lr
     if schedule == "wsd":
-        decay_start = max(warmup_iters, lr_decay_iters * (1 - decay_frac))
+        decay_start = max(warmup_iters, lr_decay_iters - round(decay_frac * lr_decay_iters))
         if it < decay_start:
             return learning_rate
         return learning_rate - (it - decay_start) / (lr_decay_iters - decay_start) * (learning_rate - min_lr)
