@@ -15,18 +15,16 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from fixture_corpus import make_stories, write_endoftext
 from test_export import tiny_model, train_tokenizer
 from test_train import assert_same_losses
 
-import dataloader
-import instruct
-import runs
 import tinystories as ts
 import train
-from checkpoint import from_checkpoint, write_hf, write_llama2c
-from dataloader import DataError, read_meta
-from tokenizer import Tokenizer
+from llamatiny import data, instruct, runs
+from llamatiny.checkpoint import from_checkpoint, write_hf, write_llama2c
+from llamatiny.corpus import make_stories, write_endoftext
+from llamatiny.data import DataError, read_meta
+from llamatiny.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 SEP = "\n<|endoftext|>\n"
@@ -47,7 +45,7 @@ def decoded_records(shard_dir) -> list[list[tuple[str, bool]]]:
     one run at a time: [(text, is_response), ...]. Each response run must end with EOS."""
     tok = Tokenizer(read_meta(shard_dir)["tokenizer"])
     records = []
-    for shard in dataloader.list_shards(shard_dir):
+    for shard in data.list_shards(shard_dir):
         ids = np.fromfile(shard, np.uint16).tolist()
         learn = np.fromfile(shard.with_suffix(".mask"), np.uint8).tolist()
         assert len(learn) == len(ids) and set(learn) <= {0, 1}
@@ -186,7 +184,7 @@ def test_forced_format_and_a_plain_rerun_leaves_no_mask(tmp_path, tok_path):
                                                      "meta.json"]
     prepare(tmp_path, tok_path, tmp_path / "in.txt", fmt="text")  # the same file as plain text: no masks
     assert not list(out.glob("*.mask")) and "instruction" not in read_meta(out)
-    loader = dataloader.BatchLoader(out, "train", 2, 16, 0, vocab_size=400)
+    loader = data.BatchLoader(out, "train", 2, 16, 0, vocab_size=400)
     assert not loader.masked and loader.loss_share is None and (loader.next_batch()[1] >= 0).all()
 
 
@@ -343,7 +341,7 @@ def test_hf_chat_template_gives_the_same_tokens(tmp_path, tok_path, request, voc
 def test_loader_targets_only_the_responses_even_in_records_longer_than_the_window(tmp_path, tok_path):
     write_endoftext(tmp_path / "s.txt", make_stories(60, seed=4))
     out = prepare(tmp_path, tok_path, tmp_path / "s.txt", words_from_story=3)
-    loader = dataloader.BatchLoader(out, "train", 4, 16, 7, vocab_size=400)  # records are ~100 tokens
+    loader = data.BatchLoader(out, "train", 4, 16, 7, vocab_size=400)  # records are ~100 tokens
     assert loader.masked
     tokens = np.fromfile(out / "data01.bin", np.uint16).astype(np.int64)
     learn = np.fromfile(out / "data01.mask", np.uint8)
@@ -376,7 +374,7 @@ def test_a_missing_or_mismatched_mask_is_refused(tmp_path, damage, message):
     else:
         np.ones(9, np.uint8).tofile(shard_dir / "data01.mask")
     with pytest.raises(DataError, match=re.escape(message)):
-        dataloader.BatchLoader(shard_dir, "train", 2, 8, 0, vocab_size=512)
+        data.BatchLoader(shard_dir, "train", 2, 8, 0, vocab_size=512)
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -408,7 +406,7 @@ def test_the_loss_is_the_mean_over_the_response_tokens_of_the_whole_iteration(sf
 
     # by hand: the same four micro-batches, one forward over all of them, the mean over the counted targets
     model, _ = from_checkpoint(base)
-    loader = dataloader.BatchLoader(root / "sft", "train", 2, 32, 1337, vocab_size=400)
+    loader = data.BatchLoader(root / "sft", "train", 2, 32, 1337, vocab_size=400)
     batches = [loader.next_batch() for _ in range(4)]
     x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
     logits, _ = model(x, y)
@@ -432,13 +430,13 @@ def test_the_loss_is_the_mean_over_the_response_tokens_of_the_whole_iteration(sf
 def test_a_micro_batch_without_responses_adds_nothing(sft_data, tmp_path, monkeypatch):
     # windows of prompt tokens only: a NaN mean in the model, a zero weight here; the step stays finite
     root, base = sft_data
-    real = dataloader.BatchLoader.next_batch
+    real = data.BatchLoader.next_batch
 
     def every_other_without_targets(self):
         x, y = real(self)
         return (x, torch.full_like(y, -1)) if self.consumed % 2 else (x, y)
 
-    monkeypatch.setattr(dataloader.BatchLoader, "next_batch", every_other_without_targets)
+    monkeypatch.setattr(data.BatchLoader, "next_batch", every_other_without_targets)
     result = train.train(train.parse_settings(TINY + ["--max_iters=2", f"--data_dir={root}",
                                                       f"--out_dir={tmp_path}", f"--init_from={base}"]))
     logs = [json.loads(line)

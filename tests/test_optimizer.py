@@ -104,12 +104,12 @@ def test_muon_with_a_compiled_model_steps_the_plain_models_matrices(data_dir, tm
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--optimizer=sgd"], "optimizer='sgd' is not one of 'adamw', 'muon'"),
-    (["--lr_schedule=linear"], "lr_schedule='linear' is not one of 'cosine', 'wsd'"),
-    (["--decay_frac=1.5"], "decay_frac=1.5 must be in [0, 1]"),
-    (["--muon_lr=0"], "muon_lr=0.0 must be positive"),
-    (["--muon_momentum=1"], "muon_momentum=1.0 must be in [0, 1)"),
-    (["--muon_weight_decay=-0.1"], "muon_weight_decay=-0.1 must not be negative"),
+    (["--optimizer=sgd"], "optimizer='sgd' (command line) is not one of 'adamw', 'muon'"),
+    (["--lr_schedule=linear"], "lr_schedule='linear' (command line) is not one of 'cosine', 'wsd'"),
+    (["--decay_frac=1.5"], "decay_frac=1.5 (command line) must be in [0, 1]"),
+    (["--muon_lr=0"], "muon_lr=0.0 (command line) must be positive"),
+    (["--muon_momentum=1"], "muon_momentum=1.0 (command line) must be in [0, 1)"),
+    (["--muon_weight_decay=-0.1"], "muon_weight_decay=-0.1 (command line) must not be negative"),
 ])
 def test_bad_optimizer_settings_are_one_line_errors(tmp_path, args, message):
     assert message in main_error(["config/train_cpu_debug.py", *args, f"--out_dir={tmp_path}"])
@@ -119,7 +119,8 @@ def test_lora_adapters_refuse_muon(data_dir, tmp_path):
     train_here(["--max_iters=1", "--eval_interval=1"], data_dir, tmp_path / "base")
     message = main_error(TINY + [f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'lora'}", "--lora_rank=4",
                                  f"--init_from={tmp_path / 'base' / 'ckpt.pt'}", "--optimizer=muon"])
-    assert message == "error: LoRA's adapters train with AdamW: pass --optimizer=adamw with --lora_rank"
+    assert message == ("error: optimizer='muon' (command line) with lora_rank=4 (command line): "
+                       "LoRA's adapters train with AdamW; pass --optimizer=adamw")
 
 
 def test_a_resumed_run_keeps_its_optimizer(data_dir, tmp_path):
