@@ -339,10 +339,7 @@ class Optimizers:
         return {"optimizers": [opt.state_dict() for opt in self.optimizers]}
 
     def load_state_dict(self, state: dict):
-        saved = state.get("optimizers", [state])  # (a single optimizer's state: AdamW alone)
-        if len(saved) != len(self.optimizers):
-            raise ValueError(f"an optimizer state of {len(saved)} optimizer(s), not {len(self.optimizers)}")
-        for opt, s in zip(self.optimizers, saved):
+        for opt, s in zip(self.optimizers, state["optimizers"], strict=True):
             opt.load_state_dict(s)
 
 

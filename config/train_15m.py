@@ -18,7 +18,7 @@ dropout = 0.0
 batch_size = 128  # on a smaller GPU: --batch_size=64 --gradient_accumulation_steps=8 (same tokens per step)
 gradient_accumulation_steps = 4  # 131,072 tokens per iteration
 optimizer = "muon"
-muon_lr = 0.02  # bench_recipe.py's for this shape (chosen at 260K; AdamW's scaled down with the width)
+muon_lr = 0.02  # not yet tuned at this shape (bench/README.md)
 learning_rate = 5e-3  # AdamW's: the embedding and the norms
 min_lr = 0.0
 weight_decay = 0.0

@@ -129,3 +129,19 @@ def test_a_resumed_run_keeps_its_optimizer(data_dir, tmp_path):
                                  "--max_iters=2", "--optimizer=muon"])
     assert message == (f"error: {tmp_path / 'ckpt.pt'} was trained with optimizer='adamw', whose state a "
                        "resumed run continues: pass --optimizer=adamw, or start a new run")
+
+
+def test_a_checkpoint_from_before_the_settings_resumes_with_adamw_whatever_the_config(data_dir, tmp_path):
+    train_here(["--max_iters=2", "--eval_interval=2"], data_dir, tmp_path)
+    path = tmp_path / "ckpt.pt"
+    checkpoint = torch.load(path, weights_only=False)
+    for key in ("optimizer", "muon_lr", "muon_momentum", "muon_weight_decay", "lr_schedule", "decay_frac"):
+        del checkpoint["config"][key]
+    torch.save(checkpoint, path)
+    config = tmp_path / "muon.py"
+    config.write_text('optimizer = "muon"\nlr_schedule = "wsd"\n', encoding="utf-8")
+    train.train(train.parse_settings([str(config), f"--out_dir={tmp_path}", "--init_from=resume",
+                                      "--max_iters=3"]))
+    resumed = torch.load(path, weights_only=False)
+    assert (resumed["config"]["optimizer"], resumed["config"]["lr_schedule"]) == ("adamw", "cosine")
+    assert resumed["iter_num"] == 3 and "optimizers" not in resumed["optimizer"]  # AdamW's own state
