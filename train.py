@@ -107,8 +107,8 @@ muon_momentum = 0.95
 muon_weight_decay = 0.0
 # learning rate schedule: linear warmup, then 'cosine' decay to min_lr, or 'wsd' (warmup-stable-decay): the
 # peak until the last decay_frac of lr_decay_iters, then a straight line to min_lr. A wsd run can be extended
-# from any point before its decay (--init_from=resume --max_iters=N). The schedule scales both optimizers'
-# learning rates alike
+# from any point before its decay (--init_from=resume --max_iters=N --lr_decay_iters=N). The schedule scales
+# both optimizers' learning rates alike
 lr_schedule = "cosine"
 decay_frac = 0.2
 decay_lr = True  # False: constant learning rates
