@@ -257,17 +257,28 @@ class Transformer(nn.Module):
         n = sum(p.numel() for p in self.parameters())  # parameters() yields a tied matrix once
         return n - self.tok_embeddings.weight.numel() if non_embedding else n
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        # decay matrices (embeddings and linear weights), not norms or biases
-        params = [p for p in self.parameters() if p.requires_grad]
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, muon: dict | None = None):
+        # AdamW: decay matrices (embeddings and linear weights), not norms or biases. muon (Muon's lr,
+        # momentum and weight_decay): Muon takes the blocks' matrices instead, AdamW keeps the embedding and
+        # the norms. Each group's lr_scale is its peak learning rate over learning_rate: the schedule scales
+        # them all
+        named = [(name, p) for name, p in self.named_parameters() if p.requires_grad]
+        hidden = [p for name, p in named if muon and name.startswith("layers.") and p.dim() == 2]
+        rest = [p for _, p in named if all(p is not h for h in hidden)]
         groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+            {"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay, "lr_scale": 1.0},
+            {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0, "lr_scale": 1.0},
         ]
         # fused: one kernel for all parameters; on CPU too, where torch's default is a per-parameter
         # Python loop (figures: bench/README.md)
         fused = device_type in ("cuda", "cpu") and "fused" in inspect.signature(torch.optim.AdamW).parameters
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
+        adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
+        if not hidden:
+            return adamw
+        # Muon's update is orthogonalised, its size set by lr alone (scaled by sqrt(rows / columns) for tall
+        # matrices), so its learning rate is not AdamW's
+        matrices = {"params": hidden, "lr_scale": muon["lr"] / learning_rate}
+        return Optimizers(torch.optim.Muon([matrices], nesterov=True, **muon), adamw)
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
         # training FLOPs per token: each weight that multiplies costs 2 in the forward pass, 2 for its input's
@@ -331,6 +342,42 @@ class Transformer(nn.Module):
                 token = torch.where(new[-1] == stop_token, stop_token, token)
             new.append(token)
         return torch.cat([idx] + [t[:, None] for t in new], dim=1)
+
+
+class Optimizers:
+    """Several optimizers that step as one (Muon's matrices beside AdamW's rest): to the training loop, the
+    gradient scaler and the checkpoint they are one optimizer whose param_groups are all of theirs."""
+
+    def __init__(self, *optimizers):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [group for opt in self.optimizers for group in opt.param_groups]
+
+    def step(self):
+        for opt in self.optimizers:
+            opt.step()
+
+    def zero_grad(self, set_to_none: bool = True):
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"optimizers": [opt.state_dict() for opt in self.optimizers]}
+
+    def load_state_dict(self, state: dict):
+        for opt, s in zip(self.optimizers, state["optimizers"], strict=True):
+            opt.load_state_dict(s)
+
+
+def load_optimizer_state(optimizer, state: dict) -> None:
+    # the checkpoint's moments and momentum buffers with this run's hyperparameters: load_state_dict alone
+    # would bring back the saved learning rates, weight decay and betas, even those given again on resume
+    ours = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, settings in zip(optimizer.param_groups, ours):
+        group.update(settings)
 
 
 def _candidates(logits, top_k=None, top_p=None, head=1024):

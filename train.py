@@ -4,8 +4,10 @@ Trains a small Llama on TinyStories (or your own data): on a CPU, one GPU, or se
     python train.py config/train_cpu_debug.py                      # a tiny model, about a minute on a CPU
     python train.py config/train_15m.py --batch_size=64            # a config file, then --key=value overrides
     python train.py config/train_15m.py --init_from=resume         # continue out_dir/ckpt.pt exactly
-    python train.py config/train_15m.py --init_from=stories15M.bin --out_dir=out/ft --learning_rate=1e-4
-    python train.py config/train_15m.py --init_from=stories15M.bin --out_dir=out/lora --lora_rank=8  # LoRA
+    python train.py config/train_15m.py --init_from=stories15M.bin --out_dir=out/ft \
+        --optimizer=adamw --learning_rate=1e-4                     # fine-tune with AdamW
+    python train.py config/train_15m.py --init_from=stories15M.bin --out_dir=out/lora \
+        --optimizer=adamw --lora_rank=8                            # LoRA
     torchrun --standalone --nproc_per_node=4 train.py config/train_110m.py
     python train.py --help                                         # every setting, its default, what it is
 
@@ -58,7 +60,7 @@ from llamatiny.checkpoint import (
     write_tokenizer_bin,
 )
 from llamatiny.runtime import print0
-from model import ModelArgs, Transformer
+from model import ModelArgs, Transformer, load_optimizer_state
 
 # -----------------------------------------------------------------------------
 # defaults: the 15M model of llama2.c (config/train_15m.py sets them explicitly)
@@ -106,9 +108,11 @@ num_workers = 0  # data loader worker processes
 # 0.02/sqrt(2 n_layers) (llama2.c's, nanoGPT's); 'hf' normal(0, 0.02) everywhere (transformers' Llama);
 # 'kaiming' normal(0, sqrt(2/fan_in)) (He et al.)
 weight_init = "gpt2"  # 'gpt2', 'hf' or 'kaiming'; the norm gains start at 1 in each
-# optimizer: AdamW
 gradient_accumulation_steps = 4  # global: split across processes under DDP
-learning_rate = 5e-4  # the peak, after warmup
+# optimizer: 'adamw' for every weight (llama2.c's), or 'muon': Muon for the blocks' matrices (wq wk wv wo,
+# w1 w2 w3), AdamW at learning_rate for the embedding, the output matrix and the norms
+optimizer = "adamw"  # 'adamw' or 'muon'
+learning_rate = 5e-4  # AdamW's peak learning rate, after warmup
 max_iters = 100000  # the run's length in optimizer steps, unless max_tokens or max_epochs sets it
 max_tokens: int | None = None  # the run's length in tokens
 max_epochs: float | None = None  # the run's length in passes over the training split
@@ -116,9 +120,17 @@ weight_decay = 1e-1  # AdamW's, on the matrices (not the norms)
 beta1 = 0.9  # AdamW's decay of its gradient average
 beta2 = 0.95  # AdamW's decay of its squared-gradient average
 grad_clip = 1.0  # 0 disables clipping
-# learning rate schedule: linear warmup, then cosine decay to min_lr
-decay_lr = True  # False: constant learning_rate
-warmup_iters = 1000  # iterations of linear warmup from learning_rate / warmup_iters
+muon_lr = 0.02  # Muon's peak learning rate
+muon_momentum = 0.95  # Muon's momentum
+muon_weight_decay = 0.0  # Muon's weight decay
+# learning rate schedule: linear warmup, then 'cosine' decay to min_lr, or 'wsd' (warmup-stable-decay): the
+# peak until the last decay_frac of lr_decay_iters, then a straight line to min_lr. A wsd run can be extended
+# from any point before its decay (--init_from=resume --max_iters=N --lr_decay_iters=N). The schedule scales
+# both optimizers' learning rates alike
+lr_schedule = "cosine"  # 'cosine' or 'wsd'
+decay_frac = 0.2  # wsd: the share of lr_decay_iters that decays
+decay_lr = True  # False: constant learning rates
+warmup_iters = 1000  # iterations of linear warmup from the peak / warmup_iters
 lr_decay_iters: int | None = None  # None: max_iters
 min_lr: float | None = None  # None: learning_rate / 10
 # system
@@ -191,14 +203,27 @@ def parse_settings(argv: list[str]) -> dict:
     return parse_config(default_config(), argv, setting_types(), settings.RENAMED, settings.IGNORED)
 
 
-def get_lr(it: int, learning_rate: float, warmup_iters: int, lr_decay_iters: int, min_lr: float) -> float:
+def get_lr(it: int, learning_rate: float, warmup_iters: int, lr_decay_iters: int, min_lr: float,
+           schedule: str = "cosine", decay_frac: float = 0.2) -> float:
     # it counts optimizer steps from 0; step 0 already gets learning_rate / warmup_iters, never 0
     if it < warmup_iters:
         return learning_rate * (it + 1) / warmup_iters
     if it >= lr_decay_iters:
         return min_lr
+    if schedule == "wsd":
+        decay_start = max(warmup_iters, lr_decay_iters - round(decay_frac * lr_decay_iters))
+        if it < decay_start:
+            return learning_rate
+        return learning_rate - (it - decay_start) / (lr_decay_iters - decay_start) * (learning_rate - min_lr)
     progress = (it - warmup_iters) / (lr_decay_iters - warmup_iters)  # 0 -> 1
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
+
+
+def make_optimizer(model: Transformer, c: dict, device_type: str):
+    muon = {"lr": c["muon_lr"], "momentum": c["muon_momentum"], "weight_decay": c["muon_weight_decay"]} \
+        if c["optimizer"] == "muon" else None
+    return model.configure_optimizers(c["weight_decay"], c["learning_rate"], (c["beta1"], c["beta2"]),
+                                      device_type, muon)
 
 
 def parameter_table(model: Transformer) -> str:
@@ -390,8 +415,7 @@ def setup(c: dict, config: Config, ddp: bool, rank: int, world_size: int, device
         raw_model.load_state_dict(checkpoint["model"])  # a resumed LoRA run: its base's weights
     if c["lora_rank"]:
         r.lora_base = lora.attach_for_training(raw_model, c, checkpoint if resume else None)
-    r.optimizer = raw_model.configure_optimizers(c["weight_decay"], c["learning_rate"],
-                                                 (c["beta1"], c["beta2"]), r.device_type)
+    r.optimizer = make_optimizer(raw_model, c, r.device_type)
     # a no-op unless float16: it scales the loss so small gradients do not underflow
     r.scaler = torch.amp.GradScaler(r.device_type, enabled=c["dtype"] == "float16")
     r.progress = runs.Progress(c["eval_interval"])
@@ -417,7 +441,7 @@ def restore(r: Run, checkpoint: dict) -> None:
     r.iter_num, r.tokens_seen = checkpoint["iter_num"], checkpoint["tokens_seen"]
     r.progress.elapsed_before = checkpoint.get("elapsed_s", 0.0)
     r.best_val_loss, r.last_saved = checkpoint["best_val_loss"], r.iter_num
-    r.optimizer.load_state_dict(checkpoint["optimizer"])
+    load_optimizer_state(r.optimizer, checkpoint["optimizer"])
     if r.scaler.is_enabled() and checkpoint["scaler"]:  # a bf16 or float32 run saved an empty state
         r.scaler.load_state_dict(checkpoint["scaler"])
     # every rank has taken the same number of batches, so rank 0's loader state places them all
@@ -619,10 +643,10 @@ def loop(r: Run) -> dict:
     batches = [loader.next_batch() for _ in range(accum_steps)]  # an iteration's micro-batches, made ahead
 
     while r.iter_num < c["max_iters"]:
-        lr = get_lr(r.iter_num, c["learning_rate"], c["warmup_iters"], c["lr_decay_iters"], c["min_lr"]) \
-            if c["decay_lr"] else c["learning_rate"]
+        lr = get_lr(r.iter_num, c["learning_rate"], c["warmup_iters"], c["lr_decay_iters"], c["min_lr"],
+                    c["lr_schedule"], c["decay_frac"]) if c["decay_lr"] else c["learning_rate"]
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]  # Muon's matrices: muon_lr / learning_rate
 
         # The loss is the mean over the iteration's targets, all micro-batches of all ranks. Every target
         # counts in pretraining, the same number per micro-batch: each micro-batch's mean / accum_steps. With

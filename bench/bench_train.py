@@ -7,7 +7,7 @@ Training speed of the reference configs: time per iteration, tokens/s and (on a 
     python bench/bench_train.py --configs 15m --dim=32 --n_layers=1     # train.py settings after the config's
 
 Each config's model and optimizer are built exactly as train.py builds them (config file ->
-parse_config -> ModelArgs, AdamW from configure_optimizers, autocast, GradScaler for float16,
+parse_config -> ModelArgs, the config's optimizer from train.make_optimizer, autocast, GradScaler for float16,
 gradient clipping, torch.compile when asked) and run on random tokens, so the figures measure
 the step itself, not the data pipeline. A config that fails (out of memory, a compile error, anything)
 is a row saying why, and the next config runs. One measured step is `accum` micro-batches of
@@ -74,8 +74,7 @@ def bench_config(name: str, args) -> dict:
     raw_model = Transformer(ModelArgs.from_dict(c)).to(device)
     if c["cpu_speedups"] and device_type == "cpu":
         cpu_kernels.attach(raw_model)
-    optimizer = raw_model.configure_optimizers(c["weight_decay"], c["learning_rate"],
-                                               (c["beta1"], c["beta2"]), device_type)
+    optimizer = train.make_optimizer(raw_model, c, device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=c["dtype"] == "float16")
     if c["compile"]:
         # a fresh dynamo for each config: each figure is one config's own static graph, as in a user's run

@@ -97,7 +97,8 @@ def resolve_config(config: dict) -> dict:
     for note in getattr(config, "notes", ()):
         print0(note)
     choices = {"vocab_source": ("llama2", "custom"), "dtype": ("auto", "float32", "bfloat16", "float16"),
-               "weight_init": tuple(INIT_SCHEMES)}
+               "weight_init": tuple(INIT_SCHEMES), "optimizer": ("adamw", "muon"),
+               "lr_schedule": ("cosine", "wsd")}
     for key, allowed in choices.items():
         if c[key] not in allowed:
             raise ConfigError(f"{named(key)} is not one of {', '.join(map(repr, allowed))}")
@@ -136,15 +137,24 @@ def resolve_config(config: dict) -> dict:
     for key in ("max_iters", "warmup_iters", "num_workers", "keep_checkpoints"):
         if c[key] < 0:
             raise ConfigError(f"{named(key)} must not be negative")
-    for key in ("learning_rate", "norm_eps", "rope_theta"):
+    for key in ("learning_rate", "muon_lr", "norm_eps", "rope_theta"):
         if c[key] <= 0:
             raise ConfigError(f"{named(key)} must be positive")
-    if not 0 <= c["dropout"] < 1:
-        raise ConfigError(f"{named('dropout')} must be in [0, 1)")
+    for key in ("weight_decay", "muon_weight_decay"):
+        if c[key] < 0:
+            raise ConfigError(f"{named(key)} must not be negative")
+    for key in ("dropout", "muon_momentum"):
+        if not 0 <= c[key] < 1:
+            raise ConfigError(f"{named(key)} must be in [0, 1)")
+    if not 0 <= c["decay_frac"] <= 1:
+        raise ConfigError(f"{named('decay_frac')} must be in [0, 1]: the share of the run that decays")
     lora.check_settings(c)
     if c["auto_batch_size"] and c["max_batch_size"]:
         raise ConfigError("--batch_size=auto keeps the tokens per iteration and --batch_size=max grows them: "
                           "give one of them")
+    if c["lora_rank"] and c["optimizer"] == "muon":
+        raise ConfigError(f"{named('optimizer')} with {named('lora_rank')}: LoRA's adapters train with "
+                          f"AdamW; pass --optimizer=adamw")
 
     if c["min_lr"] is None:
         c["min_lr"] = c["learning_rate"] / 10
@@ -219,6 +229,7 @@ def for_resume(config: Config, path: str) -> Config:
     # the settings as given (min_lr None is learning_rate / 10 whatever the rate), except lr_decay_iters: the
     # cosine ends where it ended, so that a longer run does not send the learning rate back up
     saved = read["config"] | {k: v for k, v in read["as_given"].items() if k != "lr_decay_iters"}
+    saved = {"optimizer": "adamw", "lr_schedule": "cosine"} | saved  # (from before these settings)
     c = Config(config, config.source, config.notes)
     typed = {k for k, w in config.source.items() if w == COMMAND_LINE}
     changed, kept, overruled, stretched = [], [], [], None
@@ -246,7 +257,7 @@ def for_resume(config: Config, path: str) -> Config:
     elif (new_length, config[new_length]) != (length, saved[length]):
         changed.append(f"{length} {saved[length]!r} -> {config[length]!r}" if new_length == length
                        else f"{length}={saved[length]!r} -> {new_length}={config[new_length]!r}")
-        # a cosine that ends with the run at min_lr=0 follows it to its new end, or every added iteration
+        # a schedule that ends with the run at min_lr=0 follows it to its new end, or every added iteration
         # would train at a learning rate of 0
         if ("lr_decay_iters" not in typed and c["decay_lr"] and c["min_lr"] == 0
                 and saved["lr_decay_iters"] == saved["max_iters"]):
@@ -260,6 +271,9 @@ def for_resume(config: Config, path: str) -> Config:
         differ = ", ".join(f"{k}={saved[k]!r} (command line: {config[k]!r})" for k in shape)
         raise ConfigError(f"{path} was trained with {differ}; a resumed run keeps the model's shape: "
                           "drop those settings, or start a new run")
+    if "optimizer" in typed and config["optimizer"] != saved["optimizer"]:
+        raise ConfigError(f"{path} was trained with optimizer={saved['optimizer']!r}, whose state a resumed "
+                          f"run continues: pass --optimizer={saved['optimizer']}, or start a new run")
     iter_num, warmup = read["iter_num"], saved["warmup_iters"]
     if "warmup_iters" in typed and c["decay_lr"] and warmup <= iter_num < c["warmup_iters"]:
         raise ConfigError(f"warmup_iters={c['warmup_iters']} (command line) would warm up again: the run is "
@@ -282,7 +296,7 @@ def for_resume(config: Config, path: str) -> Config:
     if changed:
         print0(f"note: changed on resume: {', '.join(changed)}")
     if stretched:
-        print0(f"note: the cosine decays to min_lr=0 at the run's end (iteration {stretched}): it follows "
+        print0(f"note: the schedule decays to min_lr=0 at the run's end (iteration {stretched}): it follows "
                f"the run to its new end, so that no iteration trains at a learning rate of 0 "
                f"(--lr_decay_iters={stretched} with a --min_lr above 0 keeps the old end)")
     return c

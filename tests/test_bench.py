@@ -14,8 +14,12 @@ import tinystories
 from llamatiny.corpus import make_stories, write_endoftext, write_tinystories_archive
 
 sys.path.insert(0, str(ROOT / "bench"))
+import bench_recipe  # noqa: E402
 import bench_train  # noqa: E402
 import gpu_check  # noqa: E402
+
+import train  # noqa: E402
+from llamatiny import settings  # noqa: E402
 
 
 @pytest.mark.slow  # dynamo traces the 260K model twice
@@ -153,3 +157,18 @@ def test_the_gpu_run_goes_through_every_step_on_the_cpu(tmp_path):
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     assert files == ["15m/config.json", "15m/metrics.jsonl", "ddp/config.json", "ddp/metrics.jsonl",
                      "gpu_run.log", "summary.md"]
+
+
+def test_bench_recipe_holds_out_whole_stories_and_its_recipes_are_valid_settings(tmp_path):
+    stories = [f"Story {i}.\nIt ends here." for i in range(25)]
+    text = tmp_path / "stories.txt"
+    text.write_text("".join(s + "\n<|endoftext|>\n" for s in stories), encoding="utf-8")
+    train_txt, valid_txt = bench_recipe.split_stories(str(text), str(tmp_path))
+    read = [[s.strip() for s in open(f, encoding="utf-8").read().split("<|endoftext|>") if s.strip()]
+            for f in (train_txt, valid_txt)]
+    assert read[1] == [stories[i] for i in (9, 19)] and sorted(read[0] + read[1]) == sorted(stories)
+    for size, shape in bench_recipe.SHAPES.items():
+        for recipe, expected in ((bench_recipe.OLD[size], ("adamw", "cosine")),
+                                 (bench_recipe.NEW[size], ("muon", "wsd"))):
+            c = settings.resolve_config(train.parse_settings(shape + recipe))
+            assert (c["optimizer"], c["lr_schedule"]) == expected
