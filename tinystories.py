@@ -16,7 +16,8 @@ Your own text (a .txt with <|endoftext|> lines between documents, a plain .txt, 
 
 Instruction data (TinyStoriesInstruct text, TinyStories' JSON with its words/features/summary, prompt/response
 or chat JSONL; instruct.py describes them and the template) gets a loss mask beside each shard, so that
-training learns the responses only; --words_from_story=N makes such records from plain stories:
+training learns the responses only, and the starts of its records, so that every window the loader cuts
+holds whole records; --words_from_story=N makes such records from plain stories:
 
     python tinystories.py prepare --input TinyStoriesInstruct-train.txt --name instruct  # Llama 2 vocabulary
     python tinystories.py prepare --input my.txt --name words --words_from_story 3 --vocab_size 512
@@ -38,11 +39,12 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 import download
 import instruct
-from dataloader import TINYSTORIES_DIR, DataError, data_command, list_shards, mask_name
+from dataloader import TINYSTORIES_DIR, DataError, data_command, index_name, list_shards, mask_name
 from fileio import atomic_write, check_writable, writing
 from tokenizer import MAX_VOCAB_SIZE, Tokenizer
 
@@ -470,9 +472,9 @@ def _prepare_jobs(source: InputRecords, input, tok: Tokenizer) -> Iterator[tuple
 
 def write_shards(out_dir: Path, jobs: Iterable[tuple[str, tuple, int]], tok: Tokenizer, total: int,
                  num_jobs: int | None, source: Path, records: InputRecords | None = None) -> Path:
-    """Encode jobs (shard name, source, weight) in a process pool. Shards (and the loss masks of instruction
-    records, dataNN.mask) are written under temporary names and renamed into place only when every job
-    succeeded; meta.json comes last."""
+    """Encode jobs (shard name, source, weight) in a process pool. Shards (and the loss masks and record
+    starts of instruction records, dataNN.mask and dataNN.idx) are written under temporary names and renamed
+    into place only when every job succeeded; meta.json comes last."""
     t0 = time.time()
     check_writable(out_dir)  # a read-only folder is refused before any tokenizing
     cpus = cpu_count()
@@ -490,8 +492,8 @@ def write_shards(out_dir: Path, jobs: Iterable[tuple[str, tuple, int]], tok: Tok
         with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
                   desc=f"tokenizing into {out_dir}") as bar:
             for name, job, weight in jobs:
-                tmps += [out_dir / f"{name}.tmp", out_dir / f"{mask_name(name)}.tmp"]
-                pending[pool.submit(_encode_job, job, str(tmps[-2]))] = (name, weight)
+                tmps += [out_dir / f"{n}.tmp" for n in (name, mask_name(name), index_name(name))]
+                pending[pool.submit(_encode_job, job, str(tmps[-3]))] = (name, weight)
                 if len(pending) >= 2 * procs:  # prepare reads its input as it goes: bound what waits
                     _collect(pending, results, bar, concurrent.futures.FIRST_COMPLETED)
             _collect(pending, results, bar, concurrent.futures.ALL_COMPLETED)
@@ -512,13 +514,14 @@ def write_shards(out_dir: Path, jobs: Iterable[tuple[str, tuple, int]], tok: Tok
         if old.name not in results:
             old.unlink()  # left by an earlier run with more shards
             (out_dir / mask_name(old.name)).unlink(missing_ok=True)
+            (out_dir / index_name(old.name)).unlink(missing_ok=True)
     for name, (_, _, counted) in results.items():
         os.replace(out_dir / f"{name}.tmp", out_dir / name)
-        mask = out_dir / mask_name(name)
-        if counted is None:
-            mask.unlink(missing_ok=True)  # an earlier run's instruction data
-        else:
-            os.replace(f"{mask}.tmp", mask)
+        for extra in (out_dir / mask_name(name), out_dir / index_name(name)):
+            if counted is None:
+                extra.unlink(missing_ok=True)  # an earlier run's instruction data
+            else:
+                os.replace(f"{extra}.tmp", extra)
     names = [p.name for p in list_shards(out_dir)]
     stories, tokens = (sum(results[n][k] for n in names) for k in (0, 1))
     meta = {"tokenizer": tok.model_path, "vocab_size": tok.vocab_size, "bos_id": tok.bos_id,
@@ -567,8 +570,9 @@ def _init_worker(model_path: str, threads: int) -> None:
 
 
 def _encode_job(job: tuple, out_path: str) -> tuple[int, int, int | None]:
-    """Writes a shard; returns (documents, tokens, tokens in the loss: None for plain text)."""
-    mask = None
+    """Writes a shard (and for instruction records its mask and record starts); returns (documents, tokens,
+    tokens in the loss: None for plain text)."""
+    mask = starts = None
     if job[0] == "json":
         _, path, part = job
         docs = read_json_stories(path)
@@ -577,13 +581,18 @@ def _encode_job(job: tuple, out_path: str) -> tuple[int, int, int | None]:
     elif job[0] == "records":
         _, template, docs = job
         tokens, mask = instruct.encode_records(_worker_tok, template, docs, num_threads=_worker_threads)
+        # BOS starts each record and nothing else (sentencepiece never makes a control token from text):
+        # the loader reads these starts instead of scanning for them
+        starts = np.flatnonzero(tokens == _worker_tok.bos_id).astype(np.uint64)
+        assert len(starts) == len(docs), "a record holds a BOS token of its own"
     else:
         docs = job[1]
     if mask is None:
         tokens = _worker_tok.encode_documents(docs, num_threads=_worker_threads)
-    out = Path(out_path)  # dataNN.bin.tmp; the mask goes to dataNN.mask.tmp
+    out = Path(out_path)  # dataNN.bin.tmp; the mask goes to dataNN.mask.tmp, the starts to dataNN.idx.tmp
     with writing(out.parent):
-        for path, array in ((out, tokens), (out.with_name(mask_name(out.stem) + ".tmp"), mask)):
+        for path, array in ((out, tokens), (out.with_name(mask_name(out.stem) + ".tmp"), mask),
+                            (out.with_name(index_name(out.stem) + ".tmp"), starts)):
             if array is not None:
                 with open(path, "wb") as f:
                     f.write(memoryview(array))  # not array.tofile(): its error on a full disk is a byte count

@@ -370,12 +370,11 @@ def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str)
         c.update(settings.choose_batch_size(c, args, world_size, device))
     if not c["eval_only"]:
         settings.check_memory(c, args, device, world_size)
-    loader = dataloader.BatchLoader(shard_dir, "train", c["batch_size"], c["max_seq_len"], c["seed"],
-                                    vocab_size=c["vocab_size"], rank=rank, world_size=world_size,
-                                    device=device, num_workers=c["num_workers"])
-    eval_loaders = {split: dataloader.BatchLoader(shard_dir, split, c["batch_size"], c["max_seq_len"],
-                                                  EVAL_SEED, vocab_size=c["vocab_size"], rank=rank,
-                                                  world_size=world_size, device=device)
+    shards = dataloader.Shards(shard_dir, c["vocab_size"])  # read once, for the three loaders
+    loader = dataloader.BatchLoader(shards, "train", c["batch_size"], c["max_seq_len"], c["seed"], rank=rank,
+                                    world_size=world_size, device=device, num_workers=c["num_workers"])
+    eval_loaders = {split: dataloader.BatchLoader(shards, split, c["batch_size"], c["max_seq_len"], EVAL_SEED,
+                                                  rank=rank, world_size=world_size, device=device)
                     for split in ("train", "val")}
     start = (checkpoint["iter_num"], checkpoint["tokens_seen"]) if resume else (0, 0)
     c = settings.settle_run_length(c, given, loader.tokens_per_epoch, *start)
@@ -451,8 +450,12 @@ def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str)
     print0(f"tokens per iteration: {tokens_per_iter:,} = {world_size} process(es) x "
            f"{accum_steps} accumulation step(s) x {c['batch_size']} batch x {c['max_seq_len']} tokens")
     if loader.masked:
+        packing = loader.packing()
         print0(f"instruction data: loss on {loader.loss_share:.0%} of tokens (the responses; "
-               f"{meta['instruction']['template']['name']} template)")
+               f"{meta['instruction']['template']['name']} template); each window holds whole records, "
+               f"{packing['padding']:.1%} of window tokens are padding; {packing['cut']:,} of "
+               f"{packing['records']:,} records are longer than a window ({c['max_seq_len'] + 1} tokens) and "
+               f"cut to their start (the instruction kept)")
     print0(f"run: {c['max_iters']:,} iterations{length} = {budget:,} tokens = "
            f"{budget / loader.tokens_per_epoch:.2f} epochs, {budget / params:.1f} tokens per parameter; "
            f"device {device}" + (f" ({torch.get_num_threads()} CPU threads)" if device_type == "cpu" else "")
