@@ -361,6 +361,12 @@ def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str)
     shard_dir, meta = open_dataset(c)
     if c["init_from"] != "scratch":
         init_path = ckpt_path if resume else c["init_from"]
+        if c["lora_rank"] and not resume and not c["eval_only"]:
+            # adapters need the very bytes of their base, which a base's own run replaces at its checkpoints
+            if kept := lora.kept_base(init_path, c["out_dir"]):
+                on_master(fileio.link_or_copy, init_path, kept)
+                print0(f"note: {init_path} is rewritten by its run: this run keeps its base as {kept}")
+                init_path = kept
         checkpoint = checkpoint or read_checkpoint(init_path, device)
         check_vocabulary(checkpoint, init_path, meta, shard_dir)
         if not resume:
@@ -393,7 +399,7 @@ def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str)
         raw_model.load_state_dict(checkpoint["model"])  # a resumed LoRA run: its base's weights
     lora_base = None  # LoRA: the base model's path and hash; the adapters are attached to raw_model
     if c["lora_rank"]:
-        lora_base = lora.attach_for_training(raw_model, c, checkpoint if resume else None)
+        lora_base = lora.attach_for_training(raw_model, c, checkpoint if resume else None, init_path)
     optimizer = raw_model.configure_optimizers(c["weight_decay"], c["learning_rate"],
                                                (c["beta1"], c["beta2"]), device_type)
     # a no-op unless float16: it scales the loss so small gradients do not underflow
