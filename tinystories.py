@@ -8,16 +8,16 @@ The data stage: TinyStories (or your own text) -> uint16 token shards, which dat
     python tinystories.py pretokenize --vocab_size 512  # data/tok512/dataNN.bin
 
 Your own text (a .txt with <|endoftext|> lines between documents, a plain .txt, a .jsonl/.json with a
-"text" or "story" field, or a directory of those), then `python train.py --dataset=NAME`:
+"text", "story" or "completion" field, or a directory of those), then `python train.py --dataset=NAME`:
 
     python tinystories.py train_vocab --input my.txt --name mine --vocab_size 1024  # data/mine/tok1024.model
     python tinystories.py prepare --input my.txt --name mine --vocab_size 1024      # data/mine/dataNN.bin
     python tinystories.py prepare --input my.txt --name mine                        # or Llama 2's vocabulary
 
-Instruction data (TinyStoriesInstruct text, TinyStories' JSON with its words/features/summary, prompt/response
-or chat JSONL; instruct.py describes them and the template) gets a loss mask beside each shard, so that
-training learns the responses only, and the starts of its records, so that every window the loader cuts
-holds whole records; --words_from_story=N makes such records from plain stories:
+Instruction data (TinyStoriesInstruct text, TinyStories' JSON with its words/features/summary,
+prompt/response, prompt/completion or chat JSONL; instruct.py describes them and the template) gets a loss
+mask beside each shard, so that training learns the responses only, and the starts of its records, so that
+every window the loader cuts holds whole records; --words_from_story=N makes such records from plain stories:
 
     python tinystories.py prepare --input TinyStoriesInstruct-train.txt --name instruct  # Llama 2 vocabulary
     python tinystories.py prepare --input my.txt --name words --words_from_story 3 --vocab_size 512
@@ -240,10 +240,11 @@ def _json_items(file: Path) -> Iterator[tuple[str, object]]:
 def _document(obj, where: str) -> str:
     if isinstance(obj, str):
         return obj
-    for key in ("text", "story"):
+    for key in ("text", "story", "completion"):
         if isinstance(obj, dict) and isinstance(obj.get(key), str):
             return obj[key]
-    raise DataError(f"{where}: expected a string or an object with a \"text\" or \"story\" field")
+    raise DataError(f"{where}: expected a string or an object with a \"text\", \"story\" or \"completion\" "
+                    "field")
 
 
 # -----------------------------------------------------------------------------
@@ -641,8 +642,8 @@ def main(argv=None) -> int:
 
     p = sub.add_parser("prepare", parents=[common], help="your own text -> token shards in DATA_DIR/NAME/")
     p.add_argument("--input", required=True,
-                   help=".txt (<|endoftext|>-separated or plain), .jsonl/.json with a \"text\" or \"story\" "
-                        "field, or a directory of them")
+                   help=".txt (<|endoftext|>-separated or plain), .jsonl/.json with a \"text\", \"story\" "
+                        "or \"completion\" field, or a directory of them; or instruction records (--format)")
     p.add_argument("--name", required=True, help="dataset name: train with `python train.py --dataset=NAME`")
     p.add_argument("--vocab_size", type=int, default=0,
                    help="0 (default): Llama 2; N: DATA_DIR/NAME/tok{N}.model (from train_vocab --input), "

@@ -178,8 +178,8 @@ def test_rerun_replaces_stale_shards(tok512, tmp_path, corpus):
 # -----------------------------------------------------------------------------
 # prepare: the user's own data
 
-def prepare_and_decode(data_dir, input, name="mine"):
-    ts.prepare(data_dir, input, name, VOCAB)
+def prepare_and_decode(data_dir, input, name="mine", fmt="auto"):
+    ts.prepare(data_dir, input, name, VOCAB, fmt=fmt)
     tok = Tokenizer(read_meta(data_dir / name)["tokenizer"])
     return [decode_docs(p, tok) for p in list_shards(data_dir / name)]
 
@@ -188,10 +188,14 @@ def held_out(docs):
     return [[d for i, d in enumerate(docs) if i % 100 == 0], [d for i, d in enumerate(docs) if i % 100]]
 
 
-@pytest.mark.parametrize("fmt", ["endoftext", "jsonl", "json", "dir"])
+@pytest.mark.parametrize("fmt", ["endoftext", "jsonl", "json", "dir", "completion", "forced"])
 def test_prepare_formats(tok512, tmp_path, fmt):
     docs = make_stories(150, seed=4)
-    if fmt == "endoftext":
+    if fmt in ("completion", "forced"):  # a completion field; beside a prompt, plain text when forced
+        src = tmp_path / "in.jsonl"
+        prompt = {"prompt": "Tell a story."} if fmt == "forced" else {}
+        src.write_text("".join(json.dumps(prompt | {"completion": d}) + "\n" for d in docs), encoding="utf-8")
+    elif fmt == "endoftext":
         write_endoftext(tmp_path / "in.txt", docs)
         src = tmp_path / "in.txt"
     elif fmt == "jsonl":
@@ -208,8 +212,9 @@ def test_prepare_formats(tok512, tmp_path, fmt):
         (src / "b" / "c.jsonl").write_text(lines, encoding="utf-8")
         (src / ".hidden.txt").write_text("not data", encoding="utf-8")
     shutil.copy(tok512 / f"tok{VOCAB}.model", tmp_path)
-    val, train = prepare_and_decode(tmp_path, src)
+    val, train = prepare_and_decode(tmp_path, src, fmt="text" if fmt == "forced" else "auto")
     assert [val, train] == held_out(docs)
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["data00.bin", "data01.bin", "meta.json"]
     meta = read_meta(tmp_path / "mine")
     assert meta["num_stories"] == 150 and meta["val_shard"] == "data00.bin"
 

@@ -143,6 +143,43 @@ def test_prompt_response_and_alpaca_jsonl(tmp_path, tok_path):
                                                         "empty prompt": 1, "malformed record": 1}
 
 
+def target_runs(y: torch.Tensor) -> list[list[int]]:
+    """The runs of consecutive targets (not -1) in the rows of y."""
+    runs = []
+    for row in y.tolist():
+        run = []
+        for t in row + [-1]:
+            if t >= 0:
+                run.append(t)
+            elif run:
+                runs.append(run)
+                run = []
+    return runs
+
+
+def test_prompt_completion_jsonl_trains_on_the_completions_only(tmp_path, tok_path, monkeypatch):
+    # OpenAI's fine-tuning format, prepared, then a few training steps in this process: every target of
+    # every batch they train on belongs to a completion, and each completion is learned whole, with its EOS
+    animals = ["cat", "dog", "frog", "duck", "bird"]
+    pairs = [(f"Which animal is number {i}?", f"Number {i} is the {animals[i % 5]}.") for i in range(120)]
+    lines = "".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in pairs)
+    (tmp_path / "in.jsonl").write_text(lines, encoding="utf-8")
+    out = prepare(tmp_path, tok_path, tmp_path / "in.jsonl", name="pc")
+    assert read_meta(out)["instruction"]["formats"] == ["prompt_response"]
+    chat = lambda q, a: [(f"User: {q}\nAssistant:", False), (a, True)]
+    assert sorted(decoded_records(out)) == sorted(chat(p, c) for p, c in pairs)
+
+    taken, next_batch = [], dataloader.BatchLoader.next_batch
+    monkeypatch.setattr(dataloader.BatchLoader, "next_batch",
+                        lambda self: taken.append(next_batch(self)) or taken[-1])
+    train.train(train.parse_settings(TINY + ["--dataset=pc", "--max_seq_len=64", "--max_iters=3",
+                                             f"--data_dir={tmp_path}", f"--out_dir={tmp_path / 'out'}"]))
+    tok = Tokenizer(read_meta(out)["tokenizer"])
+    learned = [run for _, y in taken for run in target_runs(y)]
+    assert len(learned) > 20 and all(run[-1] == tok.eos_id for run in learned)
+    assert {tok.decode(run[:-1]) for run in learned} <= {c for _, c in pairs}
+
+
 def test_chat_jsonl_learns_every_assistant_turn_and_nothing_else(tmp_path, tok_path):
     conversations = [
         {"conversations": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"},
