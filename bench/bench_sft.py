@@ -96,7 +96,7 @@ def main() -> None:
 
     tuned = {"tuned": ROOT}  # name -> the checkout whose train.py tunes it
     if args.before:
-        tuned = {f"tuned by {args.before}": w(f"code_{args.before}"), **tuned}
+        tuned = {f"tuned with {args.before}'s train.py": w(f"code_{args.before}"), **tuned}
         os.makedirs(w(f"code_{args.before}"), exist_ok=True)
         archive = subprocess.run(["git", "-C", ROOT, "archive", args.before], capture_output=True)
         if archive.returncode != 0:
@@ -117,7 +117,7 @@ def main() -> None:
          f"--max_iters={args.pretrain_iters}", f"--eval_interval={args.pretrain_iters}",
          f"--out_dir={w('base')}"], ROOT)
     for name, code in tuned.items():
-        out = w(name.replace(" ", "_"))
+        out = w("tuned" if code == ROOT else f"tuned_{args.before}")
         run([os.path.join(code, "train.py"), *common, "--dataset=words", f"--learning_rate={args.tune_lr}",
              "--warmup_iters=50", f"--max_iters={args.tune_iters}", f"--eval_interval={args.tune_iters}",
              f"--init_from={w('base', 'ckpt.pt')}", f"--out_dir={out}"], code)
