@@ -13,8 +13,10 @@ it has none. Anything else (an unknown key, a wrong type, a missing file) is a C
 one-line message says what to change.
 
 parse_config() is pure, so the tests call it directly; train.py, sample.py and export.py share it.
-The dict it returns also says which keys the files and the command line set (`.given`): a resumed run
-keeps its checkpoint's value of every setting that is not given again.
+The dict it returns also says where each setting came from (`.source`: 'default', the config file's path
+or 'command line'): a resumed run keeps its checkpoint's value of every setting not on the command line.
+A script may name its settings' names in other projects (`renamed`: the "did you mean" points at ours) and
+names it accepts but has no use for (`ignored`: {name: why}, said in a note in `.notes`).
 """
 import ast
 import difflib
@@ -22,6 +24,7 @@ import os
 import types
 import typing
 
+DEFAULT, COMMAND_LINE = "default", "command line"  # where a setting came from, beside config files' paths
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
 
@@ -30,16 +33,30 @@ class ConfigError(Exception):
     pass
 
 
-def _unknown_key(key: str, valid, where: str) -> ConfigError:
-    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
+def _unknown_key(key: str, valid, where: str, renamed: dict) -> ConfigError:
+    close = [renamed[key]] if key in renamed else difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
     hint = f"did you mean '{close[0]}'?" if close else "valid keys: " + ", ".join(sorted(valid))
     return ConfigError(f"unknown config key '{key}' ({where}); {hint}")
 
 
 class Config(dict):
-    """The settings, plus `given`: the keys a config file or the command line set."""
+    """The settings, plus `source`: {key: 'default', a config file's path or 'command line'}, and `notes`:
+    what the script should say about them at start."""
 
-    given: set
+    def __init__(self, settings: dict, source: dict, notes: list | None = None):
+        super().__init__(settings)
+        self.source, self.notes = dict(source), list(notes or [])
+
+    @property
+    def given(self) -> set:
+        # the keys a config file or the command line set
+        return {k for k, where in self.source.items() if where != DEFAULT}
+
+
+def as_config(settings: dict, defaults: dict) -> Config:
+    # settings in a plain dict (a script called from Python): those off their defaults count as typed
+    return Config(settings, {k: COMMAND_LINE if v is not None and v != defaults.get(k) else DEFAULT
+                             for k, v in settings.items()})
 
 
 def allowed_types(annotation) -> tuple:
@@ -116,35 +133,44 @@ def _read_config_file(path: str) -> dict:
     }
 
 
-def parse_config(defaults: dict, argv: list[str], types: dict | None = None) -> Config:
+def parse_config(defaults: dict, argv: list[str], types: dict | None = None, renamed: dict | None = None,
+                 ignored: dict | None = None) -> Config:
     """defaults: {key: default value}; argv: config files and --key=value (e.g. sys.argv[1:]); types:
-    {key: annotation} for keys whose default is None. Returns a new dict: the defaults with the files
-    applied in order, then the overrides."""
-    types = types or {}
-    config = Config(defaults)
-    config.given = set()
+    {key: annotation} for keys whose default is None; renamed: {another project's name: ours}; ignored:
+    {name: why it is not needed}. Returns a new dict: the defaults with the files applied in order, then
+    the overrides."""
+    types, renamed, ignored = types or {}, renamed or {}, ignored or {}
+    config = Config(defaults, dict.fromkeys(defaults, DEFAULT))
     files = [a for a in argv if not a.startswith("-")]
     overrides = [a for a in argv if a.startswith("-")]
+
+    def setting(key: str, where: str):
+        if key in ignored:
+            config.notes.append(f"note: {key} ({where}) is not needed here: {ignored[key]}")
+            return False
+        if key not in defaults:
+            raise _unknown_key(key, defaults, where, renamed)
+        return True
+
     for path in files:
         for key, value in _read_config_file(path).items():
-            if key not in defaults:
-                raise _unknown_key(key, defaults, f"in {path}")
-            config[key] = _coerce(key, value, defaults[key], f"in {path}", types.get(key))
-            config.given.add(key)
+            if setting(key, f"in {path}"):
+                config[key] = _coerce(key, value, defaults[key], f"in {path}", types.get(key))
+                config.source[key] = path
     for arg in overrides:
         if not arg.startswith("--") or arg == "--":
             raise ConfigError(f"cannot read argument '{arg}': "
                               "settings are --key=value, config files are paths")
         key, sep, raw = arg[2:].partition("=")  # only the first '=' separates: values may contain '='
-        if key not in defaults:
-            raise _unknown_key(key, defaults, f"from {arg}")
+        if not setting(key, f"from {arg}"):
+            continue
         if not sep:
             if not isinstance(defaults[key], bool):
                 raise ConfigError(f"{arg} needs a value: --{key}=VALUE (default {defaults[key]!r})")
             raw = "True"  # a bare --flag switches a boolean on
         value = _parse_cli_value(raw, defaults[key], types.get(key))
         config[key] = _coerce(key, value, defaults[key], f"from {arg}", types.get(key))
-        config.given.add(key)
+        config.source[key] = COMMAND_LINE
     return config
 
 

@@ -8,8 +8,8 @@ it writes when asked, and how often it uses the words a Words: instruction reque
     python eval.py --checkpoint=out/sft15m/ckpt.pt --input=data/TinyStories_all_data --held_out=True
 
 --input is anything `tinystories.py prepare` reads: stories or text (.txt, .json, .jsonl or a directory), or
-instruction records (instruct.py), told apart by content (--format to force one). Any checkpoint sample.py
-reads; --device, --dtype and --tokenizer as in sample.py.
+instruction records (llamatiny/instruct.py), told apart by content (--format to force one). Any checkpoint
+sample.py reads; --device, --dtype and --tokenizer as in sample.py.
 
 --held_out=True keeps the documents or records `prepare` puts in the validation split (0, 100, 200, ...):
 a model trained on data prepared from --input is measured on what it has not seen.
@@ -36,13 +36,10 @@ import torch
 from tqdm import tqdm
 
 import configurator
-import instruct
-import runtime
-import sample
-import tinystories
 from configurator import ConfigError, parse_config
-from dataloader import DataError
-from fileio import atomic_write
+from llamatiny import generate, instruct, readers, runtime
+from llamatiny.data import DataError
+from llamatiny.fileio import atomic_write
 
 OPTIONS = {
     "checkpoint": ("out/ckpt.pt", "train.py's checkpoint, a llama2.c .bin, or a Hugging Face directory"),
@@ -118,15 +115,15 @@ def generate_responses(model, tok, template: str, records: list, cfg: dict):
     torch.manual_seed(cfg["seed"])
     for messages in tqdm(records, desc="generating", unit=" records", file=sys.stderr):
         ids = instruct.prompt_ids(tok, template, messages[:-1])
-        new = sample.generate_story(model, tok, ids, cfg, write=lambda text: None, echo=False)
+        new = generate.generate_story(model, tok, ids, cfg, write=lambda text: None, echo=False)
         yield messages, tok.decode(new)
 
 
 def evaluate(model, tok, checkpoint: dict, cfg: dict, ctx, say=print) -> dict:
-    source = tinystories.InputRecords(cfg["input"], cfg["format"], cfg["words_from_story"])
+    source = readers.InputRecords(cfg["input"], cfg["format"], cfg["words_from_story"])
     items = []
     for i, item in enumerate(source):
-        if cfg["held_out"] and not tinystories.is_val(i):
+        if cfg["held_out"] and not readers.is_val(i):
             continue
         items.append(item)
         if source.template is not None and len(items) == cfg["max_records"]:
@@ -192,13 +189,13 @@ def main(argv=None) -> dict | None:
         cfg = check_settings(parse_config(DEFAULTS, argv))
         device = runtime.resolve_device(cfg["device"])
         dtype = runtime.resolve_dtype(cfg["dtype"], device)
-        model, checkpoint = sample.load_model(cfg["checkpoint"], device)
-        tok = sample.load_tokenizer(cfg, checkpoint, model.args.vocab_size)
-        model = model.to(dtype=runtime.DTYPES[dtype]).eval()
+        model, checkpoint = generate.load_model(cfg["checkpoint"], device)
+        tok = generate.load_tokenizer(cfg, checkpoint, model.args.vocab_size)
+        model = generate.for_inference(model, runtime.DTYPES[dtype])
         print(f"{model.num_params() / 1e6:.1f}M parameters from {cfg['checkpoint']}, "
               f"tokenizer {tok.model_path}, {device} {dtype}", file=sys.stderr)
         return evaluate(model, tok, checkpoint, cfg, runtime.autocast(device, dtype))
-    except (EvalError, sample.SampleError, ConfigError, DataError, instruct.InstructError, OSError) as e:
+    except (EvalError, generate.LoadError, ConfigError, DataError, instruct.InstructError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 

@@ -6,6 +6,7 @@ Export a trained model to other runtimes, or import theirs as one of our checkpo
     python export.py out/hf --checkpoint=out/ckpt.pt --format=hf             # a Hugging Face directory
     python export.py 15m.pt --checkpoint=stories15M.bin --format=pt --tokenizer=data/llama2_tokenizer.model
     python export.py out/adapter --checkpoint=out/lora/ckpt.pt --format=peft   # LoRA adapters alone, for peft
+    python export.py out/model.gguf --checkpoint=out/ckpt.pt --format=gguf --dtype=q8_0   # llama.cpp, Ollama
 
 --format=llama2c writes llama2.c's model file and, beside it, the tokenizer in run.c's format named after
 it (out/model.bin -> out/model.tokenizer.bin), so exports with different vocabularies can share a folder.
@@ -16,6 +17,11 @@ tokenizer_config.json and generation_config.json (generate() stops at EOS or BOS
 instruction-tuned model's template becomes the tokenizer's chat template.
 Loading it needs: pip install transformers safetensors protobuf sentencepiece (without protobuf,
 AutoTokenizer fails with a misleading "`tiktoken` is required").
+--format=gguf writes one file for llama.cpp (and Ollama, LM Studio, llama-cpp-python): the weights (--dtype
+float32, float16, bfloat16 or q8_0; llama.cpp's f32, f16, bf16 are the same), the architecture's settings and
+the tokenizer, with an instruction-tuned model's template as its chat template: `llama-completion -m
+out/model.gguf -no-cnv -p "Once upon a time"` (`llama-cli` in older llama.cpp releases) needs nothing else.
+It needs `pip install gguf` (llama.cpp's own Python writer).
 --format=pt writes our own checkpoint (model, model_args, tokenizer) from a llama2.c file or a Hugging
 Face directory, so sample.py and fine-tuning can start from it.
 A LoRA fine-tune (train.py --lora_rank) is exported merged, its adapters folded into its base's weights
@@ -23,7 +29,7 @@ A LoRA fine-tune (train.py --lora_rank) is exported merged, its adapters folded 
 adapter_config.json and adapter_model.safetensors named after --format=hf's weights: with transformers and
 peft, PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE_HF), "out/adapter"), where BASE_HF
 is the base exported with --format=hf.
-The file formats are described in checkpoint.py, which reads and writes them.
+The file formats are described in llamatiny/checkpoint.py, which reads and writes them.
 """
 import os
 import shlex
@@ -31,32 +37,35 @@ import sys
 from dataclasses import asdict
 
 import configurator
-import runtime
-from checkpoint import (
+from configurator import ConfigError, parse_config
+from llamatiny import runtime
+from llamatiny.checkpoint import (
+    GGUF_TYPES,
     from_checkpoint,
     load_sentencepiece,
     save_checkpoint,
+    write_gguf,
     write_hf,
     write_llama2c,
     write_peft,
     write_tokenizer_bin,
 )
-from configurator import ConfigError, parse_config
-from fileio import check_writable
+from llamatiny.fileio import check_writable
 
 # name: (default, help). --help prints them; parse_config checks the types against the defaults.
 OPTIONS = {
     "checkpoint": ("out/ckpt.pt", "the model: train.py's checkpoint, a llama2.c .bin, or a Hugging Face dir"),
-    "format": ("llama2c", "llama2c (file + tokenizer for run.c) | hf (Hugging Face directory) | pt (ours) | "
-                          "peft (a LoRA fine-tune's adapters alone)"),
+    "format": ("llama2c", "llama2c (file + tokenizer for run.c) | hf (Hugging Face directory) | gguf (one "
+                          "file for llama.cpp) | pt (ours) | peft (a LoRA fine-tune's adapters alone)"),
     "version": (None, "llama2c: 0 (None) = float32 for run.c, 1 = float32 + header, 2 = int8 for runq.c"),
     "group_size": (None, "--version=2: values per int8 scale; None = largest power of 2 <= 64 dividing dim,"
                          " hidden_dim"),
-    "dtype": (None, "hf only: float32 | bfloat16 | float16; None = float32"),
+    "dtype": (None, "hf: float32 | bfloat16 | float16; gguf: those or q8_0; None = float32"),
     "tokenizer": ("", "sentencepiece .model to export with the model; \"\" = the checkpoint's own"),
 }
 DEFAULTS = {name: default for name, (default, _) in OPTIONS.items()}
 RUNNERS = {0: "run", 2: "runq"}  # llama2.c's programs (run.c, runq.c), by the file version each reads
+LLAMA_CPP_DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}  # --dtype as llama.cpp says it
 
 
 class ExportError(ValueError):  # bad options: printed as one line
@@ -74,8 +83,8 @@ def tokenizer_bin_path(model_path: str) -> str:
 
 def check_options(cfg: dict) -> dict:
     fmt, version, group_size, dtype = cfg["format"], cfg["version"], cfg["group_size"], cfg["dtype"]
-    if fmt not in ("llama2c", "hf", "pt", "peft"):
-        raise ExportError(f"--format={fmt}: choose llama2c, hf, pt or peft")
+    if fmt not in ("llama2c", "hf", "gguf", "pt", "peft"):
+        raise ExportError(f"--format={fmt}: choose llama2c, hf, gguf, pt or peft")
     if version is not None and fmt != "llama2c":
         raise ExportError("--version applies to --format=llama2c only")
     version = 0 if version is None else version
@@ -86,12 +95,18 @@ def check_options(cfg: dict) -> dict:
         raise ExportError("--group_size applies to --format=llama2c --version=2 only")
     if group_size is not None and not isinstance(group_size, int):
         raise ExportError(f"--group_size={group_size!r} must be an integer")
-    if dtype is not None and fmt != "hf":
-        raise ExportError("--dtype applies to --format=hf only: llama2.c files are float32 (versions 0, 1) "
-                          "or int8 (version 2), and --format=pt keeps the checkpoint's weights")
-    dtype = dtype or "float32"
-    if dtype not in runtime.DTYPES:
-        raise ExportError(f"--dtype={dtype}: choose one of {', '.join(runtime.DTYPES)}")
+    if dtype is not None and fmt not in ("hf", "gguf"):
+        raise ExportError("--dtype applies to --format=hf and gguf only: llama2.c files are float32 "
+                          "(versions 0, 1) or int8 (version 2); --format=pt keeps the checkpoint's weights")
+    choices, given = GGUF_TYPES if fmt == "gguf" else runtime.DTYPES, dtype
+    dtype = LLAMA_CPP_DTYPES.get(dtype, dtype or "float32")
+    if dtype not in choices:
+        raise ExportError(f"--dtype={given}: choose one of {', '.join(choices)}")
+    if fmt == "gguf":
+        try:
+            import gguf  # noqa: F401  write_gguf's writer, checked before the model is read
+        except ImportError:
+            raise ExportError("--format=gguf needs llama.cpp's gguf package: pip install gguf") from None
     return {**cfg, "version": version, "dtype": dtype}
 
 
@@ -101,6 +116,8 @@ def run(out: str, cfg: dict) -> list[str]:
     if fmt == "llama2c" and (os.path.isdir(out) or out.endswith("tokenizer.bin")):
         raise ExportError(f"{out}: give a model file path such as out/model.bin (its tokenizer goes "
                           "beside it)")
+    if fmt == "gguf" and os.path.isdir(out):
+        raise ExportError(f"{out} is a directory; --format=gguf writes one file, such as out/model.gguf")
     if fmt in ("hf", "peft") and os.path.isfile(out):
         raise ExportError(f"{out} is a file; --format={fmt} writes a directory")
     check_writable(out if fmt in ("hf", "peft") else os.path.dirname(out) or ".")  # before the model is read
@@ -133,6 +150,9 @@ def run(out: str, cfg: dict) -> list[str]:
             raise ExportError(f"tokenizer {tokenizer} has {sp.vocab_size()} tokens but the model has "
                               f"vocab_size={model.args.vocab_size}: pass the tokenizer the model was "
                               "trained with")
+    elif fmt == "gguf":
+        raise ExportError(f"a GGUF file holds the tokenizer, and {cfg['checkpoint']} records none: pass "
+                          "--tokenizer=path/to/tokenizer.model")
     else:
         print(f"note: {cfg['checkpoint']} records no tokenizer; pass --tokenizer=PATH to export one too",
               file=sys.stderr)
@@ -167,6 +187,22 @@ def run(out: str, cfg: dict) -> list[str]:
             print(f"its tokenizer's chat template is the {template} template it was tuned with: "
                   "tokenizer.apply_chat_template(messages, add_generation_prompt=True)")
         return written
+    if fmt == "gguf":
+        template = (checkpoint.get("template") or {}).get("name")
+        info = write_gguf(out, model, tokenizer, cfg["dtype"], template)
+        chat = f" and the {template} template as its chat template" if template else ""
+        print(f"wrote {out} (GGUF, {cfg['dtype']}, {info['bytes'] / 1e6:.1f} MB, with its "
+              f"{sp.vocab_size()}-token tokenizer{chat})")
+        if kept := info["kept_f16"]:
+            print(f"note: {len(kept)} matrices have rows that q8_0's blocks of 32 do not divide and are "
+                  f"float16, as llama.cpp's converter leaves them ({', '.join(kept[:2])}, ...)")
+        q = shlex.quote(out)
+        if template:  # llama.cpp's chat program renders the file's chat template
+            print(f"chat with it in llama.cpp: llama-cli -m {q}")
+        else:  # llama-cli was the completion program until llama.cpp gave chat that name
+            print(f"run it with llama.cpp: llama-completion -m {q} -no-cnv -p \"Once upon a time\" (in older "
+                  f"releases: llama-cli -m {q} -p \"Once upon a time\")")
+        return [out]
     save_checkpoint(out, {"model": model.state_dict(), "model_args": asdict(model.args),
                           "tokenizer": os.path.abspath(tokenizer) if tokenizer else None,
                           **({"template": checkpoint["template"]} if checkpoint.get("template") else {})})

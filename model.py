@@ -6,10 +6,12 @@ The Llama model, in one file, read bottom-up:
 - grouped-query attention: one F.scaled_dot_product_attention call (flash kernels) for training and
   prefill, and a preallocated KV cache for decoding
 - SwiGLU feed-forward; token embeddings tied to the output layer
-- generation: generate_stream / generate, sample_next and filter_logits (temperature, top-k, top-p)
+- generation: generate_stream / generate, and sample_next (temperature, top-k, top-p)
 
 Weight names follow Meta's release (wq wk wv wo, w1 w2 w3), so the llama2.c and Hugging Face exports
-map one to one. CPU variants (same math, faster kernels): cpu_speedups.py.
+map one to one. Faster CPU kernels for the same math replace three of the plain computations when the
+caller hands them to a model (llamatiny/cpu_kernels.py: attach): causal attention, and generation's step
+and sampler.
 """
 import inspect
 import math
@@ -18,8 +20,6 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-import cpu_speedups
 
 
 @dataclass
@@ -100,6 +100,11 @@ def attention(q, k, v, attn_mask=None, is_causal=False, dropout_p=0.0):
                                           is_causal=is_causal, enable_gqa=True)
 
 
+def causal_attention(q, k, v, dropout_p=0.0):
+    # training and prefill: each of the T queries sees the keys up to its own position
+    return attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -112,6 +117,9 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
         self.dropout = args.dropout
         self.resid_dropout = nn.Dropout(args.dropout)
+        # (q, k, v, dropout_p) -> y, for training and prefill; a faster kernel may take its place
+        # (llamatiny/cpu_kernels.py)
+        self.causal_attention = causal_attention
         # KV cache for generation: (B, n_kv_heads, max_seq_len, head_dim), made by the first prefill
         self.cache_k = self.cache_v = None
 
@@ -127,11 +135,7 @@ class Attention(nn.Module):
             self.write_cache(k, v, start_pos)
 
         if not start_pos:  # training (None) or a prefill (0): causal attention among these T tokens
-            dropout_p = self.dropout if self.training else 0.0
-            if x.device.type == "cpu" and cpu_speedups.ENABLED:  # same math, faster kernels: cpu_speedups.py
-                y = cpu_speedups.causal_attention(q, k, v, dropout_p)
-            else:
-                y = attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+            y = self.causal_attention(q, k, v, self.dropout if self.training else 0.0)
         else:  # decoding: the new tokens attend to every cached position up to their own
             end = start_pos + T
             k, v = self.cache_k[:, :, :end], self.cache_v[:, :, :end]  # (B, n_kv_heads, end, head_dim)
@@ -193,6 +197,9 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.output.weight = self.tok_embeddings.weight  # tied: one matrix, counted once
+        # generation's step maker, (model) -> step(tokens, start_pos) -> logits, and its sampler: None is
+        # the plain step of generate_stream; faster kernels may take their place (llamatiny/cpu_kernels.py)
+        self.decoder, self.sampler = None, sample_next
 
         self.apply(self._init_weights)
         # GPT-2's scaled init on the two projections that write into the residual stream
@@ -263,9 +270,8 @@ class Transformer(nn.Module):
         def step(tokens, start_pos):  # (B, T) -> (B, vocab_size), the logits after the last token
             return self.output(self.hidden_states(tokens, start_pos)[:, -1, :])
 
-        sample = sample_next
-        if self.output.weight.device.type == "cpu" and cpu_speedups.ENABLED:  # faster on CPU: cpu_speedups.py
-            step, sample = cpu_speedups.Decoder(self), cpu_speedups.sample_next
+        if self.decoder is not None:
+            step = self.decoder(self)
 
         window = self.args.max_seq_len
         tokens = idx[:, -(window - 1):]  # a prompt longer than the context keeps its end
@@ -273,7 +279,7 @@ class Transformer(nn.Module):
         pos = tokens.size(1)
         done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
-            next_token = sample(logits, temperature, top_k, top_p)  # (B,)
+            next_token = self.sampler(logits, temperature, top_k, top_p)  # (B,)
             if stop_token is not None:
                 done |= next_token == stop_token
                 if done.all():
@@ -302,7 +308,7 @@ class Transformer(nn.Module):
 def _candidates(logits, top_k=None, top_p=None, head=1024):
     """The tokens that survive top-k (exactly k, ties broken by torch.topk), then top-p: (values, index),
     both (B, k), values sorted descending with the excluded ones at -inf; index maps the columns to token
-    ids (None: no filter, all tokens in order). One implementation behind filter_logits and sample_next."""
+    ids (None: no filter, all tokens in order). sample_next draws from them."""
     V = logits.size(-1)
     top_k = top_k if top_k is not None and top_k < V else None
     top_p = top_p if top_p is not None and top_p < 1.0 else None
@@ -323,14 +329,6 @@ def _candidates(logits, top_k=None, top_p=None, head=1024):
         # drop a token when the tokens before it already reach top_p; the most likely always stays
         values = values.masked_fill(cumulative - probs >= top_p, -float("inf"))
     return values, index
-
-
-def filter_logits(logits, top_k=None, top_p=None):
-    # logits: (B, vocab_size); returns a copy with the excluded tokens at -inf, the kept ones unchanged
-    values, index = _candidates(logits, top_k, top_p)
-    if index is None:
-        return logits.clone()
-    return torch.full_like(logits, -float("inf")).scatter_(-1, index, values)
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None):

@@ -3,6 +3,8 @@ See training runs: the loss, learning rate and throughput of one or more out_dir
 
     python plot.py out/15m out/42m out/lr3e-4          # runs.png, one colour per run
     python plot.py out/debug* -o debug.png --x=tokens --log
+    python plot.py out/15m --xlim=0,5000 --ylim=1,3    # the first 5,000 iterations, loss 1 to 3
+    python plot.py out/* --x=tokens --xlim=,2000M      # up to 2,000 M tokens (--x=time: --xlim=0,2h)
     python plot.py out/* --table                        # one row per run; needs no matplotlib
 
 The top panel holds each run's training loss, smoothed, with the raw loss faint behind it, and its val
@@ -10,8 +12,10 @@ loss as dots on a dashed line; below them are the learning rate and the tokens p
 is an exponential moving average over the logged points: each point is W times the previous average plus
 (1 - W) times its loss. By default W = 1 - 1 / (2% of the run's logged points), an average over about the
 last 2% of the run (0.99 for 5,000 points; none below 50); --smooth=W sets it for every run (0 = none).
-The legend names each run by its out_dir and the settings (from its config.json) whose values differ
-between the runs.
+The legend, below the panels, names each run by its out_dir and the settings (from its config.json) whose
+values differ between the runs. --xlim zooms every panel in on part of the x axis, each panel's y axis fitted
+to what is shown there; --ylim sets the loss axis. Arguments that are not run folders (out/* also matches
+files) are skipped with a note.
 
 --x=time is the training time: each log line's ms/iter times the iterations since the previous line, so
 evals and checkpoints are left out. A run still going, a resumed run (where it went back to a checkpoint,
@@ -22,14 +26,21 @@ history; a line cut short by a crash is skipped with a note. Plotting needs matp
 import argparse
 import math
 import os
+import re
 import sys
+import textwrap
 from dataclasses import dataclass
 
 import numpy as np
 
-import runs
+from llamatiny import runs
 
 SPAN = 0.02  # the default moving average spans about this fraction of a run's logged points
+LEGEND_CHARS = 120  # longer legend labels wrap, so that the legend keeps to the figure's width
+LEGEND_LINE_IN = 0.18  # the figure grows by this many inches per legend line, so that the panels keep theirs
+# --xlim / --ylim values: 5000, 2000M, 1.5B; on the time axis 90s, 30min, 2h (a bare number is seconds)
+SUFFIXES = {"k": 1e3, "K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9}
+TIME_SUFFIXES = {"s": 1, "min": 60, "h": 3600}
 # settings that say where a run's files are or how it was started or logged, not how it trained
 IGNORED = ("out_dir", "data_dir", "init_from", "eval_only", "device", "always_save_checkpoint")
 # settings train.py's resolve_config fills from others when left at None (min_lr = learning_rate / 10,
@@ -59,6 +70,9 @@ def note(text: str) -> None:
 
 def load_run(path: str) -> Run | None:
     # None (with a note) for a folder without a metrics.jsonl, so that `out/*` may hold other things
+    if os.path.isfile(path):
+        note(f"skipping {path}: a file, not a run folder")
+        return None
     if not os.path.isdir(path):
         raise PlotError(f"{path}: no such folder (give train.py's out_dir)")
     if not os.path.isfile(os.path.join(path, "metrics.jsonl")):
@@ -162,28 +176,60 @@ def import_figure():
     return Figure
 
 
-def make_figure(loaded: list[Run], x: str = "iter", log: bool = False, smooth: float | None = None):
+def parse_limits(text: str, option: str, time: bool = False) -> tuple[float | None, float | None]:
+    """--xlim / --ylim's "LO,HI" (either may be left out: ",5000", "1000,") -> (lo, hi), None where left out;
+    on the time axis in seconds."""
+    suffixes = TIME_SUFFIXES if time else SUFFIXES
+    parts = text.split(",")
+    if len(parts) != 2:
+        raise PlotError(f"--{option}={text}: give LO,HI, e.g. --{option}=0,5000 (either may be left out: "
+                        ",5000)")
+    limits = []
+    for part in map(str.strip, parts):
+        m = re.fullmatch(r"([-+]?(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?)\s*([a-zA-Z]*)", part)
+        if part and not (m and (m[2] in suffixes or not m[2])):
+            raise PlotError(f"--{option}={text}: {part!r} is not a number (suffixes: {', '.join(suffixes)})")
+        limits.append(float(m[1]) * suffixes.get(m[2], 1) if part else None)
+    if None not in limits and limits[0] >= limits[1]:
+        raise PlotError(f"--{option}={text}: the first value must be below the second")
+    return limits[0], limits[1]
+
+
+def make_figure(loaded: list[Run], x: str = "iter", log: bool = False, smooth: float | None = None,
+                xlim=(None, None), ylim=(None, None)):
+    # xlim (in iterations, tokens or seconds) keeps the points inside it, so that each panel's y axis fits
+    # what is shown; ylim sets the loss axis
     Figure = import_figure()
     from matplotlib.ticker import EngFormatter, FormatStrFormatter
 
-    fig = Figure(figsize=(10, 8), layout="constrained")
+    labels = [textwrap.fill(label, LEGEND_CHARS, subsequent_indent="    ") for label in run_labels(loaded)]
+    legend_lines = sum(label.count("\n") + 1 for label in labels)
+    fig = Figure(figsize=(10, 8 + LEGEND_LINE_IN * legend_lines), layout="constrained")
     ax_loss, ax_lr, ax_speed = fig.subplots(3, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1, 1]})
-    seconds = max((train_seconds(r.logs)[-1] for r in loaded if r.logs), default=0)
+    lo, hi = (-np.inf if xlim[0] is None else xlim[0]), (np.inf if xlim[1] is None else xlim[1])
+    seconds = min(hi, max((train_seconds(r.logs)[-1] for r in loaded if r.logs), default=0)) - max(lo, 0)
     scale, unit = (3600, "h") if seconds > 7200 else (60, "min") if seconds > 120 else (1, "s")
     div = scale if x == "time" else 1
-    for i, (run, label) in enumerate(zip(loaded, run_labels(loaded))):
+    for i, (run, label) in enumerate(zip(loaded, labels)):
         color = f"C{i % 10}"
-        at, losses = x_values(run, run.logs, x) / div, [r["loss"] for r in run.logs]
-        # gid names each series, so that it can be found in the figure: "out_dir:field"
-        ax_loss.plot(at, losses, color=color, alpha=0.25, lw=0.8, gid=f"{run.path}:loss")
+        at, losses = x_values(run, run.logs, x), np.array([r["loss"] for r in run.logs], dtype=float)
         weight = smoothing_weight(len(losses)) if smooth is None else smooth
-        ax_loss.plot(at, ema(losses, weight), color=color, lw=1.6, label=label, gid=f"{run.path}:loss_smooth")
-        val_at, val = x_values(run, run.evals, x) / div, [r["val_loss"] for r in run.evals]
-        ax_loss.plot(val_at, val, "o--", color=color, ms=4, gid=f"{run.path}:val_loss")
-        ax_lr.plot(at, [r["lr"] for r in run.logs], color=color, gid=f"{run.path}:lr")
+        smoothed = np.array(ema(losses, weight))  # over the whole run: zooming in does not change it
+        lr = np.array([r["lr"] for r in run.logs], dtype=float)
         # a first step: untimed
-        speed = [np.nan if r.get("tok_per_s") is None else r["tok_per_s"] for r in run.logs]
-        ax_speed.plot(at, speed, color=color, gid=f"{run.path}:tok_per_s")
+        speed = np.array([np.nan if r.get("tok_per_s") is None else r["tok_per_s"] for r in run.logs],
+                         dtype=float)
+        val_at, val = x_values(run, run.evals, x), np.array([r["val_loss"] for r in run.evals], dtype=float)
+        shown, val_shown = (at >= lo) & (at <= hi), (val_at >= lo) & (val_at <= hi)
+        at, val_at = at[shown] / div, val_at[val_shown] / div
+        # gid names each series, so that it can be found in the figure: "out_dir:field"
+        ax_loss.plot(at, losses[shown], color=color, alpha=0.25, lw=0.8, gid=f"{run.path}:loss")
+        ax_loss.plot(at, smoothed[shown], color=color, lw=1.6, label=label, gid=f"{run.path}:loss_smooth")
+        ax_loss.plot(val_at, val[val_shown], "o--", color=color, ms=4, gid=f"{run.path}:val_loss")
+        ax_lr.plot(at, lr[shown], color=color, gid=f"{run.path}:lr")
+        ax_speed.plot(at, speed[shown], color=color, gid=f"{run.path}:tok_per_s")
+    ax_speed.set_xlim(*(None if v is None else v / div for v in xlim))  # (the panels share the x axis)
+    ax_loss.set_ylim(*ylim)
     average = f"over the last {SPAN:.0%} of each run" if smooth is None else f"weight {smooth:g}"
     ax_loss.set_title(f"train loss (moving average {average}; raw faint) and val loss (o--)",
                       fontsize="medium")
@@ -192,7 +238,7 @@ def make_figure(loaded: list[Run], x: str = "iter", log: bool = False, smooth: f
         ax_loss.set_yscale("log")
         for axis in (ax_loss.yaxis.set_major_formatter, ax_loss.yaxis.set_minor_formatter):
             axis(FormatStrFormatter("%g"))  # 0.6, 2, 3 rather than 6 x 10^-1, 2 x 10^0
-    ax_loss.legend(fontsize="small")
+    fig.legend(loc="outside lower center", fontsize="small")
     ax_lr.set_ylabel("learning rate")
     ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))  # 1e-3 and its multiples
     ax_speed.set_ylabel("tokens/s")
@@ -206,7 +252,7 @@ def make_figure(loaded: list[Run], x: str = "iter", log: bool = False, smooth: f
 
 
 def count_params(settings: dict) -> int | None:
-    from memory import num_params
+    from llamatiny.settings import num_params
     from model import ModelArgs
 
     try:
@@ -262,6 +308,11 @@ def parse_args(argv):
                    help="the figure's file (.png, .pdf, .svg); default runs.png")
     p.add_argument("--x", choices=("iter", "tokens", "time"), default="iter", help="the x axis; default iter")
     p.add_argument("--log", action="store_true", help="a log-scale loss axis")
+    p.add_argument("--xlim", metavar="LO,HI", default=",",
+                   help="zoom in on part of the x axis, in its units: --xlim=0,5000 (iterations), "
+                        "--x=tokens --xlim=0,2000M, --x=time --xlim=,2h (s, min, h); either side may be left "
+                        "out")
+    p.add_argument("--ylim", metavar="LO,HI", default=",", help="the loss axis' range, e.g. --ylim=1,3")
     p.add_argument("--smooth", type=float, metavar="W",
                    help="the moving average's weight on the past, in [0, 1); default: see above")
     p.add_argument("--table", action="store_true", help="print a table of the runs instead of drawing them")
@@ -276,13 +327,17 @@ def main(argv=None):
                             "e.g. python plot.py out/15m out/42m")
         if args.smooth is not None and not 0 <= args.smooth < 1:
             raise PlotError(f"--smooth={args.smooth} must be in [0, 1) (0 = no smoothing)")
+        xlim = parse_limits(args.xlim, "xlim", time=args.x == "time")
+        ylim = parse_limits(args.ylim, "ylim")
+        if args.log and ylim[0] is not None and ylim[0] <= 0:
+            raise PlotError(f"--ylim={args.ylim}: a log-scale axis starts above 0")
         loaded = [r for r in (load_run(os.path.normpath(p)) for p in args.out_dirs) if r is not None]
         if not loaded:
             raise PlotError("none of the folders given holds a training run's metrics.jsonl")
         if args.table:
             print(table(loaded))
             return
-        fig = make_figure(loaded, args.x, args.log, args.smooth)
+        fig = make_figure(loaded, args.x, args.log, args.smooth, xlim, ylim)
         try:
             fig.savefig(args.output, dpi=100)
         except (OSError, ValueError) as e:  # no such folder; an extension matplotlib cannot write

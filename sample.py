@@ -15,24 +15,22 @@ The tokenizer is the one recorded in the checkpoint, or a Hugging Face directory
 (BOS or EOS) or after max_new_tokens; samples (and instructions) are separated by a line of dashes.
 Settings and timing go to stderr, stories to stdout.
 
---instruction renders the instruction in the template the checkpoint was tuned with (instruct.py; a story
-model takes fields such as "Words: dog, ball, happy", one a line, \n starting a new line; a chat model the
-user's message) and prints only the response. --instruction_file holds one instruction a line (or records
+--instruction renders the instruction in the template the checkpoint was tuned with (llamatiny/instruct.py; a
+story model takes fields such as "Words: dog, ball, happy", one a line, \n starting a new line; a chat model
+the user's message) and prints only the response. --instruction_file holds one instruction a line (or records
 separated by <|endoftext|> lines), or instruction records as `tinystories.py prepare` reads them (their
 responses are left out). --prompt stays raw text, given to the model as it is.
 """
 import os
-import pickle
 import sys
 import time
 
 import torch
 
 import configurator
-import cpu_speedups
-import instruct
-import runtime
 from configurator import ConfigError, parse_config
+from llamatiny import instruct, runtime
+from llamatiny.generate import LoadError, for_inference, generate_story, load_model, load_tokenizer
 
 # name: (default, help). --help prints them; parse_config checks the types against the defaults.
 OPTIONS = {
@@ -57,7 +55,8 @@ OPTIONS = {
     # laptop always has something else running, so one thread is the default (figures: bench/README.md);
     # try --threads=0 on an idle many-core machine for the larger models.
     "threads": (1, "CPU threads (0 = torch's default, one per physical core)"),
-    "cpu_speedups": (True, "faster CPU kernels for the same math (cpu_speedups.py); False = plain PyTorch"),
+    "cpu_speedups": (True, "faster CPU kernels for the same math (llamatiny/cpu_kernels.py); "
+                           "False = plain PyTorch"),
 }
 DEFAULTS = {name: default for name, (default, _) in OPTIONS.items()}
 SEPARATOR = "-" * 40
@@ -102,8 +101,8 @@ def read_prompt(cfg: dict) -> str:
 
 def read_instructions(cfg: dict, checkpoint: dict) -> tuple[str, list[list[dict]]]:
     """--instruction or --instruction_file -> (the checkpoint's template, the messages of each prompt)."""
-    import tinystories  # the input formats
-    from dataloader import DataError
+    from llamatiny.data import DataError
+    from llamatiny.readers import InputRecords
 
     template = (checkpoint.get("template") or {}).get("name")
     if template is None:
@@ -116,7 +115,7 @@ def read_instructions(cfg: dict, checkpoint: dict) -> tuple[str, list[list[dict]
             return template, [instruct.instruction_messages(template, instruction)]
         if not os.path.isfile(path):
             raise SampleError(f"instruction file not found: {path}")
-        source = tinystories.InputRecords(path)
+        source = InputRecords(path)
         records = list(source)
         if source.template is not None:  # records with their references: prompt with all but the reply
             if source.template != template:
@@ -132,42 +131,6 @@ def read_instructions(cfg: dict, checkpoint: dict) -> tuple[str, list[list[dict]
         raise SampleError(str(e)) from None
 
 
-def load_model(path: str, device: str):
-    from checkpoint import from_checkpoint
-
-    try:
-        return from_checkpoint(path, device)
-    except FileNotFoundError as e:
-        raise SampleError(str(e)) from None
-    except (OSError, ValueError, RuntimeError, EOFError, KeyError, pickle.UnpicklingError) as e:
-        # torch.load and the llama2.c reader say what is wrong; keep the first line
-        raise SampleError(f"cannot load checkpoint {path}: {runtime.first_line(e)}") from None
-
-
-def load_tokenizer(cfg: dict, checkpoint: dict, vocab_size: int):
-    from tokenizer import Tokenizer
-
-    path = cfg["tokenizer"] or checkpoint.get("tokenizer")
-    if not path:
-        raise SampleError(f"{cfg['checkpoint']} records no tokenizer (a llama2.c file?): "
-                          "pass --tokenizer=path/to/tokenizer.model")
-    if path.endswith(".bin"):
-        raise SampleError(f"{path} looks like llama2.c's tokenizer.bin; "
-                          "pass the sentencepiece .model it was made from")
-    if not os.path.isfile(path):
-        hint = "" if cfg["tokenizer"] else " (the path recorded in the checkpoint; pass --tokenizer=PATH)"
-        raise SampleError(f"tokenizer not found: {path}{hint}")
-    try:
-        tok = Tokenizer(path)
-    except (OSError, ValueError) as e:
-        raise SampleError(str(e)) from None
-    if tok.vocab_size != vocab_size:
-        # a mismatched tokenizer gives fluent-looking gibberish (llama2.c #263): refuse instead
-        raise SampleError(f"tokenizer {path} has {tok.vocab_size} tokens but the model's vocab_size is "
-                          f"{vocab_size}: pass the tokenizer the model was trained with (--tokenizer=PATH)")
-    return tok
-
-
 def encode_prompt(tok, text: str, max_seq_len: int) -> list[int]:
     return check_prompt(tok.encode(text, bos=True), max_seq_len)
 
@@ -177,39 +140,6 @@ def check_prompt(ids: list[int], max_seq_len: int) -> list[int]:
         raise SampleError(f"the prompt is {len(ids)} tokens (with BOS) but the model's context is "
                           f"{max_seq_len}: shorten it to at most {max_seq_len - 1} tokens")
     return ids
-
-
-def stop_ids(tok) -> set[int]:
-    # TinyStories shards put BOS before each story, so a model ends a story by starting the next
-    return {i for i in (tok.bos_id, tok.eos_id) if i >= 0}
-
-
-def until_stop(tokens, stops: set[int], out: list[int]):
-    # ints from model.generate_stream's (1,) tensors, ending before the first stop token; kept in out
-    for t in tokens:
-        t = int(t)
-        if t in stops:
-            return
-        out.append(t)
-        yield t
-
-
-def generate_story(model, tok, prompt_ids: list[int], cfg: dict, write, echo: bool = True) -> list[int]:
-    """Streams one story (the prompt's text unless echo is False, then the new text) through write(str);
-    returns the new ids."""
-    device = model.output.weight.device
-    idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
-    stream = model.generate_stream(idx, cfg["max_new_tokens"], cfg["temperature"], cfg["top_k"], cfg["top_p"])
-    new: list[int] = []
-    if echo:
-        write(tok.decode(prompt_ids))
-    # decode_stream keeps sentencepiece's leading-space rule and holds back the bytes of a
-    # multi-byte character until it is complete, so the text equals tok.decode of all ids (of the new ids
-    # alone, without the prompt: a response starts without the space that follows "Story:")
-    for text in tok.decode_stream(until_stop(stream, stop_ids(tok), new),
-                                  prev_id=prompt_ids[-1] if echo else None):
-        write(text)
-    return new
 
 
 def usage() -> str:
@@ -226,7 +156,6 @@ def setup(argv):
     except ConfigError as e:
         raise SampleError(str(e)) from None
     prompt = read_prompt(cfg)
-    cpu_speedups.ENABLED = cfg["cpu_speedups"]
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
     device = runtime.resolve_device(cfg["device"])
@@ -240,10 +169,7 @@ def setup(argv):
         template, instructions = read_instructions(cfg, checkpoint)
         prompts = [check_prompt(instruct.prompt_ids(tok, template, m), model.args.max_seq_len)
                    for m in instructions]
-    model = model.to(dtype=dtype).eval()  # the KV cache follows the weights' dtype
-    if cfg["compile"]:
-        # generate_stream runs self.hidden_states (an instance attribute) for the prefill and each decode step
-        model.hidden_states = torch.compile(model.hidden_states)
+    model = for_inference(model, dtype, cfg["cpu_speedups"], cfg["compile"])
     print(f"{model.num_params() / 1e6:.1f}M parameters from {cfg['checkpoint']}, tokenizer {tok.model_path}, "
           f"{device} {str(dtype).removeprefix('torch.')}, {torch.get_num_threads()} CPU thread(s)",
           file=sys.stderr)
@@ -257,7 +183,7 @@ def main(argv=None):
         return
     try:
         cfg, model, tok, prompts, echo = setup(argv)
-    except (SampleError, ConfigError) as e:
+    except (SampleError, LoadError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     # a console that cannot show a character shows an escape, not a crash

@@ -1,8 +1,10 @@
 """
-The data stage: TinyStories (or your own text) -> uint16 token shards, which dataloader.py reads.
+The data stage: TinyStories (or your own text) -> uint16 token shards, which llamatiny/data.py reads.
+The input formats it takes are read by llamatiny/readers.py.
 
     python tinystories.py download                      # data/TinyStories_all_data/*.json, Llama 2 tokenizer
     python tinystories.py download --url MIRROR/        # a mirror (or a local folder) holding both files
+    python tinystories.py download --version 2          # TinyStoriesV2: data/TinyStoriesV2-GPT4-*.txt
     python tinystories.py pretokenize --vocab_size 0    # Llama 2 ids: data/TinyStories_all_data/dataNN.bin
     python tinystories.py train_vocab --vocab_size 512  # data/tok512.model
     python tinystories.py pretokenize --vocab_size 512  # data/tok512/dataNN.bin
@@ -15,9 +17,10 @@ Your own text (a .txt with <|endoftext|> lines between documents, a plain .txt, 
     python tinystories.py prepare --input my.txt --name mine                        # or Llama 2's vocabulary
 
 Instruction data (TinyStoriesInstruct text, TinyStories' JSON with its words/features/summary,
-prompt/response, prompt/completion or chat JSONL; instruct.py describes them and the template) gets a loss
-mask beside each shard, so that training learns the responses only, and the starts of its records, so that
-every window the loader cuts holds whole records; --words_from_story=N makes such records from plain stories:
+prompt/response, prompt/completion or chat JSONL; llamatiny/instruct.py describes them and the template) gets
+a loss mask beside each shard, so that training learns the responses only, and the starts of its records, so
+that every window the loader cuts holds whole records; --words_from_story=N makes such records from plain
+stories:
 
     python tinystories.py prepare --input TinyStoriesInstruct-train.txt --name instruct  # Llama 2 vocabulary
     python tinystories.py prepare --input my.txt --name words --words_from_story 3 --vocab_size 512
@@ -30,6 +33,7 @@ import argparse
 import concurrent.futures
 import itertools
 import json
+import math
 import os
 import re
 import sys
@@ -42,209 +46,21 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-import download
-import instruct
-from dataloader import TINYSTORIES_DIR, DataError, data_command, index_name, list_shards, mask_name
-from fileio import atomic_write, check_writable, writing
-from tokenizer import MAX_VOCAB_SIZE, Tokenizer
+from llamatiny import download, instruct
+from llamatiny.data import TINYSTORIES_DIR, DataError, data_command, index_name, list_shards, mask_name
+from llamatiny.fileio import atomic_write, check_writable, writing
+from llamatiny.readers import InputRecords, is_val, read_json_stories
+from llamatiny.tokenizer import MAX_VOCAB_SIZE, Tokenizer
 
-VAL_EVERY = 100  # prepare and single-shard inputs: documents 0, 100, 200, ... are the validation split
 SHARD_CHARS = 8_000_000  # prepare: text per train shard (~2 M tokens), so that every core gets work
-
-
-# -----------------------------------------------------------------------------
-# small helpers
-
-def is_val(index: int) -> bool:
-    return index % VAL_EVERY == 0
+# train_vocab warns below this much text per piece: the pieces learned last are merges of pairs the text holds
+# only a few times, which a model then sees too rarely to learn. Measured on TinyStories at 2,048 pieces:
+# at 100 characters per piece half of the pieces occur fewer than 10 times in the text itself, at 200 a fifth
+MIN_CHARS_PER_PIECE = 100
 
 
 def cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-# -----------------------------------------------------------------------------
-# reading documents: TinyStories shards and the user's own formats
-
-def read_json_stories(path) -> list[str]:
-    """A TinyStories shard: a JSON list of {"story": ...} objects -> its stripped, non-empty stories."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            items = json.load(f)
-        if not isinstance(items, list):
-            raise TypeError(f"a {type(items).__name__}, not a list")
-        stories = (item["story"].strip() for item in items)
-        return [s for s in stories if s]
-    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError) as e:
-        again = data_command("download", Path(path).parent.parent)
-        raise DataError(f"{path} is not a TinyStories shard (a JSON list of objects with a \"story\"; "
-                        f"{e!r}): delete it and run `{again}` again") from None
-
-
-def input_files(path: Path) -> list[Path]:
-    suffixes = (".txt", ".json", ".jsonl")
-    if path.is_dir():
-        # (meta.json: the description pretokenize and prepare write beside their shards, not text)
-        files = sorted(p for p in path.rglob("*")
-                       if p.is_file() and p.suffix in suffixes and p.name != "meta.json"
-                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
-        if not files:
-            raise DataError(f"no .txt, .json or .jsonl files in {path}")
-        return files
-    if not path.is_file():
-        raise DataError(f"no such file or directory: {path}")
-    if path.suffix not in suffixes:
-        raise DataError(f"{path}: unsupported file type (use .txt, .json, .jsonl or a directory of them)")
-    return [path]
-
-
-class InputRecords:
-    """The documents of --input, or its instruction records (instruct.py), file by file, in order.
-
-    Each file's format is told from its first records (instruct.detect_format), or forced with fmt. Iterating
-    yields stripped, non-empty documents (str) for plain text, else records (lists of messages); .template
-    is then the instruct.py template every file must share, None for plain text. Instruction records that
-    cannot be used are skipped and counted in .skips; a file with none usable is an error."""
-
-    def __init__(self, path, fmt: str = "auto", words_from_story: int = 0):
-        if fmt not in ("auto",) + instruct.FORMATS:
-            raise DataError(f"--format={fmt}: choose auto, {', '.join(instruct.FORMATS)}")
-        if words_from_story < 0:
-            raise DataError(f"--words_from_story={words_from_story} must be >= 0 (0 = off)")
-        self.files = input_files(Path(path))
-        self.fmt, self.words = fmt, words_from_story
-        self.template, self.formats, self.skips = None, [], instruct.Skips()
-
-    def __iter__(self):
-        for file in self.files:
-            try:
-                yield from self._read(file)
-            except UnicodeDecodeError as e:
-                raise DataError(f"{file} is not UTF-8 text ({e})") from None
-
-    def _read(self, file: Path):
-        items = _file_items(file)
-        head = list(itertools.islice(items, 20))
-        fmt = self.fmt if self.fmt != "auto" else instruct.detect_format([item for _, item in head])
-        if self.words and fmt != "text":
-            raise DataError(f"{file} holds {fmt} records: --words_from_story makes instructions from plain "
-                            "stories only")
-        template = "story" if self.words else instruct.TEMPLATE_OF.get(fmt)
-        if self.formats and template != self.template:
-            raise DataError(f"{file} holds {fmt} records but {self.files[0]} holds {self.formats[0]}: "
-                            "prepare them as separate datasets, or force one reading with --format")
-        self.template = template
-        self.formats.append(fmt)
-        skips = instruct.Skips()
-        for where, item in itertools.chain(head, items):
-            if fmt == "text":
-                if isinstance(item, json.JSONDecodeError):
-                    raise DataError(f"{where}: not JSON ({item})")
-                item = _document(item, where).strip()
-                if template is None:
-                    if item:
-                        yield item
-                    continue
-            if isinstance(item, str) and not item.strip():
-                continue  # an empty document, or the blank text after a last <|endoftext|>
-            try:
-                messages = self._record(fmt, item)
-            except instruct.Skip as e:
-                skips.add(str(e), where)
-                continue
-            skips.kept += 1
-            yield messages
-        if template is not None and not skips.kept:
-            what = skips.summary() if skips.reasons else "no records"
-            raise DataError(f"{file}: nothing usable as {fmt} instruction records ({what})")
-        self.skips.merge(skips)
-
-    def _record(self, fmt: str, item) -> list[dict]:
-        if isinstance(item, json.JSONDecodeError):
-            raise instruct.Skip("malformed line")
-        if fmt == "text":
-            return instruct.words_record(item, self.words)
-        return instruct.to_messages(fmt, item)
-
-
-def _file_items(file: Path) -> Iterator[tuple[str, object]]:
-    # (where, item): the documents of a .txt, the values of a .json / .jsonl (a json.JSONDecodeError for a
-    # line that is not JSON)
-    if file.suffix == ".txt":
-        yield from ((f"{file}: record {i}", doc) for i, doc in enumerate(_txt_documents(file), 1))
-    elif file.suffix == ".jsonl":
-        yield from _jsonl_items(file)
-    else:
-        yield from _json_items(file)
-
-
-def _txt_documents(file: Path) -> Iterator[str]:
-    # Documents separated by <|endoftext|> (TinyStoriesV2); without any separator the file is one
-    # document, cut into chunks so that it can be sharded and a validation part held out.
-    sep, seen, lines = "<|endoftext|>", False, []
-    with open(file, encoding="utf-8") as f:
-        for line in f:
-            if sep not in line:
-                lines.append(line)
-                continue
-            seen = True
-            first, *middle, last = line.split(sep)
-            yield "".join(lines) + first
-            yield from middle
-            lines = [last]
-    text = "".join(lines)
-    if seen:
-        yield text
-    else:
-        yield from chunk_text(text, size=min(8000, max(1000, len(text) // VAL_EVERY)))
-
-
-def chunk_text(text: str, size: int) -> list[str]:
-    """Pieces of at most `size` characters, cut at a paragraph, line or word break where there is one."""
-    chunks = []
-    while len(text) > size:
-        for sep in ("\n\n", "\n", " "):
-            if (cut := text.rfind(sep, size // 2, size)) > 0:
-                break
-        else:
-            cut = size
-        chunks.append(text[:cut])
-        text = text[cut:]
-    chunks.append(text)
-    return [c.strip() for c in chunks if c.strip()]
-
-
-def _jsonl_items(file: Path) -> Iterator[tuple[str, object]]:
-    with open(file, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    yield f"{file}:{lineno}", json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield f"{file}:{lineno}", e
-
-
-def _json_items(file: Path) -> Iterator[tuple[str, object]]:
-    with open(file, encoding="utf-8") as f:
-        try:
-            items = json.load(f)
-        except json.JSONDecodeError as e:
-            if e.msg == "Extra data":  # JSON lines in a .json file
-                yield from _jsonl_items(file)
-                return
-            raise DataError(f"{file}: not JSON ({e})") from None
-    for i, obj in enumerate(items if isinstance(items, list) else [items]):
-        yield f"{file}[{i}]", obj
-
-
-def _document(obj, where: str) -> str:
-    if isinstance(obj, str):
-        return obj
-    for key in ("text", "story", "completion"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), str):
-            return obj[key]
-    raise DataError(f"{where}: expected a string or an object with a \"text\", \"story\" or \"completion\" "
-                    "field")
 
 
 # -----------------------------------------------------------------------------
@@ -281,8 +97,17 @@ def train_vocab(data_dir, vocab_size: int, num_stories: int = 100_000, input=Non
     # one sentence per line, as llama2.c feeds the trainer (newlines become byte-fallback tokens)
     lines = [line for doc in sample for line in doc.split("\n") if line.strip()]
     log = out.with_suffix(".log")
-    print(f"training a {vocab_size}-token BPE vocabulary on {len(sample):,} stories "
-          f"({sum(map(len, lines)) / 1e6:.1f} M characters); sentencepiece's log: {log}", flush=True)
+    chars = sum(map(len, lines))
+    print(f"training a {vocab_size}-token BPE vocabulary on {len(sample):,} stories ({chars:,} characters); "
+          f"sentencepiece's log: {log}", flush=True)
+    if chars < MIN_CHARS_PER_PIECE * vocab_size:
+        advice = f"give it at least {MIN_CHARS_PER_PIECE * vocab_size:,} characters"
+        fits = 2 ** int(math.log2(max(chars // MIN_CHARS_PER_PIECE, 1)))
+        if fits >= 512:  # (the byte pieces alone take 259)
+            advice += f", or use --vocab_size {fits}"
+        print(f"warning: {vocab_size:,} pieces is a large vocabulary for {chars:,} characters of text "
+              f"({chars / vocab_size:.0f} per piece): most pieces will be too rare in it for a model to "
+              f"learn; {advice}", file=sys.stderr, flush=True)
     model = _BytesSink()
     t0 = time.time()
     try:
@@ -613,13 +438,18 @@ def main(argv=None) -> int:
     p = sub.add_parser("download", parents=[common],
                        help="fetch and unpack TinyStories and the Llama 2 tokenizer")
     p.add_argument("--url", help=f"URL, file:// URL or local path of {download.ARCHIVE}, or of a folder "
-                                 "(ending in /) holding it and tokenizer.model "
+                                 "(ending in /) holding it and tokenizer.model; with --version 2, the folder "
+                                 "holding its two files "
                                  f"(default: $HF_ENDPOINT/{download.TINYSTORIES_PATH}, "
                                  "HF_ENDPOINT defaulting to https://huggingface.co)")
     p.add_argument("--tokenizer_url", help="URL or path of the Llama 2 tokenizer.model (default: the one in "
                                            f"--url's folder, else {download.LLAMA2_TOKENIZER_URL})")
     p.add_argument("--retries", type=int, default=3,
                    help="resume a broken transfer this many times (default: 3)")
+    p.add_argument("--version", type=int, choices=(1, 2), default=1,
+                   help=f"1 (default): {download.ARCHIVE}, unpacked into DATA_DIR/{TINYSTORIES_DIR}/, for "
+                        "pretokenize; 2: TinyStoriesV2 (GPT-4 stories only), "
+                        f"{' and '.join(download.V2_FILES)} in DATA_DIR, for prepare --input")
 
     p = sub.add_parser("train_vocab", parents=[common],
                        help="train a sentencepiece BPE vocabulary: DATA_DIR/tok{N}.model")
@@ -652,7 +482,8 @@ def main(argv=None) -> int:
     p.add_argument("--format", default="auto",
                    help="how to read --input: auto (default: told from its content), "
                         f"{', '.join(instruct.FORMATS)}; "
-                        "all but text are instruction records, written with a loss mask (see instruct.py)")
+                        "all but text are instruction records, written with a loss mask "
+                        "(see llamatiny/instruct.py)")
     p.add_argument("--words_from_story", type=int, default=0, metavar="N",
                    help="plain stories -> instruction records \"Words: w1, ..., wN\" + the story, "
                         "the N words picked from the story's own (see instruct.words_from_story)")
@@ -660,7 +491,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "download":
-            download.download(args.data_dir, args.url, args.tokenizer_url, args.retries)
+            download.download(args.data_dir, args.url, args.tokenizer_url, args.retries, args.version)
         elif args.command == "train_vocab":
             train_vocab(args.data_dir, args.vocab_size, args.num_stories, args.input, args.name,
                         args.special_tokens, args.format)

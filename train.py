@@ -20,43 +20,35 @@ Several nodes (the data on each; out_dir on a shared filesystem so that every no
 --init_from=PATH fine-tunes a trained model: one of our .pt checkpoints, a llama2.c model file or a Hugging
 Face directory (llama2.c's published stories15M/42M/110M.bin need data in the Llama 2 vocabulary). Its
 weights and shape are used (a note lists where the config differs); the optimizer, data and iteration
-count start afresh. With --lora_rank=8 only low-rank adapters beside the frozen weights train (lora.py),
-and the checkpoint holds them and names the base. --init_from=resume continues out_dir/ckpt.pt with the
-settings it was trained with: a setting given again on the command line (or in a config file) replaces the
-checkpoint's, with a note.
+count start afresh. With --lora_rank=8 only low-rank adapters beside the frozen weights train
+(llamatiny/lora.py), and the checkpoint holds them and names the base. --init_from=resume continues
+out_dir/ckpt.pt with the settings it was trained with, in place of the defaults and the config file's: only
+a setting on the command line replaces the checkpoint's, with a note.
 
 The settings are the plain Python names below; configurator.py explains the override rules.
 gradient_accumulation_steps is the global count: each of N processes does 1/N of it, so the
 tokens per iteration do not depend on the number of GPUs. Every run writes out_dir/config.json,
-out_dir/metrics.jsonl (one JSON object per log line and per eval) and out_dir/ckpt.pt (runs.py).
+out_dir/metrics.jsonl (one JSON object per log line and per eval) and out_dir/ckpt.pt (llamatiny/runs.py).
 """
 import filecmp
 import gc
-import inspect
 import math
 import os
-import shlex
 import sys
 import time
 import typing
-from contextlib import nullcontext
-from dataclasses import asdict, fields
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import cpu_speedups as speedups  # the module; `cpu_speedups` below is the setting
-import dataloader
-import fileio
-import lora
-import runs
-import runtime
-import settings
-from checkpoint import from_checkpoint, save_checkpoint
-from configurator import ConfigError, format_config, parse_config
+from configurator import Config, ConfigError, as_config, format_config, parse_config
+from llamatiny import cpu_kernels, data, fileio, lora, runs, runtime, settings
+from llamatiny.checkpoint import from_checkpoint, save_checkpoint
+from llamatiny.runtime import print0
 from model import ModelArgs, Transformer
-from runtime import print0
 
 # -----------------------------------------------------------------------------
 # defaults: the 15M model of llama2.c (config/train_15m.py sets them explicitly)
@@ -78,7 +70,7 @@ keep_checkpoints = 0  # also keep the last N checkpoints as out_dir/ckpt_NNNNNN.
 init_from = "scratch"
 init_checkpoint: str | None = None  # with init_from='auto': the model to fine-tune when there is no ckpt.pt
 overwrite = False  # a new run may replace out_dir's run (kept until the new run's first checkpoint)
-# LoRA (lora.py), with --init_from=PATH: the weights stay frozen and low-rank adapters beside them train
+# LoRA (llamatiny/lora.py), with --init_from=PATH: the weights stay frozen, adapters beside them train
 lora_rank = 0  # 0: off (every weight trains); e.g. 8: the adapters' rank
 lora_alpha = 16.0  # the adapters' update is scaled by lora_alpha / lora_rank
 lora_dropout = 0.0  # dropout on the adapters' input
@@ -115,7 +107,7 @@ min_lr: float | None = None  # None: learning_rate / 10
 device = "auto"  # 'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = "auto"  # 'auto' (bfloat16, else float16 on CUDA; float32 elsewhere), 'float32', 'bfloat16', 'float16'
 compile = False  # torch.compile the model (use it on a GPU)
-cpu_speedups = True  # faster CPU kernels for the same math (cpu_speedups.py); False: the plain PyTorch path
+cpu_speedups = True  # faster CPU kernels for the same math (llamatiny/cpu_kernels.py); False: plain PyTorch
 threads: int | None = None  # CPU threads; None: half the cores, so that another job cannot stall every thread
 seed = 1337
 print_model = False  # print every weight's shape and size at start
@@ -148,7 +140,7 @@ def setting_types() -> dict:
 def parse_settings(argv: list[str]) -> dict:
     # --batch_size=auto: the batch_size it would replace (a config file's) sets the sequences per iteration
     argv = ["--auto_batch_size=True" if a == "--batch_size=auto" else a for a in argv]
-    return parse_config(default_config(), argv, setting_types())
+    return parse_config(default_config(), argv, setting_types(), settings.RENAMED, settings.IGNORED)
 
 
 def get_lr(it: int, learning_rate: float, warmup_iters: int, lr_decay_iters: int, min_lr: float) -> float:
@@ -170,33 +162,11 @@ def parameter_table(model: Transformer) -> str:
 
 
 def read_checkpoint(path: str, device: str, merge_lora: bool = True) -> dict:
-    if not os.path.exists(path):  # (a missing fine-tuning PATH was reported by resolve_config)
-        raise TrainError(f"init_from='resume' but there is no checkpoint at {path}; "
-                         f"train from scratch first, or point --out_dir at the run to continue")
+    # (a missing file was reported by resolve_config or settings.for_resume)
     try:
         return from_checkpoint(path, device, merge=merge_lora)[1]
-    except (ValueError, OSError) as e:  # not a checkpoint, or a truncated one; the message names the file
-        message = str(e)
-        if good := newest_good_checkpoint(path):
-            message += (f"; the newest good checkpoint beside it is {good[1]} (iteration {good[0]}): "
-                        f"`cp {shlex.quote(good[1])} {shlex.quote(path)}` and run the same command again")
-        raise TrainError(message) from None
-
-
-def newest_good_checkpoint(damaged: str) -> tuple[int, str] | None:
-    # the checkpoints kept beside a damaged one: the newest numbered one that loads (keep_checkpoints), or
-    # ckpt_best.pt where it is newer. (iteration, path), or None
-    folder = os.path.dirname(damaged)
-    best = os.path.join(folder, "ckpt_best.pt")
-    good = []
-    for path in runs.numbered_checkpoints(folder)[::-1] + [best]:
-        if path == damaged or not os.path.isfile(path) or (good and path != best):
-            continue
-        try:
-            good.append((from_checkpoint(path)[1]["iter_num"], path))
-        except (ValueError, OSError, KeyError):  # damaged too (a hard link to the same bytes), or not ours
-            pass
-    return max(good, key=lambda found: found[0], default=None)
+    except (ValueError, OSError) as e:  # not a checkpoint, or a truncated one: the loader's message names the
+        raise TrainError(str(e)) from None  # file and the newest good checkpoint beside it
 
 
 def check_vocabulary(checkpoint: dict, path: str, meta: dict, shard_dir) -> None:
@@ -224,8 +194,8 @@ def check_vocabulary(checkpoint: dict, path: str, meta: dict, shard_dir) -> None
 
 def open_dataset(c: dict):
     # the shard directory's meta.json says which tokenizer made it
-    shard_dir = dataloader.dataset_dir(c["data_dir"], c["dataset"], c["vocab_source"], c["vocab_size"])
-    meta = dataloader.read_meta(shard_dir)
+    shard_dir = data.dataset_dir(c["data_dir"], c["dataset"], c["vocab_source"], c["vocab_size"])
+    meta = data.read_meta(shard_dir)
     if meta["vocab_size"] != c["vocab_size"]:
         raise ConfigError(f"the data in {shard_dir} was tokenized with a {meta['vocab_size']}-token "
                           f"vocabulary but vocab_size={c['vocab_size']}; "
@@ -255,12 +225,235 @@ def setup_distributed(c: dict):
     return True, rank, world_size, device
 
 
-def wrap_ddp(model, device: str) -> DDP:
-    # the RoPE tables are buffers computed alike on every rank: no need to broadcast them at every forward
-    sync_buffers = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters \
-        else "broadcast_buffers"  # the older name, deprecated in recent PyTorch
-    device_ids = [torch.device(device).index] if device.startswith("cuda") else None
-    return DDP(model, device_ids=device_ids, **{sync_buffers: False})
+# -----------------------------------------------------------------------------
+# setup: the run's settings, data, model, optimizer and where it starts
+
+@dataclass
+class Run:
+    """One training run: its settings and processes, the pieces setup() makes for the loop, and where the
+    loop stands (iter_num onwards), which each checkpoint records."""
+    c: dict  # the settings, resolved: a resumed run's from its checkpoint, a fine-tune's shape from its model
+    ddp: bool
+    rank: int
+    world_size: int
+    device: str
+    as_given: dict  # what resolution fills in, as given (settings.AS_GIVEN): a resume derives it again
+    shard_dir: os.PathLike | None = None
+    meta: dict | None = None  # the shards' meta.json: their tokenizer, and the template of instruction data
+    loader: data.BatchLoader | None = None  # training batches: this process's share
+    eval_loaders: dict | None = None  # {split: BatchLoader}, on a fixed seed of their own
+    accum_steps: int = 1  # micro-steps per iteration in this process
+    tokens_per_iter: int = 0  # of all processes
+    peak: float | None = None  # the GPU's peak FLOP/s for MFU
+    ctx: AbstractContextManager | None = None  # autocast in the run's dtype
+    raw_model: Transformer | None = None  # the plain model, saved as it is (no compile or DDP prefixes)
+    model: torch.nn.Module | None = None  # raw_model, compiled when asked: what evaluate() runs
+    train_model: torch.nn.Module | None = None  # model, in DDP with several processes: what the loop trains
+    lora_base: dict | None = None  # LoRA: the base model's path and hash; the adapters are on raw_model
+    optimizer: torch.optim.Optimizer | None = None
+    scaler: torch.amp.GradScaler | None = None
+    previous: str | None = None  # the run this one replaces (overwrite), kept until the first checkpoint
+    progress: runs.Progress | None = None
+    wandb: runs.WandbLogger | None = None
+    rng_to_restore: dict | None = None  # a resumed process's random streams, set just before the first step
+    iter_num: int = 0
+    tokens_seen: int = 0
+    best_val_loss: float = float("inf")
+    last_saved: int | None = None  # the iteration of the newest ckpt.pt; None while there is none
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def device_type(self) -> str:
+        return self.device.split(":")[0]
+
+    @property
+    def ckpt_path(self) -> str:
+        return os.path.join(self.c["out_dir"], "ckpt.pt")
+
+    @property
+    def metrics_path(self) -> str:
+        return os.path.join(self.c["out_dir"], "metrics.jsonl")
+
+
+def setup(c: dict, config: Config, ddp: bool, rank: int, world_size: int, device: str) -> Run:
+    # c: the resolved settings; config: the same as given, with where each came from
+    r = Run(c, ddp, rank, world_size, device, as_given=settings.as_given(config))
+    # the settings: a resumed run's come from its checkpoint (train()); a fine-tune takes the model's shape
+    resume = c["init_from"] == "resume"
+    r.previous = None if resume or c["eval_only"] else runs.previous_run(c["out_dir"])
+    if r.previous and not c["overwrite"]:  # checked on every rank, before any time is spent
+        if not os.path.exists(r.ckpt_path):
+            raise ConfigError(settings.no_checkpoint_yet(c["out_dir"], r.previous))
+        raise ConfigError(f"{c['out_dir']} already holds a run ({r.previous}): --init_from=resume continues "
+                          f"it, --overwrite=True replaces it, or pass another --out_dir")
+    if not c["eval_only"]:  # a folder that cannot be written (read-only, no permission) is refused now
+        on_master(r, fileio.check_writable, c["out_dir"], then="pass another --out_dir")
+    checkpoint = None
+    if resume:
+        checkpoint = read_checkpoint(r.ckpt_path, device, merge_lora=False)  # a LoRA run's base and adapters
+    shard_dir, meta = open_dataset(c)
+    if c["init_from"] != "scratch":
+        init_path = r.ckpt_path if resume else c["init_from"]
+        if c["lora_rank"] and not resume and not c["eval_only"]:
+            # adapters need the very bytes of their base, which a base's own run replaces at its checkpoints
+            if kept := lora.kept_base(init_path, c["out_dir"]):
+                on_master(r, fileio.link_or_copy, init_path, kept)
+                print0(f"note: {init_path} is rewritten by its run: this run keeps its base as {kept}")
+                init_path = kept
+        checkpoint = checkpoint or read_checkpoint(init_path, device)
+        check_vocabulary(checkpoint, init_path, meta, shard_dir)
+        if not resume:
+            c = settings.for_finetune(c, checkpoint["model_args"], init_path, config.given)
+    args = ModelArgs.from_dict(c)
+    if c["auto_batch_size"]:
+        c.update(settings.choose_batch_size(c, args, world_size, device))
+    if not c["eval_only"]:
+        settings.check_memory(c, args, device, world_size)
+    shards = data.Shards(shard_dir, c["vocab_size"])  # read once, for the three loaders
+    loader = data.BatchLoader(shards, "train", c["batch_size"], c["max_seq_len"], c["seed"], rank=rank,
+                              world_size=world_size, device=device, num_workers=c["num_workers"])
+    eval_loaders = {split: data.BatchLoader(shards, split, c["batch_size"], c["max_seq_len"], EVAL_SEED,
+                                            rank=rank, world_size=world_size, device=device)
+                    for split in ("train", "val")}
+    start = (checkpoint["iter_num"], checkpoint["tokens_seen"]) if resume else (0, 0)
+    c = settings.settle_run_length(c, loader.tokens_per_epoch, *start)
+    settings.warn_about_the_schedule(c)
+    r.c, r.shard_dir, r.meta, r.loader, r.eval_loaders = c, shard_dir, meta, loader, eval_loaders
+    r.accum_steps = settings.split_accumulation(c["gradient_accumulation_steps"], world_size)  # per process
+    r.tokens_per_iter = c["gradient_accumulation_steps"] * c["batch_size"] * c["max_seq_len"]  # global
+    r.peak = settings.resolve_peak_flops(c["peak_flops"], r.device_type)
+    r.ctx = runtime.autocast(device, c["dtype"])
+    if r.device_type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls
+
+    # the model and the optimizer, restored from the checkpoint when resuming
+    runtime.seed_everything(c["seed"] + rank)  # DDP copies rank 0's initial weights to the others
+    r.raw_model = raw_model = Transformer(args).to(device)
+    if c["cpu_speedups"] and r.device_type == "cpu":
+        cpu_kernels.attach(raw_model)  # faster kernels for the same math
+    if checkpoint is not None:
+        raw_model.load_state_dict(checkpoint["model"])  # a resumed LoRA run: its base's weights
+    if c["lora_rank"]:
+        r.lora_base = lora.attach_for_training(raw_model, c, checkpoint if resume else None, init_path)
+    r.optimizer = raw_model.configure_optimizers(c["weight_decay"], c["learning_rate"],
+                                                 (c["beta1"], c["beta2"]), r.device_type)
+    # a no-op unless float16: it scales the loss so small gradients do not underflow
+    r.scaler = torch.amp.GradScaler(r.device_type, enabled=c["dtype"] == "float16")
+    r.progress = runs.Progress(c["eval_interval"])
+    if resume:
+        restore(r, checkpoint)
+
+    # torch.compile and DDP wrap the model; raw_model keeps the plain one for saving (no prefixes)
+    r.model = torch.compile(raw_model) if c["compile"] else raw_model
+    device_ids = [torch.device(device).index] if r.device_type == "cuda" else None
+    r.train_model = DDP(r.model, device_ids=device_ids) if ddp else r.model
+
+    print0("config:\n" + format_config(c))
+    if not c["eval_only"]:  # an eval-only run leaves out_dir as it is
+        on_master(r, start_run_folder, r, resume)
+    describe(r)
+    r.wandb = runs.WandbLogger(c, c["out_dir"], resume, say=print0) \
+        if c["wandb_log"] and r.master and not c["eval_only"] else None
+    return r
+
+
+def restore(r: Run, checkpoint: dict) -> None:
+    # a resumed run continues exactly: the position, the optimizer, the scaler, the data and random streams
+    r.iter_num, r.tokens_seen = checkpoint["iter_num"], checkpoint["tokens_seen"]
+    r.progress.elapsed_before = checkpoint.get("elapsed_s", 0.0)
+    r.best_val_loss, r.last_saved = checkpoint["best_val_loss"], r.iter_num
+    r.optimizer.load_state_dict(checkpoint["optimizer"])
+    if r.scaler.is_enabled() and checkpoint["scaler"]:  # a bf16 or float32 run saved an empty state
+        r.scaler.load_state_dict(checkpoint["scaler"])
+    # every rank has taken the same number of batches, so rank 0's loader state places them all
+    # (the loader also converts it when the number of processes or the batch shape changed)
+    r.loader.load_state_dict(checkpoint["loader_state"])
+    rng_states = checkpoint["rng_state"]  # one per rank
+    if len(rng_states) == r.world_size:
+        r.rng_to_restore = rng_states[r.rank]
+    else:
+        print0(f"note: {r.ckpt_path} was saved by {len(rng_states)} process(es), "
+               f"this run has {r.world_size}: the data continues where it was, "
+               f"the random streams (dropout) are reseeded")
+        torch.manual_seed(r.c["seed"] + r.rank + r.iter_num * 1000)  # fresh streams, still deterministic
+    print0(f"resuming from iteration {r.iter_num:,} ({r.tokens_seen:,} tokens) of {r.ckpt_path}")
+
+
+def start_run_folder(r: Run, resume: bool) -> None:
+    c = r.c
+    os.makedirs(c["out_dir"], exist_ok=True)
+    if resume:
+        runs.truncate_metrics(r.metrics_path, r.iter_num)
+    elif r.previous:
+        aside = runs.set_aside_previous_run(c["out_dir"])
+        print0(f"note: replacing the run in {c['out_dir']}; its files wait in {aside} until this run's "
+               f"first checkpoint")
+    runs.write_run_info(c["out_dir"], c, r.as_given, r.world_size)
+
+
+def describe(r: Run) -> None:
+    # the start-up lines: the model, the data, the batch and the run's length
+    c, raw_model, loader = r.c, r.raw_model, r.loader
+    if c["print_model"]:
+        print0(parameter_table(raw_model))
+    params = raw_model.num_params()
+    budget = r.tokens_seen + r.tokens_per_iter * (c["max_iters"] - r.iter_num)
+    length = next((f" (set by {k}={c[k]})" for k in ("max_tokens", "max_epochs") if c[k] is not None), "")
+    print0(f"model: {params:,} parameters ({raw_model.num_params(non_embedding=True):,} without the "
+           f"embedding); data: {r.shard_dir} ({loader.tokens_per_epoch:,} training tokens per epoch)")
+    if r.lora_base:
+        print0(lora.summary(raw_model) + f"; base {r.lora_base['path']}")
+    print0(f"tokens per iteration: {r.tokens_per_iter:,} = {r.world_size} process(es) x "
+           f"{r.accum_steps} accumulation step(s) x {c['batch_size']} batch x {c['max_seq_len']} tokens")
+    if loader.masked:
+        packing = loader.packing()
+        print0(f"instruction data: loss on {loader.loss_share:.0%} of tokens (the responses; "
+               f"{r.meta['instruction']['template']['name']} template); each window holds whole records, "
+               f"{packing['padding']:.1%} of window tokens are padding; {packing['cut']:,} of "
+               f"{packing['records']:,} records are longer than a window ({c['max_seq_len'] + 1} tokens) and "
+               f"cut to their start (the instruction kept)")
+    threads = f" ({torch.get_num_threads()} CPU threads)" if r.device_type == "cpu" else ""
+    print0(f"run: {c['max_iters']:,} iterations{length} = {budget:,} tokens = "
+           f"{budget / loader.tokens_per_epoch:.2f} epochs, {budget / params:.1f} tokens per parameter; "
+           f"device {r.device}{threads}, {c['dtype']}" + (", compiled" if c["compile"] else ""))
+
+
+# -----------------------------------------------------------------------------
+# what the loop calls: files written on rank 0, evaluation, the metrics and the checkpoints
+
+def on_master(r: Run, write, *args, then: str | None = None):
+    # only rank 0 writes files. When a write fails there (a full disk, a quota, a read-only folder), every
+    # rank stops here together, none left waiting in a collective, and rank 0 says why in one line
+    error = result = None
+    if r.master:
+        try:
+            result = write(*args)
+        except OSError as e:
+            error = e
+    if r.ddp:
+        failed = torch.tensor(int(error is not None), device=r.device)
+        dist.broadcast(failed, src=0)
+        if failed.item() and not r.master:
+            raise SystemExit(1)
+    if error is not None:
+        raise TrainError(f"{error}: {then or after_a_failed_write(r, error)}")
+    return result
+
+
+def after_a_failed_write(r: Run, e: OSError) -> str:
+    fix = "free space" if e.errno in fileio.NO_SPACE else f"make {r.c['out_dir']} writable"
+    if r.last_saved is None:
+        again = " with --overwrite=True" if runs.previous_run(r.c["out_dir"]) else ""
+        return f"no checkpoint was written; {fix} and run the same command again{again}"
+    try:  # metrics.jsonl ends where the checkpoint does, as resume continues from it
+        runs.truncate_metrics(r.metrics_path, r.last_saved)
+    except OSError:
+        pass  # resume truncates it too
+    return (f"the previous checkpoint {r.ckpt_path} (iteration {r.last_saved}) is intact; {fix} and resume "
+            f"with --init_from=resume")
 
 
 @torch.no_grad()
@@ -286,204 +479,57 @@ def evaluate(model, loaders: dict, eval_iters: int, world_size: int, device, ctx
     return losses
 
 
-def train(config: dict) -> dict:
-    """Runs training with config (train.py's settings, e.g. from parse_settings); returns the final figures.
-    config.given, when present, names the settings the user set; in a plain dict, those off their default."""
-    given = getattr(config, "given", None)
-    if given is None:
-        defaults = default_config()
-        given = {k for k, v in config.items() if v is not None and v != defaults.get(k)}
-    c = settings.resolve_config(config)
-    ddp, rank, world_size, device = setup_distributed(c)
-    speedups_before, speedups.ENABLED = speedups.ENABLED, c["cpu_speedups"]
-    try:
-        result = run(c, given, ddp, rank, world_size, device)
-        if ddp:
-            dist.barrier()  # no rank tears down its process group while another still talks to it
-        return result
-    finally:
-        speedups.ENABLED = speedups_before
-        if ddp and dist.is_initialized():
-            # DDP's reducer holds the process group; left to interpreter shutdown, gloo's threads can be
-            # destroyed still running ("terminate called without an active exception", SIGABRT)
-            gc.collect()
-            dist.destroy_process_group()
+def log(r: Run, record: dict) -> None:
+    on_master(r, runs.append_jsonl, r.metrics_path, record)
+    if r.wandb:
+        r.wandb.log(record, step=r.iter_num)
 
 
-def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str) -> dict:
-    master = rank == 0
-    device_type = device.split(":")[0]
-    ckpt_path = os.path.join(c["out_dir"], "ckpt.pt")
-    metrics_path = os.path.join(c["out_dir"], "metrics.jsonl")
+def stop_non_finite(r: Run, what: str, value: float):
+    kept = f"the last good checkpoint is {r.ckpt_path} (iteration {r.last_saved})" \
+        if r.last_saved is not None else "no checkpoint was written"
+    raise TrainError(f"{what} is {value} at iteration {r.iter_num}; training stopped and {kept}. "
+                     f"Try a lower learning_rate, a grad_clip, or dtype=bfloat16/float32")
 
-    def on_master(write, *args, then: str | None = None):
-        # only rank 0 writes files. When a write fails there (a full disk, a quota, a read-only folder), every
-        # rank stops here together, none left waiting in a collective, and rank 0 says why in one line
-        error = result = None
-        if master:
-            try:
-                result = write(*args)
-            except OSError as e:
-                error = e
-        if ddp:
-            failed = torch.tensor(int(error is not None), device=device)
-            dist.broadcast(failed, src=0)
-            if failed.item() and not master:
-                raise SystemExit(1)
-        if error is not None:
-            raise TrainError(f"{error}: {then or after_a_failed_write(error)}")
-        return result
 
-    def after_a_failed_write(e: OSError) -> str:
-        fix = "free space" if e.errno in fileio.NO_SPACE else f"make {c['out_dir']} writable"
-        if last_saved is None:
-            again = " with --overwrite=True" if runs.previous_run(c["out_dir"]) else ""
-            return f"no checkpoint was written; {fix} and run the same command again{again}"
-        try:  # metrics.jsonl ends where the checkpoint does, as resume continues from it
-            runs.truncate_metrics(metrics_path, last_saved)
-        except OSError:
-            pass  # resume truncates it too
-        return (f"the previous checkpoint {ckpt_path} (iteration {last_saved}) is intact; {fix} and resume "
-                f"with --init_from=resume")
+def write_checkpoints(r: Run, latest: bool, improved: bool) -> None:
+    # ckpt.pt when latest, ckpt_best.pt when improved (and the numbered ones kept beside them)
+    # the RNG streams of every rank (dropout differs per rank), so each continues exactly
+    rng_states = [runs.get_rng_state()]
+    if r.ddp:
+        rng_states = [None] * r.world_size
+        dist.all_gather_object(rng_states, runs.get_rng_state())  # every rank takes part
+    state = None  # rank 0's
+    if r.master:
+        state = {**lora.checkpoint_entries(r.raw_model, r.lora_base),
+                 "model_args": asdict(r.raw_model.args), "optimizer": r.optimizer.state_dict(),
+                 "scaler": r.scaler.state_dict(), "config": r.c, "as_given": r.as_given,
+                 "iter_num": r.iter_num, "tokens_seen": r.tokens_seen, "best_val_loss": r.best_val_loss,
+                 "loader_state": r.loader.state_dict(unused=r.accum_steps), "rng_state": rng_states,
+                 "tokenizer": r.meta["tokenizer"], "elapsed_s": r.progress.elapsed()}
+        if "instruction" in r.meta:  # sample.py and eval.py prompt the model as it was trained
+            state["template"] = r.meta["instruction"]["template"]
+    written = on_master(r, runs.save_checkpoints, r.c["out_dir"], state, latest, improved,
+                        r.c["keep_checkpoints"], save_checkpoint)
+    if r.master:
+        print0(f"saved {', '.join(os.path.basename(p) for p in written)} (iteration {r.iter_num})")
+        if r.previous:
+            runs.drop_previous_run(r.c["out_dir"])  # the new run has a checkpoint of its own now
+    if latest:
+        r.last_saved = r.iter_num
 
-    # the settings: a resumed run continues with its checkpoint's; a fine-tune takes the model's shape
-    resume = c["init_from"] == "resume"
-    previous = None if resume or c["eval_only"] else runs.previous_run(c["out_dir"])
-    if previous and not c["overwrite"]:  # checked on every rank, before any time is spent
-        raise ConfigError(f"{c['out_dir']} already holds a run ({previous}): --init_from=resume continues "
-                          f"it, --overwrite=True replaces it, or pass another --out_dir")
-    if not c["eval_only"]:  # a folder that cannot be written (read-only, no permission) is refused now
-        on_master(fileio.check_writable, c["out_dir"], then="pass another --out_dir")
-    checkpoint = None
-    if resume:
-        checkpoint = read_checkpoint(ckpt_path, device, merge_lora=False)  # a LoRA run's base and adapters
-        c = settings.for_resume(c, checkpoint.get("config") or {}, given, ckpt_path)
-    shard_dir, meta = open_dataset(c)
-    if c["init_from"] != "scratch":
-        init_path = ckpt_path if resume else c["init_from"]
-        if c["lora_rank"] and not resume and not c["eval_only"]:
-            # adapters need the very bytes of their base, which a base's own run replaces at its checkpoints
-            if kept := lora.kept_base(init_path, c["out_dir"]):
-                on_master(fileio.link_or_copy, init_path, kept)
-                print0(f"note: {init_path} is rewritten by its run: this run keeps its base as {kept}")
-                init_path = kept
-        checkpoint = checkpoint or read_checkpoint(init_path, device)
-        check_vocabulary(checkpoint, init_path, meta, shard_dir)
-        if not resume:
-            c = settings.for_finetune(c, checkpoint["model_args"], init_path, given)
-    args = ModelArgs.from_dict(c)
-    if c["auto_batch_size"]:
-        c.update(settings.choose_batch_size(c, args, world_size, device))
-    if not c["eval_only"]:
-        settings.check_memory(c, args, device, world_size)
-    shards = dataloader.Shards(shard_dir, c["vocab_size"])  # read once, for the three loaders
-    loader = dataloader.BatchLoader(shards, "train", c["batch_size"], c["max_seq_len"], c["seed"], rank=rank,
-                                    world_size=world_size, device=device, num_workers=c["num_workers"])
-    eval_loaders = {split: dataloader.BatchLoader(shards, split, c["batch_size"], c["max_seq_len"], EVAL_SEED,
-                                                  rank=rank, world_size=world_size, device=device)
-                    for split in ("train", "val")}
-    start = (checkpoint["iter_num"], checkpoint["tokens_seen"]) if resume else (0, 0)
-    c = settings.settle_run_length(c, given, loader.tokens_per_epoch, *start)
-    settings.warn_about_the_schedule(c)
-    accum_steps = settings.split_accumulation(c["gradient_accumulation_steps"], world_size)  # per process
-    tokens_per_iter = c["gradient_accumulation_steps"] * c["batch_size"] * c["max_seq_len"]  # global
-    peak = settings.resolve_peak_flops(c["peak_flops"], device_type)
-    ctx = runtime.autocast(device, c["dtype"])
-    if device_type == "cuda":
-        torch.set_float32_matmul_precision("high")  # TF32 matmuls
 
-    # the model, the optimizer and the data, restored from the checkpoint when resuming
-    runtime.seed_everything(c["seed"] + rank)  # DDP copies rank 0's initial weights to the others
-    raw_model = Transformer(args).to(device)
-    if checkpoint is not None:
-        raw_model.load_state_dict(checkpoint["model"])  # a resumed LoRA run: its base's weights
-    lora_base = None  # LoRA: the base model's path and hash; the adapters are attached to raw_model
-    if c["lora_rank"]:
-        lora_base = lora.attach_for_training(raw_model, c, checkpoint if resume else None, init_path)
-    optimizer = raw_model.configure_optimizers(c["weight_decay"], c["learning_rate"],
-                                               (c["beta1"], c["beta2"]), device_type)
-    # a no-op unless float16: it scales the loss so small gradients do not underflow
-    scaler = torch.amp.GradScaler(device_type, enabled=c["dtype"] == "float16")
-    iter_num, tokens_seen, best_val_loss, last_saved, rng_to_restore = 0, 0, float("inf"), None, None
-    progress = runs.Progress(c["eval_interval"])
-    if resume:
-        iter_num, tokens_seen = checkpoint["iter_num"], checkpoint["tokens_seen"]
-        progress.elapsed_before = checkpoint.get("elapsed_s", 0.0)
-        best_val_loss, last_saved = checkpoint["best_val_loss"], iter_num
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        if scaler.is_enabled() and checkpoint["scaler"]:  # a bf16 or float32 run saved an empty state
-            scaler.load_state_dict(checkpoint["scaler"])
-        # every rank has taken the same number of batches, so rank 0's loader state places them all
-        # (the loader also converts it when the number of processes or the batch shape changed)
-        loader.load_state_dict(checkpoint["loader_state"])
-        rng_states = checkpoint["rng_state"]  # one per rank
-        if len(rng_states) == world_size:
-            rng_to_restore = rng_states[rank]
-        else:
-            print0(f"note: {ckpt_path} was saved by {len(rng_states)} process(es), "
-                   f"this run has {world_size}: the data continues where it was, "
-                   f"the random streams (dropout) are reseeded")
-            torch.manual_seed(c["seed"] + rank + iter_num * 1000)  # fresh streams, still deterministic
-        print0(f"resuming from iteration {iter_num:,} ({tokens_seen:,} tokens) of {ckpt_path}")
-    checkpoint = None  # free the memory before training
+# -----------------------------------------------------------------------------
+# the loop
 
-    # torch.compile and DDP wrap the model; raw_model keeps the plain one for saving (no prefixes)
-    model = torch.compile(raw_model) if c["compile"] else raw_model
-    train_model = wrap_ddp(model, device) if ddp else model
-
-    print0("config:\n" + format_config(c))
-
-    def start_run_folder():
-        os.makedirs(c["out_dir"], exist_ok=True)
-        if resume:
-            runs.truncate_metrics(metrics_path, iter_num)
-        elif previous:
-            aside = runs.set_aside_previous_run(c["out_dir"])
-            print0(f"note: replacing the run in {c['out_dir']}; its files wait in {aside} until this run's "
-                   f"first checkpoint")
-        runs.write_run_info(c["out_dir"], c, world_size)
-
-    if not c["eval_only"]:  # an eval-only run leaves out_dir as it is
-        on_master(start_run_folder)
-    if c["print_model"]:
-        print0(parameter_table(raw_model))
-    params, budget = raw_model.num_params(), tokens_seen + tokens_per_iter * (c["max_iters"] - iter_num)
-    length = next((f" (set by {k}={c[k]})" for k in ("max_tokens", "max_epochs") if c[k] is not None), "")
-    print0(f"model: {params:,} parameters ({raw_model.num_params(non_embedding=True):,} without the "
-           f"embedding); data: {shard_dir} ({loader.tokens_per_epoch:,} training tokens per epoch)")
-    if lora_base:
-        print0(lora.summary(raw_model) + f"; base {lora_base['path']}")
-    print0(f"tokens per iteration: {tokens_per_iter:,} = {world_size} process(es) x "
-           f"{accum_steps} accumulation step(s) x {c['batch_size']} batch x {c['max_seq_len']} tokens")
-    if loader.masked:
-        packing = loader.packing()
-        print0(f"instruction data: loss on {loader.loss_share:.0%} of tokens (the responses; "
-               f"{meta['instruction']['template']['name']} template); each window holds whole records, "
-               f"{packing['padding']:.1%} of window tokens are padding; {packing['cut']:,} of "
-               f"{packing['records']:,} records are longer than a window ({c['max_seq_len'] + 1} tokens) and "
-               f"cut to their start (the instruction kept)")
-    print0(f"run: {c['max_iters']:,} iterations{length} = {budget:,} tokens = "
-           f"{budget / loader.tokens_per_epoch:.2f} epochs, {budget / params:.1f} tokens per parameter; "
-           f"device {device}" + (f" ({torch.get_num_threads()} CPU threads)" if device_type == "cpu" else "")
-           + f", {c['dtype']}" + (", compiled" if c["compile"] else ""))
-    wandb = runs.WandbLogger(c, c["out_dir"], resume, say=print0) \
-        if c["wandb_log"] and master and not c["eval_only"] else None
-
-    def log(record: dict) -> None:
-        on_master(runs.append_jsonl, metrics_path, record)
-        if wandb:
-            wandb.log(record, step=iter_num)
-
-    def stop_non_finite(what: str, value: float):
-        kept = f"the last good checkpoint is {ckpt_path} (iteration {last_saved})" if last_saved is not None \
-            else "no checkpoint was written"
-        raise TrainError(f"{what} is {value} at iteration {iter_num}; training stopped and {kept}. "
-                         f"Try a lower learning_rate, a grad_clip, or dtype=bfloat16/float32")
-
+def loop(r: Run) -> dict:
+    """Trains from where setup() left the run to max_iters; returns the final figures."""
+    c, loader, optimizer, scaler, progress = r.c, r.loader, r.optimizer, r.scaler, r.progress
+    accum_steps, ddp, world_size, device = r.accum_steps, r.ddp, r.world_size, r.device
     fine_tune = c["init_from"] not in ("scratch", "resume")
     if c["eval_only"] or fine_tune:  # a fine-tune's starting point: the model on its new data
-        losses = evaluate(model, eval_loaders, c["eval_iters"], world_size, device, ctx)
-        print0(f"eval at iteration {iter_num}: train loss {losses['train']:.4f}, "
+        losses = evaluate(r.model, r.eval_loaders, c["eval_iters"], world_size, device, r.ctx)
+        print0(f"eval at iteration {r.iter_num}: train loss {losses['train']:.4f}, "
                f"val loss {losses['val']:.4f}")
         uniform = math.log(c["vocab_size"])
         if c["init_from"] != "scratch" and losses["val"] > uniform:
@@ -492,17 +538,17 @@ def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str)
                    f"(ln {c['vocab_size']:,} = {uniform:.2f}): "
                    f"the data was almost surely tokenized with another vocabulary than the model's")
         if c["eval_only"]:
-            return {"iter_num": iter_num, **losses}
-        log({"iter": 0, "tokens": 0, "train_loss": losses["train"], "val_loss": losses["val"]})
-    if iter_num >= c["max_iters"]:
-        print0(f"nothing to do: the checkpoint is at iteration {iter_num} and max_iters={c['max_iters']}")
-        return {"iter_num": iter_num}
-    if rng_to_restore is not None:
-        runs.set_rng_state(rng_to_restore)  # last, so that nothing above draws from the restored streams
+            return {"iter_num": r.iter_num, **losses}
+        log(r, {"iter": 0, "tokens": 0, "train_loss": losses["train"], "val_loss": losses["val"]})
+    if r.iter_num >= c["max_iters"]:
+        print0(f"nothing to do: the checkpoint is at iteration {r.iter_num} and max_iters={c['max_iters']}")
+        return {"iter_num": r.iter_num}
+    if r.rng_to_restore is not None:
+        runs.set_rng_state(r.rng_to_restore)  # last, so that nothing above draws from the restored streams
     batches = [loader.next_batch() for _ in range(accum_steps)]  # an iteration's micro-batches, made ahead
 
-    while iter_num < c["max_iters"]:
-        lr = get_lr(iter_num, c["learning_rate"], c["warmup_iters"], c["lr_decay_iters"], c["min_lr"]) \
+    while r.iter_num < c["max_iters"]:
+        lr = get_lr(r.iter_num, c["learning_rate"], c["warmup_iters"], c["lr_decay_iters"], c["min_lr"]) \
             if c["decay_lr"] else c["learning_rate"]
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -522,9 +568,9 @@ def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str)
             last = micro_step == accum_steps - 1
             x, y = batches[micro_step]
             # under DDP the gradients are all-reduced once, in the last micro-step's backward
-            with nullcontext() if last or not ddp else train_model.no_sync():
-                with ctx:
-                    _, loss = train_model(x, y)
+            with nullcontext() if last or not ddp else r.train_model.no_sync():
+                with r.ctx:
+                    _, loss = r.train_model(x, y)
                     if loader.masked:  # (a micro-batch without a response has a NaN mean and weight 0)
                         loss = torch.where(weights[micro_step] > 0, loss * weights[micro_step], 0.0)
                     else:
@@ -534,18 +580,19 @@ def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str)
                 scaler.scale(loss).backward()
             loss_sum += loss.detach().float()
         scaler.unscale_(optimizer)  # clip and report the true gradients, not the fp16-scaled ones
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(),
+        grad_norm = torch.nn.utils.clip_grad_norm_(r.raw_model.parameters(),
                                                    c["grad_clip"] if c["grad_clip"] > 0 else float("inf"))
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        iter_num += 1
-        tokens_seen += tokens_per_iter
-        if progress.first_step_s is None and device_type == "cuda":
+        r.iter_num += 1
+        r.tokens_seen += r.tokens_per_iter
+        first = progress.first_step_s is None  # this process's first step gets a log line of its own
+        if first and r.device_type == "cuda":
             torch.cuda.synchronize()  # once, so that the first step's time (compiling, warm-up) is real
         progress.step_done()
 
-        if iter_num % c["log_interval"] == 0 or iter_num == c["max_iters"]:
+        if first or r.iter_num % c["log_interval"] == 0 or r.iter_num == c["max_iters"]:
             if ddp:
                 dist.all_reduce(loss_sum)  # SUM (gloo has no AVG): the ranks' mean of the micro-step means
                 loss_sum /= world_size  # (weighted by world_size / total with instruction data: the mean)
@@ -553,70 +600,72 @@ def run(c: dict, given: set, ddp: bool, rank: int, world_size: int, device: str)
             dt = progress.window()  # None at the first step: compiling and warming up, not timed
             norm = grad_norm.item()
             if not math.isfinite(lossf):
-                stop_non_finite("the training loss", lossf)
+                stop_non_finite(r, "the training loss", lossf)
             if not math.isfinite(norm) and not scaler.is_enabled():  # fp16's scaler skips such steps itself
-                stop_non_finite("the gradient norm", norm)
-            tok_per_s = tokens_per_iter / dt if dt else None
-            mfu = raw_model.estimate_mfu(tokens_per_iter // world_size, dt, peak) if dt and peak else None
+                stop_non_finite(r, "the gradient norm", norm)
+            tok_per_s = r.tokens_per_iter / dt if dt else None
+            mfu = r.raw_model.estimate_mfu(r.tokens_per_iter // world_size, dt, r.peak) \
+                if dt and r.peak else None
             if dt is None:
                 speed = f"first step {progress.first_step_s:.1f} s" + (" (compiling)" if c["compile"] else "")
             else:
                 speed = f"{dt * 1000:.1f} ms/iter | {tok_per_s:,.0f} tokens/s | " \
                         + (f"MFU {mfu * 100:.1f}%" if mfu is not None else "MFU -")
-            left = progress.left(iter_num, c["max_iters"])
-            print0(f"iter {iter_num} | loss {lossf:.4f} | lr {lr:.2e} | grad norm {norm:.3f} | {speed} | "
+            left = progress.left(r.iter_num, c["max_iters"])
+            print0(f"iter {r.iter_num} | loss {lossf:.4f} | lr {lr:.2e} | grad norm {norm:.3f} | {speed} | "
                    f"{runs.format_duration(progress.elapsed())} elapsed"
                    + (f", {runs.format_duration(left)} left" if left is not None else ""))
-            log({"iter": iter_num, "tokens": tokens_seen, "loss": lossf, "lr": lr, "grad_norm": norm,
-                 "dt_ms": (dt or progress.first_step_s) * 1000, "tok_per_s": tok_per_s, "mfu": mfu,
-                 "elapsed_s": progress.elapsed()})
+            log(r, {"iter": r.iter_num, "tokens": r.tokens_seen, "loss": lossf, "lr": lr, "grad_norm": norm,
+                    "dt_ms": (dt or progress.first_step_s) * 1000, "tok_per_s": tok_per_s, "mfu": mfu,
+                    "elapsed_s": progress.elapsed(),
+                    **({"first_step_s": progress.first_step_s} if first else {})})
 
         # evals, and checkpoints: ckpt.pt every checkpoint_interval, ckpt_best.pt at a better val loss
-        finished = iter_num == c["max_iters"]
+        finished = r.iter_num == c["max_iters"]
         improved = False
-        if iter_num % c["eval_interval"] == 0 or finished:
+        if r.iter_num % c["eval_interval"] == 0 or finished:
             eval_start = time.perf_counter()
-            losses = evaluate(model, eval_loaders, c["eval_iters"], world_size, device, ctx)
+            losses = evaluate(r.model, r.eval_loaders, c["eval_iters"], world_size, device, r.ctx)
             for split, value in losses.items():
                 if not math.isfinite(value):
-                    stop_non_finite(f"the {split} loss", value)
-            print0(f"eval iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-            log({"iter": iter_num, "tokens": tokens_seen, "train_loss": losses["train"],
-                 "val_loss": losses["val"]})
-            improved = losses["val"] < best_val_loss
-            best_val_loss = min(best_val_loss, losses["val"])
+                    stop_non_finite(r, f"the {split} loss", value)
+            print0(f"eval iter {r.iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            log(r, {"iter": r.iter_num, "tokens": r.tokens_seen, "train_loss": losses["train"],
+                    "val_loss": losses["val"]})
+            improved = losses["val"] < r.best_val_loss
+            r.best_val_loss = min(r.best_val_loss, losses["val"])
             progress.not_timed(time.perf_counter() - eval_start, evaluation=True)
-        latest = iter_num % c["checkpoint_interval"] == 0 or finished
+        latest = r.iter_num % c["checkpoint_interval"] == 0 or finished
         if latest or improved:
             save_start = time.perf_counter()
-            # the RNG streams of every rank (dropout differs per rank), so each continues exactly
-            rng_states = [runs.get_rng_state()]
-            if ddp:
-                rng_states = [None] * world_size
-                dist.all_gather_object(rng_states, runs.get_rng_state())  # every rank takes part
-            state = None  # rank 0's
-            if master:
-                state = {**lora.checkpoint_entries(raw_model, lora_base),
-                         "model_args": asdict(raw_model.args), "optimizer": optimizer.state_dict(),
-                         "scaler": scaler.state_dict(), "config": c,
-                         "iter_num": iter_num, "tokens_seen": tokens_seen, "best_val_loss": best_val_loss,
-                         "loader_state": loader.state_dict(unused=accum_steps), "rng_state": rng_states,
-                         "tokenizer": meta["tokenizer"], "elapsed_s": progress.elapsed()}
-                if "instruction" in meta:  # sample.py and eval.py prompt the model as it was trained
-                    state["template"] = meta["instruction"]["template"]
-            written = on_master(runs.save_checkpoints, c["out_dir"], state, latest, improved,
-                                c["keep_checkpoints"], save_checkpoint)
-            if master:
-                print0(f"saved {', '.join(os.path.basename(p) for p in written)} (iteration {iter_num})")
-                if previous:
-                    runs.drop_previous_run(c["out_dir"])  # the new run has a checkpoint of its own now
-            if latest:
-                last_saved = iter_num
+            write_checkpoints(r, latest, improved)
             progress.not_timed(time.perf_counter() - save_start)
 
-    print0(f"done: {iter_num:,} iterations, {tokens_seen:,} tokens in "
-           f"{runs.format_duration(progress.elapsed())}, best val loss {best_val_loss:.4f}")
-    return {"iter_num": iter_num, "best_val_loss": best_val_loss}
+    print0(f"done: {r.iter_num:,} iterations, {r.tokens_seen:,} tokens in "
+           f"{runs.format_duration(progress.elapsed())}, best val loss {r.best_val_loss:.4f}")
+    return {"iter_num": r.iter_num, "best_val_loss": r.best_val_loss}
+
+
+def train(config: dict) -> dict:
+    """Runs training with config (train.py's settings, e.g. from parse_settings); returns the final figures.
+    Its .source says where each setting came from; in a plain dict, those off their default count as typed."""
+    if not isinstance(config, Config):
+        config = as_config(config, default_config())
+    if path := settings.resume_path(config):  # parsed -> the checkpoint's settings merged -> resolved
+        config = settings.for_resume(config, path)
+    c = settings.resolve_config(config)
+    ddp, rank, world_size, device = setup_distributed(c)
+    try:
+        result = loop(setup(c, config, ddp, rank, world_size, device))
+        if ddp:
+            dist.barrier()  # no rank tears down its process group while another still talks to it
+        return result
+    finally:
+        if ddp and dist.is_initialized():
+            # DDP's reducer holds the process group; left to interpreter shutdown, gloo's threads can be
+            # destroyed still running ("terminate called without an active exception", SIGABRT)
+            gc.collect()
+            dist.destroy_process_group()
 
 
 def fail(message: str):
@@ -637,9 +686,9 @@ def main(argv: list[str] | None = None) -> None:
         # process-wide, like the allocator: here, not in train()
         torch.set_num_threads(runtime.cpu_threads(config["threads"]))
         if config["cpu_speedups"] and runtime.resolve_device(config["device"]) == "cpu":
-            speedups.keep_freed_memory()
+            cpu_kernels.keep_freed_memory()
         train(config)
-    except (ConfigError, TrainError, dataloader.DataError, OSError) as e:  # OSError: a file and the reason
+    except (ConfigError, TrainError, data.DataError, OSError) as e:  # OSError: a file and the reason
         fail(f"error: {e}")
     except torch.cuda.OutOfMemoryError:
         b, a = config["batch_size"], config["gradient_accumulation_steps"]

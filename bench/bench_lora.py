@@ -10,7 +10,7 @@ Both fine-tune the same weights (random: the figures depend on the shape, not th
 random tokens, built the way train.py builds them: the model, lora.attach for LoRA, configure_optimizers
 (AdamW with weight decay), autocast, gradient clipping. The two are timed in one process, their steps
 alternating, so that a machine busy with other work slows both alike (on a CPU with freed memory kept,
-cpu_speedups.keep_freed_memory, as train.py runs). Peak memory is measured in a process per fine-tune,
+cpu_kernels.keep_freed_memory, as train.py runs). Peak memory is measured in a process per fine-tune,
 two steps: on a GPU torch's peak allocation; on a CPU the peak resident set (interpreter and torch
 included) with glibc told to hand back every block of 64 KiB or more at once (MALLOC_MMAP_THRESHOLD_),
 so that it is the memory in use, not what the allocator kept. The checkpoint is what train.py saves of
@@ -32,8 +32,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 
-import cpu_speedups  # noqa: E402
-import lora  # noqa: E402
+from llamatiny import cpu_kernels, lora  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 
 SHAPE = dict(dim=288, n_layers=6, n_heads=6, n_kv_heads=6, vocab_size=32000, multiple_of=32, max_seq_len=256)
@@ -51,6 +50,8 @@ class FineTune:
         self.device, dtype = torch.device(args.device), getattr(torch, args.dtype)
         torch.manual_seed(1337)  # the same weights and batch for both
         self.model = Transformer(ModelArgs(**SHAPE)).to(self.device)
+        if self.device.type == "cpu":
+            cpu_kernels.attach(self.model)
         self.base = None
         if mode == "lora":
             lora.attach(self.model, args.rank, args.alpha, targets=args.targets)
@@ -106,7 +107,7 @@ def peak_memory(mode: str, args) -> int:
 def timings(args) -> dict:
     # both fine-tunes in this process, their steps alternating, so that a busy machine slows both alike
     if args.device == "cpu":
-        cpu_speedups.keep_freed_memory()  # as train.py sets up a CPU run
+        cpu_kernels.keep_freed_memory()  # as train.py sets up a CPU run
     runs = {mode: FineTune(mode, args) for mode in ("full", "lora")}
     for _ in range(args.warmup):  # the allocator settles; the optimizer state comes into being
         for run in runs.values():

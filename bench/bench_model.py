@@ -8,15 +8,15 @@ model.py shows up against it), with llama2.c's choices: key/value heads repeated
 grouped-query attention (repeat_kv) instead of SDPA's enable_gqa, PyTorch's attention for every head
 size, torch's default AdamW (on a CPU a per-parameter Python loop; llama2.c asks for fused only on
 CUDA) and glibc's default allocator settings. Both must give the same loss. Each model is timed in a
-fresh process of its own, one after the other (cpu_speedups.keep_freed_memory() changes the whole process),
+fresh process of its own, one after the other (cpu_kernels.keep_freed_memory() changes the whole process),
 so on a shared machine run it twice; the figures are the median and the best step. Against llama2.c's
 own train.py (a checkout beside the project), whole training steps side by side: bench_train.py --peer.
 
 Findings on that CPU (2 cores, float32): the 15M step is matrix multiplies (MKL, ~70% of the CPU's
 peak) and the cross-entropy over the 4096 x 32000 logits, which took 1.6 s of 4.4 s until
-cpu_speedups.keep_freed_memory() stopped glibc from paging the 0.5 GB logits and gradients in from zero at
+cpu_kernels.keep_freed_memory() stopped glibc from paging the 0.5 GB logits and gradients in from zero at
 every step (0.2 s now). The 260K step was 78% PyTorch's CPU flash attention, slow with 8-wide heads;
-cpu_speedups.SmallHeadCausalAttention halves it. Fused AdamW (model.py's default on CPU too) cuts the 15M
+cpu_kernels.SmallHeadCausalAttention halves it. Fused AdamW (model.py's default on CPU too) cuts the 15M
 optimizer step from ~150 ms to ~10 ms. torch.compile: ~+10% on 260K, ~0 on 15M, 25-40 s to compile.
 Tried and dropped: F.rms_norm, a cheaper RoPE, fused QKV / w1-w3 matmuls (each < 1% of a step),
 query-chunked causal attention (slower), THP_MEM_ALLOC_ENABLE=1 (slower than keeping freed memory).
@@ -40,9 +40,8 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # model.py lives at the repo root
-import cpu_speedups  # noqa: E402
 import model  # noqa: E402
-import runtime  # noqa: E402
+from llamatiny import cpu_kernels, runtime  # noqa: E402
 
 CONFIGS = {  # name -> (model args, batch size); the sequence length is max_seq_len
     "260k": (dict(dim=64, n_layers=5, n_heads=8, n_kv_heads=4, vocab_size=512, multiple_of=4,
@@ -185,6 +184,8 @@ def build(cfg_name, which, device):
         base = Baseline(margs)
         base.load_state_dict(net.state_dict())
         net = base
+    elif device.type == "cpu":
+        cpu_kernels.attach(net)  # as train.py runs on a CPU
     x = torch.randint(0, margs.vocab_size, (batch_size, margs.max_seq_len))
     y = torch.randint(0, margs.vocab_size, (batch_size, margs.max_seq_len))
     return net.to(device), x.to(device), y.to(device)
@@ -193,7 +194,7 @@ def build(cfg_name, which, device):
 def time_model(cfg_name, which, args, device, dtype) -> dict:
     """Times one model in this process; main() runs it in a child process per model (see below)."""
     if which == "ours" and device.type == "cpu":
-        cpu_speedups.keep_freed_memory()  # as train.py sets it up; llama2.c keeps glibc's defaults
+        cpu_kernels.keep_freed_memory()  # as train.py sets it up; llama2.c keeps glibc's defaults
     net, x, y = build(cfg_name, which, device)
     r = Runner(net, device, dtype, args.compile if which == "ours" else args.baseline_compile)
     t0 = time.perf_counter()
@@ -223,7 +224,7 @@ def bench_config(cfg_name, args, device, dtype):
         names["baseline"] = "llama2.c-style baseline" + (" (compiled)" if args.baseline_compile else "")
         del base
 
-    # Each model is timed in a fresh process: cpu_speedups.keep_freed_memory() changes how the whole
+    # Each model is timed in a fresh process: cpu_kernels.keep_freed_memory() changes how the whole
     # process allocates, so a baseline sharing our process would silently get it too.
     results = {}
     for which, name in names.items():

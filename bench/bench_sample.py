@@ -1,11 +1,13 @@
 """
-Decoding speed: sample.py against llama2.c's run.c, side by side, on the same model file.
+Decoding speed: sample.py against llama2.c's run.c and llama.cpp, side by side, on the same model.
 
     python bench/bench_sample.py --peer ../llama2.c         # the comparison: its run and tokenizer.model
+    python bench/bench_sample.py --peer ../llama2.c --llama_cpp                              # and llama.cpp
+    python bench/bench_sample.py --llama_cpp --tokenizer PATH/llama2.model                 # llama.cpp only
     python bench/bench_sample.py --runc ../llama2.c/run --tokenizer PATH/llama2.model       # the same
     python bench/bench_sample.py --runc ../llama2.c/run --tokenizer PATH/llama2.model --plain --repeats 7
     python bench/bench_sample.py                        # no run.c: model.generate in-process, see below
-    python bench/bench_sample.py --device cuda --dtype bfloat16 --compile
+    python bench/bench_sample.py --device cuda --skip_uncached     # in sample.py's dtype there: bfloat16
 
 With --runc (llama2.c's run binary, built beside the project with its `make runfast`; nothing of
 llama2.c is copied or built here): a 15M-shaped model (dim 288, 6 layers, 6 heads, vocab 32,000) with
@@ -22,10 +24,16 @@ distribution (10 nats; top-p 0.9 keeps ~29,000 tokens). Each greedy (temperature
 both programs sample by default (temperature 1, top_p 0.9). The ratio is the median of the ratios of
 neighbouring runs; greedy text is checked to agree word for word between the two programs.
 --plain adds sample.py --cpu_speedups=False (model.py's forward for every step).
+With --llama_cpp (pip install llama-cpp-python), llama.cpp decodes the same model written as a GGUF float32
+file (checkpoint.write_gguf), through llama-cpp-python in this process with one thread (n_threads and
+n_threads_batch 1), taking its turn in the same alternation. Its figure: the new tokens over the time of
+create_completion, from the prompt (prefill included, its prompt cache reset) to the last token, as
+sample.py counts; sampled with temperature 1 and top_p 0.9 alone (llama-cpp-python's default top_k 40 and
+min_p 0.05 are turned off). Its greedy text is checked against sample.py's too.
 
-Without --runc: model.generate in this process, and, labelled as such, an uncached loop in llama2.c's
-Python sample.py style (a full forward over the whole sequence for every new token); --compile adds
-torch.compile'd decoding. This is the mode for a GPU (--device cuda), where run.c has no counterpart.
+Without --runc or --llama_cpp: model.generate in this process, and, labelled as such, an uncached loop in
+llama2.c's Python sample.py style (a full forward over the whole sequence for every new token); --compile
+adds torch.compile'd decoding. This is the mode for a GPU (--device cuda), where run.c has no counterpart.
 """
 import argparse
 import copy
@@ -44,7 +52,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # model.py lives at the repo root
 import model as model_py  # noqa: E402
-from checkpoint import write_llama2c, write_tokenizer_bin  # noqa: E402
+from llamatiny import cpu_kernels, runtime  # noqa: E402
+from llamatiny.checkpoint import write_gguf, write_llama2c, write_tokenizer_bin  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_train import machine  # noqa: E402
@@ -88,10 +97,33 @@ def run_sample_py(model_bin, tokenizer, prompt, new_tokens, sampling, seed, plai
     return float(found.group(2)), out.stdout
 
 
-def side_by_side(args):
-    from tokenizer import Tokenizer
+def load_llama_cpp(gguf_path, n_ctx: int):
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        sys.exit("error: --llama_cpp needs llama-cpp-python: pip install llama-cpp-python (builds llama.cpp "
+                 "from source, several minutes)")
+    return Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=1, n_threads_batch=1,
+                 verbose=False)
 
-    if not Path(args.runc).is_file() or not os.access(args.runc, os.X_OK):
+
+def run_llama_cpp(llm, prompt, new_tokens, sampling, seed) -> tuple[float, str]:
+    llm.reset()  # no prompt cache from the previous run: each run prefills, as sample.py does
+    t0 = time.perf_counter()
+    out = llm.create_completion(prompt, max_tokens=new_tokens, temperature=sampling["temperature"],
+                                top_p=sampling.get("top_p", 1.0), top_k=0, min_p=0.0, repeat_penalty=1.0,
+                                seed=seed)
+    seconds = time.perf_counter() - t0
+    n = out["usage"]["completion_tokens"]
+    if n < new_tokens:
+        print(f"  note: llama.cpp stopped after {n} of {new_tokens} tokens (end of story)")
+    return n / seconds, prompt + out["choices"][0]["text"]
+
+
+def side_by_side(args):
+    from llamatiny.tokenizer import Tokenizer
+
+    if args.runc and (not Path(args.runc).is_file() or not os.access(args.runc, os.X_OK)):
         sys.exit(f"error: --runc {args.runc} is not an executable: build llama2.c's run (make runfast) and "
                  "pass its path")
     if not Path(args.tokenizer).is_file():
@@ -99,47 +131,56 @@ def side_by_side(args):
                  "(the Llama 2 sentencepiece model)")
     n_prompt = len(Tokenizer(args.tokenizer).encode(args.prompt, bos=True))
     steps = n_prompt - 1 + args.new_tokens  # run.c's -n: the prompt's positions (BOS aside) and the new
+    peers = (["run.c"] if args.runc else []) + (["llama.cpp"] if args.llama_cpp else [])
+    programs = peers + ["sample.py"] + (["sample.py --cpu_speedups=False"] if args.plain else [])
     print(f"decoding: 15M-shaped model, random weights, float32, one thread, prompt {args.prompt!r} "
           f"({n_prompt} tokens with BOS), {args.new_tokens} new tokens; "
-          f"{args.repeats} runs each, alternating")
+          f"{args.repeats} runs each, alternating {', '.join(programs)}")
     print(f"machine: {machine()}")
-    programs = ({"run.c": None, "sample.py": False}
-                | ({"sample.py --cpu_speedups=False": True} if args.plain else {}))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for label, scale in (("trained-like", args.norm_scale), ("fresh", 1.0)):
+            model = make_model(scale)
             model_bin = Path(tmp) / f"{label}.bin"
-            write_llama2c(model_bin, make_model(scale), version=0)
+            write_llama2c(model_bin, model, version=0)
             write_tokenizer_bin(model_bin.with_suffix(".tokenizer.bin"), args.tokenizer)
+            if args.llama_cpp:  # the same weights as a GGUF float32 file, its tokenizer inside
+                write_gguf(model_bin.with_suffix(".gguf"), model, args.tokenizer)
+                llm = load_llama_cpp(model_bin.with_suffix(".gguf"), model.args.max_seq_len)
             for name, sampling in SAMPLING.items():
                 figures = {p: [] for p in programs}
                 texts = {}
                 for i in range(args.repeats):
-                    for program, plain in programs.items():
-                        if plain is None:
-                            tok_s, text = run_runc(args.runc, model_bin, args.prompt, steps, sampling,
-                                                   args.seed + i)
+                    seed = args.seed + i
+                    for program in programs:
+                        prompt, n = args.prompt, args.new_tokens
+                        if program == "run.c":
+                            tok_s, text = run_runc(args.runc, model_bin, prompt, steps, sampling, seed)
+                        elif program == "llama.cpp":
+                            tok_s, text = run_llama_cpp(llm, prompt, n, sampling, seed)
                         else:
-                            tok_s, text = run_sample_py(model_bin, args.tokenizer, args.prompt,
-                                                        args.new_tokens, sampling, args.seed + i, plain)
+                            tok_s, text = run_sample_py(model_bin, args.tokenizer, prompt, n, sampling, seed,
+                                                        plain=program != "sample.py")
                         figures[program].append(tok_s)
                         texts[program] = text
-                ratios = [ours / c for ours, c in zip(figures["sample.py"], figures["run.c"], strict=True)]
+                ratios = {peer: [ours / theirs for ours, theirs in zip(figures["sample.py"], figures[peer],
+                                                                       strict=True)] for peer in peers}
                 agree = ""
                 if sampling["temperature"] == 0:
-                    same = texts["sample.py"].split() == texts["run.c"].split()
-                    agree = "same text" if same else "TEXT DIFFERS"
+                    differ = [p for p in peers if texts[p].split() != texts["sample.py"].split()]
+                    agree = f"TEXT DIFFERS: {', '.join(differ)}" if differ else "same text"
                 rows.append((label, name, {p: statistics.median(v) for p, v in figures.items()},
-                             statistics.median(ratios), min(ratios), max(ratios), agree))
+                             {p: (statistics.median(r), min(r), max(r)) for p, r in ratios.items()}, agree))
                 print(f"  {label}, {name}: " + ", ".join(f"{p} {', '.join(f'{x:.0f}' for x in v)}"
                                                         for p, v in figures.items()), flush=True)
 
-    print(f"\n| model | sampling | {' | '.join(f'{p} tok/s' for p in programs)} | sample.py / run.c "
-          "(median, range) | greedy text |")
-    print("|---|---|" + "---|" * len(programs) + "---|---|")
-    for label, name, medians, ratio, lo, hi, agree in rows:
-        print(f"| {label} | {name} | " + " | ".join(f"{medians[p]:.1f}" for p in programs)
-              + f" | {ratio:.2f}x ({lo:.2f} - {hi:.2f}) | {agree} |")
+    print(f"\n| model | sampling | {' | '.join(f'{p} tok/s' for p in programs)} | "
+          + " | ".join(f"sample.py / {p} (median, range)" for p in peers) + " | greedy text |")
+    print("|---|---|" + "---|" * (len(programs) + len(peers)) + "---|")
+    for label, name, medians, ratios, agree in rows:
+        print(f"| {label} | {name} | " + " | ".join(f"{medians[p]:.1f}" for p in programs) + " | "
+              + " | ".join(f"{r:.2f}x ({lo:.2f} - {hi:.2f})" for r, lo, hi in ratios.values())
+              + f" | {agree} |")
 
 
 # ----------------------------------------------------------------- in-process (no run.c; GPUs)
@@ -162,12 +203,15 @@ def sync(device):
 def in_process(args):
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("error: --device cuda but no CUDA device is available")
-    ours = make_model(args.norm_scale).to(args.device, getattr(torch, args.dtype))
+    dtype = runtime.resolve_dtype(args.dtype, args.device)
+    ours = make_model(args.norm_scale).to(args.device, runtime.DTYPES[dtype])
+    if args.device == "cpu":
+        cpu_kernels.attach(ours)  # as sample.py decodes on a CPU
     idx = torch.tensor([[1]], device=args.device)  # BOS
     n = args.new_tokens
     where = (f"{torch.cuda.get_device_name(args.device)}, {date.today()}" if args.device.startswith("cuda")
              else machine())
-    print(f"15M-shaped model, {n} new tokens after BOS, batch 1, {args.device} {args.dtype}"
+    print(f"15M-shaped model, {n} new tokens after BOS, batch 1, {args.device} {dtype}"
           + (f", {torch.get_num_threads()} thread(s)" if args.device == "cpu" else "")
           + f"; {where}")
 
@@ -229,10 +273,14 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=42, help="first sampling seed (run i uses seed + i)")
     parser.add_argument("--plain", action="store_true", help="also time sample.py --cpu_speedups=False")
+    parser.add_argument("--llama_cpp", action="store_true",
+                        help="also time llama.cpp (pip install llama-cpp-python) on the model as a GGUF file")
     parser.add_argument("--norm_scale", type=float, default=7.5,
                         help="the trained-like model's final norm gain")
     parser.add_argument("--device", default="cpu", help="without --runc: cpu or cuda")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", *runtime.DTYPES],
+                        help="without --runc: auto (default) is sample.py's choice: bfloat16 on a GPU that "
+                             "has it, float16 on an older one, float32 on a CPU")
     parser.add_argument("--threads", type=int, default=1,
                         help="without --runc: torch CPU threads (0 = default)")
     parser.add_argument("--compile", action="store_true",
@@ -245,7 +293,7 @@ def main():
     args.tokenizer = args.tokenizer or str(DEFAULT_TOKENIZER)
     if args.new_tokens < 1 or args.repeats < 1:
         sys.exit("error: --new_tokens and --repeats must be at least 1")
-    if args.runc:
+    if args.runc or args.llama_cpp:
         side_by_side(args)
         return
     if args.threads:

@@ -31,10 +31,8 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 import eval as evaluation  # noqa: E402  (the repository's eval.py)
-import instruct  # noqa: E402
-import runtime  # noqa: E402
-import sample  # noqa: E402
-import tinystories  # noqa: E402
+from llamatiny import generate, instruct, runtime  # noqa: E402
+from llamatiny.readers import InputRecords  # noqa: E402
 
 SHAPE = ["--dim=64", "--n_layers=5", "--n_heads=8", "--n_kv_heads=4", "--multiple_of=4", "--vocab_size=512",
          "--vocab_source=custom"]
@@ -59,13 +57,13 @@ def evaluate(ckpt: str, data: str, args, words: bool) -> dict:
 
 def unprompted(ckpt: str, data: str, args) -> dict:
     # the story the model writes from BOS alone (greedy: one story), scored against each Words: request
-    model, checkpoint = sample.load_model(ckpt, "cpu")
-    tok = sample.load_tokenizer({"tokenizer": "", "checkpoint": ckpt}, checkpoint, model.args.vocab_size)
+    model, checkpoint = generate.load_model(ckpt, "cpu")
+    tok = generate.load_tokenizer({"tokenizer": "", "checkpoint": ckpt}, checkpoint, model.args.vocab_size)
     cfg = {"max_new_tokens": NEW_TOKENS, "temperature": 0.0, "top_k": None, "top_p": None}
-    story = tok.decode(sample.generate_story(model.eval(), tok, [tok.bos_id], cfg, write=lambda t: None,
-                                             echo=False))
-    requests = [instruct.requested_words(r) for r, _ in zip(tinystories.InputRecords(data, "text", 3),
-                                                             range(args.records))]
+    story = tok.decode(generate.generate_story(model.eval(), tok, [tok.bos_id], cfg, write=lambda t: None,
+                                               echo=False))
+    records = zip(InputRecords(data, "text", 3), range(args.records))
+    requests = [instruct.requested_words(r) for r, _ in records]
     used = sum(instruct.words_met([w], story) for words in requests for w in words)
     print(f"unprompted story of {ckpt}: {story[:200]!r}...")
     return {"words_share": sum(instruct.words_met(words, story) for words in requests) / len(requests),

@@ -1,5 +1,5 @@
 """
-The CPU speed-ups of cpu_speedups.py that no other benchmark isolates, each timed in one run against
+The CPU speed-ups of llamatiny/cpu_kernels.py that no other benchmark isolates, each timed in one run against
 the plain computation it replaces, with every other setting the same (float32, --threads threads):
 
     small-head attention  small_head_causal_attention against PyTorch's scaled_dot_product_attention,
@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_train  # noqa: E402
 from bench_choices import side_by_side  # noqa: E402
 
-import cpu_speedups  # noqa: E402
+from llamatiny import cpu_kernels  # noqa: E402
 
 SHAPES = {"260K shapes (32 x 512, 8 heads of 8)": (32, 8, 4, 512, 8),  # B, heads, kv heads, T, head_dim
           "15M shapes (16 x 256, 6 heads of 48)": (16, 6, 6, 256, 48)}
@@ -54,13 +54,13 @@ def attention_pair(ours, dropout: float, B: int, H: int, KV: int, T: int, hd: in
 
 
 def blocks_with_dropout(q, k, v):
-    return cpu_speedups.causal_attention_in_blocks(q, k, v, 0.05)
+    return cpu_kernels.causal_attention_in_blocks(q, k, v, 0.05)
 
 
 def attention(repeats: int) -> None:
     for name, shape in SHAPES.items():
         side_by_side(f"attention, forward + backward, {name}: small-head kernel / SDPA",
-                     *attention_pair(cpu_speedups.small_head_causal_attention, 0.0, *shape), repeats)
+                     *attention_pair(cpu_kernels.small_head_causal_attention, 0.0, *shape), repeats)
     for name, shape in SHAPES.items():
         side_by_side(f"attention, dropout 0.05, forward + backward, {name}: blocks / SDPA",
                      *attention_pair(blocks_with_dropout, 0.05, *shape), repeats)
@@ -103,7 +103,7 @@ def main() -> None:
         p.error("--threads, --repeats, --memory_rounds and --steps must be >= 1, --warmup >= 0")
     torch.set_num_threads(args.threads)
     if args.child:  # one process of the kept-memory row: print its ms per step
-        if args.child == "kept" and not cpu_speedups.keep_freed_memory():
+        if args.child == "kept" and not cpu_kernels.keep_freed_memory():
             sys.exit("error: keep_freed_memory needs glibc (Linux)")
         step = bench_train.parse_args(["--device=cpu", f"--iters={args.steps}", f"--warmup={args.warmup}"])
         print(bench_train.bench_config("15m", step)["ms_iter"])

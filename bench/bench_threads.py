@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 
+from llamatiny import cpu_kernels  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 
 
@@ -33,8 +34,9 @@ def main() -> None:
     counts = [int(t) for t in args.threads.split(",")]
 
     torch.manual_seed(0)
-    model = Transformer(ModelArgs(dim=64, n_layers=5, n_heads=8, n_kv_heads=4, vocab_size=512, multiple_of=4,
-                                  max_seq_len=512))
+    args_260k = ModelArgs(dim=64, n_layers=5, n_heads=8, n_kv_heads=4, vocab_size=512, multiple_of=4,
+                          max_seq_len=512)
+    model = cpu_kernels.attach(Transformer(args_260k))  # as train.py runs on a CPU
     optimizer = model.configure_optimizers(0.01, 1e-3, (0.9, 0.99), "cpu")
     x = torch.randint(0, 512, (args.batch_size, 513))
 

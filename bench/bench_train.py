@@ -4,11 +4,13 @@ Training speed of the reference configs: time per iteration, tokens/s and (on a 
     python bench/bench_train.py                                   # CPU: short runs, small micro-batches
     python bench/bench_train.py --device cuda --compile --dtype bfloat16
     python bench/bench_train.py --configs 15m,110m --batch_size 8 --iters 5
+    python bench/bench_train.py --configs 15m --dim=32 --n_layers=1     # train.py settings after the config's
 
 Each config's model and optimizer are built exactly as train.py builds them (config file ->
 parse_config -> ModelArgs, AdamW from configure_optimizers, autocast, GradScaler for float16,
 gradient clipping, torch.compile when asked) and run on random tokens, so the figures measure
-the step itself, not the data pipeline. One measured step is `accum` micro-batches of
+the step itself, not the data pipeline. A config that fails (out of memory, a compile error, anything)
+is a row saying why, and the next config runs. One measured step is `accum` micro-batches of
 `batch_size` sequences; on a GPU the defaults are the config's own (per-process) batch and
 accumulation, so "ms/iter" is the real iteration time on one GPU. On a CPU the full configs take
 minutes per iteration, so the default is a smaller micro-batch, and the time of a full
@@ -34,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -43,10 +46,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the repo root
 
-import cpu_speedups  # noqa: E402
-import settings  # noqa: E402  (after the path tweak: bench/ runs as a script)
 import train  # noqa: E402
-from configurator import parse_config  # noqa: E402
+from configurator import ConfigError, parse_config  # noqa: E402
+from llamatiny import cpu_kernels, runtime, settings  # noqa: E402  (after the path tweak: bench/ runs as a script)
 from model import ModelArgs, Transformer  # noqa: E402
 
 CONFIGS = ["260k", "15m", "42m", "110m"]
@@ -56,7 +58,7 @@ CPU_BATCH = {"260k": 32, "15m": 16, "42m": 2, "110m": 1}  # small enough for sec
 def bench_config(name: str, args) -> dict:
     path = os.path.join(os.path.dirname(train.__file__), "config", f"train_{name}.py")
     overrides = [f"--device={args.device}", f"--dtype={args.dtype}", f"--compile={args.compile}"]
-    c = settings.resolve_config(parse_config(train.default_config(), [path] + overrides))
+    c = settings.resolve_config(parse_config(train.default_config(), [path] + overrides + args.settings))
     device, device_type = c["device"], c["device"].split(":")[0]
     on_gpu = device_type == "cuda"
     batch = args.batch_size or (c["batch_size"] if on_gpu else CPU_BATCH[name])
@@ -65,18 +67,22 @@ def bench_config(name: str, args) -> dict:
 
     torch.manual_seed(0)
     if on_gpu:
+        torch.cuda.empty_cache()  # what a config that failed before this one left behind
         torch.set_float32_matmul_precision("high")
     ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[c["dtype"]]
     ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
     raw_model = Transformer(ModelArgs.from_dict(c)).to(device)
+    if c["cpu_speedups"] and device_type == "cpu":
+        cpu_kernels.attach(raw_model)
     optimizer = raw_model.configure_optimizers(c["weight_decay"], c["learning_rate"],
                                                (c["beta1"], c["beta2"]), device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=c["dtype"] == "float16")
     if c["compile"]:
-        # a fresh dynamo for each config, and static shapes: each figure is one config's own graph, as in a
-        # user's run (otherwise the 2nd-4th configs recompile with dynamic shapes)
+        # a fresh dynamo for each config: each figure is one config's own static graph, as in a user's run
+        # (otherwise the 2nd-4th configs recompile with dynamic shapes), compiled as train.py compiles it, so
+        # that a train.py run at the same shape afterwards finds it in the compile cache
         torch._dynamo.reset()
-    model = torch.compile(raw_model, dynamic=False) if c["compile"] else raw_model
+    model = torch.compile(raw_model) if c["compile"] else raw_model
     x = torch.randint(c["vocab_size"], (batch, T), device=device)
     y = torch.randint(c["vocab_size"], (batch, T), device=device)
 
@@ -214,7 +220,8 @@ def machine() -> str:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
+    # allow_abbrev off: a train.py setting such as --dim=32 must not be taken for one of these options
+    parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", help=f"comma-separated: {','.join(CONFIGS)} (default: all; with --peer: "
                         f"{','.join(PEER_SHAPES)})")
@@ -228,7 +235,7 @@ def parse_args(argv=None):
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=5,
                         help="untimed steps first: compilation, and on a CPU the heap settling "
-                             "(cpu_speedups.keep_freed_memory)")
+                             "(cpu_kernels.keep_freed_memory)")
     parser.add_argument("--peer",
                         help="a llama2.c checkout: time its train.py side by side with ours (see above)")
     parser.add_argument("--repeats", type=int, default=3, help="with --peer: rounds of ours, llama2.c's")
@@ -237,7 +244,14 @@ def parse_args(argv=None):
     parser.add_argument("--dropout", type=float, default=0.0, help="with --peer: both models' dropout")
     parser.add_argument("--peak_flops", default=None,
                         help="FLOP/s or GPU name for MFU (default: from the GPU)")
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if not_settings := [a for a in extra if not re.fullmatch(r"--\w+=.*", a)]:
+        parser.error(f"unrecognized arguments: {' '.join(not_settings)} (train.py settings are --key=value)")
+    try:
+        parse_config(train.default_config(), extra)  # a misspelt setting stops here, not in every row
+    except ConfigError as e:
+        parser.error(str(e))
+    args.settings = extra
     if args.peak_flops is not None:
         try:
             args.peak_flops = float(args.peak_flops)
@@ -246,13 +260,20 @@ def parse_args(argv=None):
     return args
 
 
-def main():
-    args = parse_args()
+def failure(e: Exception) -> str:
+    # a table cell: what went wrong, on one line
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        return "out of memory: lower --batch_size"
+    return f"{type(e).__name__}: {runtime.first_line(e)}"[:200].replace("|", "/")
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.peer:
         side_by_side(args)
         return
     if args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available()):
-        cpu_speedups.keep_freed_memory()  # as train.py's main() does: the whole process, so here
+        cpu_kernels.keep_freed_memory()  # as train.py's main() does: the whole process, so here
     names = [n.strip() for n in (args.configs or ",".join(CONFIGS)).split(",") if n.strip()]
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
@@ -269,9 +290,9 @@ def main():
     for name in names:
         try:
             r = bench_config(name, args)
-        except torch.cuda.OutOfMemoryError:
-            print(f"| {name} | | out of memory: lower --batch_size | | | | | |", flush=True)
-            torch.cuda.empty_cache()
+        except Exception as e:  # one config's failure is its row; the traceback goes to stderr
+            print(f"| {name} | | {failure(e)} | | | | | |", flush=True)
+            traceback.print_exc()
             continue
         mfu = f"{r['mfu'] * 100:.1f}%" if r["mfu"] is not None else "-"
         mem = f"{r['mem_gb']:.1f} GB" if r["mem_gb"] is not None else "-"

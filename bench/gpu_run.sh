@@ -1,93 +1,144 @@
 #!/usr/bin/env bash
-# Everything that needs a CUDA GPU, in two phases that each fit one short call on a lent machine
-# (torch preinstalled, no package registry, no ../shared): fill .gpu/ first with bench/gpu_prepare.sh.
-#   bash bench/gpu_run.sh 1   # < 5 min: the SDPA kernel of every call site, tests/test_gpu.py, a 15M run
-#                             #   (bf16 + compile, MFU), its fp16 resume, the 260K dropout path, torchrun + compile
-#   bash bench/gpu_run.sh 2   # < 5 min: MFU of 15M / 42M / 110M, sampling tokens/s, 2-process NCCL (2 GPUs)
-# Full logs go to $OUT (or gpu_logs/); each phase ends with a summary to paste into bench/README.md.
+# The first run on a CUDA machine: one call of about six minutes (the steps' time limits add up to 530 s).
+#   1. preflight (bench/gpu_check.py): the GPU, torch, CUDA and cuDNN, the modules, the attention kernel
+#      of each call site, and a torch.compile smoke test whose result decides --compile for every step after
+#   2. the MFU table of 15M, 42M and 110M (bench/bench_train.py; a config that fails is a row saying why)
+#   3. the TinyStories sample in the Llama 2 vocabulary        4. tests/test_gpu.py's GPU tests (in-process)
+#   5. train.py: 15M in bf16, at the table's 15M shape, so that its compiled graph comes from the cache
+#   6. the same run resumed in float16 (with a GradScaler), eager      7. sample.py on its checkpoint
+#   8. train.py under torchrun (DDP, a process per GPU)    9. decoding speed in sample.py's dtype (bfloat16)
+# Each step checks the modules it imports, then runs under its own time limit; one that fails is noted and
+# the next runs. The summary for bench/README.md comes last, whatever failed (exit status 1 if a step
+# failed). The whole log, summary.md and the runs' metrics.jsonl and config.json go to $OUT (default
+# out/gpu_run); the data and the checkpoints stay in a temporary folder.
+#   bash bench/gpu_prepare.sh ../shared    # first, where ../shared is: fills .gpu/, to carry along
+#   bash bench/gpu_run.sh                  # on the GPU machine
+#   GPU_RUN_DRY=1 bash bench/gpu_run.sh    # the same steps on the CPU at toy sizes (a test runs this)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-phase=${1:?usage: bash bench/gpu_run.sh 1|2}
-logs=${OUT:-gpu_logs}
-mkdir -p "$logs"
 export PYTHONUNBUFFERED=1
-summary="$logs/summary_phase$phase.txt"
-: > "$summary"
-step() { echo; echo "=== $*"; }
-note() { echo "$*" | tee -a "$summary"; }
+py=${PYTHON:-python3}
+carried=${GPU_RUN_CARRIED:-.gpu}
+out=${OUT:-out/gpu_run}
+mkdir -p "$out"
+work=$(mktemp -d)  # the data and the runs' folders: checkpoints never go to $out
+trap 'rm -rf "$work"' EXIT
+log=$out/gpu_run.log
+: > "$log"
+: > "$work/results"
+: > "$work/steps"
+failed=0
 
-# the dependencies the image lacks, from the carried wheels, into a temporary target (nothing is installed)
-missing=$(python3 -c "import importlib.util as u; print(' '.join(m for m in ('numpy', 'sentencepiece', 'tqdm', \
-'requests', 'safetensors', 'pytest') if u.find_spec(m) is None))")
-if [ -n "$missing" ]; then
-  site=$(mktemp -d)
-  python3 -m pip install -q --no-index --find-links .gpu/wheels --target "$site" $missing || exit 1
-  export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
-fi
-note "# $(date -u +%F) $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | head -1), $(nvidia-smi -L | wc -l) GPU(s)"
-note "# $(python3 -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)")"
-data=$(mktemp -d)
-
-if [ "$phase" = 1 ]; then
-  step "the SDPA kernel of every call site"
-  python3 bench/gpu_check.py 2>&1 | tee -a "$summary"
-
-  step "GPU tests"
-  timeout 150 python3 -m pytest tests/test_gpu.py -q -p no:cacheprovider -x 2>&1 | tee "$logs/gpu_tests.log" | tail -15
-  note "tests/test_gpu.py: $(tail -1 "$logs/gpu_tests.log")"
-
-  step "data: the TinyStories sample, Llama 2 vocabulary and a 512-token one"
-  python3 tinystories.py download --data_dir "$data" --url .gpu/TinyStories_all_data_sample.tar.gz \
-    --tokenizer_url .gpu/llama2.model 2>&1 | tail -1
-  python3 tinystories.py pretokenize --data_dir "$data" --vocab_size 0 2>&1 | tail -1
-  python3 tinystories.py train_vocab --data_dir "$data" --vocab_size 512 --num_stories 4000 2>&1 | tail -1
-  python3 tinystories.py pretokenize --data_dir "$data" --vocab_size 512 2>&1 | tail -1
-
-  step "15M, bf16 + compile, 100 iterations"
-  run15=(config/train_15m.py --data_dir="$data" --out_dir="$logs/15m" --batch_size=64 --gradient_accumulation_steps=2
-         --warmup_iters=10 --eval_interval=50 --eval_iters=10 --log_interval=10 --learning_rate=1e-3 --overwrite=True)
-  timeout 240 python3 train.py "${run15[@]}" --max_iters=100 2>&1 | tee "$logs/train_15m.log" | grep -v "^  " | tail -14
-  note "15M bf16+compile: $(grep '^iter 100 ' "$logs/train_15m.log")"
-
-  step "resumed to 120 in float16 (GradScaler), no compile, then a story"
-  timeout 120 python3 train.py "${run15[@]}" --max_iters=120 --init_from=resume --dtype=float16 --compile=False \
-    2>&1 | tee "$logs/resume_fp16.log" | grep -v "^  " | tail -5
-  note "15M fp16 resume: $(grep '^iter 120 ' "$logs/resume_fp16.log")"
-  python3 sample.py --checkpoint="$logs/15m/ckpt.pt" --prompt="Once upon a time" --max_new_tokens=60 --device=cuda \
-    2>&1 | tee "$logs/sample.log" | tail -3
-  note "sample.py: $(tail -1 "$logs/sample.log")"
-
-  step "260K with dropout 0.05, bf16 + compile, 40 iterations"
-  timeout 180 python3 train.py config/train_260k.py --data_dir="$data" --out_dir="$logs/260k" --max_iters=40 \
-    --warmup_iters=5 --eval_interval=40 --eval_iters=5 --log_interval=10 --overwrite=True 2>&1 \
-    | tee "$logs/train_260k.log" | grep -v "^  " | tail -6
-  note "260K dropout: $(grep '^iter 40 ' "$logs/train_260k.log")"
-
-  step "torchrun (DDP + compile), 1 process per GPU, 20 iterations"
-  gpus=$(nvidia-smi -L | wc -l)
-  timeout 180 torchrun --standalone --nproc_per_node="$gpus" train.py config/train_15m.py --data_dir="$data" \
-    --out_dir="$logs/ddp" --batch_size=32 --gradient_accumulation_steps="$((2 * gpus))" --max_iters=20 \
-    --warmup_iters=5 --eval_interval=20 --eval_iters=5 --overwrite=True 2>&1 | tee "$logs/ddp.log" \
-    | grep -v "^  \|^W" | tail -5
-  note "torchrun x$gpus + compile: $(grep '^iter 20 ' "$logs/ddp.log")"
+if [ "${GPU_RUN_DRY:-0}" = 1 ]; then  # time limits x 3: a CPU starts Python and torch more slowly
+  device=cpu nproc=1 new_tokens=8 slower=3 preflight=(--device cpu --skip_compile_test)
+  toy=(--dim=32 --n_layers=1 --n_heads=2 --n_kv_heads=2 --max_seq_len=32)
+  table=(--batch_size 2 --iters 1 --warmup 1 --vocab_size=512 "${toy[@]}")
+  shape=(--batch_size=4 "${toy[@]}")
 else
-  step "MFU of the reference configs (bf16 + compile)"
-  timeout 240 python3 bench/bench_train.py --device cuda --compile --dtype bfloat16 --configs 15m,42m,110m \
-    --iters 5 --warmup 3 2>&1 | tee "$logs/bench_train.log" | grep "^|\|^#" | tee -a "$summary"
-
-  step "sampling, 15M shape"
-  timeout 120 python3 bench/bench_sample.py --device cuda 2>&1 | tee "$logs/bench_sample.log" | tail -8
-  tail -4 "$logs/bench_sample.log" >> "$summary"
-
-  if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
-    step "2 processes, NCCL, 15M, 20 iterations"
-    python3 tinystories.py download --data_dir "$data" --url .gpu/TinyStories_all_data_sample.tar.gz \
-      --tokenizer_url .gpu/llama2.model 2>&1 | tail -1
-    python3 tinystories.py pretokenize --data_dir "$data" --vocab_size 0 2>&1 | tail -1
-    timeout 180 torchrun --standalone --nproc_per_node=2 train.py config/train_15m.py --data_dir="$data" \
-      --out_dir="$logs/nccl" --batch_size=64 --gradient_accumulation_steps=4 --max_iters=20 --warmup_iters=5 \
-      --eval_interval=20 --eval_iters=5 --overwrite=True 2>&1 | tee "$logs/nccl.log" | grep -v "^  \|^W" | tail -5
-    note "NCCL x2: $(grep '^iter 20 ' "$logs/nccl.log")"
-  fi
+  device=cuda nproc=gpu new_tokens=250 slower=1 preflight=() table=(--iters 10 --warmup 3) shape=()
 fi
-echo; echo "=== summary (also in $summary)"; cat "$summary"
+
+# the carried wheels (bench/gpu_prepare.sh ../shared PACKAGE ...) on a temporary PYTHONPATH
+if compgen -G "$carried/wheels/*.whl" > /dev/null; then
+  if "$py" -m pip --version > /dev/null 2>&1; then
+    "$py" -m pip install -q --no-index --no-deps --no-compile --target "$work/site" "$carried"/wheels/*.whl
+  else  # an image without pip: a wheel is a zip of what goes on the path
+    for wheel in "$carried"/wheels/*.whl; do "$py" -m zipfile -e "$wheel" "$work/site"; done
+  fi
+  export PYTHONPATH="$work/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+# step NAME SECONDS "MODULES" COMMAND...: COMMAND under its time limit, once the modules it imports are
+# found; its output to the screen (without train.py's indented settings), the log and $work/step.log
+step() {
+  local name=$1 limit=$(($2 * slower)) modules=$3 start=$SECONDS missing status
+  shift 3
+  printf '\n=== %s (limit %s s)\n' "$name" "$limit" | tee -a "$log"
+  : > "$work/step.log"
+  missing=$("$py" -c 'import importlib.util as u, sys
+print(*(m for m in sys.argv[1:] if u.find_spec(m) is None))' $modules)
+  if [ -n "$missing" ]; then
+    echo "- $name: skipped, no $missing here: bash bench/gpu_prepare.sh ../shared $missing" \
+      | tee -a "$log" >> "$work/steps"
+    failed=1
+    return 1
+  fi
+  timeout -k 3 "$limit" "$@" 2>&1 | tee -a "$log" "$work/step.log" | grep -a --line-buffered -v '^  '
+  status=${PIPESTATUS[0]}
+  if [ "$status" = 0 ]; then
+    echo "- $name: ok, $((SECONDS - start)) s" >> "$work/steps"
+  elif [ "$status" = 124 ] || [ "$status" = 137 ]; then
+    echo "- $name: TIMED OUT after $limit s" >> "$work/steps"
+  else
+    echo "- $name: FAILED (exit $status): $(grep -av '^\s*$' "$work/step.log" | tail -1)" >> "$work/steps"
+  fi
+  [ "$status" = 0 ] || failed=1
+  return "$status"
+}
+
+# keep LABEL PATTERN: the step's lines that match, into the summary
+keep() { grep -aE "$2" "$work/step.log" | sed "s|^|$1|" >> "$work/results"; }
+
+step "preflight" 60 "numpy tqdm" "$py" bench/gpu_check.py "${preflight[@]}"
+keep "" '^(# |modules: |warning: |compile: )'
+compile=False
+grep -q '^compile: on' "$work/step.log" && compile=True
+grep -q '^compile: ' "$work/step.log" || echo "compile: off (the preflight did not finish)" >> "$work/results"
+compile_flag=()
+[ "$compile" = True ] && compile_flag=(--compile)
+
+step "MFU table" 200 "numpy tqdm" "$py" bench/bench_train.py --device "$device" --dtype bfloat16 \
+  "${compile_flag[@]}" --configs 15m,42m,110m "${table[@]}"
+keep "" '^(# bench_train|\|)'
+for config in 15m 42m 110m; do
+  grep -q "^| $config |" "$work/step.log" || echo "| $config | | not measured: the step ended first | | | | | |" \
+    >> "$work/results"
+done
+
+data=$work/data
+step "data: the TinyStories sample" 10 "numpy sentencepiece tqdm" "$py" tinystories.py download \
+  --data_dir "$data" --url "$carried/TinyStories_all_data_sample.tar.gz" --tokenizer_url "$carried/llama2.model"
+step "data: Llama 2 tokens" 20 "numpy sentencepiece tqdm" "$py" tinystories.py pretokenize --data_dir "$data" \
+  --vocab_size 0
+vocab=$(sed -n 's/^ *"vocab_size": \([0-9]*\),$/\1/p' "$data/TinyStories_all_data/meta.json" 2> /dev/null)
+
+step "GPU tests" 45 "pytest numpy sentencepiece tqdm" "$py" -m pytest tests/test_gpu.py -m gpu -q \
+  -p no:cacheprovider
+keep "tests/test_gpu.py -m gpu: " '^[0-9]+ (passed|failed|skipped|error)'
+
+# the 15M recipe's micro-batch (128 x 256) and model on the sample; one eval and checkpoint, at the end
+train15=(train.py config/train_15m.py --device="$device" --data_dir="$data" --vocab_size="${vocab:-32000}"
+         --warmup_iters=10 --learning_rate=1e-3 --eval_interval=1000 --eval_iters=10 "${shape[@]}")
+step "train.py 15M, bf16" 60 "numpy tqdm" "$py" "${train15[@]}" --out_dir="$work/15m" --dtype=bfloat16 \
+  --compile="$compile" --max_iters=50
+keep "15M bf16 compile=$compile: " '^iter (1|50) '
+step "train.py 15M, resumed in float16" 30 "numpy tqdm" "$py" "${train15[@]}" --out_dir="$work/15m" \
+  --init_from=resume --dtype=float16 --compile=False --max_iters=60
+keep "15M fp16 resumed: " '^iter (51|60) '
+mkdir -p "$out/15m"
+cp "$work/15m/metrics.jsonl" "$work/15m/config.json" "$out/15m/" 2> /dev/null
+
+step "sample.py" 20 "numpy sentencepiece tqdm" "$py" sample.py --checkpoint="$work/15m/ckpt.pt" \
+  --device="$device" --prompt="Once upon a time" --max_new_tokens=60
+keep "sample.py on it: " 'tokens/s$'
+
+step "torchrun" 60 "numpy tqdm" "$py" -m torch.distributed.run --standalone --nproc_per_node="$nproc" \
+  "${train15[@]}" --out_dir="$work/ddp" --dtype=bfloat16 --compile="$compile" --gradient_accumulation_steps=8 \
+  --max_iters=10
+keep "torchrun, 15M, compile=$compile: " '^(tokens per iteration|iter 10 )'
+mkdir -p "$out/ddp"
+cp "$work/ddp/metrics.jsonl" "$work/ddp/config.json" "$out/ddp/" 2> /dev/null
+
+step "decoding speed" 25 "numpy tqdm" "$py" bench/bench_sample.py --device "$device" --skip_uncached \
+  --repeats 3 --new_tokens "$new_tokens"
+keep "decoding: " '^(15M-shaped|tokens/s|model.generate)'
+
+{
+  echo "# bash bench/gpu_run.sh, $(date -u '+%F %H:%M') UTC, $SECONDS s"
+  cat "$work/results"
+  echo "steps:"
+  cat "$work/steps"
+} > "$out/summary.md"
+printf '\n=== summary for bench/README.md (also in %s)\n' "$out/summary.md" | tee -a "$log"
+tee -a "$log" < "$out/summary.md"
+exit "$failed"

@@ -1,7 +1,7 @@
 # Instruction-tunes the 15M story model (config/train_15m.py) to write the story asked for: TinyStories'
 # own instructions (the words, features and summary its JSON records carry beside each story), in the
-# story template (instruct.py): "Words: ...\nFeatures: ...\nSummary: ...\nStory: STORY". The loss covers
-# the stories only. The model's shape comes from --init_from.
+# story template (llamatiny/instruct.py): "Words: ...\nFeatures: ...\nSummary: ...\nStory: STORY". The loss
+# covers the stories only. The model's shape comes from --init_from.
 # Data first (after `python tinystories.py download`):
 #   python tinystories.py prepare --input data/TinyStories_all_data --name instruct
 # Then: python train.py config/sft_15m.py --init_from=out/15m/ckpt.pt

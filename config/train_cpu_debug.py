@@ -3,7 +3,7 @@
 # synthetic fixture corpus is far simpler than TinyStories: val loss about 0.5 after 600 iterations
 # (55 s on 2 cores).
 # Data first (the synthetic corpus the tests use, with its own 512-token vocabulary):
-#   python tests/fixture_corpus.py data/fixture_stories.txt --num_stories 5000
+#   python -m llamatiny.corpus data/fixture_stories.txt --num_stories 5000
 #   python tinystories.py train_vocab --input data/fixture_stories.txt --name fixture --vocab_size 512
 #   python tinystories.py prepare --input data/fixture_stories.txt --name fixture --vocab_size 512
 # For TinyStories itself: --dataset=tinystories --vocab_source=custom (after pretokenize --vocab_size 512).

@@ -31,9 +31,8 @@ def llama2_tokenizer() -> Path:
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> Path:
     # the synthetic story corpus with its own 512-token vocabulary, made by the data stage's own functions
-    from fixture_corpus import make_stories, write_endoftext
-
     import tinystories
+    from llamatiny.corpus import make_stories, write_endoftext
 
     root = tmp_path_factory.mktemp("train_data")
     text = root / "stories.txt"

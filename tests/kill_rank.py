@@ -12,9 +12,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 if __name__ == "__main__":
     sys.path.insert(0, ROOT)
-    import dataloader
+    from llamatiny import data
 
-    real_next = dataloader.BatchLoader.next_batch
+    real_next = data.BatchLoader.next_batch
     marker = os.environ["MARKER"]
 
     def next_batch(self):
@@ -24,6 +24,6 @@ if __name__ == "__main__":
             os.kill(os.getpid(), signal.SIGKILL)
         return real_next(self)
 
-    dataloader.BatchLoader.next_batch = next_batch
+    data.BatchLoader.next_batch = next_batch
     sys.argv = sys.argv[1:]
     runpy.run_path(sys.argv[0], run_name="__main__")

@@ -146,8 +146,25 @@ def test_annotated_none_defaults_still_take_their_types_and_none():
         parse_config({"n": None}, ["--n=1.5"], types={"n": int | None})
 
 
-def test_the_result_records_which_keys_were_given(tmp_path):
-    path = write(tmp_path, "c.py", "batch_size = 64\n")  # the default's value, but set on purpose
-    config = parse_config(DEFAULTS, [path, "--compile=False", "--min_lr=1e-5"])
-    assert config.given == {"batch_size", "compile", "min_lr"}
+def test_the_result_records_where_each_key_came_from(tmp_path):
+    # batch_size = 64: the default's value, but set on purpose
+    path = write(tmp_path, "c.py", "batch_size = 64\nlearning_rate = 1e-3\n")
+    config = parse_config(DEFAULTS, [path, "--compile=False", "--min_lr=1e-5", "--learning_rate=2e-3"])
+    assert config.given == {"batch_size", "compile", "min_lr", "learning_rate"}
+    assert config.source == {
+        **dict.fromkeys(DEFAULTS, "default"), "batch_size": path, "compile": "command line",
+        "min_lr": "command line", "learning_rate": "command line"}
     assert parse_config(DEFAULTS, []).given == set()
+
+
+def test_other_projects_names(tmp_path):
+    # renamed: the "did you mean" points at ours; ignored: accepted from a file or the command line, noted
+    renamed, ignored = {"n_embd": "dim"}, {"always_save": "every eval saves anyway"}
+    with pytest.raises(ConfigError, match="unknown config key 'n_embd' .*; did you mean 'dim'"):
+        parse_config({"dim": 64, "n_heads": 4}, ["--n_embd=32"], renamed=renamed)
+    path = write(tmp_path, "c.py", "always_save = True\nbatch_size = 8\n")
+    config = parse_config(DEFAULTS, [path, "--always_save=False"], ignored=ignored)
+    assert config == DEFAULTS | {"batch_size": 8} and config.given == {"batch_size"}
+    assert config.notes == [f"note: always_save (in {path}) is not needed here: every eval saves anyway",
+                            "note: always_save (from --always_save=False) is not needed here: every eval "
+                            "saves anyway"]

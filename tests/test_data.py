@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 from conftest import ROOT
-from fixture_corpus import make_stories, write_endoftext, write_json_shards
 
-import download
 import tinystories as ts
-from dataloader import TINYSTORIES_DIR, DataError, dataset_dir, list_shards, read_meta
-from tokenizer import Tokenizer
+from llamatiny import download
+from llamatiny.corpus import make_stories, write_endoftext, write_json_shards
+from llamatiny.data import TINYSTORIES_DIR, DataError, dataset_dir, list_shards, read_meta
+from llamatiny.readers import chunk_text
+from llamatiny.tokenizer import Tokenizer
 
 VOCAB = 512
 
@@ -224,7 +225,7 @@ def test_prepare_plain_text_is_cut_into_chunks(tok512, tmp_path):
     (tmp_path / "book.txt").write_text(text, encoding="utf-8")
     shutil.copy(tok512 / f"tok{VOCAB}.model", tmp_path)
     val, train = prepare_and_decode(tmp_path, tmp_path / "book.txt")
-    chunks = ts.chunk_text(text, size=1000)
+    chunks = chunk_text(text, size=1000)
     assert len(chunks) > 10 and all(len(c) <= 1000 for c in chunks)
     assert " ".join(chunks).split() == text.split()  # nothing lost, cut only at whitespace
     assert [val, train] == held_out(chunks)
@@ -238,6 +239,22 @@ def test_train_vocab_on_own_data_then_prepare(tmp_path):
     meta = read_meta(dataset_dir(tmp_path, "mine", "custom", 320))
     assert meta["tokenizer"] == str((tmp_path / "mine" / "tok320.model").resolve())
     assert meta["vocab_size"] == 320
+
+
+def test_train_vocab_warns_when_the_text_is_small_for_the_vocabulary(tmp_path, capsys):
+    write_endoftext(tmp_path / "in.txt", make_stories(200, seed=6))
+    size = len((tmp_path / "in.txt").read_text(encoding="utf-8"))
+    for vocab_size, warned in ((512, False), (768, True)):
+        ts.train_vocab(tmp_path, vocab_size, input=tmp_path / "in.txt", name="mine")
+        out, err = capsys.readouterr()
+        chars = int(re.search(r"stories \(([\d,]+) characters\)", out)[1].replace(",", ""))
+        assert 0.9 * size < chars < size  # counted, not rounded to "0.1 M"; less the held-out stories
+        assert chars > ts.MIN_CHARS_PER_PIECE * 512 and chars < ts.MIN_CHARS_PER_PIECE * 768
+        warnings = [line for line in err.splitlines() if line.startswith("warning")]
+        assert warnings == ([f"warning: 768 pieces is a large vocabulary for {chars:,} characters of text "
+                             f"({chars / 768:.0f} per piece): most pieces will be too rare in it for a model "
+                             f"to learn; give it at least 76,800 characters, or use --vocab_size 512"]
+                            if warned else [])
 
 
 def test_prepare_large_input_gives_several_train_shards(tok512, tmp_path, monkeypatch):
@@ -333,9 +350,9 @@ def test_user_errors(tok512, tmp_path, monkeypatch, capsys, args, message):
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"body": "no"}\n', encoding="utf-8")
     shutil.copy(tok512 / f"tok{VOCAB}.model", tmp_path / "t.model")
     assert ts.main(args) == 1
-    # without the progress bars
-    err = [line for line in capsys.readouterr().err.splitlines()
-           if line and "tokenizing into" not in line and "reading stories" not in line]
+    # without the progress bars, and train_vocab's warning of a vocabulary large for the text
+    err = [line for line in capsys.readouterr().err.splitlines() if line and "tokenizing into" not in line
+           and "reading stories" not in line and not line.startswith("warning: ")]
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
 
 

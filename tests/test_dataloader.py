@@ -1,4 +1,4 @@
-"""The batch loader and where shards live (dataloader.py), on shards of random token ids; and a damaged
+"""The batch loader and where shards live (llamatiny/data.py), on shards of random token ids; and a damaged
 shard refused by `python train.py`. No network."""
 import subprocess
 import sys
@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT
-from fixture_corpus import make_stories, write_endoftext
 
-import dataloader as dl
 import tinystories
+from llamatiny import data as dl
+from llamatiny.corpus import make_stories, write_endoftext
 
 VOCAB = 512
 

@@ -2,8 +2,10 @@
 restart when Range is ignored, server errors, no network, local paths, mirrors, HF_ENDPOINT, unsafe archives
 and a full disk."""
 import io
+import json
 import os
 import re
+import shlex
 import socket
 import subprocess
 import tarfile
@@ -13,11 +15,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from conftest import ROOT
 from disk_faults import disk_full
-from fixture_corpus import make_stories, write_json_shards
 
-import download
 import tinystories as ts
-from dataloader import TINYSTORIES_DIR, list_shards
+from llamatiny import download
+from llamatiny.corpus import make_stories, write_endoftext, write_json_shards
+from llamatiny.data import TINYSTORIES_DIR, list_shards
 
 ARCHIVE_PATH = "/" + download.TINYSTORIES_PATH
 
@@ -333,3 +335,89 @@ def test_a_full_disk_while_unpacking_keeps_the_archive(server, payload, tmp_path
         assert (data / download.ARCHIVE).read_bytes() == payload["archive"]
     finally:
         subprocess.run(["umount", "-l", str(data)], check=False)
+
+
+# ------------------------------------------------------------ TinyStoriesV2, permissions
+
+V2_TRAIN, V2_VALID = download.V2_FILES
+
+
+@pytest.fixture(scope="module")
+def v2_texts(payload):
+    d = payload["dir"] / "v2"
+    write_endoftext(d / V2_TRAIN, make_stories(300, seed=11))
+    write_endoftext(d / V2_VALID, make_stories(40, seed=12))
+    return {name: (d / name).read_bytes() for name in download.V2_FILES}
+
+
+def serve_v2(server, payload, v2_texts, folder="/" + download.HF_FOLDER):
+    server.files = {folder + name: data for name, data in v2_texts.items()}
+    server.files[folder + "tokenizer.model"] = payload["tokenizer"]
+
+
+def test_v2_from_a_local_folder_then_prepare(payload, v2_texts, tmp_path, capsys):
+    folder = tmp_path / "copied"
+    folder.mkdir()
+    for name, data in v2_texts.items():
+        (folder / name).write_bytes(data)
+    (folder / "tokenizer.model").write_bytes(payload["tokenizer"])
+    data = tmp_path / "data"
+    assert run_download(data, "--version", "2", "--url", str(folder)) == 0
+    assert {name: (data / name).read_bytes() for name in download.V2_FILES} == v2_texts
+    assert (data / download.LLAMA2_TOKENIZER).read_bytes() == payload["tokenizer"]
+    train = data / V2_TRAIN
+    command = f"python tinystories.py prepare --input {train} --name tinystories_v2 --data_dir {data}"
+    assert f"next: {command}" in capsys.readouterr().out
+    assert run_download(data, "--version", "2", "--url", str(folder)) == 0  # a second run does nothing
+    assert capsys.readouterr().out.count("already present") == 3
+    # the step it names: the Llama 2 vocabulary (here the payload's stand-in), V2's <|endoftext|> stories
+    assert ts.main(shlex.split(command)[2:]) == 0
+    meta = json.loads((data / "tinystories_v2" / "meta.json").read_text(encoding="utf-8"))
+    assert meta["num_stories"] == 300 and meta["vocab_size"] == 300
+
+
+def test_v2_over_http_resumes_from_hf_endpoint(server, payload, v2_texts, tmp_path, monkeypatch):
+    serve_v2(server, payload, v2_texts)
+    server.files["/tok.model"] = payload["tokenizer"]
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    server.cut_once = True  # the train file breaks halfway: the next run resumes it with a Range request
+    assert run_download(tmp_path, "--version", "2", "--tokenizer_url", server.url + "/tok.model",
+                        "--retries", "0") == 1
+    have = (tmp_path / (V2_TRAIN + ".part")).stat().st_size
+    assert run_download(tmp_path, "--version", "2", "--tokenizer_url", server.url + "/tok.model") == 0
+    assert {name: (tmp_path / name).read_bytes() for name in download.V2_FILES} == v2_texts
+    assert (tmp_path / download.LLAMA2_TOKENIZER).read_bytes() == payload["tokenizer"]
+    assert [r for p, r in server.log if p.endswith(V2_TRAIN)] == [None, f"bytes={have}-"]
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".part")]
+
+
+def test_v2_from_a_mirror_folder_url(server, payload, v2_texts, tmp_path):
+    serve_v2(server, payload, v2_texts, folder="/mirror/")
+    assert run_download(tmp_path, "--version", "2", "--url", server.url + "/mirror/") == 0
+    assert {name: (tmp_path / name).read_bytes() for name in download.V2_FILES} == v2_texts
+    assert (tmp_path / download.LLAMA2_TOKENIZER).read_bytes() == payload["tokenizer"]  # the folder's
+
+
+def test_v2_refuses_what_is_not_its_stories(server, payload, v2_texts, tmp_path, capsys):
+    serve_v2(server, payload, v2_texts, folder="/mirror/")
+    server.files["/mirror/" + V2_VALID] = b"<html>Sign in to download</html>"  # arrives whole, with a 200
+    assert run_download(tmp_path, "--version", "2", "--url", server.url + "/mirror/") == 1
+    assert errors(capsys) == [f"error: {server.url}/mirror/{V2_VALID} is not TinyStoriesV2 text (UTF-8 "
+                              "stories, each followed by a line <|endoftext|>): is --url the right folder?"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [V2_TRAIN]  # no .part to resume from
+    # one file named where two are needed
+    assert run_download(tmp_path, "--version", "2", "--url", server.url + "/mirror/" + V2_TRAIN) == 1
+    [err] = errors(capsys)
+    assert err.startswith("error: --version 2 fetches two files") and "--url the folder" in err
+
+
+def test_what_download_writes_gets_the_usual_permissions(payload, tmp_path):
+    # tempfile's folders are 0700 and some writers' files 0600; ours follow the umask, as files made by hand
+    archive = tmp_path / "copy.tar.gz"
+    archive.write_bytes(payload["archive"])
+    old = os.umask(0o027)
+    try:
+        assert run_download(tmp_path / "data", "--url", str(archive), "--tokenizer_url", str(archive)) == 0
+    finally:
+        os.umask(old)
+    assert (tmp_path / "data" / TINYSTORIES_DIR).stat().st_mode & 0o777 == 0o750

@@ -13,7 +13,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from fixture_corpus import make_stories, write_json_shards
+
+from llamatiny.corpus import make_stories, write_json_shards
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow

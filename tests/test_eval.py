@@ -12,17 +12,17 @@ import pytest
 import sentencepiece as spm
 import torch
 import torch.nn.functional as F
-from fixture_corpus import make_stories, write_endoftext
 from test_export import tiny_model, train_tokenizer
 
 import eval
-import instruct
 import sample
 import tinystories as ts
 import train
-from checkpoint import write_hf
-from dataloader import mask_name
-from tokenizer import Tokenizer
+from llamatiny import instruct
+from llamatiny.checkpoint import write_hf
+from llamatiny.corpus import make_stories, write_endoftext
+from llamatiny.data import mask_name
+from llamatiny.tokenizer import Tokenizer
 
 SEP = "\n<|endoftext|>\n"
 RECORDS = [("Words: dog, ball\nSummary: A dog plays.", "The dog ran to the ball. It was happy."),

@@ -1,4 +1,4 @@
-"""checkpoint.py's formats and export.py's command line: llama2.c files (versions 0, 1, 2) and
+"""llamatiny/checkpoint.py's formats and export.py's command line: llama2.c files (versions 0, 1, 2) and
 tokenizer.bin read back byte by byte, a run.c-style forward pass on the exported file, Hugging Face
 agreement (logits, greedy generation and where it stops, tokenizer), and the command line. The
 helpers at the top (tiny tokenizer, tiny model, checkpoint) are shared with test_sample.py."""
@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fixture_corpus import make_stories
 
-import checkpoint
 import export
-from checkpoint import CheckpointError, from_checkpoint
+from llamatiny import checkpoint, lora
+from llamatiny.checkpoint import CheckpointError, from_checkpoint
+from llamatiny.corpus import make_stories
 from model import ModelArgs, Transformer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -285,6 +285,20 @@ def test_atomic_write_keeps_the_old_file_on_error(tmp_path):
     assert path.read_bytes() == b"new" and path.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
 
 
+def test_exported_files_and_folders_follow_the_umask(tmp_path, sp_model):
+    # safetensors' save_file makes files only their owner may read (0600); ours are shared as any file is
+    adapted = lora.attach(tiny_model(), rank=2, alpha=4.0)
+    old = os.umask(0o027)
+    try:
+        checkpoint.write_hf(tmp_path / "hf", tiny_model(), sp_model)
+        checkpoint.write_peft(tmp_path / "adapter", lora.record(adapted, {}), adapted.args)
+    finally:
+        os.umask(old)
+    modes = {p.relative_to(tmp_path).as_posix(): p.stat().st_mode & 0o777 for p in tmp_path.rglob("*")}
+    assert "adapter/adapter_model.safetensors" in modes and "hf/model.safetensors" in modes
+    assert modes == {name: 0o750 if (tmp_path / name).is_dir() else 0o640 for name in modes}
+
+
 # ---------------------------------------------------------------- tokenizer.bin
 
 
@@ -509,7 +523,7 @@ def test_cli_writes_every_format(tmp_path, sp_model, capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["--format=onnx"], "--format=onnx"),
-    (["--dtype=bfloat16"], "--dtype applies to --format=hf only"),
+    (["--dtype=bfloat16"], "--dtype applies to --format=hf and gguf only"),
     (["--group_size=32"], "--group_size applies to"),
     (["--version=3"], "--version=3"),
     (["--format=hf", "--version=1"], "--version applies"),

@@ -1,4 +1,4 @@
-from fixture_corpus import make_stories, write_endoftext
+from llamatiny.corpus import make_stories, write_endoftext
 
 
 def test_stories_are_deterministic_and_varied():

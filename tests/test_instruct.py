@@ -15,18 +15,16 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from fixture_corpus import make_stories, write_endoftext
 from test_export import tiny_model, train_tokenizer
 from test_train import assert_same_losses
 
-import dataloader
-import instruct
-import runs
 import tinystories as ts
 import train
-from checkpoint import from_checkpoint, write_hf, write_llama2c
-from dataloader import DataError, read_meta
-from tokenizer import Tokenizer
+from llamatiny import data, instruct, runs
+from llamatiny.checkpoint import from_checkpoint, write_hf, write_llama2c
+from llamatiny.corpus import make_stories, write_endoftext
+from llamatiny.data import DataError, read_meta
+from llamatiny.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 SEP = "\n<|endoftext|>\n"
@@ -47,7 +45,7 @@ def decoded_records(shard_dir) -> list[list[tuple[str, bool]]]:
     one run at a time: [(text, is_response), ...]. Each response run must end with EOS."""
     tok = Tokenizer(read_meta(shard_dir)["tokenizer"])
     records = []
-    for shard in dataloader.list_shards(shard_dir):
+    for shard in data.list_shards(shard_dir):
         ids = np.fromfile(shard, np.uint16).tolist()
         learn = np.fromfile(shard.with_suffix(".mask"), np.uint8).tolist()
         assert len(learn) == len(ids) and set(learn) <= {0, 1}
@@ -169,8 +167,8 @@ def test_prompt_completion_jsonl_trains_on_the_completions_only(tmp_path, tok_pa
     chat = lambda q, a: [(f"User: {q}\nAssistant:", False), (a, True)]
     assert sorted(decoded_records(out)) == sorted(chat(p, c) for p, c in pairs)
 
-    taken, next_batch = [], dataloader.BatchLoader.next_batch
-    monkeypatch.setattr(dataloader.BatchLoader, "next_batch",
+    taken, next_batch = [], data.BatchLoader.next_batch
+    monkeypatch.setattr(data.BatchLoader, "next_batch",
                         lambda self: taken.append(next_batch(self)) or taken[-1])
     train.train(train.parse_settings(TINY + ["--dataset=pc", "--max_seq_len=64", "--max_iters=3",
                                              f"--data_dir={tmp_path}", f"--out_dir={tmp_path / 'out'}"]))
@@ -224,7 +222,7 @@ def test_forced_format_and_a_plain_rerun_leaves_no_mask(tmp_path, tok_path):
     prepare(tmp_path, tok_path, tmp_path / "in.txt", fmt="text")  # the same file as plain text: no masks
     assert sorted(p.name for p in out.iterdir()) == ["data00.bin", "data01.bin", "meta.json"]
     assert "instruction" not in read_meta(out)
-    loader = dataloader.BatchLoader(out, "train", 2, 16, 0, vocab_size=400)
+    loader = data.BatchLoader(out, "train", 2, 16, 0, vocab_size=400)
     assert not loader.masked and loader.loss_share is None and (loader.next_batch()[1] >= 0).all()
 
 
@@ -403,7 +401,7 @@ def test_every_response_target_has_its_records_first_token_in_its_window(words_d
     by_head = {}
     for rec in records:
         by_head.setdefault(rec[0][:6], []).append(rec)
-    loader = dataloader.BatchLoader(words_data, "train", 1, max_seq_len, 7, vocab_size=400)
+    loader = data.BatchLoader(words_data, "train", 1, max_seq_len, 7, vocab_size=400)
     T = max_seq_len
     seen, padded, targets, shared = [], 0, 0, 0
     for _ in range(loader.batches.per_epoch):
@@ -437,7 +435,7 @@ def test_every_response_target_has_its_records_first_token_in_its_window(words_d
 
 def test_instruction_windows_resume_exactly_and_ranks_take_disjoint_windows(words_data):
     def loader(**kw):
-        return dataloader.BatchLoader(words_data, "train", 3, 150, 5, vocab_size=400, **kw)
+        return data.BatchLoader(words_data, "train", 3, 150, 5, vocab_size=400, **kw)
 
     ld = loader()
     single = [ld.next_batch() for _ in range(2 * ld.batches.per_epoch // 3 + 1)]  # into the second epoch
@@ -459,8 +457,8 @@ def test_instruction_windows_resume_exactly_and_ranks_take_disjoint_windows(word
 def test_the_loaders_of_a_run_share_one_read_of_the_shards(sft_data, tmp_path, monkeypatch):
     root, base = sft_data
     reads = []
-    real = dataloader.Shards.__init__
-    monkeypatch.setattr(dataloader.Shards, "__init__", lambda self, *a: reads.append(a) or real(self, *a))
+    real = data.Shards.__init__
+    monkeypatch.setattr(data.Shards, "__init__", lambda self, *a: reads.append(a) or real(self, *a))
     train.train(train.parse_settings(TINY + ["--max_iters=1", f"--data_dir={root}", f"--out_dir={tmp_path}",
                                              f"--init_from={base}"]))
     assert len(reads) == 1
@@ -481,7 +479,7 @@ def test_a_missing_or_mismatched_mask_or_index_is_refused(tmp_path, damage, mess
         np.arange(n, dtype=np.uint16).tofile(shard_dir / f"data{i:02d}.bin")
         np.ones(n, np.uint8).tofile(shard_dir / f"data{i:02d}.mask")
         np.arange(0, n, 10, dtype=np.uint64).tofile(shard_dir / f"data{i:02d}.idx")
-    dataloader.BatchLoader(shard_dir, "train", 2, 8, 0, vocab_size=512)
+    data.BatchLoader(shard_dir, "train", 2, 8, 0, vocab_size=512)
     if damage == "missing":
         (shard_dir / "data00.mask").unlink()
     elif damage == "short":
@@ -491,7 +489,7 @@ def test_a_missing_or_mismatched_mask_or_index_is_refused(tmp_path, damage, mess
     else:
         np.array([0, 50, 20], np.uint64).tofile(shard_dir / "data01.idx")
     with pytest.raises(DataError, match=re.escape(message)):
-        dataloader.BatchLoader(shard_dir, "train", 2, 8, 0, vocab_size=512)
+        data.BatchLoader(shard_dir, "train", 2, 8, 0, vocab_size=512)
 
 
 
@@ -524,7 +522,7 @@ def test_the_loss_is_the_mean_over_the_response_tokens_of_the_whole_iteration(sf
 
     # by hand: the same four micro-batches, one forward over all of them, the mean over the counted targets
     model, _ = from_checkpoint(base)
-    loader = dataloader.BatchLoader(root / "sft", "train", 2, 32, 1337, vocab_size=400)
+    loader = data.BatchLoader(root / "sft", "train", 2, 32, 1337, vocab_size=400)
     batches = [loader.next_batch() for _ in range(4)]
     x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
     logits, _ = model(x, y)
@@ -548,13 +546,13 @@ def test_the_loss_is_the_mean_over_the_response_tokens_of_the_whole_iteration(sf
 def test_a_micro_batch_without_responses_adds_nothing(sft_data, tmp_path, monkeypatch):
     # windows of prompt tokens only: a NaN mean in the model, a zero weight here; the step stays finite
     root, base = sft_data
-    real = dataloader.BatchLoader.next_batch
+    real = data.BatchLoader.next_batch
 
     def every_other_without_targets(self):
         x, y = real(self)
         return (x, torch.full_like(y, -1)) if self.consumed % 2 else (x, y)
 
-    monkeypatch.setattr(dataloader.BatchLoader, "next_batch", every_other_without_targets)
+    monkeypatch.setattr(data.BatchLoader, "next_batch", every_other_without_targets)
     result = train.train(train.parse_settings(TINY + ["--max_iters=2", f"--data_dir={root}",
                                                       f"--out_dir={tmp_path}", f"--init_from={base}"]))
     logs = [json.loads(line)

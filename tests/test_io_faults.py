@@ -2,6 +2,7 @@
 file and the cause, no traceback, nothing half-written left where a later step would take it for whole,
 and a resume that continues exactly. A full disk is a small tmpfs where the tests run as root and may mount
 one, and everywhere an OSError(ENOSPC) at the file-write boundary (disk_faults.py)."""
+import importlib
 import json
 import os
 import re
@@ -16,12 +17,12 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 from disk_faults import disk_full
-from fixture_corpus import make_stories, write_endoftext, write_json_shards
 from test_train import TINY, main_error, read_metrics
 
 import export
 import tinystories as ts
-from checkpoint import from_checkpoint
+from llamatiny.checkpoint import from_checkpoint
+from llamatiny.corpus import make_stories, write_endoftext, write_json_shards
 
 TRAIN, FAULTS = str(ROOT / "train.py"), str(ROOT / "tests" / "disk_faults.py")
 RUN = ["--max_iters=8", "--eval_interval=4"]  # checkpoints at iterations 4 and 8
@@ -232,6 +233,10 @@ def damage(path: Path, how: str) -> None:
             z.writestr("notes.txt", "not a checkpoint")
 
 
+DAMAGED = {"truncated": "truncated (", "empty": "empty: a copy or transfer cut short",
+           "foreign": "not a checkpoint written by train.py ("}
+
+
 @pytest.mark.parametrize("how", ["truncated", "empty", "foreign"])
 def test_damaged_checkpoint_names_the_newest_good_one(kept, data_dir, tmp_path, how):
     out = tmp_path / "out"
@@ -239,16 +244,39 @@ def test_damaged_checkpoint_names_the_newest_good_one(kept, data_dir, tmp_path, 
     damage(out / "ckpt.pt", how)
     argv = TINY + [f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=8", "--init_from=resume"]
     message = main_error(argv)
-    assert message.startswith(f"error: {out / 'ckpt.pt'} is not a checkpoint written by train.py (")
+    assert message.startswith(f"error: {out / 'ckpt.pt'} is {DAMAGED[how]}")
     newest = out / "ckpt_000006.pt"
     assert message.endswith(f"; the newest good checkpoint beside it is {newest} (iteration 6): "
                             f"`cp {newest} {out / 'ckpt.pt'}` and run the same command again")
+    assert message.count("newest good checkpoint") == 1
     # the newest is damaged too: the next one; none left: the message alone
     damage(out / "ckpt_000006.pt", how)
     damage(out / "ckpt_best.pt", how)
     assert f"is {out / 'ckpt_000004.pt'} (iteration 4): `cp " in main_error(argv)
     damage(out / "ckpt_000004.pt", how)
     assert "newest good" not in main_error(argv)
+
+
+@pytest.mark.parametrize("command", ["sample", "export", "eval"])
+def test_a_truncated_checkpoint_is_called_so_by_the_commands_that_read_it(kept, tmp_path, capsys, command):
+    out = tmp_path / "out"
+    shutil.copytree(kept, out)
+    size = (out / "ckpt_best.pt").stat().st_size
+    damage(out / "ckpt_best.pt", "truncated")
+    damage(out / "ckpt_000006.pt", "empty")
+    path = out / "ckpt_best.pt"
+    argv = {"sample": [f"--checkpoint={path}", "--max_new_tokens=4"],
+            "export": [str(tmp_path / "model.bin"), f"--checkpoint={path}"],
+            "eval": [f"--checkpoint={path}", f"--input={tmp_path}"]}[command]
+    with pytest.raises(SystemExit):
+        importlib.import_module(command).main(argv)  # (eval.py's module name hides a built-in)
+    [line] = capsys.readouterr().err.splitlines()
+    # ckpt.pt is at iteration 6 too, but ckpt_000006.pt, its numbered copy, is cut short as well
+    good = out / "ckpt.pt"
+    assert line.endswith(f"{path} is truncated ({size // 2:,} bytes, its end missing): a copy or transfer "
+                         f"cut short, or a damaged disk; the newest good checkpoint beside it is {good} "
+                         f"(iteration 6): `cp {good} {path}` and run the same command again"), line
+    assert "PytorchStreamReader" not in line and not (tmp_path / "model.bin").exists()
 
 
 @pytest.mark.slow

@@ -1,7 +1,7 @@
-"""LoRA (lora.py) through every script: the layer and its merge, the checkpoint that holds adapters and names
-its base (checkpoint.py), the PEFT export read back by peft itself, and train.py runs: a fine-tune on a text
-unlike the pretraining one against a full fine-tune, frozen base weights, exact resume, the base-hash check,
-DDP and torch.compile."""
+"""LoRA (llamatiny/lora.py) through every script: the layer and its merge, the checkpoint that holds adapters
+and names its base (llamatiny/checkpoint.py), the PEFT export read back by peft itself, and train.py runs: a
+fine-tune on a text unlike the pretraining one against a full fine-tune, frozen base weights, exact resume,
+the base-hash check, DDP and torch.compile."""
 import dataclasses
 import json
 import os
@@ -13,18 +13,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixture_corpus import OTHER_WORDS, WORDS, make_stories, write_endoftext
 from test_export import TOKENS, logits_of, tiny_model, train_tokenizer
 from test_train import TINY, assert_same_losses, main_error, ok, read_metrics, run_train
 
 import eval as eval_py
 import export
-import lora
 import sample
 import tinystories
 import train
-from checkpoint import CheckpointError, from_checkpoint, save_checkpoint, write_hf
 from configurator import ConfigError
+from llamatiny import lora
+from llamatiny.checkpoint import CheckpointError, from_checkpoint, save_checkpoint, write_hf
+from llamatiny.corpus import OTHER_WORDS, WORDS, make_stories, write_endoftext
 from model import ModelArgs, Transformer
 
 # the fine-tunes below: 40 steps on the other text, LoRA at rank 4 with a learning rate LoRA needs
@@ -373,7 +373,7 @@ def test_lora_resumes_exactly_and_refuses_a_changed_base(data_dir, base, tmp_pat
 
     message = main_error(TINY + ["--init_from=resume", "--lora_rank=8", f"--data_dir={data_dir}",
                                  f"--out_dir={full}"])
-    assert "was trained with lora_rank=4 (config: 8)" in message
+    assert "was trained with lora_rank=4 (command line: 8)" in message
     other = Transformer(ModelArgs.from_dict(torch.load(base, weights_only=False)["model_args"]))
     plain_checkpoint(own_base, other)  # a model of the same shape in the base's place
     message = main_error(TINY + ["--init_from=resume", "--max_iters=8", f"--data_dir={data_dir}",

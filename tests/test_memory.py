@@ -5,7 +5,7 @@ import sys
 import pytest
 from conftest import ROOT
 
-import memory
+from llamatiny import settings
 from model import ModelArgs
 
 
@@ -16,11 +16,11 @@ def test_largest_that_fits_doubles_then_bisects():
         calls.append(n)
         return n <= 37
 
-    assert memory.largest_that_fits(fits, 512) == 37
+    assert settings.largest_that_fits(fits, 512) == 37
     assert calls[:7] == [1, 2, 4, 8, 16, 32, 64] and len(calls) <= 7 + 6  # then bisecting 32..64
-    assert memory.largest_that_fits(lambda n: True, 12) == 12  # never beyond the limit
-    assert memory.largest_that_fits(lambda n: n <= 12, 12) == 12
-    assert memory.largest_that_fits(lambda n: False, 64) == 0
+    assert settings.largest_that_fits(lambda n: True, 12) == 12  # never beyond the limit
+    assert settings.largest_that_fits(lambda n: n <= 12, 12) == 12
+    assert settings.largest_that_fits(lambda n: False, 64) == 0
 
 
 @pytest.mark.parametrize("sequences, world_size, largest, expected", [
@@ -31,14 +31,14 @@ def test_largest_that_fits_doubles_then_bisects():
     (12, 1, 5, (4, 3)),
 ])
 def test_split_batch_keeps_the_sequences_per_iteration(sequences, world_size, largest, expected):
-    batch, accum = memory.split_batch(sequences, world_size, largest)
+    batch, accum = settings.split_batch(sequences, world_size, largest)
     assert (batch, accum) == expected
     assert batch * accum == sequences and accum % world_size == 0 and batch <= largest
 
 
 MEASURE = """
 import torch
-import memory
+from llamatiny import settings
 from model import ModelArgs, Transformer
 
 def status(field):  # kB, from Linux's /proc
@@ -57,7 +57,7 @@ for _ in range(2):
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-print(status("VmHWM") - base, memory.step_bytes(args, 24, "float32", "cpu"))
+print(status("VmHWM") - base, settings.step_bytes(args, 24, "float32", "cpu"))
 """
 
 
@@ -72,21 +72,22 @@ def test_the_estimate_is_close_to_what_a_step_takes():
 
 def test_the_estimate_grows_with_what_drives_memory():
     args = ModelArgs(dim=288, n_layers=6, n_heads=6, vocab_size=32000, max_seq_len=256)
-    one, two = memory.step_bytes(args, 64, "float32", "cpu"), memory.step_bytes(args, 128, "float32", "cpu")
-    weights = 16 * memory.num_params(args)
+    one = settings.step_bytes(args, 64, "float32", "cpu")
+    two = settings.step_bytes(args, 128, "float32", "cpu")
+    weights = 16 * settings.num_params(args)
     assert two - weights == pytest.approx(2 * (one - weights))  # activations and logits: linear in the batch
-    assert memory.step_bytes(args, 64, "bfloat16", "cuda") < one  # the logits' gradients in half precision
+    assert settings.step_bytes(args, 64, "bfloat16", "cuda") < one  # the logits' gradients in half precision
     dropout = ModelArgs(dim=64, n_layers=5, n_heads=8, n_kv_heads=4, vocab_size=512, max_seq_len=512,
                         dropout=0.05)
     plain = ModelArgs(dim=64, n_layers=5, n_heads=8, n_kv_heads=4, vocab_size=512, max_seq_len=512)
-    assert (memory.step_bytes(dropout, 32, "float32", "cpu")
-            > 3 * memory.step_bytes(plain, 32, "float32", "cpu"))
-    assert (memory.step_bytes(dropout, 32, "float32", "cuda")
-            == memory.step_bytes(plain, 32, "float32", "cuda"))
+    assert (settings.step_bytes(dropout, 32, "float32", "cpu")
+            > 3 * settings.step_bytes(plain, 32, "float32", "cpu"))
+    assert (settings.step_bytes(dropout, 32, "float32", "cuda")
+            == settings.step_bytes(plain, 32, "float32", "cuda"))
 
 
 def test_frozen_weights_need_no_gradients_or_optimizer_state():
     args = ModelArgs(dim=288, n_layers=6, n_heads=6, vocab_size=32000, max_seq_len=256)
-    full = memory.step_bytes(args, 16, "float32", "cpu")
-    lora = memory.step_bytes(args, 16, "float32", "cpu", frozen=True)
-    assert full - lora == 12 * memory.num_params(args)
+    full = settings.step_bytes(args, 16, "float32", "cpu")
+    lora = settings.step_bytes(args, 16, "float32", "cpu", frozen=True)
+    assert full - lora == 12 * settings.num_params(args)

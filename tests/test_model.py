@@ -1,8 +1,8 @@
 """model.py: shapes and parameter counts, initialisation, causality, the KV cache, GQA against an
 independent attention, the attention kernel each call site gets, RoPE, overfitting, generation,
 sampling filters, the optimizer groups, MFU and the checkpoint loader. CPU, small models; the
-attention tests run at head dims 8 (cpu_speedups' own kernel) and 16 / 32 (PyTorch's, as on every GPU),
-with the CPU speed-ups on and off (the agreement with Hugging Face's Llama is in test_export.py)."""
+attention tests run at head dims 8 (the CPU kernels' own) and 16 / 32 (PyTorch's, as on every GPU),
+with and without the CPU kernels attached (the agreement with Hugging Face's Llama is in test_export.py)."""
 import dataclasses
 import math
 
@@ -11,14 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend
 
-import cpu_speedups
 import model
-from checkpoint import from_checkpoint
+from llamatiny import cpu_kernels
+from llamatiny.checkpoint import from_checkpoint
 from model import (
     ModelArgs,
     Transformer,
     apply_rope,
-    filter_logits,
     precompute_rope,
     sample_next,
 )
@@ -62,14 +61,14 @@ def all_logits(m, tokens):
     return m(tokens, targets=torch.zeros_like(tokens))[0]
 
 
-@pytest.fixture(params=[True, False], ids=["cpu_speedups", "plain"])
-def speedups(request, monkeypatch):
-    # every test that takes it runs twice: with cpu_speedups.ENABLED on (the default) and off
-    monkeypatch.setattr(cpu_speedups, "ENABLED", request.param)
-    return request.param
+@pytest.fixture(params=[True, False], ids=["cpu_kernels", "plain"])
+def kernels(request):
+    # every test that takes it runs twice: its model with the CPU kernels attached (as train.py, sample.py
+    # and eval.py run on a CPU), and the plain model
+    return cpu_kernels.attach if request.param else lambda m: m
 
 
-# (dim, n_heads): head dim 8 takes cpu_speedups' small-head kernel when enabled; 16 and 32 take PyTorch's
+# (dim, n_heads): head dim 8 takes the CPU kernels' small-head attention; 16 and 32 take PyTorch's
 HEAD_DIMS = {"hd8": (32, 4), "hd16": (64, 4), "hd32": (64, 2)}
 KV_HEADS = {"MHA": lambda h: h, "GQA": lambda h: h // 2, "MQA": lambda h: 1}
 
@@ -195,8 +194,8 @@ def test_rms_norm_formula():
 # ------------------------------------------------------------------ attention, cache, RoPE
 
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
-def test_causality_later_tokens_never_change_earlier_logits(head_dim, speedups):
-    m = shaped_model(head_dim, "GQA")
+def test_causality_later_tokens_never_change_earlier_logits(head_dim, kernels):
+    m = kernels(shaped_model(head_dim, "GQA"))
     tokens = torch.randint(0, 64, (2, 20), generator=torch.Generator().manual_seed(1))
     changed = tokens.clone()
     changed[:, 9] = (changed[:, 9] + 1) % 64
@@ -208,8 +207,8 @@ def test_causality_later_tokens_never_change_earlier_logits(head_dim, speedups):
 
 @pytest.mark.parametrize("kv", KV_HEADS)
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
-def test_kv_cache_decoding_equals_full_forward(head_dim, kv, speedups):
-    m = shaped_model(head_dim, kv)
+def test_kv_cache_decoding_equals_full_forward(head_dim, kv, kernels):
+    m = kernels(shaped_model(head_dim, kv))
     g = torch.Generator().manual_seed(2)
     tokens = torch.randint(0, 64, (2, 20), generator=g)
     with torch.no_grad():
@@ -266,8 +265,8 @@ def reference_attention(attn, x):
 
 @pytest.mark.parametrize("kv", KV_HEADS)
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
-def test_attention_matches_an_independent_implementation(head_dim, kv, speedups):
-    m = shaped_model(head_dim, kv)
+def test_attention_matches_an_independent_implementation(head_dim, kv, kernels):
+    m = kernels(shaped_model(head_dim, kv))
     attn = m.layers[0].attention
     x = torch.randn(2, 24, m.args.dim, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -369,7 +368,6 @@ def test_every_attention_call_site_gets_a_fused_kernel(head_dim, kv, dtype, monk
     # slides) are causal attention with is_causal and no mask, decoding one token needs no mask. A mask
     # would cost the fused kernels on a GPU (flash refuses any; with grouped key/value heads the memory-
     # efficient one cannot take the call either). On CPU torch says which kernel it picks: flash, each time.
-    monkeypatch.setattr(cpu_speedups, "ENABLED", False)
     calls = record_sdpa(monkeypatch)
     m = shaped_model(head_dim, kv, max_seq_len=16)
     tokens = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(23))
@@ -394,9 +392,9 @@ def test_every_attention_call_site_gets_a_fused_kernel(head_dim, kv, dtype, monk
 
 # ------------------------------------------------------------------ training
 
-def test_dropout_is_stochastic_in_training_causal_and_off_in_eval(speedups):
-    m = tiny_model(seed=3, dropout=0.2, n_kv_heads=2)
-    plain = tiny_model(seed=3, dropout=0.0, n_kv_heads=2)  # the same weights
+def test_dropout_is_stochastic_in_training_causal_and_off_in_eval(kernels):
+    m = kernels(tiny_model(seed=3, dropout=0.2, n_kv_heads=2))
+    plain = kernels(tiny_model(seed=3, dropout=0.0, n_kv_heads=2))  # the same weights
     tokens = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(20))
     changed = tokens.clone()
     changed[:, 15] = (changed[:, 15] + 1) % 64
@@ -494,6 +492,14 @@ def test_estimate_mfu_is_the_formula_by_hand():
 
 # ------------------------------------------------------------------ generation and sampling
 
+def filter_logits(logits, top_k=None, top_p=None):
+    # the candidates sample_next draws from, as logits: (B, vocab_size) with the excluded tokens at -inf
+    values, index = model._candidates(logits, top_k, top_p)
+    if index is None:
+        return logits.clone()
+    return torch.full_like(logits, -float("inf")).scatter_(-1, index, values)
+
+
 def greedy_without_cache(m, idx, n):
     # the slow, obviously right way: a full forward of the whole sequence for every new token
     for _ in range(n):
@@ -502,8 +508,8 @@ def greedy_without_cache(m, idx, n):
     return idx
 
 
-def test_greedy_generation_matches_full_recomputation_and_is_deterministic(speedups):
-    m = tiny_model(n_kv_heads=2, max_seq_len=32)
+def test_greedy_generation_matches_full_recomputation_and_is_deterministic(kernels):
+    m = kernels(tiny_model(n_kv_heads=2, max_seq_len=32))
     prompt = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(8))
     out = m.generate(prompt, 27, temperature=0.0)  # fills the context exactly
     assert out.shape == (2, 32)
@@ -562,10 +568,10 @@ def test_generation_past_the_context_slides_without_error():
     assert sampled.shape == (2, 60)
 
 
-def test_generation_past_the_context_keeps_the_latest_half_and_matches_recomputation(speedups):
+def test_generation_past_the_context_keeps_the_latest_half_and_matches_recomputation(kernels):
     # when the cache is full, generate keeps the latest max_seq_len // 2 tokens and prefills them again;
     # every token must then be what an uncached forward over exactly those tokens predicts
-    m = tiny_model(max_seq_len=16)
+    m = kernels(tiny_model(max_seq_len=16))
     prompt = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(14))
     out = m.generate(prompt, 40, temperature=0.0)
     ctx = prompt
@@ -661,9 +667,9 @@ def test_sample_next_draws_from_the_filtered_distribution():
         assert torch.equal(draws, sample_next(logits.expand(n, -1), temperature, top_k, top_p))  # seeded
 
 
-def test_forward_does_not_depend_on_a_running_generation(speedups):
+def test_forward_does_not_depend_on_a_running_generation(kernels):
     # generation keeps nothing that forward reads: in the middle of one, forward follows the weights
-    m = tiny_model(max_seq_len=32)
+    m = kernels(tiny_model(max_seq_len=32))
     prompt = torch.randint(0, 64, (1, 5), generator=torch.Generator().manual_seed(18))
     stream = m.generate_stream(prompt, 10, temperature=0.0)
     next(stream)
@@ -677,10 +683,10 @@ def test_forward_does_not_depend_on_a_running_generation(speedups):
 
 
 @pytest.mark.slow
-def test_compiled_generation_follows_the_weights(speedups):
+def test_compiled_generation_follows_the_weights(kernels):
     # sample.py --compile compiles hidden_states, which generate_stream runs for the prefill and every
     # decode step: the compiled graph must read the weights as they are, not bake in the first ones
-    m = tiny_model(max_seq_len=16)
+    m = kernels(tiny_model(max_seq_len=16))
     prompt = torch.randint(0, 64, (1, 5), generator=torch.Generator().manual_seed(18))
     expected = []
     for scale in (1.0, -1.0):

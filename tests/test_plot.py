@@ -7,7 +7,7 @@ import pytest
 from test_train import ok, run_train
 
 import plot
-import runs
+from llamatiny import runs
 from model import ModelArgs, Transformer
 
 matplotlib.use("Agg")
@@ -42,7 +42,8 @@ def ev(it, val_loss, tokens_per_iter=1000):
 
 
 def render(monkeypatch, tmp_path, *argv) -> dict:
-    # plot.main writes the PNG; the figure it drew comes back as {gid: (x, y)} of its lines, with the legend
+    # plot.main writes the PNG; the figure it drew comes back as {gid: (x, y)} of its lines, with the legend,
+    # the panels' axis limits and the figure itself
     drawn = []
     make_figure = plot.make_figure
     monkeypatch.setattr(plot, "make_figure", lambda *a: drawn.append(make_figure(*a)) or drawn[-1])
@@ -52,8 +53,11 @@ def render(monkeypatch, tmp_path, *argv) -> dict:
     (fig,) = drawn
     series = {line.get_gid(): (list(line.get_xdata()), list(line.get_ydata()))
               for ax in fig.axes for line in ax.get_lines()}
-    series["legend"] = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    series["legend"] = [t.get_text() for t in fig.legends[0].get_texts()]
     series["loss axis"] = fig.axes[0].get_yscale()
+    series["xlim"] = [ax.get_xlim() for ax in fig.axes]
+    series["ylim"] = [ax.get_ylim() for ax in fig.axes]
+    series["figure"] = fig
     return series
 
 
@@ -139,6 +143,67 @@ def test_the_legend_names_the_settings_that_differ(monkeypatch, tmp_path):
     assert render(monkeypatch, tmp_path, b, d)["legend"] == [f"{b} (min_lr=1e-4)", f"{d} (min_lr=0)"]
 
 
+@pytest.mark.parametrize("x, xlim, window", [
+    ("iter", "--xlim=20,60", (20, 60)),
+    ("tokens", "--xlim=20K,60K", (20_000, 60_000)),
+    ("time", "--xlim=2s,6", (2, 6)),  # 1,000 tokens per iteration at 0.1 s each: iterations 20 to 60
+])
+def test_xlim_zooms_every_panel_of_every_x_axis(monkeypatch, tmp_path, x, xlim, window):
+    # a loss falling from 11 to 1 over 100 iterations, a learning rate rising to 100 over them
+    records = [[log(i, 11 - i / 10, lr=float(i))] + ([ev(i, 11 - i / 10)] if i % 10 == 0 else [])
+               for i in range(1, 101)]
+    out = write_run(tmp_path / "run", sum(records, []))
+    lines = render(monkeypatch, tmp_path, out, f"--x={x}", xlim)
+    assert lines["xlim"] == [window] * 3
+    # only the points inside are drawn, so that each panel's y axis fits them: losses 9 to 5, lr 20 to 60
+    for series in ("loss", "loss_smooth", "val_loss", "lr", "tok_per_s"):
+        shown = lines[f"{out}:{series}"][0]
+        assert shown and all(window[0] <= v <= window[1] for v in shown)
+    assert lines[f"{out}:loss"][1] == pytest.approx([11 - i / 10 for i in range(20, 61)])
+    (loss_low, loss_high), (lr_low, lr_high), _ = lines["ylim"]
+    assert 4 < loss_low < 5 and 9 < loss_high < 10 and 15 < lr_low < 20 and 60 < lr_high < 65
+    # the moving average is the whole run's, cut to the window, not one restarted at its edge
+    whole = render(monkeypatch, tmp_path, out, f"--x={x}")[f"{out}:loss_smooth"][1]
+    assert lines[f"{out}:loss_smooth"][1] == whole[19:60]
+    # one side, and the loss axis set by hand
+    lines = render(monkeypatch, tmp_path, out, f"--x={x}", xlim.split(",")[0] + ",", "--ylim=1,3")
+    assert lines["xlim"][0][0] == window[0] and lines["xlim"][0][1] > window[1] and lines["ylim"][0] == (1, 3)
+
+
+def test_the_time_axis_unit_follows_the_window(monkeypatch, tmp_path):
+    # 100 iterations of 100 s: 10,000 s in all, shown in hours; its first 10 minutes in minutes
+    out = write_run(tmp_path / "run", [log(i, 5.0, dt_ms=100_000.0) for i in range(1, 101)])
+    lines = render(monkeypatch, tmp_path, out, "--x=time")
+    assert lines["figure"].axes[2].get_xlabel() == "training time (h)"
+    lines = render(monkeypatch, tmp_path, out, "--x=time", "--xlim=0,10min")
+    assert lines["xlim"][0] == (0, 10) and lines["figure"].axes[2].get_xlabel() == "training time (min)"
+    assert lines[f"{out}:loss"][0] == pytest.approx([100 / 60 * i for i in range(1, 7)])
+
+
+def test_the_legend_of_many_dissimilar_runs_stays_whole_below_the_panels(monkeypatch, tmp_path):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    def panel_heights(fig):
+        FigureCanvasAgg(fig).draw()  # lays the figure out
+        return [ax.get_window_extent().height for ax in fig.axes]
+
+    settings = [dict(learning_rate=3e-4, batch_size=16), dict(dim=64, n_layers=4, hidden_dim=256),
+                dict(dropout=0.1, max_seq_len=64, multiple_of=32), dict(n_heads=8, n_kv_heads=8, seed=1),
+                dict(max_iters=200, lr_decay_iters=200, min_lr=0.0), dict(vocab_size=4096, batch_size=4)]
+    outs = [write_run(tmp_path / f"run_with_a_long_descriptive_name_{i}", [log(1, 5.0), log(2, 4.0)], **s)
+            for i, s in enumerate(settings)]
+    lines = render(monkeypatch, tmp_path, *outs)
+    fig, legend = lines["figure"], lines["figure"].legends[0]
+    assert len(lines["legend"]) == 6 and max(len(line) for label in lines["legend"]
+                                              for line in label.split("\n")) <= plot.LEGEND_CHARS
+    heights = panel_heights(fig)
+    box, lowest = legend.get_window_extent(), fig.axes[2].get_tightbbox()  # (tick labels and title included)
+    assert 0 <= box.x0 and box.x1 <= fig.bbox.width and 0 <= box.y0 and box.y1 <= lowest.y0
+    # the figure grew for the legend: the panels are as tall as beside a one-run legend
+    alone = panel_heights(render(monkeypatch, tmp_path, outs[0])["figure"])
+    assert heights == pytest.approx(alone, rel=0.05)
+
+
 # ----------------------------------------------------------------------------- the table
 
 
@@ -179,6 +244,11 @@ def test_without_matplotlib_the_figure_says_how_to_install_it(monkeypatch, tmp_p
     (["{tmp}/empty"], "error: none of the folders given holds a training run's metrics.jsonl"),
     (["{tmp}/run", "--smooth=1"], "error: --smooth=1.0 must be in [0, 1)"),
     (["{tmp}/run", "-o", "{tmp}/nowhere/runs.png"], "error: cannot write {tmp}/nowhere/runs.png"),
+    (["{tmp}/run", "--xlim=5000"], "error: --xlim=5000: give LO,HI, e.g. --xlim=0,5000"),
+    (["{tmp}/run", "--xlim=5000,100"], "error: --xlim=5000,100: the first value must be below the second"),
+    (["{tmp}/run", "--xlim=0,2h"], "error: --xlim=0,2h: '2h' is not a number (suffixes: k, K, M, B, G)"),
+    (["{tmp}/run", "--x=time", "--xlim=0,2M"], "error: --xlim=0,2M: '2M' is not a number (suffixes: s, min"),
+    (["{tmp}/run", "--log", "--ylim=0,3"], "error: --ylim=0,3: a log-scale axis starts above 0"),
 ])
 def test_bad_input_is_a_one_line_error(tmp_path, capsys, argv, message):
     (tmp_path / "empty").mkdir()
@@ -190,13 +260,18 @@ def test_bad_input_is_a_one_line_error(tmp_path, capsys, argv, message):
 
 
 def test_folders_without_a_run_are_skipped_with_a_note(monkeypatch, tmp_path, capsys):
+    # out/* also matches the exports and files beside the runs
     (tmp_path / "hf").mkdir()
+    (tmp_path / "debug.bin").write_bytes(b"model")
     out = write_run(tmp_path / "run", [log(1, 5.0)])
     (tmp_path / "run" / "config.json").write_text("{not json", encoding="utf-8")
-    assert render(monkeypatch, tmp_path, str(tmp_path / "hf"), out)["legend"] == [out]
+    everything = sorted(str(p) for p in tmp_path.iterdir())
+    assert render(monkeypatch, tmp_path, *everything)["legend"] == [out]
     err = capsys.readouterr().err
     assert f"note: skipping {tmp_path / 'hf'}: no metrics.jsonl" in err
+    assert f"note: skipping {tmp_path / 'debug.bin'}: a file, not a run folder" in err
     assert f"note: {out}/config.json is unreadable" in err
+    assert list(table_rows(capsys, *everything)) == [out]
 
 
 def test_help_works(capsys):

@@ -1,22 +1,23 @@
 """README.md's command lines, pasted in order as a newcomer would, in a copy of the scripts: a line that
 breaks fails here. Only sizes shrink, by settings the test appends to each line (a smaller model and
-fewer iterations for train.py, fewer tokens for sample.py); lines marked "(GPU)" and `pip install` are
-left out, and so is running the test suite. Offline: `download` gets a local folder with the synthetic
-corpus as TinyStories and a 512-token tokenizer standing in for Llama 2's (so every "Llama 2" run here
-has vocab_size=512), and llama2.c's published stories15M.bin is a small model made here."""
+fewer iterations for train.py, only fewer iterations for a resumed run, which takes the rest from its
+checkpoint as a user's does; fewer tokens for sample.py); lines marked "(GPU)" or "(llama.cpp)" (its
+programs are not installed here) and `pip install` are left out, and so is running the test suite.
+Offline: `download` gets a local folder with the synthetic corpus as TinyStories (V1 and V2) and a
+512-token tokenizer standing in for Llama 2's (so every "Llama 2" run here has vocab_size=512), and
+llama2.c's published stories15M.bin is a small model made here."""
 import re
 import shlex
 import shutil
 import subprocess
 import sys
-import tarfile
 
 import pytest
 from conftest import ROOT
-from fixture_corpus import make_stories, write_endoftext, write_json_shards
 
 import tinystories
-from checkpoint import write_llama2c
+from llamatiny.checkpoint import write_llama2c
+from llamatiny.corpus import make_stories, write_endoftext, write_tinystories_archive
 from model import ModelArgs, Transformer
 
 pytestmark = pytest.mark.slow
@@ -33,7 +34,7 @@ def readme_commands() -> list[str]:
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         for line in block.splitlines():
             line = line.strip()
-            if not line or line.startswith("#") or "(GPU)" in line:
+            if not line or line.startswith("#") or "(GPU)" in line or "(llama.cpp)" in line:
                 continue
             line = re.sub(r"^pip install [^&]*&&\s*", "", line)  # the quick start's install, done already
             if not line.startswith("pip ") and "pytest" not in line:  # (the suite itself runs this test)
@@ -47,7 +48,7 @@ def shrunk(line: str, iters: int) -> str:
     script = words[1] if words[0] == "python" else None
     extra = []
     if script == "train.py":
-        extra = SMALL_MODEL + [f"--max_iters={iters}"]
+        extra = ([] if "--init_from=resume" in words else SMALL_MODEL) + [f"--max_iters={iters}"]
     elif script == "demo.py":
         extra = ["--max_iters=20", "--eval_interval=10", "--warmup_iters=5"]
     elif script in ("sample.py", "eval.py"):
@@ -65,17 +66,15 @@ def workdir(tmp_path):
     for path in ROOT.glob("*.py"):
         shutil.copy(path, work)
     shutil.copytree(ROOT / "config", work / "config")
-    (work / "tests").mkdir()
-    shutil.copy(ROOT / "tests" / "fixture_corpus.py", work / "tests")
+    shutil.copytree(ROOT / "llamatiny", work / "llamatiny", ignore=shutil.ignore_patterns("__pycache__"))
     # the "internet": TinyStories and the Llama 2 tokenizer in a folder that --url FOLDER/ reads
     mirror = tmp_path / "mirror"
     stories = make_stories(2000, seed=5)
-    write_json_shards(str(tmp_path / "shards"), stories, 4)
     mirror.mkdir()
-    with tarfile.open(mirror / "TinyStories_all_data.tar.gz", "w:gz") as tar:
-        for shard in sorted((tmp_path / "shards").iterdir()):
-            tar.add(shard, arcname=shard.name)
+    write_tinystories_archive(mirror / "TinyStories_all_data.tar.gz", stories)
     write_endoftext(tmp_path / "stand_in.txt", stories)
+    write_endoftext(mirror / "TinyStoriesV2-GPT4-train.txt", stories[200:])  # --version 2's two files
+    write_endoftext(mirror / "TinyStoriesV2-GPT4-valid.txt", stories[:200])
     model = tinystories.train_vocab(tmp_path, 512, input=tmp_path / "stand_in.txt", name="llama2")
     shutil.copy(model, mirror / "tokenizer.model")
     # files a user brings: their own text, and llama2.c's stories15M.bin (here a small model, same vocabulary)

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-import runs
+from llamatiny import runs
 
 CONFIG = {"wandb_project": "p", "wandb_run_name": None}
 
@@ -74,7 +74,7 @@ def test_progress_leaves_the_first_step_and_evals_out_of_the_time_left(monkeypat
 def test_save_checkpoints_keeps_latest_best_and_the_last_n(tmp_path):
     import torch
 
-    from checkpoint import save_checkpoint
+    from llamatiny.checkpoint import save_checkpoint
 
     for it in range(1, 6):
         runs.save_checkpoints(str(tmp_path), {"iter_num": it}, latest=True, best=it == 2, keep=2,

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-import runtime
 from configurator import ConfigError
+from llamatiny import runtime
 
 
 def test_peak_flops_lookup_prefers_the_most_specific_name():

@@ -11,8 +11,9 @@ import torch
 from test_export import save_checkpoint, tiny_model, train_tokenizer
 
 import sample
-from checkpoint import from_checkpoint, write_hf, write_llama2c
-from tokenizer import Tokenizer
+from llamatiny.checkpoint import from_checkpoint, write_hf, write_llama2c
+from llamatiny.generate import generate_story
+from llamatiny.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -57,7 +58,7 @@ class ScriptedModel:
 
 def story(model, tok, prompt_ids, **cfg):
     pieces = []
-    new = sample.generate_story(model, tok, prompt_ids, {**sample.DEFAULTS, **cfg}, pieces.append)
+    new = generate_story(model, tok, prompt_ids, {**sample.DEFAULTS, **cfg}, pieces.append)
     return new, pieces
 
 

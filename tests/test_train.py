@@ -13,19 +13,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cpu_speedups import REALLOCATION_FAULTS
+from test_cpu_kernels import REALLOCATION_FAULTS
 
-import dataloader
-import memory
 import train
-from checkpoint import from_checkpoint, write_llama2c
 from configurator import parse_config
+from llamatiny import data, settings
+from llamatiny.checkpoint import from_checkpoint, write_llama2c
 from model import ModelArgs, Transformer
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = str(ROOT / "train.py")
-CHECKPOINT_KEYS = {"model", "model_args", "optimizer", "scaler", "config", "iter_num", "tokens_seen",
-                   "best_val_loss", "loader_state", "rng_state", "tokenizer", "elapsed_s"}
+CHECKPOINT_KEYS = {"model", "model_args", "optimizer", "scaler", "config", "as_given", "iter_num",
+                   "tokens_seen", "best_val_loss", "loader_state", "rng_state", "tokenizer", "elapsed_s"}
 # a model small enough for ~10 ms iterations on one CPU thread
 TINY = ["--dataset=fixture", "--vocab_source=custom", "--vocab_size=512", "--dim=32", "--n_layers=2",
         "--n_heads=4", "--n_kv_heads=2", "--multiple_of=16", "--max_seq_len=32", "--batch_size=8",
@@ -208,7 +207,8 @@ def test_short_run_learns_and_writes_its_outputs(short_run):
     logs, evals = read_metrics(out)
     assert [r["iter"] for r in logs] == list(range(1, 31))
     assert set(logs[0]) == {"iter", "tokens", "loss", "lr", "grad_norm", "dt_ms", "tok_per_s", "mfu",
-                            "elapsed_s"}
+                            "elapsed_s", "first_step_s"}
+    assert logs[0]["first_step_s"] > 0 and not any("first_step_s" in r for r in logs[1:])
     assert logs[0]["tok_per_s"] is None and all(r["tok_per_s"] > 0 for r in logs[1:])  # step 1: warm-up
     assert all(a["elapsed_s"] < b["elapsed_s"] for a, b in zip(logs, logs[1:]))
     assert set(evals[0]) == {"iter", "tokens", "train_loss", "val_loss"}
@@ -234,6 +234,20 @@ def test_short_run_learns_and_writes_its_outputs(short_run):
 
     info = json.loads((out / "config.json").read_text(encoding="utf-8"))
     assert info["config"]["batch_size"] == 8 and info["torch"] == torch.__version__ and "git" in info
+
+
+def test_the_first_step_of_each_process_is_logged_whatever_the_log_interval(data_dir, tmp_path, capsys):
+    # on a GPU log_interval defaults to 10, and the first step (compiling) must still be seen and kept
+    run = TINY + [f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--log_interval=4", "--eval_interval=6"]
+    train.train(train.parse_settings(run + ["--max_iters=6"]))
+    train.train(train.parse_settings(run + ["--max_iters=10", "--init_from=resume"]))
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("iter ")]
+    logs, _ = read_metrics(tmp_path)
+    assert [r["iter"] for r in logs] == [1, 4, 6, 7, 8, 10]  # the resumed process's first step is 7
+    assert [i for i, line in enumerate(lines) if " | first step " in line] == [0, 3]
+    assert FIRST_LOG_LINE.match(lines[0]), lines[0]
+    firsts = [r for r in logs if "first_step_s" in r]
+    assert [r["iter"] for r in firsts] == [1, 7] and all(r["first_step_s"] > 0 for r in firsts)
 
 
 @pytest.mark.slow
@@ -343,7 +357,7 @@ def test_a_finetune_may_change_rope_theta_and_the_context_a_resume_may_not(short
     # a resumed run keeps it: changing it is refused in one line
     message = main_error(run + ["--init_from=resume", "--max_iters=4", "--rope_theta=10000",
                                 f"--out_dir={long}"])
-    assert f"{long / 'ckpt.pt'} was trained with rope_theta=40000.0 (config: 10000.0)" in message
+    assert f"{long / 'ckpt.pt'} was trained with rope_theta=40000.0 (command line: 10000.0)" in message
 
 
 def test_a_model_worse_than_uniform_on_its_new_data_is_flagged(short_run, data_dir, tmp_path):
@@ -377,7 +391,8 @@ def test_finetune_from_a_missing_or_unreadable_file(data_dir, tmp_path):
     missing = tmp_path / "stories15M.bin"
     message = main_error(TINY + [f"--init_from={missing}", f"--data_dir={data_dir}",
                                  f"--out_dir={tmp_path / 'o'}"])
-    assert f"init_from='{missing}' is not 'scratch', 'resume', 'auto' or an existing checkpoint" in message
+    assert (f"init_from='{missing}' (command line) is not 'scratch', 'resume', 'auto' or an existing "
+            "checkpoint") in message
     text = tmp_path / "notes.txt"
     text.write_text("not a model\n", encoding="utf-8")
     message = main_error(TINY + [f"--init_from={text}", f"--data_dir={data_dir}",
@@ -414,7 +429,7 @@ def test_resume_without_a_checkpoint(data_dir, tmp_path):
 def test_resume_with_other_model_args(short_run, data_dir):
     message = main_error(TINY + ["--init_from=resume", "--dim=64", f"--data_dir={data_dir}",
                                  f"--out_dir={short_run[0]}"])
-    assert "dim=32 (config: 64)" in message
+    assert "dim=32 (command line: 64)" in message
 
 
 def test_resume_on_another_vocabulary(short_run, data_dir, tmp_path):
@@ -501,11 +516,12 @@ def test_compiled_model_saves_plain_names(data_dir, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("arg, message", [
     ("--n_kv_heads=abc", "n_kv_heads='abc' (from --n_kv_heads=abc) has the wrong type: expected int or None"),
-    ("--n_kv_heads=0", "n_kv_heads=0 must be at least 1"),
+    ("--n_kv_heads=0", "n_kv_heads=0 (command line) must be at least 1"),
     ("--hidden_dim=1.5", "hidden_dim=1.5 (from --hidden_dim=1.5) has the wrong type: expected int or None"),
-    ("--hidden_dim=-4", "hidden_dim=-4 must be at least 1"),
+    ("--hidden_dim=-4", "hidden_dim=-4 (command line) must be at least 1"),
     ("--min_lr=fast", "min_lr='fast' (from --min_lr=fast) has the wrong type: expected float or None"),
-    ("--lr_decay_iters=5", "lr_decay_iters=5 is shorter than warmup_iters=1000; lower --warmup_iters"),
+    ("--lr_decay_iters=5",
+     "lr_decay_iters=5 (command line) is shorter than warmup_iters=1000 (command line); lower"),
 ])
 def test_settings_with_none_defaults_are_checked(tmp_path, arg, message):
     assert message in main_error(["config/train_cpu_debug.py", "--warmup_iters=1000", arg,
@@ -528,8 +544,9 @@ def test_resuming_with_more_iterations_keeps_the_schedule(data_dir, tmp_path):
     out = tmp_path / "out"
     ok(run_train(["--max_iters=10", "--eval_interval=10"], data_dir, out))
     result = ok(run_train(["--max_iters=16", "--eval_interval=8", "--init_from=resume"], data_dir, out))
-    assert "note: continuing with the checkpoint's lr_decay_iters=10 (give a setting again" in result.stdout
-    assert "note: changed on resume: max_iters 10 -> 16" in result.stdout
+    assert "note: continuing with the checkpoint's lr_decay_iters=10 (give a setting on the command line" \
+        in result.stdout
+    assert "note: changed on resume: eval_interval 10 -> 8, max_iters 10 -> 16" in result.stdout
     assert "resuming from iteration 10 (5,120 tokens)" in result.stdout
     logs, _ = read_metrics(out)
     assert [r["iter"] for r in logs] == list(range(1, 17))
@@ -624,7 +641,7 @@ def test_the_next_batch_is_made_before_the_host_waits_for_the_device(data_dir, t
     # on a GPU, .item() waits for the step to finish: the next iteration's batch must already be made by
     # then, or the GPU idles while the CPU builds it
     events = []
-    real_next, real_item = dataloader.BatchLoader.next_batch, torch.Tensor.item
+    real_next, real_item = data.BatchLoader.next_batch, torch.Tensor.item
 
     def next_batch(self):
         if self.seed != train.EVAL_SEED:  # the training loader
@@ -635,7 +652,7 @@ def test_the_next_batch_is_made_before_the_host_waits_for_the_device(data_dir, t
         events.append("sync")
         return real_item(self)
 
-    monkeypatch.setattr(dataloader.BatchLoader, "next_batch", next_batch)
+    monkeypatch.setattr(data.BatchLoader, "next_batch", next_batch)
     monkeypatch.setattr(torch.Tensor, "item", item)
     train.train(train.parse_settings(TINY + ["--max_iters=3", "--eval_interval=100",
                                              "--gradient_accumulation_steps=1", f"--data_dir={data_dir}",
@@ -655,11 +672,11 @@ TINY_ARGS = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=1
 
 def memory_for(batch: int) -> int:
     # available memory in which a micro-batch of `batch` fits (with the 10% headroom) and one more does not
-    return int(memory.step_bytes(TINY_ARGS, batch, "float32", "cpu") / 0.9) + 1
+    return int(settings.step_bytes(TINY_ARGS, batch, "float32", "cpu") / 0.9) + 1
 
 
 def test_a_step_that_cannot_fit_stops_with_a_batch_size_that_does(data_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(memory, "available_bytes", lambda device: memory_for(2))
+    monkeypatch.setattr(settings, "available_bytes", lambda device: memory_for(2))
     message = main_error(TINY + [f"--data_dir={data_dir}", f"--out_dir={tmp_path}"])
     assert re.search(r"a training step of 8 x 32 tokens needs about [\d.]+ GiB "
                      r"\(the \(batch, context, vocab\) logits are most of it\) but [\d.]+ GiB is available: "
@@ -669,13 +686,13 @@ def test_a_step_that_cannot_fit_stops_with_a_batch_size_that_does(data_dir, tmp_
 
 
 def test_batch_size_auto_keeps_the_tokens_per_iteration(data_dir, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(memory, "available_bytes", lambda device: memory_for(5))
+    monkeypatch.setattr(settings, "available_bytes", lambda device: memory_for(5))
     train.train(train.parse_settings(TINY + ["--batch_size=auto", "--max_iters=2", "--eval_interval=2",
                                              f"--data_dir={data_dir}", f"--out_dir={tmp_path}"]))
     assert "batch_size=auto: 4 x 4 accumulation steps = 16 sequences per iteration (up to 5 fit, estimated " \
            "against" in capsys.readouterr().out
-    settings = json.loads((tmp_path / "config.json").read_text(encoding="utf-8"))["config"]
-    assert (settings["batch_size"], settings["gradient_accumulation_steps"]) == (4, 4)
+    recorded = json.loads((tmp_path / "config.json").read_text(encoding="utf-8"))["config"]
+    assert (recorded["batch_size"], recorded["gradient_accumulation_steps"]) == (4, 4)
     assert read_metrics(tmp_path)[0][-1]["tokens"] == 2 * 16 * 32
 
 
@@ -691,8 +708,8 @@ def test_a_run_measured_in_tokens(data_dir, tmp_path):
     assert re.search(r"^  layers\.1\.feed_forward\.w2\.weight +32x96 +3,072$", result.stdout, re.M)
     logs, evals = read_metrics(tmp_path / "o")
     assert logs[-1]["iter"] == 4 and logs[-1]["tokens"] == 2048 and evals[-1]["iter"] == 4
-    settings = json.loads((tmp_path / "o" / "config.json").read_text(encoding="utf-8"))["config"]
-    assert settings["max_tokens"] == 2048 and settings["max_iters"] == 4 and settings["max_epochs"] is None
+    recorded = json.loads((tmp_path / "o" / "config.json").read_text(encoding="utf-8"))["config"]
+    assert recorded["max_tokens"] == 2048 and recorded["max_iters"] == 4 and recorded["max_epochs"] is None
 
 
 @pytest.mark.slow

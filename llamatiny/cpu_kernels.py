@@ -1,15 +1,16 @@
 """
-Faster CPU paths for the same computations model.py and train.py do in the plain way. Nothing here
-changes a result beyond float rounding; each piece is tested against the plain path it replaces
-(tests/test_cpu_speedups.py), and bench/README.md has the figures that justify it.
+Faster CPU kernels for computations model.py and train.py do in the plain way. Nothing here changes a
+result beyond float rounding: each kernel falls back on model.py's own function where it has no trick to
+apply, and each is tested against the plain path it replaces (tests/test_cpu_kernels.py, which runs every
+ModelArgs field through both); bench/README.md has the figures that justify them.
 
 - causal_attention: training attention with dropout taken in blocks of queries, and a kernel of our
-  own for heads 8 wide or less (the 260K model); PyTorch's attention for everything else
+  own for heads 8 wide or less (the 260K model); model.py's for everything else
 - Decoder, sample_next: generation's one-token steps on packed weights, and top-p without a sort
 - keep_freed_memory: glibc keeps freed memory for the next training step
 
-model.py and train.py use them only where ENABLED is True (the default; train.py and sample.py set
-it from --cpu_speedups), the way torch.backends.cudnn.enabled switches cuDNN.
+A model gets the first two from attach(model): train.py, sample.py and eval.py call it for a model on the
+CPU unless --cpu_speedups=False. model.py does not import this module.
 """
 import ctypes
 
@@ -18,23 +19,33 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ENABLED = True
+import model as plain  # the plain path these kernels replace
+
+
+def attach(model):
+    """Hands a model on the CPU these kernels in place of its plain ones: causal attention for training and
+    prefill, generation's decoder and sampler. Returns the model."""
+    for layer in model.layers:
+        layer.attention.causal_attention = causal_attention
+    model.decoder, model.sampler = Decoder, sample_next
+    return model
 
 
 # ----------------------------------------------------------------- attention
 
 def causal_attention(q, k, v, dropout_p: float = 0.0):
-    """F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p, enable_gqa=True)
-    through the fastest CPU kernel for the shape; PyTorch's own where no trick applies."""
+    """model.causal_attention through the fastest CPU kernel for the shape; model.py's own where no trick
+    applies."""
     # q: (B, n_heads, T, head_dim); k, v: (B, n_kv_heads, T, head_dim)
     if dropout_p > 0:
         return causal_attention_in_blocks(q, k, v, dropout_p)
     # our kernel computes in float32 (autocast casts its inputs); a half-precision model without autocast
-    # keeps PyTorch's kernel, which accumulates in float32 too
+    # keeps PyTorch's kernel, which accumulates in float32 too. Under torch.compile, PyTorch's too: the
+    # compiler would unroll the loop over blocks, and compiling would take far longer than it could save.
     in_float32 = q.dtype == torch.float32 or torch.is_autocast_enabled("cpu")
-    if q.size(-1) <= 8 and q.size(2) <= 512 and in_float32:
+    if q.size(-1) <= 8 and q.size(2) <= 512 and in_float32 and not torch.compiler.is_compiling():
         return small_head_causal_attention(q, k, v)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    return plain.causal_attention(q, k, v)
 
 
 def causal_attention_in_blocks(q, k, v, dropout_p: float, block: int = 64):
@@ -50,8 +61,8 @@ def causal_attention_in_blocks(q, k, v, dropout_p: float, block: int = 64):
         end = min(start + block, T)
         # query start + i sees keys 0 .. start + i
         mask = torch.ones(end - start, end, dtype=torch.bool, device=q.device).tril(diagonal=start)
-        y = F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, :end], v[:, :, :end], attn_mask=mask,
-                                           dropout_p=dropout_p, enable_gqa=True)  # (B, n_heads, block, hd)
+        y = plain.attention(q[:, :, start:end], k[:, :, :end], v[:, :, :end], attn_mask=mask,
+                            dropout_p=dropout_p)  # (B, n_heads, block, head_dim)
         out.append(y)
     return torch.cat(out, dim=2)  # (B, n_heads, T, head_dim)
 
@@ -113,8 +124,6 @@ class SmallHeadCausalAttention(torch.autograd.Function):
         return dq.reshape(ctx.shape), dk.reshape(ctx.shape), dv.reshape(ctx.shape)
 
 
-# torch.compile would unroll the loop over blocks: compiling takes far longer than it could save
-@torch.compiler.disable
 def small_head_causal_attention(q, k, v):
     # q: (B, n_heads, T, head_dim); k, v: (B, n_kv_heads, T, head_dim)
     rep = q.size(1) // k.size(1)
@@ -162,8 +171,6 @@ class Decoder:
                 and "hidden_states" not in vars(model))  # sample.py --compile replaces the method
 
     def pack(self, model) -> list:
-        from model import precompute_rope  # (model.py imports this module)
-
         a = model.args
         head_dim = a.dim // a.n_heads
         # rsqrt(mean(x^2) + eps) = sqrt(dim) * rsqrt(sum(x^2) + dim * eps): the sqrt(dim) goes into the gains
@@ -171,7 +178,7 @@ class Decoder:
         self.eps = torch.tensor(a.dim * a.norm_eps)
         self.gain = model.norm.weight.detach() * scale  # the final norm's, applied before the classifier
         self.embedding = model.tok_embeddings.weight.detach()
-        cos, sin = precompute_rope(head_dim, a.max_seq_len, a.rope_theta)
+        cos, sin = plain.precompute_rope(head_dim, a.max_seq_len, a.rope_theta)
         self.rope = torch.complex(cos, sin)  # (max_seq_len, head_dim/2): e^(i * angle)
         layers = []
         for layer in model.layers:
@@ -243,13 +250,11 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
     a small model on a CPU; this is a few passes over the probabilities. A token tied in probability
     with the least likely one kept is kept too, where the sort would keep some of them. Figures:
     bench/README.md"""
-    from model import sample_next as plain  # (model.py imports this module)
-
     if temperature == 0.0 and logits.dtype == torch.float32:
         # the same first maximum, found ~10x faster by numpy's vectorised argmax on this CPU
         return torch.from_numpy(logits.numpy().argmax(-1))
     if temperature == 0.0 or top_k is not None or top_p is None or top_p >= 1.0:
-        return plain(logits, temperature, top_k, top_p)
+        return plain.sample_next(logits, temperature, top_k, top_p)
     probs = (logits.float() / temperature).softmax(-1)  # (B, V)
     cdf = probs.cumsum(-1).numpy()  # each draw below is a few scalar steps: numpy's, without torch's overhead
     tokens = []

@@ -4,6 +4,7 @@ is one line naming the file and the reason the OS gave: a full disk, a quota, a 
 
     with atomic_write("out/config.json") as tmp, open(tmp, "w") as f:   # all of it, or the old file
         f.write(...)
+    usual_permissions("data/TinyStories_all_data")                     # a tempfile.mkdtemp folder: not 0700
     with writing("out/metrics.jsonl"), open(...) as f:                 # an OSError names the file
         f.write(...)
     check_writable("out")                                              # refused before any work is done
@@ -62,6 +63,7 @@ def atomic_write(path):
             os.makedirs(directory, exist_ok=True)
             yield tmp
             _fsync(tmp)  # a disk that fills up may only say so here
+            usual_permissions(tmp)
             os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -80,6 +82,15 @@ def link_or_copy(src, dst) -> None:
             os.link(src, tmp)
         except OSError:
             shutil.copyfile(src, tmp)
+
+
+def usual_permissions(path) -> None:
+    """Gives path the mode a plain open() or mkdir would: 0666 (a folder 0777) less the umask. Some writers
+    create files only their owner may read (safetensors' save_file: 0600), as tempfile.mkdtemp does folders
+    (0700); what we write is meant to be shared like any other file the user makes."""
+    umask = os.umask(0)  # the only way to read it; set back at once
+    os.umask(umask)
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~umask)
 
 
 def check_writable(directory) -> None:

@@ -1,8 +1,10 @@
 """
 `python tinystories.py download`: TinyStories and the Llama 2 tokenizer, from Hugging Face, a mirror or files
 you copied. A transfer resumes where it broke (HTTP Range), is size-checked before it is renamed into place,
-and the archive is unpacked into a temporary folder that is renamed when it is whole.
+and the archive is unpacked into a temporary folder that is renamed when it is whole. `--version 2` fetches
+TinyStoriesV2's two text files instead of the archive, from the same places, checked to be its stories.
 """
+import codecs
 import os
 import re
 import shutil
@@ -13,27 +15,34 @@ import tempfile
 import time
 import urllib.parse
 import zlib
+from functools import partial
 from pathlib import Path
 
 from tqdm import tqdm
 
-from dataloader import TINYSTORIES_DIR, DataError, data_command, list_shards
-from fileio import WriteError, atomic_write, check_writable, writing
-from tokenizer import Tokenizer
+from llamatiny.data import TINYSTORIES_DIR, DataError, data_command, list_shards
+from llamatiny.fileio import WriteError, atomic_write, check_writable, usual_permissions, writing
+from llamatiny.tokenizer import Tokenizer
 
 ARCHIVE = "TinyStories_all_data.tar.gz"
-TINYSTORIES_PATH = f"datasets/roneneldan/TinyStories/resolve/main/{ARCHIVE}"
+HF_FOLDER = "datasets/roneneldan/TinyStories/resolve/main/"
+TINYSTORIES_PATH = HF_FOLDER + ARCHIVE
+# TinyStoriesV2: the GPT-4 stories only, as text with a line <|endoftext|> after each story; its own
+# validation file
+V2_FILES = ("TinyStoriesV2-GPT4-train.txt", "TinyStoriesV2-GPT4-valid.txt")
 LLAMA2_TOKENIZER = "llama2_tokenizer.model"  # in DATA_DIR
 LLAMA2_TOKENIZER_URL = "https://raw.githubusercontent.com/karpathy/llama2.c/master/tokenizer.model"
 MIRRORS = ("set HF_ENDPOINT to a mirror of huggingface.co, or pass --url and --tokenizer_url (a mirror's "
            f"URLs, or files you copied), or --url FOLDER/ holding {ARCHIVE} and tokenizer.model")
+V2_NAME = "tinystories_v2"  # the dataset name the printed next step gives prepare
 RETRY_WAIT_S = 2.0  # pause before resuming a broken transfer (tests set 0)
 
 
 
-def default_url() -> str:
+def default_url(version: int = 1) -> str:
+    """The archive's URL (version 1), or the folder holding TinyStoriesV2's files (version 2)."""
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")  # mirrors set HF_ENDPOINT
-    return f"{endpoint}/{TINYSTORIES_PATH}"
+    return f"{endpoint}/{TINYSTORIES_PATH if version == 1 else HF_FOLDER}"
 
 
 def local_path(url: str) -> Path | None:
@@ -174,6 +183,7 @@ def safe_unpack(archive: Path, target: Path) -> int:
         shards = list_shards(tmp, "json")
         if not shards:
             raise DataError(f"{archive} holds no dataNN.json files: is it TinyStories_all_data.tar.gz?")
+        usual_permissions(tmp)
         if target.exists():
             target.rmdir()  # empty, checked above
         os.rename(tmp, target)
@@ -184,9 +194,12 @@ def safe_unpack(archive: Path, target: Path) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def download(data_dir, url: str | None = None, tokenizer_url: str | None = None, retries: int = 3) -> None:
+def download(data_dir, url: str | None = None, tokenizer_url: str | None = None, retries: int = 3,
+             version: int = 1) -> None:
     data_dir = Path(data_dir)
     check_writable(data_dir)
+    if version == 2:
+        return download_v2(data_dir, url, tokenizer_url, retries)
     target = data_dir / TINYSTORIES_DIR
     url, folder_tokenizer = mirror_files(url or default_url())
     if shards := list_shards(target, "json"):
@@ -215,6 +228,52 @@ def download(data_dir, url: str | None = None, tokenizer_url: str | None = None,
         print(f"unpacked {n} shards into {target}")
     fetch_tokenizer(data_dir / LLAMA2_TOKENIZER, tokenizer_url or folder_tokenizer or LLAMA2_TOKENIZER_URL,
                     retries)
+
+
+def download_v2(data_dir: Path, url: str | None, tokenizer_url: str | None, retries: int) -> None:
+    """TinyStoriesV2's two text files into data_dir, from the folder url names (default: Hugging Face's);
+    prepare --input reads them."""
+    folder = url or default_url(version=2)
+    src = local_path(folder)
+    if not folder.endswith("/") and not (src is not None and src.is_dir()):
+        raise DataError(f"--version 2 fetches two files, {' and '.join(V2_FILES)}: give --url the folder "
+                        "that holds them (a local folder, or a URL ending in /)")
+    folder = folder.rstrip("/") + "/"
+    for name in V2_FILES:
+        dest, file_url = data_dir / name, folder + name
+        if dest.exists():  # only ever renamed here complete, size-checked and checked to be the stories
+            print(f"{dest} already present")
+        elif (src := local_path(file_url)) is None:
+            print(f"downloading {file_url}")
+            http_download(file_url, dest, retries, check=partial(check_v2_text, source=file_url, delete=True))
+        elif not src.is_file():
+            raise DataError(f"no such file: {src}")
+        else:
+            check_v2_text(src, src)
+            with atomic_write(dest) as tmp, open(src, "rb") as f, open(tmp, "wb") as out:
+                with tqdm.wrapattr(f, "read", total=src.stat().st_size, desc=f"copying {name}", unit="B",
+                                   unit_scale=True, unit_divisor=1024) as read:
+                    shutil.copyfileobj(read, out, 1 << 20)
+            print(f"copied {src} to {dest}")
+    fetch_tokenizer(data_dir / LLAMA2_TOKENIZER, tokenizer_url or (folder + "tokenizer.model" if url else
+                                                                   LLAMA2_TOKENIZER_URL), retries)
+    print(f"next: {data_command(f'prepare --input {data_dir / V2_FILES[0]} --name {V2_NAME}', data_dir)}")
+
+
+def check_v2_text(path: Path, source, delete=False) -> None:
+    # a proxy's or a mirror's error page can arrive whole, with a 200: the stories are UTF-8 text with a
+    # separator within their first megabyte. delete: a download's, which the next run must fetch again
+    with open(path, "rb") as f:
+        head = f.read(1 << 20)
+    try:
+        text = codecs.getincrementaldecoder("utf-8")().decode(head)  # (a character cut at the end waits)
+    except UnicodeDecodeError:
+        text = ""
+    if "<|endoftext|>" not in text:
+        if delete:
+            path.unlink()
+        raise DataError(f"{source} is not TinyStoriesV2 text (UTF-8 stories, each followed by a line "
+                        "<|endoftext|>): is --url the right folder?")
 
 
 def fetch_tokenizer(dest: Path, url: str, retries: int) -> None:

@@ -5,14 +5,16 @@ The stories are simple on purpose (a tiny model learns them in a minute on a CPU
 varied enough to train a vocabulary and to tell a trained model from an untrained one.
 Output is deterministic for a given seed.
 
-    python tests/fixture_corpus.py out.txt --num_stories 2000            # <|endoftext|> format
-    python tests/fixture_corpus.py out_dir --num_stories 2000 --shards 4 # data00.json ... like TinyStories
-    python tests/fixture_corpus.py other.txt --words other                # other names, places and objects
+    python -m llamatiny.corpus out.txt --num_stories 2000            # <|endoftext|> format
+    python -m llamatiny.corpus out_dir --num_stories 2000 --shards 4 # data00.json ... like TinyStories
+    python -m llamatiny.corpus other.txt --words other                # other names, places and objects
 """
 import argparse
 import json
 import os
 import random
+import tarfile
+import tempfile
 
 # the words the templates fill in; OTHER_WORDS is the same kind of story about other characters, places and
 # objects: a text unlike the default one, to fine-tune a model trained on that (tests/test_lora.py)
@@ -99,6 +101,15 @@ def write_json_shards(out_dir: str, stories: list[str], shards: int) -> None:
         chunk = [json_record(s) for s in stories[i * per : (i + 1) * per]]
         with open(os.path.join(out_dir, f"data{i:02d}.json"), "w", encoding="utf-8") as f:
             json.dump(chunk, f)
+
+
+def write_tinystories_archive(path: str, stories: list[str], shards: int = 4) -> None:
+    # the stories as TinyStories' archive is downloaded: dataNN.json shards in a .tar.gz
+    with tempfile.TemporaryDirectory() as tmp:
+        write_json_shards(tmp, stories, shards)
+        with tarfile.open(path, "w:gz") as tar:
+            for name in sorted(os.listdir(tmp)):
+                tar.add(os.path.join(tmp, name), arcname=name)
 
 
 if __name__ == "__main__":

@@ -34,22 +34,32 @@ A PEFT adapter directory: adapter_config.json (peft's LoraConfig: r, lora_alpha,
   adapter_model.safetensors, the adapters named after the Hugging Face weights they add to
   (base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight, (rank, in); lora_B, (out, rank));
   peft's PeftModel.from_pretrained puts them onto the Hugging Face export of the base.
+A GGUF file (llama.cpp, and Ollama, LM Studio, llama-cpp-python on top of it), written with the gguf package
+  (llama.cpp's own writer): the "llama" architecture's settings (llama.context_length, embedding_length,
+  feed_forward_length, block_count, attention.head_count, head_count_kv, rope.freq_base,
+  attention.layer_norm_rms_epsilon, rope.dimension_count, vocab_size), the sentencepiece tokenizer
+  (tokenizer.ggml.*: pieces, scores, types, special ids; tokenizer.chat_template for an instruction-tuned
+  model) and the weights under llama.cpp's names (token_embd, blk.N.attn_q ... ffn_up, output_norm; output
+  only when the classifier is untied, otherwise llama.cpp ties it to token_embd). Norms are float32, matrices
+  the --dtype; GGUF lists dimensions innermost first, so an (out, in) matrix of ours reads (in, out) there.
+  wq and wk are written as they are: Meta's RoPE on interleaved pairs is llama.cpp's for this architecture
+  (its converter undoes the Hugging Face row permutation to get there).
 """
 import json
 import os
 import pickle
+import shlex
 import shutil
 import struct
+import zipfile
 from dataclasses import asdict
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-import instruct
-import lora
-import runtime
-from fileio import atomic_write
+from llamatiny import instruct, lora, runs, runtime
+from llamatiny.fileio import atomic_write
 from model import ModelArgs, Transformer, precompute_rope
 
 MAGIC = 0x616B3432  # "ak42" read as a big-endian word; the bytes on disk are "24ka"
@@ -120,17 +130,15 @@ def from_checkpoint(path, device="cpu", merge=True):
                                 "--checkpoint=PATH")
     elif path.endswith(".bin"):
         checkpoint = read_llama2c(path)
-    else:  # our own checkpoints hold the config, optimizer and RNG states: load only files you trust
+    else:
         try:
-            checkpoint = torch.load(path, map_location=device, weights_only=False)
-        except (pickle.UnpicklingError, EOFError, RuntimeError) as e:  # text, or an empty or truncated copy
-            why = " ".join(str(e).split())  # torch's messages run over several lines
-            raise CheckpointError(f"{path} is not a checkpoint written by train.py "
-                                  f"({type(e).__name__}: {why})") from e
-        if not isinstance(checkpoint, dict) or not {"model", "lora"} & set(checkpoint) \
-                or "model_args" not in checkpoint:
-            raise CheckpointError(f"{path} is not a checkpoint written by train.py (no 'model' / "
-                                  "'model_args')")
+            checkpoint = read_pt(path, device)
+        except CheckpointError as e:
+            if good := newest_good_checkpoint(path):
+                raise CheckpointError(f"{e}; the newest good checkpoint beside it is {good[1]} (iteration "
+                                      f"{good[0]}): `cp {shlex.quote(good[1])} {shlex.quote(path)}` and run "
+                                      "the same command again") from e
+            raise
     adapters = checkpoint.get("lora")
     if adapters:
         checkpoint["model"] = _lora_base_weights(path, adapters["base"], device)
@@ -149,6 +157,45 @@ def from_checkpoint(path, device="cpu", merge=True):
     if os.path.isdir(path) or path.endswith(".bin"):  # read by us: share the model's tensors, not a 2nd copy
         checkpoint["model"] = model.state_dict()
     return model, checkpoint
+
+
+def read_pt(path: str, device="cpu", mmap=False) -> dict:
+    """Our checkpoint's dict, or a CheckpointError that says whether the file is cut short or not ours."""
+    try:  # our own checkpoints hold the config, optimizer and RNG states: load only files you trust
+        checkpoint = torch.load(path, map_location=device, weights_only=False, mmap=mmap)
+    except (pickle.UnpicklingError, EOFError, RuntimeError, OSError) as e:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            zipped = f.read(4) == b"PK\x03\x04"  # torch.save writes a zip archive, whose index is at its end
+        if size == 0 or isinstance(e, EOFError) or (zipped and not zipfile.is_zipfile(path)):
+            what = "empty" if size == 0 else f"truncated ({size:,} bytes, its end missing)"
+            raise CheckpointError(f"{path} is {what}: a copy or transfer cut short, or a damaged disk") from e
+        if isinstance(e, OSError) and not zipped:  # not a read that failed on a damaged archive
+            raise
+        why = " ".join(str(e).split())  # torch's messages run over several lines
+        raise CheckpointError(f"{path} is not a checkpoint written by train.py "
+                              f"({type(e).__name__}: {why})") from e
+    if not isinstance(checkpoint, dict) or not {"model", "lora"} & set(checkpoint) \
+            or "model_args" not in checkpoint:
+        raise CheckpointError(f"{path} is not a checkpoint written by train.py (no 'model' / 'model_args')")
+    return checkpoint
+
+
+def newest_good_checkpoint(damaged: str) -> tuple[int, str] | None:
+    # the checkpoints train.py keeps beside a damaged one (with keep_checkpoints the numbered ones,
+    # ckpt_best.pt, ckpt.pt): (iteration, path) of the newest that loads, in that order where iterations tie
+    folder = os.path.dirname(damaged)
+    numbered, good = runs.numbered_checkpoints(folder)[::-1], []
+    for path in numbered + [os.path.join(folder, name) for name in ("ckpt_best.pt", "ckpt.pt")]:
+        if not os.path.isfile(path) or os.path.samefile(path, damaged):  # (a hard link: the same bytes)
+            continue
+        if good and path in numbered:  # the newest numbered one that loads is newer than the others
+            continue
+        try:
+            good.append((read_pt(path, mmap=True)["iter_num"], path))  # (mmap: reads only what it looks at)
+        except (CheckpointError, OSError, KeyError):  # damaged too, or not one of train.py's
+            pass
+    return max(good, key=lambda found: found[0], default=None)
 
 
 def _lora_base_weights(path, base: dict, device) -> dict:
@@ -564,3 +611,118 @@ def read_hf(path) -> dict:
             if template := instruct.template_of_chat_template(json.load(f).get("chat_template")):
                 checkpoint["template"] = instruct.template_info(template)
     return checkpoint
+
+
+# ---------------------------------------------------------------- GGUF (llama.cpp)
+
+# --dtype -> the gguf package's GGMLQuantizationType and LlamaFileType (names, so that importing this file
+# does not need gguf)
+GGUF_TYPES = {"float32": ("F32", "ALL_F32"), "float16": ("F16", "MOSTLY_F16"),
+              "bfloat16": ("BF16", "MOSTLY_BF16"), "q8_0": ("Q8_0", "MOSTLY_Q8_0")}
+
+
+def _protobuf_fields(buf: bytes):
+    # (field number, value) of one protobuf message: an int for a varint, the bytes for anything else
+    def varint(pos):
+        value = shift = 0
+        while True:
+            byte = buf[pos]
+            value, shift, pos = value | (byte & 0x7F) << shift, shift + 7, pos + 1
+            if byte < 0x80:
+                return value, pos
+
+    pos = 0
+    while pos < len(buf):
+        key, pos = varint(pos)
+        wire = key & 7
+        if wire == 0:
+            value, pos = varint(pos)
+        elif wire == 2:
+            n, pos = varint(pos)
+            value, pos = buf[pos:pos + n], pos + n
+        elif wire in (1, 5):  # 64- and 32-bit numbers
+            n = 8 if wire == 1 else 4
+            value, pos = buf[pos:pos + n], pos + n
+        else:
+            raise CheckpointError(f"not a sentencepiece model (protobuf wire type {wire})")
+        yield key >> 3, value
+
+
+def sentencepiece_types(sp) -> list[int]:
+    """Each piece's type as the model file stores it (ModelProto field 1, the pieces; in each, field 3, the
+    type, NORMAL=1 when absent): NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1 ... 6, GGUF's
+    numbering too. sentencepiece's Python API cannot tell a user-defined piece (train_vocab
+    --special_tokens), which llama.cpp must know to match it whole as sentencepiece does."""
+    types = [dict(_protobuf_fields(piece)).get(3, 1)
+             for field, piece in _protobuf_fields(sp.serialized_model_proto()) if field == 1]
+    assert len(types) == sp.vocab_size(), (len(types), sp.vocab_size())
+    return types
+
+
+def write_gguf(path, model: Transformer, tokenizer_path, dtype: str = "float32", template=None) -> dict:
+    """Writes model and its tokenizer as one GGUF file; template: the instruct.py template an
+    instruction-tuned model was trained with (its name). Returns {"bytes", "kept_f16": [matrices whose rows
+    Q8_0's blocks of 32 do not divide, written float16 as llama.cpp's converter does]}."""
+    import gguf  # llama.cpp's writer (pip install gguf); export.py checks for it first
+
+    args = model.args
+    qtype, file_type = (getattr(enum, name) for enum, name in
+                        zip((gguf.GGMLQuantizationType, gguf.LlamaFileType), GGUF_TYPES[dtype]))
+    state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    if _shared_classifier(state):
+        del state["output.weight"]  # llama.cpp ties a missing output.weight to token_embd
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, args.n_layers)  # from Meta's names (ours)
+    sp = load_sentencepiece(tokenizer_path)
+    kept = []
+    with atomic_write(path) as tmp:
+        writer = gguf.GGUFWriter(tmp, "llama")
+        try:
+            writer.add_context_length(args.max_seq_len)
+            writer.add_embedding_length(args.dim)
+            writer.add_feed_forward_length(args.hidden_dim)
+            writer.add_block_count(args.n_layers)
+            writer.add_head_count(args.n_heads)
+            writer.add_head_count_kv(args.n_kv_heads)
+            writer.add_rope_freq_base(args.rope_theta)
+            writer.add_layer_norm_rms_eps(args.norm_eps)
+            writer.add_rope_dimension_count(args.dim // args.n_heads)
+            writer.add_vocab_size(args.vocab_size)
+            writer.add_file_type(file_type)
+            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+            writer.add_tokenizer_model("llama")  # sentencepiece, as llama.cpp reads it
+            writer.add_token_list([sp.id_to_piece(i) for i in range(sp.vocab_size())])
+            writer.add_token_scores([sp.get_score(i) for i in range(sp.vocab_size())])
+            writer.add_token_types(sentencepiece_types(sp))
+            for kind, token_id in (("bos", sp.bos_id()), ("eos", sp.eos_id()), ("unk", sp.unk_id()),
+                                   ("pad", sp.pad_id())):
+                if token_id >= 0:  # -1: the tokenizer has none
+                    getattr(writer, f"add_{kind}_token_id")(token_id)
+            if sp.bos_id() >= 0:
+                # A model trained here ends a story with the BOS that starts the next (TinyStories' shards
+                # separate stories with BOS only); as end-of-turn, llama.cpp stops there, as sample.py does
+                writer.add_eot_token_id(sp.bos_id())
+            writer.add_add_bos_token(sp.bos_id() >= 0)  # as sample.py encodes a prompt
+            writer.add_add_eos_token(False)
+            # sentencepiece's dummy prefix: a space before the text, as "▁a" shows
+            writer.add_add_space_prefix(sp.normalize("a").startswith("\u2581"))
+            if template:
+                writer.add_chat_template(instruct.hf_chat_template(template))
+
+            for name, t in tqdm(state.items(), desc=f"writing {os.path.basename(path)}", unit=" tensors",
+                                disable=None, leave=False):
+                gguf_name = names.get_name(name, try_suffixes=(".weight",))
+                want = qtype if t.dim() == 2 else gguf.GGMLQuantizationType.F32  # llama.cpp's norms: float32
+                try:
+                    data = gguf.quants.quantize(t.numpy(), want)
+                except gguf.QuantError:  # rows (in_features) not a multiple of Q8_0's block of 32
+                    want = gguf.GGMLQuantizationType.F16
+                    data = gguf.quants.quantize(t.numpy(), want)
+                    kept.append(gguf_name)
+                writer.add_tensor(gguf_name, data, raw_dtype=want)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
+    return {"bytes": os.path.getsize(path), "kept_f16": kept}

@@ -1,6 +1,8 @@
-"""cpu_speedups.py: each CPU variant against the plain PyTorch path it replaces (forward and gradients,
-in float64 where the kernel allows, grouped-query shapes, CPU bf16 autocast), which path runs when,
-and the allocator setting."""
+"""llamatiny/cpu_kernels.py: each CPU kernel against the plain path of model.py it replaces (forward and
+gradients, in float64 where the kernel allows, grouped-query shapes, CPU bf16 autocast), every ModelArgs
+field through both paths, which path runs when, and the allocator setting."""
+import copy
+import dataclasses
 import subprocess
 import sys
 
@@ -8,10 +10,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import ROOT
-from test_model import all_logits, greedy_without_cache, tiny_model
+from test_model import all_logits, filter_logits, greedy_without_cache, tiny_model
 
-import cpu_speedups
+from llamatiny import cpu_kernels
 from model import ModelArgs, Transformer
+
+
+def with_kernels(m):
+    # the same model with the CPU kernels attached, as train.py, sample.py and eval.py run it on a CPU
+    return cpu_kernels.attach(copy.deepcopy(m))
 
 
 def qkv(B, n_heads, n_kv_heads, T, head_dim, dtype=torch.float64, seed=23):
@@ -43,7 +50,7 @@ def test_small_head_attention_equals_sdpa_forward_and_backward(n_heads, n_kv_hea
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        ours = forward_and_grads(cpu_speedups.small_head_causal_attention, q, k, v, dy)
+        ours = forward_and_grads(cpu_kernels.small_head_causal_attention, q, k, v, dy)
     finally:
         torch.set_num_threads(before)
     ref = forward_and_grads(sdpa_causal, q, k, v, dy)
@@ -57,7 +64,7 @@ def test_small_head_attention_under_cpu_bfloat16_autocast():
     q, k, v = (t.detach().bfloat16().requires_grad_() for t in qkv(2, 8, 4, 128, 8))
     dy = torch.randn(2, 8, 128, 8, generator=torch.Generator().manual_seed(2))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        ours = forward_and_grads(cpu_speedups.small_head_causal_attention, q, k, v, dy)
+        ours = forward_and_grads(cpu_kernels.small_head_causal_attention, q, k, v, dy)
     assert ours[0].dtype == torch.float32 and all(g.dtype == torch.bfloat16 for g in ours[1:])
     q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))  # the same values, in float32
     ref = forward_and_grads(sdpa_causal, q32, k32, v32, dy)
@@ -83,7 +90,7 @@ def test_blocked_attention_equals_causal_attention(T, block):
     # without dropout: the same outputs and gradients as causal attention, in float64 (GQA: 4 heads, 2 kv)
     q, k, v = qkv(2, 4, 2, T, 8, seed=19)
     dy = torch.randn(2, 4, T, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    blocked = lambda *t: cpu_speedups.causal_attention_in_blocks(*t, 0.0, block=block)  # noqa: E731
+    blocked = lambda *t: cpu_kernels.causal_attention_in_blocks(*t, 0.0, block=block)  # noqa: E731
     ours = forward_and_grads(blocked, q, k, v, dy)
     ref = forward_and_grads(sdpa_causal, q, k, v, dy)
     for a, b in zip(ours, ref, strict=True):
@@ -93,7 +100,7 @@ def test_blocked_attention_equals_causal_attention(T, block):
     # 3000 draws, as 10 batches of 300 copies of the inputs (each copy draws its own dropout)
     torch.manual_seed(0)
     copies = [t.repeat(300, 1, 1, 1) for t in (q, k, v)]  # (300 * 2, heads, T, 8)
-    draws = [cpu_speedups.causal_attention_in_blocks(*copies, 0.3, block=block).view(300, *ref.shape)
+    draws = [cpu_kernels.causal_attention_in_blocks(*copies, 0.3, block=block).view(300, *ref.shape)
              for _ in range(10)]
     mean = torch.cat(draws).mean(0)
     assert (mean - ref).abs().max() < 0.1 and (mean - ref).abs().mean() < 0.02
@@ -102,28 +109,29 @@ def test_blocked_attention_equals_causal_attention(T, block):
     k2[:, :, T - 3:] += 1.0
     v2[:, :, T - 3:] += 1.0
     torch.manual_seed(1)
-    a = cpu_speedups.causal_attention_in_blocks(q, k, v, 0.3, block=block)
+    a = cpu_kernels.causal_attention_in_blocks(q, k, v, 0.3, block=block)
     torch.manual_seed(1)
-    b = cpu_speedups.causal_attention_in_blocks(q, k2, v2, 0.3, block=block)
+    b = cpu_kernels.causal_attention_in_blocks(q, k2, v2, 0.3, block=block)
     assert torch.equal(a[:, :, :T - 3], b[:, :, :T - 3]) and not torch.equal(a, b)
 
 
 def test_blocked_attention_under_cpu_bfloat16_autocast():
     q, k, v = (t.detach().bfloat16() for t in qkv(2, 4, 2, 100, 8))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        ours = cpu_speedups.causal_attention_in_blocks(q, k, v, 0.0)
+        ours = cpu_kernels.causal_attention_in_blocks(q, k, v, 0.0)
         ref = sdpa_causal(q, k, v)
     assert ours.dtype == ref.dtype and (ours.float() - ref.float()).abs().max() <= 2e-2 * ref.abs().max()
 
 
-def test_training_losses_equal_the_plain_paths(monkeypatch):
+def test_training_losses_equal_the_plain_paths():
     # a few optimizer steps of a 260K-like model (8-wide heads, grouped keys, several query blocks) as
     # train.py takes them: clipped gradients, fused AdamW; each path from the same weights
     batch = torch.randint(0, 64, (2, 301), generator=torch.Generator().manual_seed(8))
     losses = {}
     for enabled in (True, False):
-        monkeypatch.setattr(cpu_speedups, "ENABLED", enabled)
         m = tiny_model(n_heads=4, n_kv_heads=2, max_seq_len=300, std=None).train()
+        if enabled:
+            cpu_kernels.attach(m)
         opt = m.configure_optimizers(0.1, 3e-2, (0.9, 0.95), "cpu")
         losses[enabled] = []
         for _ in range(4):  # the same batch: the loss must fall
@@ -139,7 +147,7 @@ def test_training_losses_equal_the_plain_paths(monkeypatch):
 
 # ----------------------------------------------------------------- decoding
 
-def plain_step(m, tokens, start_pos):  # model.generate_stream's step without cpu_speedups
+def plain_step(m, tokens, start_pos):  # model.generate_stream's step without the kernels
     return m.output(m.hidden_states(tokens, start_pos)[:, -1, :])
 
 
@@ -149,7 +157,7 @@ def test_decoder_logits_equal_the_plain_forward(n_heads, n_kv_heads, B):
     m = tiny_model(n_heads=n_heads, n_kv_heads=n_kv_heads, max_seq_len=32)
     tokens = torch.randint(0, 64, (B, 20), generator=torch.Generator().manual_seed(6))
     with torch.inference_mode():
-        decoder = cpu_speedups.Decoder(m)
+        decoder = cpu_kernels.Decoder(m)
         assert decoder.layers is not None  # the packed one-token path, not the fallback
         ours = [decoder(tokens[:, :5], 0)] + [decoder(tokens[:, i:i + 1], i) for i in range(5, 20)]
         plain = ([plain_step(m, tokens[:, :5], 0)]
@@ -160,7 +168,7 @@ def test_decoder_logits_equal_the_plain_forward(n_heads, n_kv_heads, B):
 
 @pytest.mark.parametrize("case", ["bfloat16", "dropout in training", "LoRA"])
 def test_models_the_decoder_cannot_pack_run_their_own_forward(case):
-    import lora
+    from llamatiny import lora
 
     m = tiny_model(n_heads=4, max_seq_len=32, dropout=0.1 if case == "dropout in training" else 0.0)
     if case == "bfloat16":
@@ -169,10 +177,10 @@ def test_models_the_decoder_cannot_pack_run_their_own_forward(case):
         m.train()
     else:
         lora.attach(m, rank=2, alpha=4.0)
-    assert not cpu_speedups.Decoder.packable(m)
+    assert not cpu_kernels.Decoder.packable(m)
     tokens = torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
-        decoder = cpu_speedups.Decoder(m)
+        decoder = cpu_kernels.Decoder(m)
         ours = [decoder(tokens[:, :4], 0)] + [decoder(tokens[:, i:i + 1], i) for i in range(4, 8)]
         if case != "dropout in training":  # (dropout draws differ between two forwards)
             plain = ([plain_step(m, tokens[:, :4], 0)]
@@ -182,13 +190,11 @@ def test_models_the_decoder_cannot_pack_run_their_own_forward(case):
 
 
 def test_nucleus_sampling_without_sorting_draws_from_the_filtered_distribution():
-    from model import filter_logits
-
     logits = torch.tensor([[1.5, 0.2, 1.0, -0.5, 0.6, 0.0], [3.0, 0.1, 0.2, 0.3, 0.4, 0.5]]).log_softmax(-1)
     n = 20_000
     for temperature, top_p in [(1.0, 0.8), (0.7, 0.5), (1.3, 0.95), (1.0, 0.05)]:
         torch.manual_seed(3)
-        draws = cpu_speedups.sample_next(logits.repeat(n, 1), temperature, top_p=top_p).view(n, 2)
+        draws = cpu_kernels.sample_next(logits.repeat(n, 1), temperature, top_p=top_p).view(n, 2)
         for row in range(2):
             freq = torch.bincount(draws[:, row], minlength=6).double() / n
             expected = (filter_logits(logits[row:row + 1] / temperature, top_p=top_p)
@@ -202,7 +208,7 @@ def test_nucleus_sampling_without_sorting_draws_from_the_filtered_distribution()
 
 def test_fast_greedy_pick_is_the_first_maximum():
     logits = torch.tensor([[0.0, 2.0, 2.0, 1.0], [5.0, -1.0, 5.0, 5.0], [-3.0, -2.0, -1.0, -1.0]])
-    assert (cpu_speedups.sample_next(logits, temperature=0.0).tolist() == logits.argmax(-1).tolist()
+    assert (cpu_kernels.sample_next(logits, temperature=0.0).tolist() == logits.argmax(-1).tolist()
             == [1, 0, 2])
 
 
@@ -225,6 +231,50 @@ def test_packed_weights_are_per_generation_and_follow_training():
     assert len({tuple(o[0].tolist()) for o in outputs}) == 3  # training did change what it generates
 
 
+# ----------------------------------------------------------------- every model option through both paths
+
+# A value for every field of ModelArgs other than tiny_model's: the Decoder computes the model a second
+# way (weights packed and norms folded in), so each option the model has must give the same logits on both
+# paths. A field added to ModelArgs fails here until it has a value below and both paths support it.
+OTHER_VALUES = {"dim": 48, "n_layers": 3, "n_heads": 2, "n_kv_heads": 1, "vocab_size": 97, "hidden_dim": 72,
+                "multiple_of": 24, "norm_eps": 0.5, "max_seq_len": 20, "dropout": 0.2, "rope_theta": 50.0}
+
+
+@pytest.mark.parametrize("field", [f.name for f in dataclasses.fields(ModelArgs)])
+def test_every_model_option_gives_the_plain_paths_results(field):
+    assert field in OTHER_VALUES, f"ModelArgs.{field} is new: give it a value in OTHER_VALUES, and make " \
+                                  "llamatiny/cpu_kernels.py compute what model.py computes with it"
+    m = tiny_model(**{field: OTHER_VALUES[field]})
+    assert getattr(m.args, field) != getattr(tiny_model().args, field)
+    fast, V, T = with_kernels(m), m.args.vocab_size, m.args.max_seq_len
+    tokens = torch.randint(0, V, (2, T), generator=torch.Generator().manual_seed(30))
+
+    # training's forward and backward (dropout's draws differ between the two kernels: without them there)
+    grads = []
+    for model in (m, fast):
+        model.train(m.args.dropout == 0)
+        logits, loss = model(tokens, tokens)
+        loss.backward()
+        grads.append((logits, *(p.grad for p in model.parameters())))
+        model.eval()
+    for a, b in zip(*grads, strict=True):
+        assert (a - b).abs().max() <= 1e-4 * b.abs().max()
+
+    # generation's steps, teacher-forced: a prefill, then one token at a time to the end of the context
+    with torch.inference_mode():
+        decoder = cpu_kernels.Decoder(fast)
+        assert decoder.layers is not None  # the packed one-token path, not the fallback
+        ours, plain = [decoder(tokens[:, :5], 0)], [plain_step(m, tokens[:, :5], 0)]
+        for i in range(5, T):
+            ours.append(decoder(tokens[:, i:i + 1], i))
+            plain.append(plain_step(m, tokens[:, i:i + 1], i))
+    for i, (a, b) in enumerate(zip(ours, plain, strict=True)):  # float32 rounding, over up to 20 steps
+        assert a.shape == (2, V) and (a - b).abs().max() <= 1e-4 * b.abs().max(), i
+    # and whole greedy generations, past the context (which slides)
+    assert torch.equal(fast.generate(tokens[:, :5], T + 5, temperature=0.0),
+                       m.generate(tokens[:, :5], T + 5, temperature=0.0))
+
+
 # ----------------------------------------------------------------- which path runs when
 
 @pytest.fixture
@@ -238,11 +288,11 @@ def paths(monkeypatch):
             return fn(*args, **kwargs)
         return wrapper
 
-    cls = cpu_speedups.SmallHeadCausalAttention
+    cls = cpu_kernels.SmallHeadCausalAttention
     monkeypatch.setattr(cls, "apply", counting("small_head", cls.apply))
-    monkeypatch.setattr(cpu_speedups, "causal_attention_in_blocks",
-                        counting("blocks", cpu_speedups.causal_attention_in_blocks))
-    monkeypatch.setattr(cpu_speedups.Decoder, "decode", counting("decode", cpu_speedups.Decoder.decode))
+    monkeypatch.setattr(cpu_kernels, "causal_attention_in_blocks",
+                        counting("blocks", cpu_kernels.causal_attention_in_blocks))
+    monkeypatch.setattr(cpu_kernels.Decoder, "decode", counting("decode", cpu_kernels.Decoder.decode))
 
     def taken(fn):
         for name in runs:
@@ -252,17 +302,17 @@ def paths(monkeypatch):
     return taken
 
 
-@pytest.mark.parametrize("enabled", [True, False])
-def test_each_variant_runs_where_it_applies_and_only_when_enabled(paths, monkeypatch, enabled):
-    monkeypatch.setattr(cpu_speedups, "ENABLED", enabled)
-    on = lambda *names: set(names) if enabled else set()  # noqa: E731
+@pytest.mark.parametrize("attached", [True, False])
+def test_each_kernel_runs_where_it_applies_and_only_when_attached(paths, attached):
+    on = lambda *names: set(names) if attached else set()  # noqa: E731
+    model = lambda **kw: (cpu_kernels.attach if attached else lambda m: m)(tiny_model(**kw).train())  # noqa: E731
     tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(4))
-    hd8, hd16 = tiny_model(n_heads=4).train(), tiny_model(n_heads=2).train()  # head dims 32/4 and 32/2
+    hd8, hd16 = model(n_heads=4), model(n_heads=2)  # head dims 32/4 and 32/2
     assert paths(lambda: hd8(tokens, tokens)) == on("small_head")
     assert paths(lambda: hd16(tokens, tokens)) == set()  # PyTorch's kernel is faster from head dim 16
-    long, long_tokens = tiny_model(n_heads=4, max_seq_len=520).train(), tokens.repeat(1, 33)[:, :513]
+    long, long_tokens = model(n_heads=4, max_seq_len=520), tokens.repeat(1, 33)[:, :513]
     assert paths(lambda: long(long_tokens, long_tokens)) == set()  # T > 512
-    dropout = tiny_model(n_heads=2, dropout=0.1).train()
+    dropout = model(n_heads=2, dropout=0.1)
     assert paths(lambda: dropout(tokens, tokens)) == on("blocks")  # training with dropout, any head size
     with torch.no_grad():
         assert paths(lambda: dropout.eval()(tokens, tokens)) == set()  # no dropout in eval
@@ -272,23 +322,25 @@ def test_each_variant_runs_where_it_applies_and_only_when_enabled(paths, monkeyp
     # generation: the small-head kernel for the prefill, the packed decode for the steps after it
     assert paths(lambda: hd8.float().eval().generate(tokens[:, :4], 5)) == on("small_head", "decode")
     assert paths(lambda: hd16.eval().generate(tokens[:, :4], 5)) == on("decode")
+    # and under torch.compile, PyTorch's attention: the compiler would unroll the small-head kernel's loop
+    compiled = torch.compile(hd8.float().train(), backend="eager")
+    assert paths(lambda: compiled(tokens, tokens)) == set()
 
 
-def test_speedups_change_no_generated_token(monkeypatch):
-    m = tiny_model(n_heads=4, n_kv_heads=2, max_seq_len=32)  # head dim 8: every variant that generation uses
+def test_kernels_change_no_generated_token():
+    m = tiny_model(n_heads=4, n_kv_heads=2, max_seq_len=32)  # head dim 8: every kernel that generation uses
     prompt = torch.randint(0, 64, (3, 6), generator=torch.Generator().manual_seed(5))
     tokens, logits = {}, {}
-    for enabled in (True, False):
-        monkeypatch.setattr(cpu_speedups, "ENABLED", enabled)
-        tokens[enabled] = m.generate(prompt, 40, temperature=0.0)  # slides past the context once
-        logits[enabled] = all_logits(m.train(), prompt)  # training's path
-        m.eval()
+    for enabled, model in ((True, with_kernels(m)), (False, m)):
+        tokens[enabled] = model.generate(prompt, 40, temperature=0.0)  # slides past the context once
+        logits[enabled] = all_logits(model.train(), prompt)  # training's path
+        model.eval()
     assert torch.equal(tokens[True], tokens[False])
     assert (logits[True] - logits[False]).abs().max() < 1e-5 * logits[False].abs().max()
 
 
 @pytest.mark.parametrize("norm_gain", [7.5, 1.0], ids=["peaked", "near-uniform"])
-def test_greedy_decoding_of_a_15m_wide_model_is_the_plain_paths(monkeypatch, norm_gain):
+def test_greedy_decoding_of_a_15m_wide_model_is_the_plain_paths(norm_gain):
     # the 15M model's layer shapes with its own initialisation (a smaller vocabulary and fewer layers, for
     # time): the final norm's gain 7.5 gives a trained model's peaked distribution, 1.0 a fresh model's
     # near-uniform one, where the next token often wins by a small margin
@@ -297,11 +349,8 @@ def test_greedy_decoding_of_a_15m_wide_model_is_the_plain_paths(monkeypatch, nor
     with torch.no_grad():
         m.norm.weight.fill_(norm_gain)
     prompt = torch.tensor([[1, 403, 1200, 7]])
-    tokens = {}
-    for enabled in (True, False):
-        monkeypatch.setattr(cpu_speedups, "ENABLED", enabled)
-        tokens[enabled] = m.generate(prompt, 120, temperature=0.0)  # slides past the context once
-    assert torch.equal(tokens[True], tokens[False])
+    fast = with_kernels(m).generate(prompt, 120, temperature=0.0)  # each slides past the context once
+    assert torch.equal(fast, m.generate(prompt, 120, temperature=0.0))
 
 
 # ----------------------------------------------------------------- memory
@@ -320,9 +369,10 @@ for _ in range(4):
 faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 """
 FAULTS_ON_REALLOCATION = """
-import resource, sys, torch, cpu_speedups
+import resource, sys, torch
+from llamatiny import cpu_kernels
 import model, tinystories  # the heap train.py's process has when main() applies the setting
-applied = cpu_speedups.keep_freed_memory() if sys.argv[1] == "on" else None  # "off": glibc's defaults
+applied = cpu_kernels.keep_freed_memory() if sys.argv[1] == "on" else None  # "off": glibc's defaults
 """ + REALLOCATION_FAULTS + "print(applied, faults)"
 
 

@@ -3,7 +3,8 @@ A training run's folder, out_dir: what train.py writes there besides the checkpo
 random-number state a checkpoint carries so that a resumed run continues exactly; and the readers
 of those files (plot.py's).
 
-    out_dir/config.json     the resolved settings, git commit, library versions, command line
+    out_dir/config.json     the resolved settings (and as given, those resolution fills in), git commit,
+                            library versions, command line
     out_dir/metrics.jsonl   one JSON object per log line {iter, tokens, loss, lr, ...} and per eval
                             {iter, tokens, train_loss, val_loss}
     out_dir/ckpt.pt         the latest checkpoint, every checkpoint_interval iterations: what resume continues
@@ -27,7 +28,7 @@ from datetime import datetime, timezone
 import numpy as np
 import torch
 
-from fileio import atomic_write, link_or_copy, writing
+from llamatiny.fileio import atomic_write, link_or_copy, writing
 
 
 def git_revision() -> str | None:
@@ -39,8 +40,9 @@ def git_revision() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def write_run_info(out_dir, config: dict, world_size: int) -> None:
-    info = {"config": config, "git": git_revision(), "torch": torch.__version__,
+def write_run_info(out_dir, config: dict, as_given: dict, world_size: int) -> None:
+    # config: the resolved settings; as_given: those that resolution filled in, as they were given
+    info = {"config": config, "as_given": as_given, "git": git_revision(), "torch": torch.__version__,
             "python": sys.version.split()[0], "world_size": world_size,
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "argv": sys.argv}
     with atomic_write(os.path.join(out_dir, "config.json")) as tmp, open(tmp, "w", encoding="utf-8") as f:
