@@ -27,7 +27,8 @@ stories:
 
 Shards hold every document stripped, with BOS prepended, concatenated. data00.bin is the validation split,
 the rest train (as in llama2.c). An input with a single shard, and `prepare`, hold out documents
-0, 100, 200, ... as data00.bin. Each shard directory has a meta.json naming the tokenizer it was made with.
+0, 100, 200, ... as data00.bin (prepare: or --val_fraction=F of them, or all of --val_input FILE). Each
+shard directory has a meta.json naming the tokenizer it was made with.
 """
 import argparse
 import concurrent.futures
@@ -49,9 +50,11 @@ from tqdm import tqdm
 from llamatiny import download, instruct
 from llamatiny.data import TINYSTORIES_DIR, DataError, data_command, index_name, list_shards, mask_name
 from llamatiny.fileio import atomic_write, check_writable, writing
-from llamatiny.readers import InputRecords, is_val, read_json_stories
+from llamatiny.readers import VAL_EVERY, InputRecords, is_val, read_json_stories
 from llamatiny.tokenizer import MAX_VOCAB_SIZE, Tokenizer
 
+# prepare warns when the validation split cannot fill one window of the longest context of config/*.py
+LONGEST_CONTEXT = 1024
 SHARD_CHARS = 8_000_000  # prepare: text per train shard (~2 M tokens), so that every core gets work
 # train_vocab warns below this much text per piece: the pieces learned last are merges of pairs the text holds
 # only a few times, which a model then sees too rarely to learn. Measured on TinyStories at 2,048 pieces:
@@ -260,18 +263,32 @@ def pretokenize(data_dir, vocab_size: int = 0, tokenizer=None) -> Path:
 
 
 def prepare(data_dir, input, name: str, vocab_size: int = 0, tokenizer=None, fmt: str = "auto",
-            words_from_story: int = 0) -> Path:
+            words_from_story: int = 0, val_input=None, val_fraction: float | None = None) -> Path:
+    """--input -> DATA_DIR/NAME/dataNN.bin. The validation split data00.bin is every hundredth document of
+    --input, the share val_fraction of them (spread evenly), or all of val_input (then none of --input)."""
     data_dir = Path(data_dir)
     check_name(name)
+    if val_input is not None and val_fraction is not None:
+        raise DataError("--val_input is the whole validation split: leave out --val_fraction")
+    if val_fraction is not None and not 0 < val_fraction < 1:
+        raise DataError(f"--val_fraction={val_fraction} must be between 0 and 1 (0.2: every fifth document)")
     source = InputRecords(input, fmt, words_from_story)  # fail on a bad --input before any work
+    val_source = InputRecords(val_input, fmt, words_from_story) if val_input is not None else None
     tok = find_tokenizer(data_dir, vocab_size, tokenizer, name)
-    total = sum(p.stat().st_size for p in source.files)
-    return write_shards(data_dir / name, _prepare_jobs(source, input, tok), tok, total, num_jobs=None,
-                        source=Path(input), records=source)
+    total = sum(p.stat().st_size for p in source.files + (val_source.files if val_source else []))
+    jobs = _prepare_jobs(source, input, tok, val_source, val_fraction or 1 / VAL_EVERY)
+    out = write_shards(data_dir / name, jobs, tok, total, num_jobs=None, source=Path(input), records=source)
+    if fmt == "auto" and source.template is None:
+        print(f"note: no instruction fields in {input} (Words:/Summary: lines, prompt/response, messages, "
+              "...): plain shards for pretraining; for instruction tuning, --words_from_story=3 makes Words: "
+              "records of its stories")
+    return out
 
 
-def _prepare_jobs(source: InputRecords, input, tok: Tokenizer) -> Iterator[tuple[str, tuple, int]]:
-    # documents (or records) 0, 100, 200, ... are the validation split data00.bin
+def _prepare_jobs(source: InputRecords, input, tok: Tokenizer, val_source: InputRecords | None,
+                  val_fraction: float) -> Iterator[tuple[str, tuple, int]]:
+    # the validation split data00.bin: val_source's documents (or records), else the share val_fraction of
+    # source's
     val, train, chars, shard = [], [], 0, 1
     job = lambda items: ("records", source.template, items) if source.template else ("docs", items)
     size = lambda item: len(item) if isinstance(item, str) else sum(len(m["content"]) for m in item)
@@ -279,7 +296,7 @@ def _prepare_jobs(source: InputRecords, input, tok: Tokenizer) -> Iterator[tuple
         if i == 0 and source.template and tok.eos_id < 0:
             raise DataError(f"{tok.model_path} has no EOS token, "
                             "which ends every response of instruction data")
-        if is_val(i):
+        if val_source is None and is_val(i, val_fraction):
             val.append(item)
             continue
         train.append(item)
@@ -287,12 +304,22 @@ def _prepare_jobs(source: InputRecords, input, tok: Tokenizer) -> Iterator[tuple
         if chars >= SHARD_CHARS:
             yield f"data{shard:02d}.bin", job(train), chars
             train, chars, shard = [], 0, shard + 1
+    what = "instruction record" if source.template else "document"
     if train:
         yield f"data{shard:02d}.bin", job(train), chars
     elif shard == 1:
-        what = "instruction record" if source.template else "document"
-        raise DataError(f"{input} holds {len(val)} {what}(s): need at least 2, one of them held out for "
-                        "validation")
+        need = "at least 2, one of them held out for validation" if val_source is None else "at least 1"
+        raise DataError(f"{input} holds {len(val)} {what}(s): need {need}")
+    if val_source is not None:
+        val = list(val_source)
+        kind = lambda records: f"{records.template} instruction records" if records.template else "plain text"
+        if val_source.template != source.template:
+            raise DataError(f"--val_input {val_source.files[0]} holds {kind(val_source)} but --input "
+                            f"{source.files[0]} holds {kind(source)}: give validation data of the same kind")
+        if not val:
+            raise DataError(f"--val_input {val_source.files[0]} holds no {what}s")
+        source.skips.merge(val_source.skips)
+        source.formats += val_source.formats
     yield "data00.bin", job(val), sum(map(size, val))
 
 
@@ -367,6 +394,11 @@ def write_shards(out_dir: Path, jobs: Iterable[tuple[str, tuple, int]], tok: Tok
             print(records.skips.summary())
     with atomic_write(out_dir / "meta.json") as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=1)
+    val_tokens = results[names[0]][1]
+    if not counted and val_tokens <= LONGEST_CONTEXT:  # (instruction windows are padded: any record fits)
+        print(f"warning: the validation split {names[0]} holds only {val_tokens:,} tokens, less than one "
+              f"context window (max_seq_len={LONGEST_CONTEXT}, +1): train.py refuses a max_seq_len of "
+              f"{val_tokens:,} or more on it; hold out more (--val_fraction) or give --val_input FILE")
     dt = time.time() - t0
     what, whats = ("instruction record", "instruction records") if counted else ("story", "stories")
     print(f"wrote {len(names)} shards to {out_dir}: {stories:,} {whats}, {tokens:,} tokens{counted} "
@@ -487,6 +519,12 @@ def main(argv=None) -> int:
     p.add_argument("--words_from_story", type=int, default=0, metavar="N",
                    help="plain stories -> instruction records \"Words: w1, ..., wN\" + the story, "
                         "the N words picked from the story's own (see instruct.words_from_story)")
+    p.add_argument("--val_input", metavar="FILE",
+                   help="the validation split data00.bin, read as --input is (e.g. "
+                        "TinyStoriesV2-GPT4-valid.txt); then every document of --input trains")
+    p.add_argument("--val_fraction", type=float, metavar="F",
+                   help="hold out this share of --input's documents, spread evenly (default 0.01: every "
+                        "hundredth)")
 
     args = parser.parse_args(argv)
     try:
@@ -499,7 +537,7 @@ def main(argv=None) -> int:
             pretokenize(args.data_dir, args.vocab_size, args.tokenizer)
         else:
             prepare(args.data_dir, args.input, args.name, args.vocab_size, args.tokenizer, args.format,
-                    args.words_from_story)
+                    args.words_from_story, args.val_input, args.val_fraction)
     except (DataError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

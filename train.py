@@ -56,6 +56,7 @@ from model import ModelArgs, Transformer
 out_dir = "out"
 data_dir = "data"
 dataset = "tinystories"  # or the NAME of `python tinystories.py prepare --name NAME`
+instruction_tuning = False  # True (config/sft_*.py): the dataset must be instruction data, with loss masks
 eval_interval = 2000  # iterations between evals; one that improves the val loss also writes ckpt_best.pt
 # iterations per log line; None: 1 on a CPU, 10 on a GPU (each log line waits for it)
 log_interval: int | None = None
@@ -200,6 +201,11 @@ def open_dataset(c: dict):
         raise ConfigError(f"the data in {shard_dir} was tokenized with a {meta['vocab_size']}-token "
                           f"vocabulary but vocab_size={c['vocab_size']}; "
                           f"set --vocab_size={meta['vocab_size']} or re-tokenize")
+    if c["instruction_tuning"] and "instruction" not in meta:
+        raise ConfigError(f"instruction_tuning=True but {shard_dir} holds plain text (no loss masks): "
+                          "prepare instruction data (`python tinystories.py prepare --input FILE --name "
+                          "NAME --words_from_story 3` makes it of plain stories) or set "
+                          "instruction_tuning=False")
     return shard_dir, meta
 
 

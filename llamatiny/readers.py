@@ -11,6 +11,7 @@ Documents 0, 100, 200, ... of an input are its validation split (is_val), for pr
 """
 import itertools
 import json
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,8 +21,10 @@ from llamatiny.data import DataError, data_command
 VAL_EVERY = 100  # prepare and single-shard inputs: documents 0, 100, 200, ... are the validation split
 
 
-def is_val(index: int) -> bool:
-    return index % VAL_EVERY == 0
+def is_val(index: int, fraction: float = 1 / VAL_EVERY) -> bool:
+    # spread evenly: document i is held out where i * fraction passes a whole number (0, 100, 200, ... for
+    # 0.01; 0, 5, 10, ... for 0.2); the small margin keeps 0.29 * 100 on 29 despite its rounding
+    return math.floor(index * fraction + 1e-9) > math.floor((index - 1) * fraction + 1e-9)
 
 
 def read_json_stories(path) -> list[str]:

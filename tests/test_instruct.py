@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_export import tiny_model, train_tokenizer
-from test_train import assert_same_losses
+from test_train import assert_same_losses, main_error
 
 import tinystories as ts
 import train
@@ -516,7 +516,7 @@ def sft_data(tmp_path_factory, tok_path) -> tuple[Path, Path]:
 def test_the_loss_is_the_mean_over_the_response_tokens_of_the_whole_iteration(sft_data, tmp_path, capsys):
     root, base = sft_data
     train.train(train.parse_settings(TINY + ["--max_iters=1", f"--data_dir={root}", f"--out_dir={tmp_path}",
-                                             f"--init_from={base}"]))
+                                             f"--init_from={base}", "--instruction_tuning=True"]))
     assert "instruction data: loss on " in capsys.readouterr().out
     logged = runs.read_metrics(tmp_path)[0][0]  # the first log record (an eval of the base comes before it)
 
@@ -541,6 +541,19 @@ def test_the_loss_is_the_mean_over_the_response_tokens_of_the_whole_iteration(sf
 
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
     assert ckpt["template"]["name"] == "story" and ckpt["loader_state"]["batches_consumed"] == 4
+
+
+def test_an_instruction_tuning_config_refuses_plain_data_in_one_line(sft_data, tmp_path, tok_path):
+    # prepared without instruction fields, the data trains every token: an SFT config says so at once
+    root, base = sft_data
+    write_endoftext(tmp_path / "s.txt", make_stories(30, seed=6))
+    plain = prepare(tmp_path, tok_path, tmp_path / "s.txt", name="plain")
+    assert all(train.parse_settings([str(ROOT / "config" / f"sft_{name}.py")])["instruction_tuning"]
+               for name in ("cpu_debug", "15m"))
+    message = main_error(TINY + [f"--data_dir={tmp_path}", "--dataset=plain", f"--out_dir={tmp_path / 'out'}",
+                                 f"--init_from={base}", "--instruction_tuning=True"])
+    assert message.startswith(f"error: instruction_tuning=True but {plain} holds plain text (no loss masks)")
+    assert "--words_from_story 3" in message
 
 
 def test_a_micro_batch_without_responses_adds_nothing(sft_data, tmp_path, monkeypatch):
