@@ -11,6 +11,7 @@ often it uses the words anyway.
     python bench/bench_sft.py                                   # ../shared beside the repository
     python bench/bench_sft.py --before 07cf3c9                  # also tune with that revision's train.py
     python bench/bench_sft.py --shared PATH --work /tmp/sft --pretrain_iters 3000 --tune_iters 1500
+    python bench/bench_sft.py --reuse_base --tune_lr 3e-3        # tune again on the last run's base
 
 --before REV tunes a second model from the same base on the same data for the same steps with the training
 code of git revision REV (unpacked with `git archive` into --work), so that a change to the loader or the
@@ -19,6 +20,7 @@ runs), in --work: train_vocab, prepare (plain and Words: data), train.py for the
 then eval.py in this process. Greedy generation, 100 new tokens at most.
 """
 import argparse
+import json
 import os
 import shlex
 import subprocess
@@ -82,6 +84,8 @@ def main() -> None:
     p.add_argument("--tune_lr", type=float, default=1e-3, help="the tuning's peak learning rate")
     p.add_argument("--records", type=int, default=200, help="validation stories to generate for")
     p.add_argument("--before", metavar="REV", help="also tune with the train.py of this git revision")
+    p.add_argument("--reuse_base", action="store_true",
+                   help="keep the data and the base model of an earlier run in --work: tune and measure only")
     args = p.parse_args()
     torch.set_num_threads(runtime.cpu_threads(None))  # eval.py's, in this process: train.py's choice
     src = os.path.join(os.path.abspath(args.shared), "data", "tinystories")
@@ -101,19 +105,24 @@ def main() -> None:
             sys.exit(f"git archive {args.before}: {archive.stderr.decode().strip()}")
         subprocess.run(["tar", "-x", "-C", w(f"code_{args.before}")], input=archive.stdout, check=True)
 
-    run(["tinystories.py", "train_vocab", f"--data_dir={w('data')}", "--input", train_txt, "--name", "plain",
-         "--vocab_size", "512"], ROOT)
-    tok = w("data", "plain", "tok512.model")
-    run(["tinystories.py", "prepare", f"--data_dir={w('data')}", "--input", train_txt, "--name", "plain",
-         "--tokenizer", tok], ROOT)
-    run(["tinystories.py", "prepare", f"--data_dir={w('data')}", "--input", train_txt, "--name", "words",
-         "--tokenizer", tok, "--words_from_story", "3"], ROOT)
     common = [*SHAPE, f"--max_seq_len={args.max_seq_len}", f"--batch_size={args.batch_size}",
               "--gradient_accumulation_steps=1", "--dropout=0.0", "--compile=False", "--device=cpu",
               f"--data_dir={w('data')}", "--eval_iters=10", "--log_interval=100", "--overwrite=True"]
-    run(["train.py", *common, "--dataset=plain", "--learning_rate=2e-3", "--warmup_iters=100",
-         f"--max_iters={args.pretrain_iters}", f"--eval_interval={args.pretrain_iters}",
-         f"--out_dir={w('base')}"], ROOT)
+    if not args.reuse_base:
+        run(["tinystories.py", "train_vocab", f"--data_dir={w('data')}", "--input", train_txt, "--name",
+             "plain", "--vocab_size", "512"], ROOT)
+        tok = w("data", "plain", "tok512.model")
+        run(["tinystories.py", "prepare", f"--data_dir={w('data')}", "--input", train_txt, "--name", "plain",
+             "--tokenizer", tok], ROOT)
+        run(["tinystories.py", "prepare", f"--data_dir={w('data')}", "--input", train_txt, "--name", "words",
+             "--tokenizer", tok, "--words_from_story", "3"], ROOT)
+        run(["train.py", *common, "--dataset=plain", "--learning_rate=2e-3", "--warmup_iters=100",
+             f"--max_iters={args.pretrain_iters}", f"--eval_interval={args.pretrain_iters}",
+             f"--out_dir={w('base')}"], ROOT)
+    elif not os.path.isfile(w("base", "ckpt.pt")):
+        sys.exit(f"--reuse_base: no {w('base', 'ckpt.pt')}; run once without it")
+    with open(w("base", "metrics.jsonl"), encoding="utf-8") as f:
+        pretrained = json.loads(f.readlines()[-1])["iter"]  # (a reused base's own length)
     for name, code in tuned.items():
         out = w("tuned" if code == ROOT else f"tuned_{args.before}")
         run([os.path.join(code, "train.py"), *common, "--dataset=words", f"--learning_rate={args.tune_lr}",
@@ -125,7 +134,7 @@ def main() -> None:
     scores = {name: [evaluate(ckpt, valid_txt, args, words) for words in (True, False)]
               for name, ckpt in checkpoints.items()}
     anyway = unprompted(checkpoints["base"], valid_txt, args)
-    print(f"\n260K shape, {args.pretrain_iters} pretraining + {args.tune_iters} tuning iterations "
+    print(f"\n260K shape, {pretrained} pretraining + {args.tune_iters} tuning iterations "
           f"of {args.batch_size} x {args.max_seq_len} tokens (tuning lr {args.tune_lr:g}); {args.records} "
           f"validation stories ({time.time() - t0:.0f} s in all)\n")
     print("| model | Words: constraints met | requested words used | loss on the responses | "
