@@ -10,22 +10,25 @@ The input formats it takes are read by llamatiny/readers.py.
     python tinystories.py pretokenize --vocab_size 512  # data/tok512/dataNN.bin
 
 Your own text (a .txt with <|endoftext|> lines between documents, a plain .txt, a .jsonl/.json with a
-"text" or "story" field, or a directory of those), then `python train.py --dataset=NAME`:
+"text", "story" or "completion" field, or a directory of those), then `python train.py --dataset=NAME`:
 
     python tinystories.py train_vocab --input my.txt --name mine --vocab_size 1024  # data/mine/tok1024.model
     python tinystories.py prepare --input my.txt --name mine --vocab_size 1024      # data/mine/dataNN.bin
     python tinystories.py prepare --input my.txt --name mine                        # or Llama 2's vocabulary
 
-Instruction data (TinyStoriesInstruct text, TinyStories' JSON with its words/features/summary, prompt/response
-or chat JSONL; llamatiny/instruct.py describes them and the template) gets a loss mask beside each shard, so
-that training learns the responses only; --words_from_story=N makes such records from plain stories:
+Instruction data (TinyStoriesInstruct text, TinyStories' JSON with its words/features/summary,
+prompt/response, prompt/completion or chat JSONL; llamatiny/instruct.py describes them and the template) gets
+a loss mask beside each shard, so that training learns the responses only, and the starts of its records, so
+that every window the loader cuts holds whole records; --words_from_story=N makes such records from plain
+stories:
 
     python tinystories.py prepare --input TinyStoriesInstruct-train.txt --name instruct  # Llama 2 vocabulary
     python tinystories.py prepare --input my.txt --name words --words_from_story 3 --vocab_size 512
 
 Shards hold every document stripped, with BOS prepended, concatenated. data00.bin is the validation split,
 the rest train (as in llama2.c). An input with a single shard, and `prepare`, hold out documents
-0, 100, 200, ... as data00.bin. Each shard directory has a meta.json naming the tokenizer it was made with.
+0, 100, 200, ... as data00.bin (prepare: or --val_fraction=F of them, or all of --val_input FILE). Each
+shard directory has a meta.json naming the tokenizer it was made with.
 """
 import argparse
 import concurrent.futures
@@ -41,14 +44,17 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from llamatiny import download, instruct
-from llamatiny.data import TINYSTORIES_DIR, DataError, data_command, list_shards, mask_name
+from llamatiny.data import TINYSTORIES_DIR, DataError, data_command, index_name, list_shards, mask_name
 from llamatiny.fileio import atomic_write, check_writable, writing
-from llamatiny.readers import InputRecords, is_val, read_json_stories
+from llamatiny.readers import VAL_EVERY, InputRecords, is_val, read_json_stories
 from llamatiny.tokenizer import MAX_VOCAB_SIZE, Tokenizer
 
+# prepare warns when the validation split cannot fill one window of the longest context of config/*.py
+LONGEST_CONTEXT = 1024
 SHARD_CHARS = 8_000_000  # prepare: text per train shard (~2 M tokens), so that every core gets work
 # train_vocab warns below this much text per piece: the pieces learned last are merges of pairs the text holds
 # only a few times, which a model then sees too rarely to learn. Measured on TinyStories at 2,048 pieces:
@@ -257,18 +263,32 @@ def pretokenize(data_dir, vocab_size: int = 0, tokenizer=None) -> Path:
 
 
 def prepare(data_dir, input, name: str, vocab_size: int = 0, tokenizer=None, fmt: str = "auto",
-            words_from_story: int = 0) -> Path:
+            words_from_story: int = 0, val_input=None, val_fraction: float | None = None) -> Path:
+    """--input -> DATA_DIR/NAME/dataNN.bin. The validation split data00.bin is every hundredth document of
+    --input, the share val_fraction of them (spread evenly), or all of val_input (then none of --input)."""
     data_dir = Path(data_dir)
     check_name(name)
+    if val_input is not None and val_fraction is not None:
+        raise DataError("--val_input is the whole validation split: leave out --val_fraction")
+    if val_fraction is not None and not 0 < val_fraction < 1:
+        raise DataError(f"--val_fraction={val_fraction} must be between 0 and 1 (0.2: every fifth document)")
     source = InputRecords(input, fmt, words_from_story)  # fail on a bad --input before any work
+    val_source = InputRecords(val_input, fmt, words_from_story) if val_input is not None else None
     tok = find_tokenizer(data_dir, vocab_size, tokenizer, name)
-    total = sum(p.stat().st_size for p in source.files)
-    return write_shards(data_dir / name, _prepare_jobs(source, input, tok), tok, total, num_jobs=None,
-                        source=Path(input), records=source)
+    total = sum(p.stat().st_size for p in source.files + (val_source.files if val_source else []))
+    jobs = _prepare_jobs(source, input, tok, val_source, val_fraction or 1 / VAL_EVERY)
+    out = write_shards(data_dir / name, jobs, tok, total, num_jobs=None, source=Path(input), records=source)
+    if fmt == "auto" and source.template is None:
+        print(f"note: no instruction fields in {input} (Words:/Summary: lines, prompt/response, messages, "
+              "...): plain shards for pretraining; for instruction tuning, --words_from_story=3 makes Words: "
+              "records of its stories")
+    return out
 
 
-def _prepare_jobs(source: InputRecords, input, tok: Tokenizer) -> Iterator[tuple[str, tuple, int]]:
-    # documents (or records) 0, 100, 200, ... are the validation split data00.bin
+def _prepare_jobs(source: InputRecords, input, tok: Tokenizer, val_source: InputRecords | None,
+                  val_fraction: float) -> Iterator[tuple[str, tuple, int]]:
+    # the validation split data00.bin: val_source's documents (or records), else the share val_fraction of
+    # source's
     val, train, chars, shard = [], [], 0, 1
     job = lambda items: ("records", source.template, items) if source.template else ("docs", items)
     size = lambda item: len(item) if isinstance(item, str) else sum(len(m["content"]) for m in item)
@@ -276,7 +296,7 @@ def _prepare_jobs(source: InputRecords, input, tok: Tokenizer) -> Iterator[tuple
         if i == 0 and source.template and tok.eos_id < 0:
             raise DataError(f"{tok.model_path} has no EOS token, "
                             "which ends every response of instruction data")
-        if is_val(i):
+        if val_source is None and is_val(i, val_fraction):
             val.append(item)
             continue
         train.append(item)
@@ -284,20 +304,30 @@ def _prepare_jobs(source: InputRecords, input, tok: Tokenizer) -> Iterator[tuple
         if chars >= SHARD_CHARS:
             yield f"data{shard:02d}.bin", job(train), chars
             train, chars, shard = [], 0, shard + 1
+    what = "instruction record" if source.template else "document"
     if train:
         yield f"data{shard:02d}.bin", job(train), chars
     elif shard == 1:
-        what = "instruction record" if source.template else "document"
-        raise DataError(f"{input} holds {len(val)} {what}(s): need at least 2, one of them held out for "
-                        "validation")
+        need = "at least 2, one of them held out for validation" if val_source is None else "at least 1"
+        raise DataError(f"{input} holds {len(val)} {what}(s): need {need}")
+    if val_source is not None:
+        val = list(val_source)
+        kind = lambda records: f"{records.template} instruction records" if records.template else "plain text"
+        if val_source.template != source.template:
+            raise DataError(f"--val_input {val_source.files[0]} holds {kind(val_source)} but --input "
+                            f"{source.files[0]} holds {kind(source)}: give validation data of the same kind")
+        if not val:
+            raise DataError(f"--val_input {val_source.files[0]} holds no {what}s")
+        source.skips.merge(val_source.skips)
+        source.formats += val_source.formats
     yield "data00.bin", job(val), sum(map(size, val))
 
 
 def write_shards(out_dir: Path, jobs: Iterable[tuple[str, tuple, int]], tok: Tokenizer, total: int,
                  num_jobs: int | None, source: Path, records: InputRecords | None = None) -> Path:
-    """Encode jobs (shard name, source, weight) in a process pool. Shards (and the loss masks of instruction
-    records, dataNN.mask) are written under temporary names and renamed into place only when every job
-    succeeded; meta.json comes last."""
+    """Encode jobs (shard name, source, weight) in a process pool. Shards (and the loss masks and record
+    starts of instruction records, dataNN.mask and dataNN.idx) are written under temporary names and renamed
+    into place only when every job succeeded; meta.json comes last."""
     t0 = time.time()
     check_writable(out_dir)  # a read-only folder is refused before any tokenizing
     cpus = cpu_count()
@@ -315,8 +345,8 @@ def write_shards(out_dir: Path, jobs: Iterable[tuple[str, tuple, int]], tok: Tok
         with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
                   desc=f"tokenizing into {out_dir}") as bar:
             for name, job, weight in jobs:
-                tmps += [out_dir / f"{name}.tmp", out_dir / f"{mask_name(name)}.tmp"]
-                pending[pool.submit(_encode_job, job, str(tmps[-2]))] = (name, weight)
+                tmps += [out_dir / f"{n}.tmp" for n in (name, mask_name(name), index_name(name))]
+                pending[pool.submit(_encode_job, job, str(tmps[-3]))] = (name, weight)
                 if len(pending) >= 2 * procs:  # prepare reads its input as it goes: bound what waits
                     _collect(pending, results, bar, concurrent.futures.FIRST_COMPLETED)
             _collect(pending, results, bar, concurrent.futures.ALL_COMPLETED)
@@ -337,13 +367,14 @@ def write_shards(out_dir: Path, jobs: Iterable[tuple[str, tuple, int]], tok: Tok
         if old.name not in results:
             old.unlink()  # left by an earlier run with more shards
             (out_dir / mask_name(old.name)).unlink(missing_ok=True)
+            (out_dir / index_name(old.name)).unlink(missing_ok=True)
     for name, (_, _, counted) in results.items():
         os.replace(out_dir / f"{name}.tmp", out_dir / name)
-        mask = out_dir / mask_name(name)
-        if counted is None:
-            mask.unlink(missing_ok=True)  # an earlier run's instruction data
-        else:
-            os.replace(f"{mask}.tmp", mask)
+        for extra in (out_dir / mask_name(name), out_dir / index_name(name)):
+            if counted is None:
+                extra.unlink(missing_ok=True)  # an earlier run's instruction data
+            else:
+                os.replace(f"{extra}.tmp", extra)
     names = [p.name for p in list_shards(out_dir)]
     stories, tokens = (sum(results[n][k] for n in names) for k in (0, 1))
     meta = {"tokenizer": tok.model_path, "vocab_size": tok.vocab_size, "bos_id": tok.bos_id,
@@ -363,6 +394,11 @@ def write_shards(out_dir: Path, jobs: Iterable[tuple[str, tuple, int]], tok: Tok
             print(records.skips.summary())
     with atomic_write(out_dir / "meta.json") as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=1)
+    val_tokens = results[names[0]][1]
+    if not counted and val_tokens <= LONGEST_CONTEXT:  # (instruction windows are padded: any record fits)
+        print(f"warning: the validation split {names[0]} holds only {val_tokens:,} tokens, less than one "
+              f"context window (max_seq_len={LONGEST_CONTEXT}, +1): train.py refuses a max_seq_len of "
+              f"{val_tokens:,} or more on it; hold out more (--val_fraction) or give --val_input FILE")
     dt = time.time() - t0
     what, whats = ("instruction record", "instruction records") if counted else ("story", "stories")
     print(f"wrote {len(names)} shards to {out_dir}: {stories:,} {whats}, {tokens:,} tokens{counted} "
@@ -392,8 +428,9 @@ def _init_worker(model_path: str, threads: int) -> None:
 
 
 def _encode_job(job: tuple, out_path: str) -> tuple[int, int, int | None]:
-    """Writes a shard; returns (documents, tokens, tokens in the loss: None for plain text)."""
-    mask = None
+    """Writes a shard (and for instruction records its mask and record starts); returns (documents, tokens,
+    tokens in the loss: None for plain text)."""
+    mask = starts = None
     if job[0] == "json":
         _, path, part = job
         docs = read_json_stories(path)
@@ -402,13 +439,18 @@ def _encode_job(job: tuple, out_path: str) -> tuple[int, int, int | None]:
     elif job[0] == "records":
         _, template, docs = job
         tokens, mask = instruct.encode_records(_worker_tok, template, docs, num_threads=_worker_threads)
+        # BOS starts each record and nothing else (sentencepiece never makes a control token from text):
+        # the loader reads these starts instead of scanning for them
+        starts = np.flatnonzero(tokens == _worker_tok.bos_id).astype(np.uint64)
+        assert len(starts) == len(docs), "a record holds a BOS token of its own"
     else:
         docs = job[1]
     if mask is None:
         tokens = _worker_tok.encode_documents(docs, num_threads=_worker_threads)
-    out = Path(out_path)  # dataNN.bin.tmp; the mask goes to dataNN.mask.tmp
+    out = Path(out_path)  # dataNN.bin.tmp; the mask goes to dataNN.mask.tmp, the starts to dataNN.idx.tmp
     with writing(out.parent):
-        for path, array in ((out, tokens), (out.with_name(mask_name(out.stem) + ".tmp"), mask)):
+        for path, array in ((out, tokens), (out.with_name(mask_name(out.stem) + ".tmp"), mask),
+                            (out.with_name(index_name(out.stem) + ".tmp"), starts)):
             if array is not None:
                 with open(path, "wb") as f:
                     f.write(memoryview(array))  # not array.tofile(): its error on a full disk is a byte count
@@ -462,8 +504,8 @@ def main(argv=None) -> int:
 
     p = sub.add_parser("prepare", parents=[common], help="your own text -> token shards in DATA_DIR/NAME/")
     p.add_argument("--input", required=True,
-                   help=".txt (<|endoftext|>-separated or plain), .jsonl/.json with a \"text\" or \"story\" "
-                        "field, or a directory of them")
+                   help=".txt (<|endoftext|>-separated or plain), .jsonl/.json with a \"text\", \"story\" "
+                        "or \"completion\" field, or a directory of them; or instruction records (--format)")
     p.add_argument("--name", required=True, help="dataset name: train with `python train.py --dataset=NAME`")
     p.add_argument("--vocab_size", type=int, default=0,
                    help="0 (default): Llama 2; N: DATA_DIR/NAME/tok{N}.model (from train_vocab --input), "
@@ -477,6 +519,12 @@ def main(argv=None) -> int:
     p.add_argument("--words_from_story", type=int, default=0, metavar="N",
                    help="plain stories -> instruction records \"Words: w1, ..., wN\" + the story, "
                         "the N words picked from the story's own (see instruct.words_from_story)")
+    p.add_argument("--val_input", metavar="FILE",
+                   help="the validation split data00.bin, read as --input is (e.g. "
+                        "TinyStoriesV2-GPT4-valid.txt); then every document of --input trains")
+    p.add_argument("--val_fraction", type=float, metavar="F",
+                   help="hold out this share of --input's documents, spread evenly (default 0.01: every "
+                        "hundredth)")
 
     args = parser.parse_args(argv)
     try:
@@ -489,7 +537,7 @@ def main(argv=None) -> int:
             pretokenize(args.data_dir, args.vocab_size, args.tokenizer)
         else:
             prepare(args.data_dir, args.input, args.name, args.vocab_size, args.tokenizer, args.format,
-                    args.words_from_story)
+                    args.words_from_story, args.val_input, args.val_fraction)
     except (DataError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

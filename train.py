@@ -68,6 +68,7 @@ from model import ModelArgs, Transformer, load_optimizer_state
 out_dir = "out"  # the run's folder: config.json, metrics.jsonl, the checkpoints
 data_dir = "data"  # where tinystories.py put the data
 dataset = "tinystories"  # or the NAME of `python tinystories.py prepare --name NAME`
+instruction_tuning = False  # True (config/sft_*.py): the dataset must be instruction data, with loss masks
 eval_interval = 2000  # iterations between evals; one that improves the val loss also writes ckpt_best.pt
 # iterations per log line; None: 1 on a CPU, 10 on a GPU (each log line waits for it)
 log_interval: int | None = None
@@ -277,6 +278,11 @@ def open_dataset(c: dict):
         raise ConfigError(f"the data in {shard_dir} was tokenized with a {meta['vocab_size']}-token "
                           f"vocabulary but vocab_size={c['vocab_size']}; "
                           f"set --vocab_size={meta['vocab_size']} or re-tokenize")
+    if c["instruction_tuning"] and "instruction" not in meta:
+        raise ConfigError(f"instruction_tuning=True but {shard_dir} holds plain text (no loss masks): "
+                          "prepare instruction data (`python tinystories.py prepare --input FILE --name "
+                          "NAME --words_from_story 3` makes it of plain stories) or set "
+                          "instruction_tuning=False")
     return shard_dir, meta
 
 
@@ -374,6 +380,12 @@ def setup(c: dict, config: Config, ddp: bool, rank: int, world_size: int, device
     shard_dir, meta = open_dataset(c)
     if c["init_from"] != "scratch":
         init_path = r.ckpt_path if resume else c["init_from"]
+        if c["lora_rank"] and not resume and not c["eval_only"]:
+            # adapters need the very bytes of their base, which a base's own run replaces at its checkpoints
+            if kept := lora.kept_base(init_path, c["out_dir"]):
+                on_master(r, fileio.link_or_copy, init_path, kept)
+                print0(f"note: {init_path} is rewritten by its run: this run keeps its base as {kept}")
+                init_path = kept
         checkpoint = checkpoint or read_checkpoint(init_path, device)
         check_vocabulary(checkpoint, init_path, meta, shard_dir)
         if not resume:
@@ -388,12 +400,11 @@ def setup(c: dict, config: Config, ddp: bool, rank: int, world_size: int, device
         c.update(settings.choose_batch_size(c, args, world_size, device))
     if not c["eval_only"]:
         settings.check_memory(c, args, device, world_size)
-    loader = data.BatchLoader(shard_dir, "train", c["batch_size"], c["max_seq_len"], c["seed"],
-                              vocab_size=c["vocab_size"], rank=rank, world_size=world_size,
-                              device=device, num_workers=c["num_workers"])
-    eval_loaders = {split: data.BatchLoader(shard_dir, split, c["batch_size"], c["max_seq_len"],
-                                            EVAL_SEED, vocab_size=c["vocab_size"], rank=rank,
-                                            world_size=world_size, device=device)
+    shards = data.Shards(shard_dir, c["vocab_size"])  # read once, for the three loaders
+    loader = data.BatchLoader(shards, "train", c["batch_size"], c["max_seq_len"], c["seed"], rank=rank,
+                              world_size=world_size, device=device, num_workers=c["num_workers"])
+    eval_loaders = {split: data.BatchLoader(shards, split, c["batch_size"], c["max_seq_len"], EVAL_SEED,
+                                            rank=rank, world_size=world_size, device=device)
                     for split in ("train", "val")}
     start = (checkpoint["iter_num"], checkpoint["tokens_seen"]) if resume else (0, 0)
     c = settings.settle_run_length(c, loader.tokens_per_epoch, *start)
@@ -414,7 +425,7 @@ def setup(c: dict, config: Config, ddp: bool, rank: int, world_size: int, device
     if checkpoint is not None:
         raw_model.load_state_dict(checkpoint["model"])  # a resumed LoRA run: its base's weights
     if c["lora_rank"]:
-        r.lora_base = lora.attach_for_training(raw_model, c, checkpoint if resume else None)
+        r.lora_base = lora.attach_for_training(raw_model, c, checkpoint if resume else None, init_path)
     r.optimizer = make_optimizer(raw_model, c, r.device_type)
     # a no-op unless float16: it scales the loss so small gradients do not underflow
     r.scaler = torch.amp.GradScaler(r.device_type, enabled=c["dtype"] == "float16")
@@ -490,8 +501,12 @@ def describe(r: Run) -> None:
     print0(f"tokens per iteration: {r.tokens_per_iter:,} = {r.world_size} process(es) x "
            f"{r.accum_steps} accumulation step(s) x {c['batch_size']} batch x {c['max_seq_len']} tokens")
     if loader.masked:
+        packing = loader.packing()
         print0(f"instruction data: loss on {loader.loss_share:.0%} of tokens (the responses; "
-               f"{r.meta['instruction']['template']['name']} template)")
+               f"{r.meta['instruction']['template']['name']} template); each window holds whole records, "
+               f"{packing['padding']:.1%} of window tokens are padding; {packing['cut']:,} of "
+               f"{packing['records']:,} records are longer than a window ({c['max_seq_len'] + 1} tokens) and "
+               f"cut to their start (the instruction kept)")
     threads = f" ({torch.get_num_threads()} CPU threads)" if r.device_type == "cpu" else ""
     print0(f"run: {c['max_iters']:,} iterations{length} = {budget:,} tokens = "
            f"{budget / loader.tokens_per_epoch:.2f} epochs, {budget / params:.1f} tokens per parameter; "

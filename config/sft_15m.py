@@ -7,6 +7,7 @@
 # Then: python train.py config/sft_15m.py --init_from=out/15m/ckpt.pt
 #       python sample.py --checkpoint=out/sft15m/ckpt.pt --instruction="Words: dog, ball, happy"
 out_dir = "out/sft15m"
+instruction_tuning = True  # refuses plain shards: the instructions are what it learns
 dataset = "instruct"
 vocab_source = "llama2"
 vocab_size = 32000

@@ -8,6 +8,7 @@
 # Then: python train.py config/sft_cpu_debug.py --init_from=out/debug/ckpt.pt
 #       python sample.py --checkpoint=out/sft_debug/ckpt.pt --instruction="Words: frog, kite, lake"
 out_dir = "out/sft_debug"
+instruction_tuning = True  # refuses plain shards: the instructions are what it learns
 dataset = "fixture_words"
 vocab_source = "custom"
 vocab_size = 512

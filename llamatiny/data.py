@@ -2,23 +2,26 @@
 Where the token shards live, and the batch loader train.py reads them with.
 
     shard_dir = dataset_dir("data", "tinystories", "custom", 512)       # data/tok512
-    loader = BatchLoader(shard_dir, "train", batch_size=32, max_seq_len=256, seed=1337, vocab_size=512)
+    shards = Shards(shard_dir, vocab_size=512)   # read and checked once, shared by the loaders
+    loader = BatchLoader(shards, "train", batch_size=32, max_seq_len=256, seed=1337)
     x, y = loader.next_batch()                 # (32, 256) int64 each; y is x shifted by one token
     state = loader.state_dict()                # in the checkpoint: load_state_dict(state) continues exactly
 
 A shard directory (written by `python tinystories.py pretokenize` or `prepare`) holds dataNN.bin, uint16
 token ids back to back, and a meta.json naming the tokenizer. data00.bin is the validation split, the rest
-train. Instruction data (instruct.py) has a loss mask beside each shard, dataNN.mask: one byte per token,
-1 where the token is a target to learn (a response), 0 elsewhere; its y holds -1 (ignored) at the 0s.
+train. Instruction data (instruct.py) has two files beside each shard: dataNN.mask, one byte per token, 1
+where the token is a target to learn (a response), 0 elsewhere (its y holds -1, ignored, at the 0s); and
+dataNN.idx, where each record starts (uint64 token offsets), so that windows hold whole records.
 """
+import bisect
 import itertools
 import json
-import os
 import re
 import shlex
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 # torch is imported only inside the loader: tinystories.py imports this module, and the data commands
 # start in a fraction of a second without it.
@@ -92,34 +95,39 @@ def mask_name(shard_name: str) -> str:
     return shard_name.removesuffix(".bin") + ".mask"
 
 
+def index_name(shard_name: str) -> str:
+    # dataNN.bin -> dataNN.idx, where the records of instruction data start
+    return shard_name.removesuffix(".bin") + ".idx"
+
+
 # -----------------------------------------------------------------------------
-# the batch loader
+# the shards, read once
 
-class ShardBatches:
-    """Global batch g -> (x, y), a pure function of (seed, g): the same in every process and on every run.
+class Shards:
+    """The shards of shard_dir, read and checked once: the loaders of both splits share one Shards (train.py
+    makes three loaders), so the set is read once per process, not once per loader.
 
-    The window stream: epoch e visits the shards in an order drawn from (seed, e); within a shard it takes
-    non-overlapping windows of max_seq_len + 1 tokens from a random offset, in a random order, both drawn
-    from (seed, e, shard). Batch g is windows g*B ... g*B + B - 1 of that stream. With loss masks (instruction
-    data) the same windows of the masks set y to -1 where a target is not learned: records are packed like
-    stories, and a record cut by a window still trains on the part of its response inside it."""
+    Every shard of both splits is checked before the first step: an id past the embedding would be an
+    IndexError mid-run on a CPU and a device-side assert on a GPU, and a damaged validation shard would stop
+    the run at its first eval. The price is one sequential read of the set, at memory or disk speed.
+    Instruction data (masks beside the shards) also has its records' starts, dataNN.idx, and packs whole
+    records into windows (pack_records), once per window length."""
 
-    def __init__(self, shard_dir, split: str, batch_size: int, max_seq_len: int, seed: int, vocab_size: int):
+    def __init__(self, shard_dir, vocab_size: int):
+        self.dir = Path(shard_dir)
         shards = list_shards(shard_dir)
-        rebuild = f"run `{shard_command(shard_dir)}`"
+        rebuild = self.rebuild = f"run `{shard_command(shard_dir)}`"
         if not shards:
             raise DataError(f"no shards (dataNN.bin) in {shard_dir}: {rebuild}")
-        if split == "train" and len(shards) == 1:
-            raise DataError(f"{shard_dir} holds only the validation shard {shards[0].name}: {rebuild}")
-        # Every shard of both splits, before the first step: an id past the embedding would be an IndexError
-        # mid-run on a CPU and a device-side assert on a GPU, and a damaged validation shard would stop the
-        # run at its first eval. The price is one sequential read of the set, at memory or disk speed.
         masks = [p.with_name(mask_name(p.name)) for p in shards]
         found = [m.exists() for m in masks]
         if (masked := any(found)) and not all(found):
             raise DataError(f"{masks[found.index(False)]} is missing (the loss mask of instruction data): "
                             f"{rebuild} again")
-        loss_tokens = []  # per shard: the targets of instruction data
+        self.paths = [str(p) for p in shards]
+        self.masks = [str(m) for m in masks] if masked else None
+        self.tokens = np.array([p.stat().st_size for p in shards], dtype=np.int64) // 2
+        self.loss_tokens, self.starts = [], []  # per shard, instruction data: targets, record starts
         for path, mask in zip(shards, masks):
             size = path.stat().st_size
             if size % 2:
@@ -127,65 +135,152 @@ class ShardBatches:
             if size and (top := int(np.memmap(path, dtype=np.uint16, mode="r").max())) >= vocab_size:
                 raise DataError(f"{path} is damaged or from another tokenizer (token id {top}, vocab_size "
                                 f"{vocab_size}): {rebuild} again")
-            if masked and mask.stat().st_size != size // 2:
-                raise DataError(f"{mask} ({mask.stat().st_size:,} bytes) does not match {path} "
-                                f"({size // 2:,} tokens, one mask byte each): {rebuild} again")
             if masked:
+                if mask.stat().st_size != size // 2:
+                    raise DataError(f"{mask} ({mask.stat().st_size:,} bytes) does not match {path} "
+                                    f"({size // 2:,} tokens, one mask byte each): {rebuild} again")
                 learn = np.memmap(mask, dtype=np.uint8, mode="r") if size else np.empty(0)
-                loss_tokens.append(int(np.count_nonzero(learn)))
-        keep = slice(0, 1) if split == "val" else slice(1, None)
-        self.paths = [str(p) for p in shards[keep]]
-        self.masks = [str(m) for m in masks[keep]] if masked else None
-        self.loss_tokens = sum(loss_tokens[keep]) if masked else None
+                self.loss_tokens.append(int(np.count_nonzero(learn)))
+                self.starts.append(self._record_starts(path, size // 2))
+        self._packed = {}  # (shard, window) -> pack_records of its records
+
+    def _record_starts(self, path: Path, tokens: int) -> np.ndarray:
+        # the record starts prepare wrote beside the shard: checked, not trusted, as the shard itself is
+        idx = path.with_name(index_name(path.name))
+        if not idx.exists():
+            raise DataError(f"{idx} is missing (where the records of instruction data start): "
+                            f"{self.rebuild} again")
+        starts = np.fromfile(idx, dtype=np.uint64).astype(np.int64)
+        if idx.stat().st_size % 8 or tokens and (len(starts) == 0 or starts[0] != 0 or starts[-1] >= tokens
+                                                 or (np.diff(starts) <= 0).any()):
+            raise DataError(f"{idx} does not match {path} (its records' starts): {self.rebuild} again")
+        return starts
+
+    def split(self, split: str) -> list[int]:
+        # the shards of a split: data00 is the validation split, the rest train
+        if split == "train" and len(self.paths) == 1:
+            raise DataError(f"{self.dir} holds only the validation shard {Path(self.paths[0]).name}: "
+                            f"{self.rebuild}")
+        return [0] if split == "val" else list(range(1, len(self.paths)))
+
+    def lengths(self, s: int) -> np.ndarray:
+        # instruction data: the tokens of each record of shard s
+        return np.diff(self.starts[s], append=self.tokens[s])
+
+    def packed(self, s: int, window: int) -> tuple[np.ndarray, np.ndarray]:
+        if (s, window) not in self._packed:
+            self._packed[(s, window)] = pack_records(self.lengths(s), window)
+        return self._packed[(s, window)]
+
+
+def pack_records(lengths: np.ndarray, window: int, lookahead: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+    """Best-fit packing of whole records into windows of `window` tokens: (order, bounds), window k holding
+    records order[bounds[k]:bounds[k + 1]], each from its first token, back to back; the rest of a window is
+    padding. Each window takes the longest record that fits its space among the next `lookahead` records
+    not yet placed (the oldest of equal length), until none fits. A record longer than the window fills one
+    alone and is cut: its instruction is in the window, the end of its response is not."""
+    lengths = np.minimum(lengths, window).tolist()
+    waiting, order, bounds, following = [], [], [0], 0  # waiting: sorted (length, -record)
+    while waiting or following < len(lengths):
+        space = window
+        while True:
+            while following < len(lengths) and len(waiting) < lookahead:
+                bisect.insort(waiting, (lengths[following], -following))
+                following += 1
+            fits = bisect.bisect_right(waiting, (space, 1)) - 1  # the longest record of length <= space
+            if fits < 0:
+                break
+            length, record = waiting.pop(fits)
+            order.append(-record)
+            space -= length
+        bounds.append(len(order))
+    return np.array(order, dtype=np.int64), np.array(bounds, dtype=np.int64)
+
+
+# -----------------------------------------------------------------------------
+# the batch loader
+
+class ShardBatches:
+    """Global batch g -> (x, y), a pure function of (seed, g): the same in every process and on every run.
+
+    The window stream: epoch e visits the split's shards in an order drawn from (seed, e), and each shard's
+    windows of max_seq_len + 1 tokens in an order drawn from (seed, e, shard). Batch g is windows
+    g*B ... g*B + B - 1 of that stream. Plain text is one stream of stories: a shard's windows are
+    non-overlapping, from a random offset drawn from (seed, e, shard). Instruction data is records, each a
+    prompt and its response: a window holds whole records from their first token (Shards.packed, the
+    same in every epoch), so that every response is trained with its instruction, and its masks set y to
+    -1 where a target is not learned (prompts, padding)."""
+
+    def __init__(self, shards: Shards, split: str, batch_size: int, max_seq_len: int, seed: int):
+        self.shards, self.split = shards, shards.split(split)
+        self.paths = [shards.paths[s] for s in self.split]
+        self.masked = shards.masks is not None
         self.batch_size, self.window, self.seed = batch_size, max_seq_len + 1, seed % 2**63
-        self.tokens = np.array([os.path.getsize(p) for p in self.paths], dtype=np.int64) // 2
-        full = self.tokens // self.window
-        # windows per shard per epoch; one is kept spare so the random offset can range over a whole window
-        self.windows = np.where(full >= 2, full - 1, full)
+        self.tokens = shards.tokens[self.split]
+        if self.masked:  # (2 M records of ~220 tokens pack in ~17 s on a loaded CPU: a bar where it is long)
+            packing = tqdm(self.split, desc=f"packing the {split} records", unit=" shards", delay=2)
+            self.windows = np.array([len(shards.packed(s, self.window)[1]) - 1 for s in packing])
+        else:  # one window is kept spare so that the random offset can range over a whole window
+            full = self.tokens // self.window
+            self.windows = np.where(full >= 2, full - 1, full)
         self.per_epoch = int(self.windows.sum())
         if self.per_epoch == 0:
-            raise DataError(f"the {split} split of {shard_dir} has {self.tokens.sum():,} tokens, no shard "
+            raise DataError(f"the {split} split of {shards.dir} has {self.tokens.sum():,} tokens, no shard "
                             f"with max_seq_len + 1 = {self.window}: use a smaller max_seq_len or more data")
         self._orders, self._plans = {}, {}  # small caches: the current epoch and shards
 
     def __getitem__(self, g: int):
         import torch
 
-        shards, starts = self.locate(g)
+        shards, slots = self.locate(g)
         # x and y are filled here in numpy: a torch copy of the slices would go through torch's intra-op
         # thread pool, which stalls for a whole scheduler slice when another process holds the other cores
         x = np.empty((self.batch_size, self.window - 1), dtype=np.int64)  # (B, T)
         y = np.empty_like(x)
         for s in np.unique(shards):
             rows = shards == s
+            index = self.index(int(s), slots[rows])  # (rows, T + 1), -1 where a window is padded
             # opened per batch and dropped: a memmap held for the whole run grows resident memory
             data = np.memmap(self.paths[s], dtype=np.uint16, mode="r")
-            index = starts[rows, None] + np.arange(self.window)
-            windows = data[index]  # (rows, T + 1)
+            windows = np.where(index >= 0, data[index.clip(0)], 0)
             x[rows], y[rows] = windows[:, :-1], windows[:, 1:]
             del data
-            if self.masks is not None:  # instruction data: only the responses' tokens are targets
-                learn = np.memmap(self.masks[s], dtype=np.uint8, mode="r")[index[:, 1:]]  # (rows, T)
-                y[rows] = np.where(learn != 0, y[rows], -1)
+            if self.masked:  # instruction data: only the responses' tokens are targets
+                learn = np.memmap(self.shards.masks[self.split[s]], dtype=np.uint8, mode="r")
+                y[rows] = np.where((index[:, 1:] >= 0) & (learn[index[:, 1:].clip(0)] != 0), y[rows], -1)
         return torch.from_numpy(x), torch.from_numpy(y)
 
     def locate(self, g: int) -> tuple[np.ndarray, np.ndarray]:
-        """Shard index and start token of each window of batch g."""
+        """Shard (of the split) and slot of each window of batch g: the start token of a window of plain
+        text, the packed window of instruction data."""
         windows = np.arange(g * self.batch_size, (g + 1) * self.batch_size, dtype=np.int64)
         epochs, index = np.divmod(windows, self.per_epoch)
-        shards, starts = np.empty_like(index), np.empty_like(index)
+        shards, slots = np.empty_like(index), np.empty_like(index)
         for e in np.unique(epochs):
             sel = epochs == e
             order, ends = self._epoch(int(e))
             pos = np.searchsorted(ends, index[sel], side="right")  # which shard in this epoch's order
             s = order[pos]
             j = index[sel] - (ends[pos] - self.windows[s])  # which window within the shard
-            st = np.empty_like(j)
+            found = np.empty_like(j)
             for k in np.unique(s):
-                offset, perm = self._plan(int(e), int(k))
-                st[s == k] = offset + perm[j[s == k]] * self.window
-            shards[sel], starts[sel] = s, st
-        return shards, starts
+                found[s == k] = self._plan(int(e), int(k))[j[s == k]]
+            shards[sel], slots[sel] = s, found
+        return shards, slots
+
+    def index(self, s: int, slots: np.ndarray) -> np.ndarray:
+        """(windows, T + 1) token positions in shard s of the windows at slots; -1 where one is padded."""
+        if not self.masked:
+            return slots[:, None] + np.arange(self.window)
+        order, bounds = self.shards.packed(self.split[s], self.window)
+        starts, lengths = self.shards.starts[self.split[s]], self.shards.lengths(self.split[s])
+        index = np.full((len(slots), self.window), -1, dtype=np.int64)
+        for row, k in enumerate(slots):
+            records = order[bounds[k]:bounds[k + 1]]
+            spans = [np.arange(a, a + n) for a, n in zip(starts[records], lengths[records])]
+            filled = np.concatenate(spans)[:self.window]  # (a record longer than the window: its start)
+            index[row, :len(filled)] = filled
+        return index
 
     def _epoch(self, e: int):
         if e not in self._orders:
@@ -193,14 +288,19 @@ class ShardBatches:
             self._orders = {e: (order, np.cumsum(self.windows[order]))}
         return self._orders[e]
 
-    def _plan(self, e: int, s: int):
+    def _plan(self, e: int, s: int) -> np.ndarray:
+        # the slots of shard s in epoch e, in the order they are visited
         if (e, s) not in self._plans:
             rng = np.random.default_rng([self.seed, e, 1, s])
-            slack = int(self.tokens[s] - self.windows[s] * self.window)
-            offset = int(rng.integers(min(self.window - 1, slack) + 1))
+            if self.masked:
+                plan = rng.permutation(int(self.windows[s]))
+            else:
+                slack = int(self.tokens[s] - self.windows[s] * self.window)
+                offset = int(rng.integers(min(self.window - 1, slack) + 1))
+                plan = offset + rng.permutation(int(self.windows[s])) * self.window
             if len(self._plans) >= 8:
                 self._plans.pop(next(iter(self._plans)))
-            self._plans[(e, s)] = (offset, rng.permutation(int(self.windows[s])))
+            self._plans[(e, s)] = plan
         return self._plans[(e, s)]
 
 
@@ -215,30 +315,34 @@ class _RankIndices:
 
 
 class BatchLoader:
-    """Random (x, y) int64 batches of shape (batch_size, max_seq_len) from the shards of shard_dir.
+    """Random (x, y) int64 batches of shape (batch_size, max_seq_len) from a split of the shards.
 
     Rank r of world_size W takes global batches r, r + W, r + 2W, ... of one deterministic stream
     (ShardBatches), so ranks never overlap and W ranks with A accumulation steps see exactly the batches
     one process sees with W * A steps. Workers (num_workers > 0) fetch the same batches in the same order.
     state_dict() is the number of batches taken, so load_state_dict() continues with the exact next batch.
-    Every token id is checked against vocab_size when the loader is made."""
+    Every token id is checked against vocab_size when the shards are read."""
 
-    def __init__(self, shard_dir, split: str, batch_size: int, max_seq_len: int, seed: int, *,
-                 vocab_size: int, rank: int = 0, world_size: int = 1, device="cpu", num_workers: int = 0):
+    def __init__(self, data, split: str, batch_size: int, max_seq_len: int, seed: int, *,
+                 vocab_size: int | None = None, rank: int = 0, world_size: int = 1, device="cpu",
+                 num_workers: int = 0):
+        # data: a shard directory (read here, its ids checked against vocab_size), or Shards read once for
+        # several loaders
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', not {split!r}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
-        if batch_size < 1 or max_seq_len < 1 or vocab_size < 1 or num_workers < 0:
-            raise ValueError("batch_size, max_seq_len and vocab_size must be positive, num_workers >= 0")
+        if batch_size < 1 or max_seq_len < 1 or num_workers < 0:
+            raise ValueError("batch_size and max_seq_len must be positive, num_workers >= 0")
         self.split, self.seed = split, seed
         self.batch_size, self.max_seq_len = batch_size, max_seq_len
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.device = str(device)
         # pinned memory only helps (and only works everywhere) on CUDA
         self.pin = self.device.startswith("cuda")
-        self.batches = ShardBatches(shard_dir, split, batch_size, max_seq_len, seed, vocab_size)
-        self.masked = self.batches.masks is not None  # instruction data: y is -1 outside the responses
+        shards = data if isinstance(data, Shards) else Shards(data, vocab_size)
+        self.batches = ShardBatches(shards, split, batch_size, max_seq_len, seed)
+        self.masked = self.batches.masked  # instruction data: y is -1 outside the responses
         self.consumed = 0  # batches this rank has returned
         self._workers = None
 
@@ -252,7 +356,20 @@ class BatchLoader:
         # instruction data: the share of the split's tokens that are targets (the responses); else None
         if not self.masked:
             return None
-        return self.batches.loss_tokens / max(int(self.batches.tokens.sum()), 1)
+        loss_tokens = sum(self.batches.shards.loss_tokens[s] for s in self.batches.split)
+        return loss_tokens / max(int(self.batches.tokens.sum()), 1)
+
+    def packing(self) -> dict | None:
+        """Instruction data: how its records fill the split's windows of max_seq_len + 1 tokens ("records",
+        "cut": those longer than a window, "padding": the share of window tokens that are padding); else
+        None."""
+        if not self.masked:
+            return None
+        shards, window = self.batches.shards, self.batches.window
+        lengths = np.concatenate([shards.lengths(s) for s in self.batches.split])
+        filled = int(np.minimum(lengths, window).sum())
+        return {"records": len(lengths), "cut": int((lengths > window).sum()),
+                "padding": 1 - filled / (self.batches.per_epoch * window)}
 
     def next_batch(self):
         if self.num_workers == 0:
@@ -287,15 +404,16 @@ class BatchLoader:
         """unused: batches returned but not trained on yet (fetched ahead): they come again on resume."""
         consumed = self.consumed - unused
         g = self.rank + self.world_size * consumed
-        shards, starts = self.batches.locate(g)
+        shards, slots = self.batches.locate(g)
         epoch = g * self.batch_size // self.batches.per_epoch
         order, _ = self.batches._epoch(epoch)
         name = lambda s: Path(self.batches.paths[s]).name
+        start = self.batches.index(int(shards[0]), slots[:1])[0, 0]
         return {
             "batches_consumed": consumed, "batch_size": self.batch_size, "max_seq_len": self.max_seq_len,
             "world_size": self.world_size, "seed": self.seed, "split": self.split,
             # where the next batch starts, for people reading a checkpoint; loading uses batches_consumed
-            "epoch": int(epoch), "shard": name(shards[0]), "position": int(starts[0]),
+            "epoch": int(epoch), "shard": name(shards[0]), "position": int(start),
             "shard_order": [name(s) for s in order],
         }
 

@@ -14,6 +14,7 @@ It imports neither torch nor numpy: the data commands start without them.
 """
 import errno
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 
@@ -69,6 +70,18 @@ def atomic_write(path):
             os.remove(tmp)
     if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
         _fsync(directory, os.O_RDONLY | os.O_DIRECTORY)
+
+
+def link_or_copy(src, dst) -> None:
+    """dst becomes the same bytes as src, atomically: a hard link (no space, no time), or a copy where a link
+    is not possible (another filesystem)."""
+    with atomic_write(dst) as tmp:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
 
 
 def usual_permissions(path) -> None:

@@ -23,10 +23,12 @@ Inputs (`prepare --format=auto` tells them apart by content):
     tinystories_instruct  .txt, records between <|endoftext|> lines with Words:, Features:, Random sentence:,
                           Summary: lines and a Story: section, in any order, any of them missing
     tinystories_json      TinyStories' JSON shards: {"story", "instruction": {"words", "features"}, "summary"}
-    prompt_response       JSONL {"prompt", "response"}, or Alpaca's {"instruction", "input", "output"}
+    prompt_response       JSONL {"prompt", "response"}, {"prompt", "completion"} (OpenAI's fine-tuning format:
+                          the loss on the completion), or Alpaca's {"instruction", "input", "output"}
     chat                  JSONL {"conversations" or "messages": [{"role", "content"} or {"from", "value"}]}
                           (MiniMind, ShareGPT, OpenAI): the loss covers every assistant turn
-    text                  plain stories; with --words_from_story=N each becomes a Words: record (below)
+    text                  plain stories (a "text", "story" or "completion" field of JSON); with
+                          --words_from_story=N each becomes a Words: record (below)
 """
 import itertools
 import random
@@ -216,7 +218,8 @@ def detect_format(items: list) -> str:
         if isinstance(item, dict):
             if "conversations" in item or "messages" in item:
                 return "chat"
-            if {"prompt", "response"} <= item.keys() or {"instruction", "output"} <= item.keys():
+            if {"prompt", "response"} <= item.keys() or {"prompt", "completion"} <= item.keys() \
+                    or {"instruction", "output"} <= item.keys():
                 return "prompt_response"
             if "story" in item and (isinstance(item.get("instruction"), dict) or "summary" in item):
                 return "tinystories_json"
@@ -245,7 +248,8 @@ def to_messages(fmt: str, item) -> list[dict]:
         if item.get("input"):  # Alpaca: the input below the instruction
             prompt = f"{prompt}\n\n{_text(item['input'])}"
         messages = [{"role": "user", "content": prompt},
-                    {"role": "assistant", "content": _text(item.get("response", item.get("output")))}]
+                    {"role": "assistant",
+                     "content": _text(item.get("response", item.get("completion", item.get("output"))))}]
     elif fmt == "chat":
         messages = [_turn(m) for m in _text_list(item.get("conversations", item.get("messages")))]
     else:

@@ -10,8 +10,12 @@ W + (alpha / rank) B A is an ordinary weight again: every export format and ever
 
 train.py --lora_rank=8 --init_from=PATH attaches the adapters (attach); checkpoint.from_checkpoint loads
 a LoRA checkpoint's base, checks it against base_sha256 and adds the adapters; export.py merges them or
-writes them alone in Hugging Face PEFT's layout.
+writes them alone in Hugging Face PEFT's layout. A base that its own run rewrites (out/15m/ckpt.pt, which
+that run replaces at every checkpoint, resumed or not) is kept by the LoRA run as out_dir/base.pt, a hard
+link to the bytes it trained on (kept_base); any other base (a published .bin, a Hugging Face directory) is
+named where it is.
 """
+import fnmatch
 import hashlib
 import math
 import os
@@ -113,12 +117,12 @@ def attach(model: Transformer, rank: int, alpha: float, dropout: float = 0.0,
     return model
 
 
-def attach_for_training(model: Transformer, c: dict, resumed: dict | None) -> dict:
-    """train.py's LoRA: attaches the adapters of settings c to model, which holds the base's weights:
-    fresh ones, or those of resumed (a checkpoint read with from_checkpoint(merge=False)). Returns what
-    identifies the base ({"path", "sha256"}), for the checkpoints."""
+def attach_for_training(model: Transformer, c: dict, resumed: dict | None, base_path: str) -> dict:
+    """train.py's LoRA: attaches the adapters of settings c to model, which holds the base's weights: fresh
+    ones (read from base_path), or those of resumed (a checkpoint read with from_checkpoint(merge=False)).
+    Returns what identifies the base ({"path", "sha256"}), for the checkpoints."""
     if resumed is None:
-        base, adapters = identify_base(c["init_from"]), None
+        base, adapters = identify_base(base_path), None
     elif "lora" in resumed:
         base, adapters = resumed["lora"]["base"], resumed["lora"]["adapters"]
     else:
@@ -184,6 +188,17 @@ def base_sha256(path) -> str:
 
 def identify_base(path) -> dict:
     return {"path": os.path.abspath(path), "sha256": base_sha256(path)}
+
+
+def kept_base(path, out_dir) -> str | None:
+    """Where a LoRA run in out_dir keeps its base path, out_dir/base.pt, when the base is a checkpoint that
+    training rewrites: a ckpt*.pt in a run folder (one with config.json or metrics.jsonl). None for a base
+    nothing rewrites."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not (os.path.isfile(path) and fnmatch.fnmatch(os.path.basename(path), "ckpt*.pt")
+            and any(os.path.exists(os.path.join(folder, name)) for name in ("config.json", "metrics.jsonl"))):
+        return None
+    return os.path.abspath(os.path.join(out_dir, "base.pt"))
 
 
 def summary(model) -> str:

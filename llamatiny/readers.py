@@ -3,14 +3,15 @@ The input formats the data commands and eval.py read, as documents (plain text) 
 
 - TinyStories' own shards: a JSON list of {"story": ...} objects (read_json_stories)
 - --input: a .txt with <|endoftext|> lines between documents (TinyStoriesV2), a plain .txt (one document,
-  cut into chunks), a .jsonl / .json of strings or objects with a "text" or "story" field, instruction
-  records in any format instruct.py knows (told apart by content), or a directory of such files
+  cut into chunks), a .jsonl / .json of strings or objects with a "text", "story" or "completion" field,
+  instruction records in any format instruct.py knows (told apart by content), or a directory of such files
   (InputRecords)
 
 Documents 0, 100, 200, ... of an input are its validation split (is_val), for prepare and eval.py alike.
 """
 import itertools
 import json
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,8 +21,10 @@ from llamatiny.data import DataError, data_command
 VAL_EVERY = 100  # prepare and single-shard inputs: documents 0, 100, 200, ... are the validation split
 
 
-def is_val(index: int) -> bool:
-    return index % VAL_EVERY == 0
+def is_val(index: int, fraction: float = 1 / VAL_EVERY) -> bool:
+    # spread evenly: document i is held out where i * fraction passes a whole number (0, 100, 200, ... for
+    # 0.01; 0, 5, 10, ... for 0.2); the small margin keeps 0.29 * 100 on 29 despite its rounding
+    return math.floor(index * fraction + 1e-9) > math.floor((index - 1) * fraction + 1e-9)
 
 
 def read_json_stories(path) -> list[str]:
@@ -198,7 +201,8 @@ def _json_items(file: Path) -> Iterator[tuple[str, object]]:
 def _document(obj, where: str) -> str:
     if isinstance(obj, str):
         return obj
-    for key in ("text", "story"):
+    for key in ("text", "story", "completion"):
         if isinstance(obj, dict) and isinstance(obj.get(key), str):
             return obj[key]
-    raise DataError(f"{where}: expected a string or an object with a \"text\" or \"story\" field")
+    raise DataError(f"{where}: expected a string or an object with a \"text\", \"story\" or \"completion\" "
+                    "field")

@@ -31,7 +31,7 @@ from datetime import datetime, timezone
 import numpy as np
 import torch
 
-from llamatiny.fileio import atomic_write, writing
+from llamatiny.fileio import atomic_write, link_or_copy, writing
 
 
 def git_revision() -> str | None:
@@ -95,13 +95,7 @@ def save_checkpoints(out_dir, state: dict, latest: bool, best: bool, keep: int, 
         if not written:
             save(path, state)
         else:  # the same bytes again: link them under the new name, atomically
-            with atomic_write(path) as tmp:
-                if os.path.lexists(tmp):
-                    os.remove(tmp)
-                try:
-                    os.link(written[0], tmp)
-                except OSError:
-                    shutil.copyfile(written[0], tmp)
+            link_or_copy(written[0], path)
         written.append(path)
 
     if best:

@@ -303,11 +303,12 @@ def for_resume(config: Config, path: str) -> Config:
 
 
 def for_finetune(c: dict, saved_args: dict, path: str, given: set) -> dict:
-    # the model's shape is the checkpoint's; dropout and max_seq_len stay the config's. The note names the
-    # shape settings given (config file or command line) that the checkpoint overrules, not the defaults.
+    # the model's shape is the checkpoint's; dropout and max_seq_len stay the config's, and rope_theta where
+    # given (a longer context wants a larger one). The note names the shape settings given (config file or
+    # command line) that the checkpoint overrules, not the defaults.
     c = dict(c)
     saved, wanted = ModelArgs.from_dict(saved_args), ModelArgs.from_dict(c)
-    shape = [f.name for f in fields(ModelArgs) if f.name not in NOT_SHAPE + ("multiple_of",)]
+    shape = [f.name for f in fields(ModelArgs) if f.name not in NOT_SHAPE + ("multiple_of", "rope_theta")]
     diffs = [k for k in shape if k in given and getattr(saved, k) != getattr(wanted, k)]
     if diffs:
         print0(f"note: the model's shape comes from {path}: "
@@ -315,6 +316,11 @@ def for_finetune(c: dict, saved_args: dict, path: str, given: set) -> dict:
     if saved.max_seq_len != c["max_seq_len"]:
         print0(f"note: training with max_seq_len={c['max_seq_len']}; "
                f"{path} was trained with {saved.max_seq_len}")
+    if "rope_theta" not in given:
+        c["rope_theta"] = saved.rope_theta
+    elif saved.rope_theta != c["rope_theta"]:
+        print0(f"note: training with rope_theta={c['rope_theta']:g}; {path} was trained with "
+               f"{saved.rope_theta:g} (every position now rotates at other speeds: fine-tune long enough)")
     c.update({k: getattr(saved, k) for k in shape})
     if "weight_init" in given:
         print0(f"note: weight_init={c['weight_init']!r} is for a run from scratch; the weights come from "

@@ -15,7 +15,7 @@ from conftest import ROOT
 import tinystories as ts
 from llamatiny import download
 from llamatiny.corpus import make_stories, write_endoftext, write_json_shards
-from llamatiny.data import TINYSTORIES_DIR, DataError, dataset_dir, list_shards, read_meta
+from llamatiny.data import TINYSTORIES_DIR, BatchLoader, DataError, dataset_dir, list_shards, read_meta
 from llamatiny.readers import chunk_text
 from llamatiny.tokenizer import Tokenizer
 
@@ -179,8 +179,8 @@ def test_rerun_replaces_stale_shards(tok512, tmp_path, corpus):
 # -----------------------------------------------------------------------------
 # prepare: the user's own data
 
-def prepare_and_decode(data_dir, input, name="mine"):
-    ts.prepare(data_dir, input, name, VOCAB)
+def prepare_and_decode(data_dir, input, name="mine", fmt="auto"):
+    ts.prepare(data_dir, input, name, VOCAB, fmt=fmt)
     tok = Tokenizer(read_meta(data_dir / name)["tokenizer"])
     return [decode_docs(p, tok) for p in list_shards(data_dir / name)]
 
@@ -189,10 +189,14 @@ def held_out(docs):
     return [[d for i, d in enumerate(docs) if i % 100 == 0], [d for i, d in enumerate(docs) if i % 100]]
 
 
-@pytest.mark.parametrize("fmt", ["endoftext", "jsonl", "json", "dir"])
+@pytest.mark.parametrize("fmt", ["endoftext", "jsonl", "json", "dir", "completion", "forced"])
 def test_prepare_formats(tok512, tmp_path, fmt):
     docs = make_stories(150, seed=4)
-    if fmt == "endoftext":
+    if fmt in ("completion", "forced"):  # a completion field; beside a prompt, plain text when forced
+        src = tmp_path / "in.jsonl"
+        prompt = {"prompt": "Tell a story."} if fmt == "forced" else {}
+        src.write_text("".join(json.dumps(prompt | {"completion": d}) + "\n" for d in docs), encoding="utf-8")
+    elif fmt == "endoftext":
         write_endoftext(tmp_path / "in.txt", docs)
         src = tmp_path / "in.txt"
     elif fmt == "jsonl":
@@ -209,10 +213,77 @@ def test_prepare_formats(tok512, tmp_path, fmt):
         (src / "b" / "c.jsonl").write_text(lines, encoding="utf-8")
         (src / ".hidden.txt").write_text("not data", encoding="utf-8")
     shutil.copy(tok512 / f"tok{VOCAB}.model", tmp_path)
-    val, train = prepare_and_decode(tmp_path, src)
+    val, train = prepare_and_decode(tmp_path, src, fmt="text" if fmt == "forced" else "auto")
     assert [val, train] == held_out(docs)
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["data00.bin", "data01.bin", "meta.json"]
     meta = read_meta(tmp_path / "mine")
     assert meta["num_stories"] == 150 and meta["val_shard"] == "data00.bin"
+
+
+def test_prepare_takes_its_validation_split_from_val_input_or_val_fraction(tok512, tmp_path, capsys):
+    docs, own = make_stories(40, seed=8), make_stories(12, seed=9)
+    write_endoftext(tmp_path / "in.txt", docs)
+    write_endoftext(tmp_path / "valid.txt", own)
+    shutil.copy(tok512 / f"tok{VOCAB}.model", tmp_path)
+    tok = Tokenizer(str(tmp_path / f"tok{VOCAB}.model"))
+    decoded = lambda: [decode_docs(p, tok) for p in list_shards(tmp_path / "mine")]
+    common = ["prepare", "--input", str(tmp_path / "in.txt"), "--name", "mine", "--vocab_size", str(VOCAB),
+              "--data_dir", str(tmp_path)]
+    assert ts.main(common + ["--val_input", str(tmp_path / "valid.txt")]) == 0
+    assert decoded() == [own, docs]  # all of the own validation file, every document of --input trains
+    assert ts.main(common + ["--val_fraction", "0.2"]) == 0
+    assert decoded() == [docs[::5], [d for i, d in enumerate(docs) if i % 5]]
+    capsys.readouterr()
+    for extra, message in ((["--val_fraction", "0.2", "--val_input", str(tmp_path / "valid.txt")],
+                            "--val_input is the whole validation split: leave out --val_fraction"),
+                           (["--val_fraction", "1"], "--val_fraction=1.0 must be between 0 and 1"),
+                           (["--val_input", str(tmp_path / "valid.txt"), "--words_from_story", "3"],
+                            None)):
+        code = ts.main(common + extra)
+        if message is None:  # instruction records from both files: the same kind, accepted
+            assert code == 0 and "instruction" in read_meta(tmp_path / "mine")
+            continue
+        err = capsys.readouterr().err
+        assert code == 1 and err.startswith(f"error: {message}") and err.count("\n") == 1, err
+    (tmp_path / "valid.jsonl").write_text(json.dumps({"prompt": "Hi", "response": "Hello."}) + "\n",
+                                          encoding="utf-8")
+    with pytest.raises(DataError, match=r"--val_input .*valid.jsonl holds chat instruction records but "
+                                        r"--input .*in.txt holds plain text: give validation data of the "
+                                        r"same kind"):
+        ts.prepare(tmp_path, tmp_path / "in.txt", "mine", VOCAB, val_input=tmp_path / "valid.jsonl")
+
+
+def test_prepare_warns_of_a_validation_split_shorter_than_a_context_window(tok512, tmp_path, capsys):
+    write_endoftext(tmp_path / "in.txt", make_stories(150, seed=4))
+    shutil.copy(tok512 / f"tok{VOCAB}.model", tmp_path)
+    for fraction in (None, 0.5):  # two stories held out, then 75
+        ts.prepare(tmp_path, tmp_path / "in.txt", "mine", VOCAB, val_fraction=fraction)
+        val_tokens = read_meta(tmp_path / "mine")["shards"]["data00.bin"]["tokens"]
+        warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning")]
+        assert (val_tokens <= ts.LONGEST_CONTEXT) == (fraction is None)
+        assert warnings == ([f"warning: the validation split data00.bin holds only {val_tokens:,} tokens, "
+                             f"less than one context window (max_seq_len=1024, +1): train.py refuses a "
+                             f"max_seq_len of {val_tokens:,} or more on it; hold out more (--val_fraction) "
+                             f"or give --val_input FILE"] if fraction is None else [])
+    # as it says: the longest window the validation split holds is one token shorter than the split
+    BatchLoader(tmp_path / "mine", "val", 1, val_tokens - 1, 0, vocab_size=VOCAB)
+    with pytest.raises(DataError, match="use a smaller max_seq_len"):
+        BatchLoader(tmp_path / "mine", "val", 1, val_tokens, 0, vocab_size=VOCAB)
+
+
+def test_prepare_says_when_it_finds_no_instruction_fields(tok512, tmp_path, capsys):
+    # TinyStories-style JSON with only stories: plain shards, and how to make instructions of them
+    src = tmp_path / "in.json"
+    src.write_text(json.dumps([{"story": d} for d in make_stories(30, seed=4)]), encoding="utf-8")
+    shutil.copy(tok512 / f"tok{VOCAB}.model", tmp_path)
+    ts.prepare(tmp_path, src, "mine", VOCAB)
+    note = (f"note: no instruction fields in {src} (Words:/Summary: lines, prompt/response, messages, ...): "
+            "plain shards for pretraining; for instruction tuning, --words_from_story=3 makes Words: records "
+            "of its stories")
+    assert note in capsys.readouterr().out.splitlines() and "instruction" not in read_meta(tmp_path / "mine")
+    ts.prepare(tmp_path, src, "mine", VOCAB, words_from_story=3)
+    assert "note: no instruction" not in capsys.readouterr().out
+    assert "instruction" in read_meta(tmp_path / "mine")
 
 
 def test_prepare_plain_text_is_cut_into_chunks(tok512, tmp_path):

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_export import tiny_model, train_tokenizer
-from test_train import assert_same_losses
+from test_train import assert_same_losses, main_error
 
 import tinystories as ts
 import train
@@ -141,6 +141,43 @@ def test_prompt_response_and_alpaca_jsonl(tmp_path, tok_path):
                                                         "empty prompt": 1, "malformed record": 1}
 
 
+def target_runs(y: torch.Tensor) -> list[list[int]]:
+    """The runs of consecutive targets (not -1) in the rows of y."""
+    runs = []
+    for row in y.tolist():
+        run = []
+        for t in row + [-1]:
+            if t >= 0:
+                run.append(t)
+            elif run:
+                runs.append(run)
+                run = []
+    return runs
+
+
+def test_prompt_completion_jsonl_trains_on_the_completions_only(tmp_path, tok_path, monkeypatch):
+    # OpenAI's fine-tuning format, prepared, then a few training steps in this process: every target of
+    # every batch they train on belongs to a completion, and each completion is learned whole, with its EOS
+    animals = ["cat", "dog", "frog", "duck", "bird"]
+    pairs = [(f"Which animal is number {i}?", f"Number {i} is the {animals[i % 5]}.") for i in range(120)]
+    lines = "".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in pairs)
+    (tmp_path / "in.jsonl").write_text(lines, encoding="utf-8")
+    out = prepare(tmp_path, tok_path, tmp_path / "in.jsonl", name="pc")
+    assert read_meta(out)["instruction"]["formats"] == ["prompt_response"]
+    chat = lambda q, a: [(f"User: {q}\nAssistant:", False), (a, True)]
+    assert sorted(decoded_records(out)) == sorted(chat(p, c) for p, c in pairs)
+
+    taken, next_batch = [], data.BatchLoader.next_batch
+    monkeypatch.setattr(data.BatchLoader, "next_batch",
+                        lambda self: taken.append(next_batch(self)) or taken[-1])
+    train.train(train.parse_settings(TINY + ["--dataset=pc", "--max_seq_len=64", "--max_iters=3",
+                                             f"--data_dir={tmp_path}", f"--out_dir={tmp_path / 'out'}"]))
+    tok = Tokenizer(read_meta(out)["tokenizer"])
+    learned = [run for _, y in taken for run in target_runs(y)]
+    assert len(learned) > 20 and all(run[-1] == tok.eos_id for run in learned)
+    assert {tok.decode(run[:-1]) for run in learned} <= {c for _, c in pairs}
+
+
 def test_chat_jsonl_learns_every_assistant_turn_and_nothing_else(tmp_path, tok_path):
     conversations = [
         {"conversations": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"},
@@ -180,10 +217,11 @@ def test_forced_format_and_a_plain_rerun_leaves_no_mask(tmp_path, tok_path):
     text = SEP.join(f"Words: dog\nStory: {s}" for s in stories) + SEP
     (tmp_path / "in.txt").write_text(text, encoding="utf-8")
     out = prepare(tmp_path, tok_path, tmp_path / "in.txt")
-    assert sorted(p.name for p in out.iterdir()) == ["data00.bin", "data00.mask", "data01.bin", "data01.mask",
-                                                     "meta.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["data00.bin", "data00.idx", "data00.mask", "data01.bin",
+                                                     "data01.idx", "data01.mask", "meta.json"]
     prepare(tmp_path, tok_path, tmp_path / "in.txt", fmt="text")  # the same file as plain text: no masks
-    assert not list(out.glob("*.mask")) and "instruction" not in read_meta(out)
+    assert sorted(p.name for p in out.iterdir()) == ["data00.bin", "data01.bin", "meta.json"]
+    assert "instruction" not in read_meta(out)
     loader = data.BatchLoader(out, "train", 2, 16, 0, vocab_size=400)
     assert not loader.masked and loader.loss_share is None and (loader.next_batch()[1] >= 0).all()
 
@@ -338,43 +376,121 @@ def test_hf_chat_template_gives_the_same_tokens(tmp_path, tok_path, request, voc
 # ----------------------------------------------------------------------------- the loader
 
 
-def test_loader_targets_only_the_responses_even_in_records_longer_than_the_window(tmp_path, tok_path):
-    write_endoftext(tmp_path / "s.txt", make_stories(60, seed=4))
-    out = prepare(tmp_path, tok_path, tmp_path / "s.txt", words_from_story=3)
-    loader = data.BatchLoader(out, "train", 4, 16, 7, vocab_size=400)  # records are ~100 tokens
-    assert loader.masked
-    tokens = np.fromfile(out / "data01.bin", np.uint16).astype(np.int64)
-    learn = np.fromfile(out / "data01.mask", np.uint8)
-    assert loader.loss_share == pytest.approx(learn.mean())
-    counted, only_response = 0, 0
-    for g in range(loader.batches.per_epoch // 4):  # an epoch
-        x, y = loader.next_batch()
-        _, starts = loader.batches.locate(g)
-        index = starts[:, None] + np.arange(17)
-        assert (x.numpy() == tokens[index[:, :-1]]).all()
-        assert (y.numpy() == np.where(learn[index[:, 1:]] == 1, tokens[index[:, 1:]], -1)).all()
-        counted += int((y >= 0).sum())
-        only_response += int((learn[index[:, 1:]] == 1).all(axis=1).sum())
-    assert only_response > 0 and counted > 0  # windows inside a response train on all of it
+@pytest.fixture(scope="module")
+def words_data(tmp_path_factory, tok_path) -> Path:
+    # Words: records of 112 to 219 tokens
+    root = tmp_path_factory.mktemp("words")
+    write_endoftext(root / "s.txt", make_stories(60, seed=4))
+    return prepare(root, tok_path, root / "s.txt", words_from_story=3)
+
+
+def shard_records(shard: Path, bos: int) -> list[tuple[tuple, tuple]]:
+    """The records of a shard, found from its BOS tokens: (tokens, mask) each."""
+    ids, learn = np.fromfile(shard, np.uint16).tolist(), np.fromfile(shard.with_suffix(".mask"), np.uint8)
+    starts = [i for i, t in enumerate(ids) if t == bos] + [len(ids)]
+    return [(tuple(ids[a:b]), tuple(learn[a:b].tolist())) for a, b in zip(starts, starts[1:])]
+
+
+@pytest.mark.parametrize("max_seq_len", [16, 100, 160, 300])
+def test_every_response_target_has_its_records_first_token_in_its_window(words_data, max_seq_len):
+    # an epoch of windows, read back against the records of the shard: each window is whole records from
+    # their BOS (one record cut at the window's end only when it alone is longer than the window), then
+    # padding; every target is its record's next token where the mask learns it, else -1
+    bos = read_meta(words_data)["bos_id"]
+    records = shard_records(words_data / "data01.bin", bos)
+    by_head = {}
+    for rec in records:
+        by_head.setdefault(rec[0][:6], []).append(rec)
+    loader = data.BatchLoader(words_data, "train", 1, max_seq_len, 7, vocab_size=400)
+    T = max_seq_len
+    seen, padded, targets, shared = [], 0, 0, 0
+    for _ in range(loader.batches.per_epoch):
+        x, y = (t[0].tolist() for t in loader.next_batch())
+        assert x[0] == bos
+        p = 0
+        while p < T and x[p] == bos:
+            tokens, learn = next(r for r in by_head[tuple(x[p:p + 6])]
+                                 if r[0][:T - p] == tuple(x[p:p + len(r[0])]))
+            n = len(tokens)
+            assert p == 0 or p + n <= T + 1  # only a record alone in its window is cut
+            for i in range(p, min(p + n - 1, T)):  # the targets inside the record: y[i] is token i + 1 - p
+                assert y[i] == (tokens[i + 1 - p] if learn[i + 1 - p] else -1)
+                targets += y[i] >= 0
+            seen.append((tokens, learn))
+            shared += p > 0
+            p += n
+        if p < T + 1:  # the rest is padding: nothing to learn, no other record
+            assert all(t == -1 for t in y[p - 1:]) and bos not in x[p:]
+            padded += T + 1 - p
+    # every record once in an epoch (as far as a window shows it: cut records may share their start)
+    assert sorted(tokens[:T] for tokens, _ in seen) == sorted(tokens[:T] for tokens, _ in records)
+    # every response token within the first max_seq_len + 1 tokens of its record is trained, once
+    assert targets == sum(sum(learn[1:T + 1]) for _, learn in records) > (0 if T > 16 else -1)
+    packing = loader.packing()
+    cut = sum(len(t) > T + 1 for t, _ in records)
+    assert packing["records"] == len(records) and packing["cut"] == cut
+    assert cut > 0 if T < 200 else shared > 0  # records longer than the window; windows of several records
+    assert packing["padding"] == pytest.approx(padded / (loader.batches.per_epoch * (T + 1)))
+
+
+def test_instruction_windows_resume_exactly_and_ranks_take_disjoint_windows(words_data):
+    def loader(**kw):
+        return data.BatchLoader(words_data, "train", 3, 150, 5, vocab_size=400, **kw)
+
+    ld = loader()
+    single = [ld.next_batch() for _ in range(2 * ld.batches.per_epoch // 3 + 1)]  # into the second epoch
+    ranks = [loader(rank=r, world_size=2) for r in range(2)]
+    for r, ld in enumerate(ranks):
+        for g in range(r, len(single), 2):
+            assert all(torch.equal(a, b) for a, b in zip(ld.next_batch(), single[g]))
+    windows = [{(int(s), int(k)) for g in range(r, 6, 2) for s, k in zip(*ld.batches.locate(g))}
+               for r in range(2)]
+    assert not windows[0] & windows[1]
+    taken = loader(rank=1, world_size=2)
+    for _ in range(2):
+        taken.next_batch()
+    fresh = loader(rank=1, world_size=2)
+    fresh.load_state_dict(taken.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(fresh.next_batch(), single[5]))
+
+
+def test_the_loaders_of_a_run_share_one_read_of_the_shards(sft_data, tmp_path, monkeypatch):
+    root, base = sft_data
+    reads = []
+    real = data.Shards.__init__
+    monkeypatch.setattr(data.Shards, "__init__", lambda self, *a: reads.append(a) or real(self, *a))
+    train.train(train.parse_settings(TINY + ["--max_iters=1", f"--data_dir={root}", f"--out_dir={tmp_path}",
+                                             f"--init_from={base}"]))
+    assert len(reads) == 1
 
 
 @pytest.mark.parametrize("damage, message", [
     ("missing", "data00.mask is missing (the loss mask of instruction data): "
                 "run `python tinystories.py prepare"),
     ("short", "data01.mask (9 bytes) does not match"),
+    ("no index", "data01.idx is missing (where the records of instruction data start): "
+                 "run `python tinystories.py prepare"),
+    ("bad index", "data01.idx does not match"),
 ])
-def test_a_missing_or_mismatched_mask_is_refused(tmp_path, damage, message):
+def test_a_missing_or_mismatched_mask_or_index_is_refused(tmp_path, damage, message):
     shard_dir = tmp_path / "sft"
     shard_dir.mkdir()
     for i, n in enumerate([100, 200]):
         np.arange(n, dtype=np.uint16).tofile(shard_dir / f"data{i:02d}.bin")
         np.ones(n, np.uint8).tofile(shard_dir / f"data{i:02d}.mask")
+        np.arange(0, n, 10, dtype=np.uint64).tofile(shard_dir / f"data{i:02d}.idx")
+    data.BatchLoader(shard_dir, "train", 2, 8, 0, vocab_size=512)
     if damage == "missing":
         (shard_dir / "data00.mask").unlink()
-    else:
+    elif damage == "short":
         np.ones(9, np.uint8).tofile(shard_dir / "data01.mask")
+    elif damage == "no index":
+        (shard_dir / "data01.idx").unlink()
+    else:
+        np.array([0, 50, 20], np.uint64).tofile(shard_dir / "data01.idx")
     with pytest.raises(DataError, match=re.escape(message)):
         data.BatchLoader(shard_dir, "train", 2, 8, 0, vocab_size=512)
+
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -400,7 +516,7 @@ def sft_data(tmp_path_factory, tok_path) -> tuple[Path, Path]:
 def test_the_loss_is_the_mean_over_the_response_tokens_of_the_whole_iteration(sft_data, tmp_path, capsys):
     root, base = sft_data
     train.train(train.parse_settings(TINY + ["--max_iters=1", f"--data_dir={root}", f"--out_dir={tmp_path}",
-                                             f"--init_from={base}"]))
+                                             f"--init_from={base}", "--instruction_tuning=True"]))
     assert "instruction data: loss on " in capsys.readouterr().out
     logged = runs.read_metrics(tmp_path)[0][0]  # the first log record (an eval of the base comes before it)
 
@@ -425,6 +541,19 @@ def test_the_loss_is_the_mean_over_the_response_tokens_of_the_whole_iteration(sf
 
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
     assert ckpt["template"]["name"] == "story" and ckpt["loader_state"]["batches_consumed"] == 4
+
+
+def test_an_instruction_tuning_config_refuses_plain_data_in_one_line(sft_data, tmp_path, tok_path):
+    # prepared without instruction fields, the data trains every token: an SFT config says so at once
+    root, base = sft_data
+    write_endoftext(tmp_path / "s.txt", make_stories(30, seed=6))
+    plain = prepare(tmp_path, tok_path, tmp_path / "s.txt", name="plain")
+    assert all(train.parse_settings([str(ROOT / "config" / f"sft_{name}.py")])["instruction_tuning"]
+               for name in ("cpu_debug", "15m"))
+    message = main_error(TINY + [f"--data_dir={tmp_path}", "--dataset=plain", f"--out_dir={tmp_path / 'out'}",
+                                 f"--init_from={base}", "--instruction_tuning=True"])
+    assert message.startswith(f"error: instruction_tuning=True but {plain} holds plain text (no loss masks)")
+    assert "--words_from_story 3" in message
 
 
 def test_a_micro_batch_without_responses_adds_nothing(sft_data, tmp_path, monkeypatch):

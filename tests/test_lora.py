@@ -4,6 +4,7 @@ fine-tune on a text unlike the pretraining one against a full fine-tune, frozen 
 the base-hash check, DDP and torch.compile."""
 import dataclasses
 import json
+import os
 import re
 import shutil
 from contextlib import redirect_stdout
@@ -321,7 +322,10 @@ def test_lora_checkpoint_holds_adapters_and_optimizer_only(finetunes, base):
     ckpt = torch.load(lora_dir / "ckpt.pt", weights_only=False)
     assert "model" not in ckpt
     assert set(ckpt["lora"]) == {"rank", "alpha", "dropout", "targets", "base", "adapters"}
-    assert ckpt["lora"]["base"] == {"path": str(base), "sha256": lora.base_sha256(base)}
+    # the base is a run's ckpt.pt, which that run rewrites: the LoRA run keeps the same bytes as base.pt
+    kept = lora_dir / "base.pt"
+    assert ckpt["lora"]["base"] == {"path": str(kept), "sha256": lora.base_sha256(base)}
+    assert os.path.samefile(kept, base)  # a hard link, not a copy
     adapters = ckpt["lora"]["adapters"]
     # the optimizer holds the adapters alone: 28 tensors, whose shapes its AdamW state has
     assert sum(len(group["params"]) for group in ckpt["optimizer"]["param_groups"]) == len(adapters) == 28
@@ -375,6 +379,35 @@ def test_lora_resumes_exactly_and_refuses_a_changed_base(data_dir, base, tmp_pat
     message = main_error(TINY + ["--init_from=resume", "--max_iters=8", f"--data_dir={data_dir}",
                                  f"--out_dir={part}"])
     assert f"{part / 'ckpt.pt'} was trained on the base model {own_base}, which has changed since" in message
+
+
+def test_a_lora_run_survives_its_base_run_continuing(data_dir, tmp_path, capsys):
+    # fine-tune a run's ckpt.pt with LoRA, then continue that run, which replaces its ckpt.pt: the adapters'
+    # checkpoint still samples and exports, on the base it was trained on
+    base_run, lora_run = tmp_path / "base", tmp_path / "lora"
+    train_in_process(["--max_iters=2", "--eval_interval=2"], data_dir, base_run)
+    base = base_run / "ckpt.pt"
+    printed = train_in_process(FINETUNE + LORA + ["--max_iters=2", f"--init_from={base}"], data_dir, lora_run)
+    assert f"this run keeps its base as {lora_run / 'base.pt'}" in printed
+    tokens = TOKENS[:, :32]
+    tuned = logits_of(from_checkpoint(lora_run / "ckpt.pt")[0], tokens)
+    sha = lora.base_sha256(base)
+    train_in_process(["--max_iters=4", "--eval_interval=2", "--init_from=resume"], data_dir, base_run)
+    assert lora.base_sha256(base) != sha  # the base run has moved on
+
+    assert torch.equal(logits_of(from_checkpoint(lora_run / "ckpt.pt")[0], tokens), tuned)
+    capsys.readouterr()
+    sample.main([f"--checkpoint={lora_run / 'ckpt.pt'}", "--max_new_tokens=10", "--prompt=Once upon a time"])
+    assert capsys.readouterr().out.startswith("Once upon a time")
+    export.main([str(tmp_path / "merged.bin"), f"--checkpoint={lora_run / 'ckpt.pt'}"])
+    assert torch.allclose(logits_of(from_checkpoint(tmp_path / "merged.bin")[0], tokens), tuned, atol=1e-5)
+    # a base that nothing rewrites (here a copy outside any run folder) is named where it is
+    published = tmp_path / "published.pt"
+    shutil.copyfile(lora_run / "base.pt", published)
+    again = tmp_path / "again"
+    train_in_process(FINETUNE + LORA + ["--max_iters=1", f"--init_from={published}"], data_dir, again)
+    record = torch.load(again / "ckpt.pt", weights_only=False)["lora"]["base"]
+    assert record["path"] == str(published) and not (again / "base.pt").exists()
 
 
 @pytest.mark.slow

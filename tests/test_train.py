@@ -342,6 +342,32 @@ def test_finetune_from_a_llama2c_file(short_run, data_dir, tmp_path):
     assert ckpt["config"]["init_from"] == str(source)
 
 
+def test_a_finetune_may_change_rope_theta_and_the_context_a_resume_may_not(short_run, data_dir, tmp_path,
+                                                                            capsys):
+    # a model's context extended: fine-tuned at a longer max_seq_len with a larger rope_theta, with a note
+    base, long = short_run[0] / "ckpt.pt", tmp_path / "long"
+    run = [*TINY, f"--data_dir={data_dir}", "--max_iters=2", "--eval_interval=2"]
+    train.train(train.parse_settings(run + [f"--init_from={base}", "--max_seq_len=64", "--rope_theta=40000",
+                                            f"--out_dir={long}"]))
+    printed = capsys.readouterr().out
+    assert f"note: training with max_seq_len=64; {base} was trained with 32\n" in printed
+    assert f"note: training with rope_theta=40000; {base} was trained with 10000 (" in printed
+    model, ckpt = from_checkpoint(long / "ckpt.pt")
+    assert (ckpt["model_args"]["max_seq_len"], ckpt["model_args"]["rope_theta"]) == (64, 40000)
+    x = torch.randint(0, 512, (1, 64), generator=torch.Generator().manual_seed(0))
+    other = Transformer(dataclasses.replace(model.args, rope_theta=10000.0))
+    other.load_state_dict(model.state_dict())
+    assert not torch.allclose(model(x, x)[0], other(x, x)[0])  # the positions do rotate otherwise
+    # not given again, a fine-tune keeps the model's rope_theta
+    again = tmp_path / "again"
+    train.train(train.parse_settings(run + [f"--init_from={long / 'ckpt.pt'}", f"--out_dir={again}"]))
+    assert from_checkpoint(again / "ckpt.pt")[1]["model_args"]["rope_theta"] == 40000
+    # a resumed run keeps it: changing it is refused in one line
+    message = main_error(run + ["--init_from=resume", "--max_iters=4", "--rope_theta=10000",
+                                f"--out_dir={long}"])
+    assert f"{long / 'ckpt.pt'} was trained with rope_theta=40000.0 (command line: 10000.0)" in message
+
+
 def test_a_model_worse_than_uniform_on_its_new_data_is_flagged(short_run, data_dir, tmp_path):
     # a llama2.c file carries no tokenizer: one made with another vocabulary of the same size (here, the
     # short run's model with its token ids shuffled) would otherwise fine-tune silently on the wrong tokens
