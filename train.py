@@ -140,7 +140,8 @@ def setting_types() -> dict:
 def parse_settings(argv: list[str]) -> dict:
     # --batch_size=auto: the batch_size it would replace (a config file's) sets the sequences per iteration
     argv = ["--auto_batch_size=True" if a == "--batch_size=auto" else a for a in argv]
-    return parse_config(default_config(), argv, setting_types(), settings.RENAMED, settings.IGNORED)
+    config = parse_config(default_config(), argv, setting_types(), settings.RENAMED, settings.IGNORED)
+    return settings.shrunk_for_smoke_test(config)
 
 
 def get_lr(it: int, learning_rate: float, warmup_iters: int, lr_decay_iters: int, min_lr: float) -> float:
@@ -196,6 +197,8 @@ def open_dataset(c: dict):
     # the shard directory's meta.json says which tokenizer made it
     shard_dir = data.dataset_dir(c["data_dir"], c["dataset"], c["vocab_source"], c["vocab_size"])
     meta = data.read_meta(shard_dir)
+    if settings.smoke_test():  # a smoke test checks the commands, on whatever data they find
+        c["vocab_size"] = meta["vocab_size"]
     if meta["vocab_size"] != c["vocab_size"]:
         raise ConfigError(f"the data in {shard_dir} was tokenized with a {meta['vocab_size']}-token "
                           f"vocabulary but vocab_size={c['vocab_size']}; "
@@ -407,9 +410,10 @@ def describe(r: Run) -> None:
         print0(f"instruction data: loss on {loader.loss_share:.0%} of tokens (the responses; "
                f"{r.meta['instruction']['template']['name']} template)")
     threads = f" ({torch.get_num_threads()} CPU threads)" if r.device_type == "cpu" else ""
+    smoke = f"; {settings.SMOKE_TEST}: a smoke test's tiny model and counts" if settings.smoke_test() else ""
     print0(f"run: {c['max_iters']:,} iterations{length} = {budget:,} tokens = "
            f"{budget / loader.tokens_per_epoch:.2f} epochs, {budget / params:.1f} tokens per parameter; "
-           f"device {r.device}{threads}, {c['dtype']}" + (", compiled" if c["compile"] else ""))
+           f"device {r.device}{threads}, {c['dtype']}" + (", compiled" if c["compile"] else "") + smoke)
 
 
 # -----------------------------------------------------------------------------
