@@ -1,4 +1,7 @@
+import contextlib
+import io
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +15,24 @@ sys.path.insert(0, str(ROOT / "tests"))
 SHARED = Path(os.environ.get("LLAMA_SHARED_DIR", ROOT.parent / "shared"))
 SHARED_STORIES = SHARED / "data" / "tinystories"
 LLAMA2_TOKENIZER = SHARED / "tokenizers" / "llama2.model"
+
+
+def run_main(main, argv: list[str]) -> subprocess.CompletedProcess:
+    """A command's main(argv) run in this process as its own process would run it: the exit code and what it
+    printed, without a second of torch's start-up. torch's thread count is put back afterwards."""
+    import torch
+
+    out, err, code, threads = io.StringIO(), io.StringIO(), 0, torch.get_num_threads()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main(argv)
+    except SystemExit as e:  # as the interpreter does: None is 0, a message is printed and is 1
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+        if isinstance(e.code, str):
+            err.write(e.code + "\n")
+    finally:
+        torch.set_num_threads(threads)
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture
