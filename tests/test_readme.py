@@ -6,21 +6,17 @@ installed here) and `pip install` are left out, and so is running the test suite
 `--url` a local folder with the synthetic corpus as TinyStories (V1 and V2) and a 512-token tokenizer standing
 in for Llama 2's, and llama2.c's published stories15M.bin is a small model made here.
 
-Most of a command's time at this size is Python importing torch: one server process imports it once and
-forks a child per command, which runs the script as `python script.py ...` would (runpy, its own argv, its
-output to files, its exit code)."""
+Most of a command's time at this size is Python importing torch: the lines run in children forked from one
+process that imported it once (conftest.ForkServer)."""
 import glob
-import json
-import os
 import random
 import re
 import shlex
 import shutil
 import subprocess
-import sys
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, ForkServer
 
 import tinystories
 from llamatiny.checkpoint import write_llama2c
@@ -29,37 +25,6 @@ from llamatiny.settings import SMOKE_TEST
 from model import ModelArgs, Transformer
 
 pytestmark = pytest.mark.slow
-
-# reads [argv, stdout file, stderr file] lines; runs each in a forked child; answers its exit code
-FORK_SERVER = """
-import importlib, json, os, runpy, signal, sys, traceback
-# what the commands import, once (torch._dynamo: train.py's first model on the meta device loads it)
-for name in ("torch", "torch._dynamo", "model", "train", "sample", "eval", "export", "tinystories", "plot"):
-    importlib.import_module(name)
-for request in sys.stdin:
-    argv, out, err = json.loads(request)
-    pid = os.fork()
-    if pid == 0:
-        signal.alarm(300)  # a command that hangs dies
-        for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, out, os.O_WRONLY | os.O_CREAT),
-                                (2, err, os.O_WRONLY | os.O_CREAT)):
-            os.dup2(os.open(path, flags), fd)
-        sys.argv, code = argv, 0
-        try:
-            runpy.run_path(argv[0], run_name="__main__")
-        except SystemExit as e:  # as the interpreter does: None is 0, a message is printed and is 1
-            code = e.code if isinstance(e.code, int) else int(e.code is not None)
-            if isinstance(e.code, str):
-                print(e.code, file=sys.stderr)
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
-"""
-
 
 def readme_commands() -> list[str]:
     """The lines of README.md's ```bash blocks that a CPU user pastes, in order."""
@@ -108,38 +73,27 @@ def workdir(tmp_path):
 
 
 @pytest.fixture
-def fork_server(workdir):
+def fork_server(workdir, tmp_path):
     work, _ = workdir
-    env = dict(os.environ, **{SMOKE_TEST: "1"})
-    server = subprocess.Popen([sys.executable, "-c", FORK_SERVER], cwd=work, env=env, text=True,
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-
-    def run(argv: list[str], log) -> tuple[int, str, str]:
-        server.stdin.write(json.dumps([argv, f"{log}.out", f"{log}.err"]) + "\n")
-        server.stdin.flush()
-        code = int(server.stdout.readline())
-        return code, *(open(f"{log}.{kind}", encoding="utf-8").read() for kind in ("out", "err"))
-
-    yield run
-    server.stdin.close()
-    server.wait(timeout=60)
+    with ForkServer(work, tmp_path / "logs", {SMOKE_TEST: "1"}) as server:
+        yield server
 
 
-def test_the_readme_runs_as_pasted(workdir, fork_server, tmp_path):
+def test_the_readme_runs_as_pasted(workdir, fork_server):
     work, mirror = workdir
     commands = readme_commands()
     assert len(commands) > 25 and any(c.startswith("python train.py") for c in commands)
-    for i, line in enumerate(commands):
+    for line in commands:
         words = shlex.split(line, comments=True)
         if words[0] != "python":  # a shell line (echo ... > prompt.txt)
             result = subprocess.run(line, shell=True, cwd=work, capture_output=True, text=True, timeout=60)
-            code, out, err = result.returncode, result.stdout, result.stderr
         else:
             if words[1:3] == ["tinystories.py", "download"]:
                 words += ["--url", f"{mirror}/"]  # the "internet"
             argv = [m for w in words[1:] for m in (sorted(glob.glob(w, root_dir=work)) or [w])]  # out/*
-            code, out, err = fork_server(argv, tmp_path / f"command{i}")
-        assert code == 0, f"README line failed: {line}\n{out[-1500:]}{err[-1500:]}"
+            result = fork_server.run(argv, cwd=work)
+        out, err = result.stdout, result.stderr
+        assert result.returncode == 0, f"README line failed: {line}\n{out[-1500:]}{err[-1500:]}"
         assert "Traceback" not in err, f"{line}\n{err[-1500:]}"
         if words[1] == "train.py":
             assert f"{SMOKE_TEST}: a smoke test's" in out, out[-1500:]
