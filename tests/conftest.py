@@ -127,6 +127,17 @@ def data_dir(tmp_path_factory) -> Path:
     return root
 
 
+def pytest_configure(config):
+    # tests in parallel (pytest-xdist): each worker takes its share of the cores, so that none waits for
+    # threads the others hold
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers:
+        import torch
+
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(max(1, cores // workers))
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 
