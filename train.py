@@ -201,7 +201,8 @@ def parse_settings(argv: list[str]) -> dict:
     # --batch_size=max: gradient_accumulation_steps stays, the micro-batch grows to fill the memory
     words = {"--batch_size=auto": "--auto_batch_size=True", "--batch_size=max": "--max_batch_size=True"}
     argv = [words.get(a, a) for a in argv]
-    return parse_config(default_config(), argv, setting_types(), settings.RENAMED, settings.IGNORED)
+    config = parse_config(default_config(), argv, setting_types(), settings.RENAMED, settings.IGNORED)
+    return settings.shrunk_for_smoke_test(config)
 
 
 def get_lr(it: int, learning_rate: float, warmup_iters: int, lr_decay_iters: int, min_lr: float,
@@ -274,6 +275,8 @@ def open_dataset(c: dict):
     # the shard directory's meta.json says which tokenizer made it
     shard_dir = data.dataset_dir(c["data_dir"], c["dataset"], c["vocab_source"], c["vocab_size"])
     meta = data.read_meta(shard_dir)
+    if settings.smoke_test():  # a smoke test checks the commands, on whatever data they find
+        c["vocab_size"] = meta["vocab_size"]
     if meta["vocab_size"] != c["vocab_size"]:
         raise ConfigError(f"the data in {shard_dir} was tokenized with a {meta['vocab_size']}-token "
                           f"vocabulary but vocab_size={c['vocab_size']}; "
@@ -508,9 +511,10 @@ def describe(r: Run) -> None:
                f"{packing['records']:,} records are longer than a window ({c['max_seq_len'] + 1} tokens) and "
                f"cut to their start (the instruction kept)")
     threads = f" ({torch.get_num_threads()} CPU threads)" if r.device_type == "cpu" else ""
+    smoke = f"; {settings.SMOKE_TEST}: a smoke test's tiny model and counts" if settings.smoke_test() else ""
     print0(f"run: {c['max_iters']:,} iterations{length} = {budget:,} tokens = "
            f"{budget / loader.tokens_per_epoch:.2f} epochs, {budget / params:.1f} tokens per parameter; "
-           f"device {r.device}{threads}, {c['dtype']}" + (", compiled" if c["compile"] else ""))
+           f"device {r.device}{threads}, {c['dtype']}" + (", compiled" if c["compile"] else "") + smoke)
 
 
 # -----------------------------------------------------------------------------

@@ -48,6 +48,37 @@ IGNORED = {"always_save_checkpoint": "ckpt.pt is written every checkpoint_interv
                                      "by default) whatever the val loss, and ckpt_best.pt at each better one"}
 
 
+# LLAMA_TINY_SMOKE_TEST=1: every train.py command runs as written at a size that takes seconds on a CPU, to
+# check that a checkout and a list of commands work (tests/test_readme.py runs the README's lines so)
+SMOKE_TEST = "LLAMA_TINY_SMOKE_TEST"
+SMOKE_MODEL = {"dim": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "hidden_dim": None, "multiple_of": 16,
+               "max_seq_len": 32}
+# counts of iterations or batches, and what each is divided by: a run's length by 2000 and the intervals in
+# it by 200 (a 100,000-iteration run: 50 iterations, 5 evals), all alike, so that a run, its resume and its
+# fine-tunes compare as they do at full size
+SMOKE_COUNTS = {"max_iters": 2000, "warmup_iters": 2000, "lr_decay_iters": 2000, "eval_interval": 200,
+                "checkpoint_interval": 200, "eval_iters": 1000, "gradient_accumulation_steps": 4}
+
+
+def smoke_test() -> bool:
+    return os.environ.get(SMOKE_TEST, "") not in ("", "0")
+
+
+def shrunk_for_smoke_test(config: Config) -> Config:
+    """The settings as given, made tiny under LLAMA_TINY_SMOKE_TEST, whatever set them: the model's shape,
+    the micro-batch (a sixteenth) and the counts (SMOKE_COUNTS, rounded up); the vocabulary becomes the
+    data's (open_dataset in train.py)."""
+    if not smoke_test():
+        return config
+    c = Config(config, config.source, config.notes)
+    c.update(SMOKE_MODEL)
+    c["batch_size"] = -(-c["batch_size"] // 16)
+    for key, divisor in SMOKE_COUNTS.items():
+        if c[key] is not None:
+            c[key] = -(-c[key] // divisor)
+    return c
+
+
 def where(source: dict, key: str) -> str:
     # " (command line)", " (config/train_15m.py)", " (the checkpoint's)"; "" for a plain dict's settings
     if key not in source:

@@ -1,4 +1,5 @@
-"""The whole pipeline as a user runs it: real command lines in subprocesses, no imports of the scripts.
+"""The whole pipeline as a user runs it: real command lines, each in a process of its own (forked from one
+that imported torch once: conftest.ForkServer), no imports of the scripts.
 
 download (from a local `python -m http.server`) -> train_vocab -> pretokenize -> train -> resume
 -> sample -> export (llama2.c and Hugging Face) -> sample from the exported llama2.c file.
@@ -13,11 +14,24 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import ForkServer
 
 from llamatiny.corpus import make_stories, write_json_shards
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def python(tmp_path):
+    # `python SCRIPT ARGS` in cwd: what it printed, once it has succeeded without a traceback
+    with ForkServer(ROOT, tmp_path / "logs") as server:
+        def run(script, *args, cwd) -> str:
+            result = server.run([script, *args], cwd)
+            assert result.returncode == 0, f"{args} failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+            assert "Traceback" not in result.stderr
+            return result.stdout + result.stderr
+        yield run
 
 
 def run(*args, cwd) -> str:
@@ -54,7 +68,7 @@ def http_server(tmp_path):
     server.wait()
 
 
-def test_download_to_export(tmp_path, http_server):
+def test_download_to_export(tmp_path, http_server, python):
     www, url = http_server
     json_dir = tmp_path / "archive"
     write_json_shards(str(json_dir), make_stories(1600, seed=3), 4)  # data00 validation, data01-03 train
@@ -65,20 +79,20 @@ def test_download_to_export(tmp_path, http_server):
     work.mkdir()
 
     # download: the archive arrives and unpacks; the missing tokenizer is a note, not a failure
-    out = run(ROOT / "tinystories.py", "download", "--url", f"{url}/TinyStories_all_data.tar.gz",
+    out = python("tinystories.py", "download", "--url", f"{url}/TinyStories_all_data.tar.gz",
               "--tokenizer_url", f"{url}/no_such_tokenizer.model", cwd=work)
     assert sorted(p.name for p in (work / data / "TinyStories_all_data").glob("*.json")) == \
         [f"data0{i}.json" for i in range(4)]
     assert "note: skipped the Llama 2 tokenizer" in out
     assert not list((work / data).rglob("*.part"))
-    assert "already" in run(ROOT / "tinystories.py", "download",
+    assert "already" in python("tinystories.py", "download",
                             "--url", f"{url}/TinyStories_all_data.tar.gz",
                             "--tokenizer_url", f"{url}/no_such_tokenizer.model", cwd=work)
 
     # a vocabulary of our own, then shards: data00.bin validation, the rest train
-    run(ROOT / "tinystories.py", "train_vocab", "--vocab_size", "320", cwd=work)
+    python("tinystories.py", "train_vocab", "--vocab_size", "320", cwd=work)
     assert (work / data / "tok320.model").is_file()
-    run(ROOT / "tinystories.py", "pretokenize", "--vocab_size", "320", cwd=work)
+    python("tinystories.py", "pretokenize", "--vocab_size", "320", cwd=work)
     shards = sorted(p.name for p in (work / data / "tok320").glob("data*.bin"))
     assert shards == [f"data0{i}.bin" for i in range(4)]
     assert json.loads((work / data / "tok320" / "meta.json").read_text(encoding="utf-8"))["vocab_size"] == 320
@@ -88,10 +102,10 @@ def test_download_to_export(tmp_path, http_server):
              "--max_seq_len=64", "--batch_size=8", "--gradient_accumulation_steps=1", "--learning_rate=3e-3",
              "--warmup_iters=5", "--eval_interval=50", "--eval_iters=4", "--log_interval=10",
              "--device=cpu", "--compile=False", "--out_dir=out", "--checkpoint_interval=50"]
-    run(ROOT / "train.py", *model, "--max_iters=100", cwd=work)
+    python("train.py", *model, "--max_iters=100", cwd=work)
     ckpt = work / "out" / "ckpt.pt"
     assert ckpt.is_file() and (work / "out" / "config.json").is_file()
-    run(ROOT / "train.py", *model, "--max_iters=200", "--lr_decay_iters=200", "--init_from=resume", cwd=work)
+    python("train.py", *model, "--max_iters=200", "--lr_decay_iters=200", "--init_from=resume", cwd=work)
     lines = (work / "out" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
     metrics = [json.loads(line) for line in lines]
     train_losses = [m["loss"] for m in metrics if "loss" in m]
@@ -102,17 +116,17 @@ def test_download_to_export(tmp_path, http_server):
 
     # sample greedily: a story that continues the prompt
     greedy = ["--prompt=Once upon a time", "--temperature=0", "--max_new_tokens=40", "--num_samples=1"]
-    story = run(ROOT / "sample.py", f"--checkpoint={ckpt}", *greedy, cwd=work)
+    story = python("sample.py", f"--checkpoint={ckpt}", *greedy, cwd=work)
     assert len(generated_after("Once upon a time", story)[0].split()) >= 5, story  # new words, not the echo
     assert "tokens/s" in story
 
     # export to run.c's format and to Hugging Face; the exported .bin samples the same story
-    run(ROOT / "export.py", "model.bin", f"--checkpoint={ckpt}", "--format=llama2c", "--version=1", cwd=work)
+    python("export.py", "model.bin", f"--checkpoint={ckpt}", "--format=llama2c", "--version=1", cwd=work)
     assert (work / "model.bin").is_file() and (work / "model.tokenizer.bin").is_file()
-    run(ROOT / "export.py", "hf", f"--checkpoint={ckpt}", "--format=hf", cwd=work)
+    python("export.py", "hf", f"--checkpoint={ckpt}", "--format=hf", cwd=work)
     exported = {p.name for p in (work / "hf").iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.model"} <= exported
-    from_bin = run(ROOT / "sample.py", "--checkpoint=model.bin",
+    from_bin = python("sample.py", "--checkpoint=model.bin",
                    f"--tokenizer={work / data / 'tok320.model'}", *greedy, cwd=work)
     assert story_text(from_bin) == story_text(story)
 

@@ -98,12 +98,6 @@ def test_targets_pick_the_matrices_and_the_15m_goal():
         big = lora.attach(Transformer(ModelArgs()), rank=8, alpha=16.0)
     line = lora.summary(big)
     assert line.startswith("LoRA: 262,656 parameters train, 1.73% of the model's 15,191,712 (frozen)"), line
-    # MFU counts no weight gradient for the frozen base: 4 FLOPs per token for each of its weights, not 6
-    attention = 12 * 6 * 6 * 48 * 256
-    assert big.flops_per_token() == 4 * 15_191_712 + 6 * 262_656 + attention
-    with torch.device("meta"):
-        full = Transformer(ModelArgs())
-    assert full.flops_per_token() == 6 * 15_191_712 + attention
 
 
 @pytest.mark.parametrize("override, message", [

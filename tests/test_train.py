@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_main
 from test_cpu_kernels import REALLOCATION_FAULTS
 
 import train
@@ -40,13 +41,18 @@ FIRST_LOG_LINE = re.compile(r"^iter 1 \| loss \d+\.\d{4} \| lr \d\.\d\de[+-]\d\d
 # ----------------------------------------------------------------------------- helpers
 
 
-def run_train(args, data_dir, out_dir, torchrun=0, timeout=240) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1")  # tiny models: one thread each is fastest on a shared CPU
+def run_train(args, data_dir, out_dir, torchrun=0, process=False) -> subprocess.CompletedProcess:
+    # train.py's main() in this process; in a process of its own where that is what is tested (process=True,
+    # torchrun). Tiny models: one thread is fastest on a shared CPU
+    argv = TINY + [f"--data_dir={data_dir}", f"--out_dir={out_dir}"] + list(args)
+    if not (torchrun or process):
+        return run_main(train.main, ["--threads=1"] + argv)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     launcher = [sys.executable]
     if torchrun:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"]
-    cmd = launcher + [TRAIN] + TINY + [f"--data_dir={data_dir}", f"--out_dir={out_dir}"] + list(args)
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=out_dir.parent)
+    return subprocess.run(launcher + [TRAIN] + argv, capture_output=True, text=True, timeout=240, env=env,
+                          cwd=out_dir.parent)
 
 
 def ok(result) -> subprocess.CompletedProcess:
@@ -412,7 +418,7 @@ def test_finetune_from_a_missing_or_unreadable_file(data_dir, tmp_path):
 
 
 def test_bad_config_is_a_one_line_error_without_traceback(data_dir, tmp_path):
-    result = run_train(["--learnig_rate=1e-3"], data_dir, tmp_path / "out")
+    result = run_train(["--learnig_rate=1e-3"], data_dir, tmp_path / "out", process=True)
     assert_one_line_error(result, "unknown config key 'learnig_rate'", "did you mean 'learning_rate'")
 
 
@@ -606,10 +612,9 @@ def test_resume_without_the_settings_continues_the_run_as_it_was(short_run, data
     # only out_dir and data_dir: the shape, data and schedule all come from the checkpoint
     out = tmp_path / "out"
     shutil.copytree(short_run[0], out)
-    result = ok(subprocess.run([sys.executable, TRAIN, "--init_from=resume", "--device=cpu",
-                                f"--out_dir={out}", f"--data_dir={data_dir}", "--max_iters=32",
-                                "--eval_interval=2", "--eval_iters=1"],
-                               capture_output=True, text=True, timeout=240, cwd=tmp_path))
+    result = ok(run_main(train.main, ["--init_from=resume", "--device=cpu", "--threads=1", f"--out_dir={out}",
+                                      f"--data_dir={data_dir}", "--max_iters=32", "--eval_interval=2",
+                                      "--eval_iters=1"]))
     assert "note: continuing with the checkpoint's dataset='fixture'" in result.stdout
     ckpt = torch.load(out / "ckpt.pt", weights_only=False)
     assert ckpt["iter_num"] == 32 and ckpt["model_args"]["dim"] == 32 and ckpt["config"]["batch_size"] == 8
