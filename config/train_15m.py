@@ -19,7 +19,7 @@ dropout = 0.0
 batch_size = 128  # on a smaller GPU: --batch_size=64 --gradient_accumulation_steps=8 (same tokens per step)
 gradient_accumulation_steps = 4  # 131,072 tokens per iteration
 optimizer = "muon"
-muon_lr = 0.01  # chosen at this shape, 0.25M tokens (bench/README.md)
+muon_lr = 0.01  # chosen at this shape on 0.25M tokens in 4 x 256 batches (bench/README.md)
 learning_rate = 5e-3  # AdamW's: the embedding and the norms
 min_lr = 0.0
 weight_decay = 0.0
