@@ -6,7 +6,7 @@ byte on stories no run trained on.
 
     python bench/bench_recipe.py                                  # 260K shapes: 1M and 2M tokens
     python bench/bench_recipe.py --size 15m --budgets 0.5e6       # 15M shapes, Llama 2 vocabulary
-    python bench/bench_recipe.py --tune --recipes new --new "--muon_lr=0.03"   # choosing a setting
+    python bench/bench_recipe.py --tune --recipes new --new=--muon_lr=0.03   # choosing a setting
 
 The reported figures train on the shared sample's training stories (sample-train.txt) and are measured on
 its validation stories (sample-valid.txt, the official validation split). --tune chooses settings without
@@ -48,11 +48,11 @@ OLD = {
             "--beta2=0.95", "--weight_decay=0.1", "--dropout=0.0", "--batch_size=4"],
 }
 OLD_WARMUP = 0.01
-# ours: the 260K learning rates chosen on --tune runs; the 15M ones not yet tuned
+# ours: the learning rates chosen on --tune runs (muon_lr at the 15M shapes; bench/README.md)
 NEW = {
     "260k": ["--optimizer=muon", "--lr_schedule=wsd", "--muon_lr=0.01", "--learning_rate=1e-2", "--min_lr=0",
              "--beta2=0.99", "--weight_decay=0.0", "--dropout=0.0", "--batch_size=4"],
-    "15m": ["--optimizer=muon", "--lr_schedule=wsd", "--muon_lr=0.02", "--learning_rate=5e-3", "--min_lr=0",
+    "15m": ["--optimizer=muon", "--lr_schedule=wsd", "--muon_lr=0.01", "--learning_rate=5e-3", "--min_lr=0",
             "--beta2=0.95", "--weight_decay=0.0", "--dropout=0.0", "--batch_size=4"],
 }
 NEW_WARMUP = 0.02
@@ -124,7 +124,7 @@ def main() -> None:
     p.add_argument("--work", default=None, help="data and runs go here (default: /tmp/bench_recipe_SIZE)")
     args = p.parse_args()
     args.work = os.path.abspath(args.work or f"/tmp/bench_recipe_{args.size}{'_tune' if args.tune else ''}")
-    torch.set_num_threads(train.runtime.cpu_threads(args.threads))
+    torch.set_num_threads(train.runtime.cpu_threads(args.threads)[0])
     data, valid_txt = prepare(args)
     budgets = [int(float(b)) for b in args.budgets.split(",")]
     recipes = {"old": (OLD[args.size] + shlex.split(args.old), OLD_WARMUP),
