@@ -221,7 +221,7 @@ def test_tuning_on_words_from_its_stories_makes_a_model_use_the_requested_words(
     tok = ts.train_vocab(tmp_path, 512, input=tmp_path / "stories.txt", name="plain")
     ts.prepare(tmp_path, tmp_path / "stories.txt", "plain", vocab_size=512)
     ts.prepare(tmp_path, tmp_path / "stories.txt", "words", tokenizer=tok, words_from_story=3)
-    common = ["--vocab_source=custom", "--vocab_size=512", "--dim=64", "--n_layers=4", "--n_heads=4",
+    common = ["--vocab_source=custom", "--vocab_size=512", "--dim=64", "--n_layers=2", "--n_heads=4",
               "--n_kv_heads=2", "--multiple_of=16", "--max_seq_len=128", "--batch_size=16",
               "--gradient_accumulation_steps=1", "--eval_iters=2", "--log_interval=50", "--warmup_iters=20",
               "--learning_rate=2e-3", "--device=cpu", f"--data_dir={tmp_path}"]
@@ -236,8 +236,8 @@ def test_tuning_on_words_from_its_stories_makes_a_model_use_the_requested_words(
                                "--max_new_tokens=150"])
               for name in ("base", "tuned")}
     base, tuned = scores["base"], scores["tuned"]
-    # the base uses a third of the requested words (the fixture's stories share many words) and meets no
-    # constraint; the tuned model about two thirds, and meets all three words in a good share of stories
+    # the base, asked in a format it never saw, hardly uses the requested words; the tuned model uses most of
+    # them, and all three in a good share of stories
     assert tuned["words_used_share"] > 1.5 * base["words_used_share"], scores
     assert tuned["words_used_share"] > 0.5, scores
     assert tuned["words_share"] >= base["words_share"] + 0.15, scores
