@@ -3,6 +3,7 @@ stopping at the end of a story, determinism under a seed, and one-line errors fo
 sampling filters themselves are tested in test_model.py)."""
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import torch
 from test_export import save_checkpoint, tiny_model, train_tokenizer
 
 import sample
+from configurator import parse_config
 from llamatiny.checkpoint import from_checkpoint, write_hf, write_llama2c
 from llamatiny.generate import for_inference, generate_story
 from llamatiny.tokenizer import Tokenizer
@@ -231,9 +233,12 @@ def test_help_lists_every_option_with_its_default(capsys):
         code, out, err = run_main(capsys, flag)
         assert code == 0 and err == "" and out.startswith("usage: python sample.py")
         assert '--instruction="Words: dog\\nFeatures: Dialogue"' in out  # the \n to type, not a line break
-        for name, default in sample.DEFAULTS.items():
-            shown = '""' if default == "" else default if isinstance(default, str) else repr(default)
-            assert f"--{name}={shown} " in out, name
+        # every option shown, typed back as shown, is accepted and means its default
+        shown = re.findall(r"^  (--\w+=\S+)", out, flags=re.M)
+        assert len(shown) == len(sample.DEFAULTS)
+        for option in shown:
+            assert sample.check_settings(parse_config(sample.DEFAULTS, [option])) == \
+                sample.check_settings(dict(sample.DEFAULTS)), option
 
 
 def test_samples_are_separated(ckpt, capsys):
