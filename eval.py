@@ -61,6 +61,7 @@ OPTIONS = {
     "seed": (1337, "random seed for sampling"),
     "out": ("", "write the generated responses here: JSONL rows {instruction, response, reference}"),
     "device": ("auto", "auto = cuda, else mps, else cpu"),
+    "threads": (None, "CPU threads; None = as train.py: all cores on an idle machine, half while others run"),
     "dtype": ("auto", "float32 | bfloat16 | float16; auto = bfloat16 (or float16) on cuda, else float32"),
 }
 DEFAULTS = {name: default for name, (default, _) in OPTIONS.items()}
@@ -80,6 +81,8 @@ def check_settings(cfg: dict) -> dict:
         raise EvalError("--input=FILE is required: the text or instruction records to measure on")
     if cfg["batch_size"] < 1 or cfg["max_new_tokens"] < 1:
         raise EvalError("--batch_size and --max_new_tokens must be at least 1")
+    if cfg["threads"] is not None and (not isinstance(cfg["threads"], int) or cfg["threads"] < 1):
+        raise EvalError(f"--threads={cfg['threads']!r} must be a positive integer (None: by load)")
     if cfg["max_records"] is not None and (not isinstance(cfg["max_records"], int) or cfg["max_records"] < 1):
         raise EvalError(f"--max_records={cfg['max_records']!r} must be a positive integer (or None = all)")
     if cfg["temperature"] < 0 or not 0 < cfg["top_p"] <= 1 or cfg["repetition_penalty"] <= 0:
@@ -195,12 +198,16 @@ def main(argv=None) -> dict | None:
         cfg = check_settings(parse_config(DEFAULTS, argv))
         device = runtime.resolve_device(cfg["device"])
         dtype = runtime.resolve_dtype(cfg["dtype"], device)
+        threads = ""
+        if device == "cpu":  # all of them on a busy machine would stall every batch and every token
+            torch.set_num_threads(runtime.cpu_threads(cfg["threads"])[0])
+            threads = f", {torch.get_num_threads()} CPU thread(s)"
         cfg["checkpoint"] = runs.find_checkpoint(cfg["checkpoint"], DEFAULTS["checkpoint"])
         model, checkpoint = generate.load_model(cfg["checkpoint"], device)
         tok = generate.load_tokenizer(cfg, checkpoint, model.args.vocab_size)
         model = generate.for_inference(model, runtime.DTYPES[dtype])
         print(f"{model.num_params() / 1e6:.1f}M parameters from {cfg['checkpoint']}, "
-              f"tokenizer {tok.model_path}, {device} {dtype}", file=sys.stderr)
+              f"tokenizer {tok.model_path}, {device} {dtype}{threads}", file=sys.stderr)
         return evaluate(model, tok, checkpoint, cfg, runtime.autocast(device, dtype))
     except (EvalError, generate.LoadError, ConfigError, DataError, instruct.InstructError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

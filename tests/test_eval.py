@@ -85,6 +85,17 @@ def test_bits_per_byte_equals_an_independent_computation(tmp_path, tok_path, ckp
     assert result["perplexity"] == pytest.approx(math.exp(nats / count), rel=1e-5)
 
 
+def test_threads_are_taken_as_asked_and_said(tmp_path, ckpts, capsys):
+    write_endoftext(tmp_path / "s.txt", make_stories(2, seed=5))
+    before = torch.get_num_threads()
+    try:
+        eval.main([f"--checkpoint={ckpts['base']}", f"--input={tmp_path / 's.txt'}", "--threads=1",
+                   "--device=cpu"])
+        assert torch.get_num_threads() == 1 and ", 1 CPU thread(s)" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_out_on_plain_text_says_it_writes_nothing(tmp_path, ckpts, capsys):
     write_endoftext(tmp_path / "s.txt", make_stories(4, seed=5))
     out = tmp_path / "responses.jsonl"
@@ -143,6 +154,7 @@ def test_instruction_records_masked_loss_responses_and_words_score(tmp_path, tok
                                                     "story-template records (tinystories_instruct)"),
     (["--input=records.txt", "--max_records=0"], "--max_records=0 must be a positive integer"),
     (["--input=records.txt", "--top_p=0"], "--top_p in (0, 1]"),
+    (["--input=records.txt", "--threads=0"], "--threads=0 must be a positive integer"),
     (["--input=records.txt", "--checkpoint=none.pt"], "no checkpoint at none.pt"),
     (["records.txt"], "unexpected argument 'records.txt'"),
 ])
