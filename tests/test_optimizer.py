@@ -62,7 +62,7 @@ def test_muon_and_wsd_resume_exactly(data_dir, tmp_path):
     args = MUON + ["--dropout=0.1", "--dtype=float16", "--eval_interval=4", "--lr_decay_iters=8"]
     train_here(args + ["--max_iters=8"], data_dir, tmp_path / "full")
     train_here(args + ["--max_iters=4"], data_dir, tmp_path / "part")
-    train_here(args + ["--max_iters=8", "--init_from=resume"], data_dir, tmp_path / "part")
+    train_here(["--max_iters=8", "--init_from=resume"], data_dir, tmp_path / "part")  # the rest: ckpt.pt
     assert_same_losses(tmp_path / "full", tmp_path / "part")
     logs, _ = read_metrics(tmp_path / "full")
     assert logs[-1]["loss"] < logs[0]["loss"] - 0.3

@@ -100,11 +100,12 @@ def main_error(argv) -> str:
 
 
 def straight_and_resumed(args, iters, data_dir, tmp_path) -> tuple[Path, Path]:
-    # the same run twice: straight through, and stopped halfway then resumed; returns both out_dirs
+    # the same run twice: straight through, and stopped halfway then resumed as a user resumes, with only
+    # the new length (the run's own settings come from its checkpoint); returns both out_dirs
     full, part = tmp_path / "full", tmp_path / "part"
     ok(run_train(args + [f"--max_iters={iters}"], data_dir, full))
     ok(run_train(args + [f"--max_iters={iters // 2}"], data_dir, part))
-    ok(run_train(args + [f"--max_iters={iters}", "--init_from=resume"], data_dir, part))
+    ok(run_train([f"--max_iters={iters}", "--init_from=resume"], data_dir, part))
     return full, part
 
 
