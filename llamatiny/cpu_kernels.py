@@ -152,7 +152,8 @@ class Decoder:
     - RMSNorm's gain folded into the matrix that follows it, (x * g) W^T = x (g W^T), as is the attention's
       1/sqrt(head_dim) into wq; what is left of the norm is one batched dot product per layer input
     - RoPE at one position as one complex multiply, in place (Meta's own formulation of the rotation)
-    - buffers made once per prefill; the KV cache is the model's own, written by its write_cache
+    - buffers, and the views of them each step reads and writes, made once per prefill; the KV cache is the
+      model's own, written in place at each position
     The weights are packed per generation and dropped after it: a copy kept across calls could go stale
     unnoticed (the fused AdamW step changes a weight in place without bumping its _version). A model loaded
     only to generate (attach(model, frozen=True): sample.py, eval.py) keeps one packing instead, made at
@@ -218,37 +219,47 @@ class Decoder:
         self.x = torch.empty(B, a.dim)  # the residual stream
         self.x_rows, self.x_cols = self.x.view(B, 1, a.dim), self.x.view(B, a.dim, 1)
         self.inv_rms = torch.empty(B, 1, 1)
+        self.r = self.inv_rms.view(B, 1)
         self.qkv = torch.empty(B, (H + 2 * KV) * hd)
         self.q, self.q_heads = self.qkv[:, :H * hd], (B * KV, H // KV, hd)  # heads grouped by kv head
         self.qk = torch.view_as_complex(self.qkv[:, :(H + KV) * hd].view(B, H + KV, hd // 2, 2))
-        self.k = self.qkv[:, H * hd:(H + KV) * hd].view(B, KV, 1, hd)
-        self.v = self.qkv[:, (H + KV) * hd:].view(B, KV, 1, hd)
-        self.y = torch.empty(B * KV, H // KV, hd)  # the attention's output, (B, dim) once viewed
+        # q grouped by kv head: for one sequence a view made here, for a batch a copy made at each step
+        self.q_grouped = self.q.view(self.q_heads) if B == 1 else None
+        self.k = self.qkv[:, H * hd:(H + KV) * hd].view(B, KV, hd)
+        self.v = self.qkv[:, (H + KV) * hd:].view(B, KV, hd)
+        self.y = torch.empty(B * KV, H // KV, hd)  # the attention's output
+        self.y_rows = self.y.view(B, a.dim)
         self.h13 = torch.empty(B, 2 * a.hidden_dim)
         self.h1, self.h3 = self.h13[:, :a.hidden_dim], self.h13[:, a.hidden_dim:]
+        # the model's own KV caches, (B, n_kv_heads, max_seq_len, head_dim), and for the products over them
         # keys as (B * n_kv_heads, head_dim, max_seq_len), values as (B * n_kv_heads, max_seq_len, head_dim)
-        self.caches = [(layer.attention, layer.attention.cache_k.flatten(0, 1).transpose(1, 2),
-                        layer.attention.cache_v.flatten(0, 1)) for layer in self.model.layers]
+        self.caches = [(at.cache_k, at.cache_v, at.cache_k.flatten(0, 1).transpose(1, 2),
+                        at.cache_v.flatten(0, 1)) for at in (layer.attention for layer in self.model.layers)]
 
     def decode(self, token, pos: int):
-        # token: (B,) at position pos -> (B, vocab_size)
-        x, r, B = self.x, self.inv_rms.view(-1, 1), token.size(0)
+        # token: (B,) at position pos -> (B, vocab_size). Every tensor a layer reads or writes is bound to a
+        # local name first: at ~20 calls a layer, attribute lookups are part of the cost
+        x, r, inv_rms, eps, x_rows, x_cols = self.x, self.r, self.inv_rms, self.eps, self.x_rows, self.x_cols
+        qkv, qk, k, v, y, y_rows = self.qkv, self.qk, self.k, self.v, self.y, self.y_rows
+        h13, h1, h3 = self.h13, self.h1, self.h3
         torch.index_select(self.embedding, 0, token, out=x)  # (B, dim)
         rotation = self.rope[pos]  # (head_dim/2,)
         n = pos + 1  # the positions attended to
-        for (wqkv, wo, w13, w2), (attention, keys_t, values) in zip(self.layers, self.caches, strict=True):
-            torch.baddbmm(self.eps, self.x_rows, self.x_cols, out=self.inv_rms).rsqrt_()  # (B, 1, 1)
-            torch.mm(x, wqkv, out=self.qkv).mul_(r)  # RMSNorm, then q, k, v
-            self.qk.mul_(rotation)  # RoPE on q and k
-            attention.write_cache(self.k, self.v, pos)
-            q = self.q.reshape(self.q_heads)  # a view when B is 1
+        for (wqkv, wo, w13, w2), (cache_k, cache_v, keys_t, values) in zip(self.layers, self.caches,
+                                                                           strict=True):
+            torch.baddbmm(eps, x_rows, x_cols, out=inv_rms).rsqrt_()  # (B, 1, 1)
+            torch.mm(x, wqkv, out=qkv).mul_(r)  # RMSNorm, then q, k, v
+            qk.mul_(rotation)  # RoPE on q and k
+            cache_k.select(2, pos).copy_(k)  # what the model's write_cache does, without its checks
+            cache_v.select(2, pos).copy_(v)
+            q = self.q_grouped if self.q_grouped is not None else self.q.reshape(self.q_heads)
             scores = torch.bmm(q, keys_t[:, :, :n])  # (B * n_kv_heads, n_rep, n), already scaled
-            torch.bmm(scores.softmax(-1), values[:, :n], out=self.y)
-            x.addmm_(self.y.view(B, -1), wo)  # x += y wo^T
-            torch.baddbmm(self.eps, self.x_rows, self.x_cols, out=self.inv_rms).rsqrt_()
-            torch.mm(x, w13, out=self.h13).mul_(r)
-            x.addmm_(F.silu(self.h1, inplace=True).mul_(self.h3), w2)  # x += (silu(h1) * h3) w2^T
-        torch.baddbmm(self.eps, self.x_rows, self.x_cols, out=self.inv_rms).rsqrt_()
+            torch.bmm(scores.softmax(-1), values[:, :n], out=y)
+            x.addmm_(y_rows, wo)  # x += y wo^T
+            torch.baddbmm(eps, x_rows, x_cols, out=inv_rms).rsqrt_()
+            torch.mm(x, w13, out=h13).mul_(r)
+            x.addmm_(F.silu(h1, inplace=True).mul_(h3), w2)  # x += (silu(h1) * h3) w2^T
+        torch.baddbmm(eps, x_rows, x_cols, out=inv_rms).rsqrt_()
         return torch.mm(x.mul_(r).mul_(self.gain), self.classifier)
 
 
