@@ -66,11 +66,11 @@ OPTIONS = {
     "device": ("auto", "auto = cuda, else mps, else cpu"),
     "dtype": ("auto", "float32 | bfloat16 | float16; auto = bfloat16 (or float16) on cuda, else float32"),
     "compile": (False, "torch.compile the forward pass (pays off on a GPU for long generations)"),
-    # Batch-1 decoding is hundreds of tiny ops a token, each a parallel region whose threads wait for the
-    # slowest: more threads gain little, and one thread descheduled by another job stalls the rest. A
-    # laptop always has something else running, so one thread is the default (figures: bench/README.md);
-    # try --threads=0 on an idle many-core machine for the larger models.
-    "threads": (1, "CPU threads (0 = torch's default, one per physical core)"),
+    # Decoding one token reads every weight once, and on an idle machine more cores read them faster; but
+    # each of its ~20 small ops a layer is a parallel region whose threads wait for the slowest, so beside
+    # another busy process every thread stalls (figures: bench/README.md). Hence train.py's rule
+    "threads": (None, "CPU threads; None = all cores on an idle machine, half while others run; "
+                      "0 = torch's default"),
     "cpu_speedups": (True, "faster CPU kernels for the same math (llamatiny/cpu_kernels.py); "
                            "False = plain PyTorch"),
 }
@@ -86,8 +86,10 @@ def check_settings(cfg: dict) -> dict:
     # the configurator checks types against the defaults; these are the ranges
     if cfg["num_samples"] < 1 or cfg["max_new_tokens"] < 1:
         raise SampleError("--num_samples and --max_new_tokens must be at least 1")
-    if cfg["threads"] < 0:
-        raise SampleError(f"--threads={cfg['threads']} must be >= 0 (0 = torch's default)")
+    threads = cfg["threads"]
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 0):
+        raise SampleError(f"--threads={threads!r} must be a whole number >= 0 (None: by load, 0: torch's "
+                          "default)")
     if cfg["temperature"] < 0:
         raise SampleError(f"--temperature={cfg['temperature']} must be >= 0 (0 = greedy)")
     top_k = cfg["top_k"]
@@ -178,9 +180,13 @@ def setup(argv):
     except ConfigError as e:
         raise SampleError(str(e)) from None
     prompt = read_prompt(cfg)
-    if cfg["threads"]:
-        torch.set_num_threads(cfg["threads"])
     device = runtime.resolve_device(cfg["device"])
+    why = ""
+    if device == "cpu" and cfg["threads"] != 0:
+        threads, why = runtime.cpu_threads(cfg["threads"])
+        torch.set_num_threads(threads)
+        why = "" if cfg["threads"] else f" ({why})"  # said when the rule chose
+    threads = f"{torch.get_num_threads()} CPU thread(s){why}"
     dtype = runtime.DTYPES[runtime.resolve_dtype(cfg["dtype"], device)]
     cfg["checkpoint"] = runs.find_checkpoint(cfg["checkpoint"], DEFAULTS["checkpoint"])
     model, checkpoint = load_model(cfg["checkpoint"], device)
@@ -194,7 +200,7 @@ def setup(argv):
                    for m in instructions]
     model = for_inference(model, dtype, cfg["cpu_speedups"], cfg["compile"])
     print(f"{model.num_params() / 1e6:.1f}M parameters from {cfg['checkpoint']}, tokenizer {tok.model_path}, "
-          f"{device} {str(dtype).removeprefix('torch.')}, {torch.get_num_threads()} CPU thread(s)",
+          f"{device} {str(dtype).removeprefix('torch.')}, {threads}",
           file=sys.stderr)
     return cfg, model, tok, prompts, echo
 

@@ -39,7 +39,7 @@ def test_settings_are_checked_and_normalised():
     cfg = sample.check_settings({**sample.DEFAULTS, "top_k": 0, "top_p": 1.0})
     assert cfg["top_k"] is None and cfg["top_p"] is None  # both mean "no limit"
     for bad in ({"top_p": 0.0}, {"top_p": 1.5}, {"temperature": -1.0}, {"top_k": -3}, {"num_samples": 0},
-                {"prompt": "a", "prompt_file": "b"}, {"threads": -1}):
+                {"prompt": "a", "prompt_file": "b"}, {"threads": -1}, {"threads": 1.5}):
         with pytest.raises(sample.SampleError):
             sample.check_settings({**sample.DEFAULTS, **bad})
 
@@ -110,6 +110,23 @@ def run_main(capsys, *argv):
     out, err = capsys.readouterr()
     return code, out, err
 
+
+def test_threads_follow_the_load_unless_set(ckpt, capsys, monkeypatch):
+    # train.py's rule: all cores when idle, half beside other jobs, said in the first line; --threads=N as set
+    from llamatiny import runtime
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
+    before = torch.get_num_threads()
+    try:
+        for load, threads, said in ((0.1, 4, "all cores"), (3.0, 2, "half the cores")):
+            monkeypatch.setattr(runtime.os, "getloadavg", lambda load=load: (load, 0.0, 0.0), raising=False)
+            sample.main([f"--checkpoint={ckpt}", "--max_new_tokens=2"])
+            err = capsys.readouterr().err
+            assert torch.get_num_threads() == threads and f"{threads} CPU thread(s) ({said}" in err, err
+        sample.main([f"--checkpoint={ckpt}", "--max_new_tokens=2", "--threads=3"])
+        assert torch.get_num_threads() == 3 and "3 CPU thread(s)\n" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(before)
 
 def test_greedy_output_equals_model_generate(ckpt, sp_model, capsys, tmp_path):
     model, tok = tiny_model(), Tokenizer(sp_model)
