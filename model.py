@@ -55,6 +55,16 @@ class ModelArgs:
             raise ValueError(f"head dim dim/n_heads = {self.dim}/{self.n_heads} = {self.dim // self.n_heads} "
                              "must be even for rotary embeddings")
 
+    def num_params(self) -> int:
+        # what Transformer(self).num_params() counts, from the shapes alone: building the model, even on the
+        # meta device, takes over a second (torch's meta path for normal_ imports its compiler)
+        head_dim = self.dim // self.n_heads
+        attention = self.dim * head_dim * 2 * (self.n_heads + self.n_kv_heads)  # wq and wo, wk and wv
+        feed_forward = 3 * self.dim * self.hidden_dim  # w1, w2, w3
+        block = attention + feed_forward + 2 * self.dim  # and the two norms' gains
+        classifier = 0 if self.tie_embeddings else self.vocab_size * self.dim
+        return self.vocab_size * self.dim + self.n_layers * block + self.dim + classifier
+
     @classmethod
     def from_dict(cls, d: dict) -> "ModelArgs":
         # picks the model's fields out of a larger dict (the training config, a checkpoint)

@@ -252,11 +252,10 @@ def make_figure(loaded: list[Run], x: str = "iter", log: bool = False, smooth: f
 
 
 def count_params(settings: dict) -> int | None:
-    from llamatiny.settings import num_params
     from model import ModelArgs
 
     try:
-        return num_params(ModelArgs.from_dict(settings))
+        return ModelArgs.from_dict(settings).num_params()
     except (TypeError, ValueError):
         return None
 

@@ -456,15 +456,10 @@ def resolve_peak_flops(setting, device_type: str):
 # -----------------------------------------------------------------------------
 # memory: how much a training step needs, and the largest micro-batch that fits
 
-def num_params(args: ModelArgs) -> int:
-    with torch.device("meta"):  # shapes only: no memory, no time
-        return Transformer(args).num_params()
-
-
 def step_bytes(args: ModelArgs, batch_size: int, dtype: str, device_type: str, frozen: bool = False) -> int:
     """An estimate of the peak memory of one training step (forward, backward, AdamW) in bytes; within
     about a third of what PyTorch allocates, usually below it. frozen: the weights do not train (LoRA)."""
-    params = num_params(args)
+    params = args.num_params()
     half = dtype in ("bfloat16", "float16")
     # float32 weights, and unless frozen their gradients and AdamW's two moments; under autocast, the
     # half-precision weight copies

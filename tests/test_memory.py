@@ -74,7 +74,7 @@ def test_the_estimate_grows_with_what_drives_memory():
     args = ModelArgs(dim=288, n_layers=6, n_heads=6, vocab_size=32000, max_seq_len=256)
     one = settings.step_bytes(args, 64, "float32", "cpu")
     two = settings.step_bytes(args, 128, "float32", "cpu")
-    weights = 16 * settings.num_params(args)
+    weights = 16 * args.num_params()
     assert two - weights == pytest.approx(2 * (one - weights))  # activations and logits: linear in the batch
     assert settings.step_bytes(args, 64, "bfloat16", "cuda") < one  # the logits' gradients in half precision
     dropout = ModelArgs(dim=64, n_layers=5, n_heads=8, n_kv_heads=4, vocab_size=512, max_seq_len=512,

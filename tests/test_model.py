@@ -89,7 +89,7 @@ def test_reference_configs_have_the_reference_parameter_counts(name):
         tokens = torch.zeros(2, 16, dtype=torch.long)
         logits, loss = m(tokens, tokens)
         last, no_loss = m(tokens)
-    assert m.num_params() == expected
+    assert m.num_params() == expected == ModelArgs(**kw).num_params()
     assert m.num_params(non_embedding=True) == expected - kw["vocab_size"] * kw["dim"]
     assert logits.shape == (2, 16, kw["vocab_size"]) and loss.shape == ()
     assert last.shape == (2, 1, kw["vocab_size"]) and no_loss is None
@@ -194,7 +194,7 @@ def test_untied_output_layer_is_a_weight_of_its_own():
     tied, m = tiny_model(std=None), tiny_model(std=None, tie_embeddings=False)
     assert m.output.weight is not m.tok_embeddings.weight
     V, d = m.args.vocab_size, m.args.dim
-    assert m.num_params() == tied.num_params() + V * d
+    assert m.num_params() == tied.num_params() + V * d == m.args.num_params()
     # without the token embedding (transformers' exclude_embeddings): an untied classifier stays in
     assert m.num_params(non_embedding=True) == tied.num_params(non_embedding=True) + V * d
     sd = m.state_dict()
