@@ -11,8 +11,10 @@ it writes when asked, and how often it uses the words a Words: instruction reque
 instruction records (llamatiny/instruct.py), told apart by content (--format to force one). Any checkpoint
 sample.py reads (a run folder: its best checkpoint); --device, --dtype and --tokenizer as in sample.py.
 
---held_out=True keeps the documents or records `prepare` puts in the validation split (0, 100, 200, ...):
-a model trained on data prepared from --input is measured on what it has not seen.
+--held_out=True keeps the documents or records `prepare` puts in the validation split (0, 100, 200, ...,
+or with --val_fraction=F the share prepare's --val_fraction=F held out; the shards' meta.json records it
+under "validation"): a model trained on data prepared from --input is measured on what it has not seen.
+Data prepared with --val_input FILE held out all of FILE: measure on --input=FILE.
 
 Plain text: the documents are tokenized as in the shards (BOS before each) and every token after the first
 is predicted once, the stream cut into consecutive windows of the model's context (a window does not see
@@ -51,6 +53,7 @@ OPTIONS = {
                             "(as prepare)"),
     "held_out": (False, "True: only the records prepare holds out for validation "
                         "(0, 100, 200, ... of --input)"),
+    "val_fraction": (None, "with --held_out: the share prepare --val_fraction held out (None: a hundredth)"),
     "tokenizer": ("", "sentencepiece .model; \"\" = the one recorded in the checkpoint"),
     "batch_size": (16, "context windows per forward pass"),
     "max_records": (None, "instruction records: the first N only (None = all)"),
@@ -83,6 +86,10 @@ def check_settings(cfg: dict) -> dict:
         raise EvalError("--batch_size and --max_new_tokens must be at least 1")
     if cfg["threads"] is not None and (not isinstance(cfg["threads"], int) or cfg["threads"] < 1):
         raise EvalError(f"--threads={cfg['threads']!r} must be a positive integer (None: by load)")
+    share = cfg["val_fraction"]
+    if share is not None and (not cfg["held_out"] or not isinstance(share, float) or not 0 < share < 1):
+        raise EvalError(f"--val_fraction={share!r}: a share between 0 and 1, with --held_out=True "
+                        "(the one prepare --val_fraction held out)")
     if cfg["max_records"] is not None and (not isinstance(cfg["max_records"], int) or cfg["max_records"] < 1):
         raise EvalError(f"--max_records={cfg['max_records']!r} must be a positive integer (or None = all)")
     if cfg["temperature"] < 0 or not 0 < cfg["top_p"] <= 1 or cfg["repetition_penalty"] <= 0:
@@ -129,7 +136,7 @@ def evaluate(model, tok, checkpoint: dict, cfg: dict, ctx, say=print) -> dict:
     source = readers.InputRecords(cfg["input"], cfg["format"], cfg["words_from_story"])
     items = []
     for i, item in enumerate(source):
-        if cfg["held_out"] and not readers.is_val(i):
+        if cfg["held_out"] and not readers.is_val(i, cfg["val_fraction"] or 1 / readers.VAL_EVERY):
             continue
         items.append(item)
         if source.template is not None and len(items) == cfg["max_records"]:

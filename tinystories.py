@@ -277,7 +277,11 @@ def prepare(data_dir, input, name: str, vocab_size: int = 0, tokenizer=None, fmt
     tok = find_tokenizer(data_dir, vocab_size, tokenizer, name)
     total = sum(p.stat().st_size for p in source.files + (val_source.files if val_source else []))
     jobs = _prepare_jobs(source, input, tok, val_source, val_fraction or 1 / VAL_EVERY)
-    out = write_shards(data_dir / name, jobs, tok, total, num_jobs=None, source=Path(input), records=source)
+    # meta.json's record of the split, for eval.py --held_out (--val_fraction) to measure the same documents
+    split = ({"val_input": str(Path(val_input).resolve())} if val_source is not None
+             else {"val_fraction": val_fraction or 1 / VAL_EVERY})
+    out = write_shards(data_dir / name, jobs, tok, total, num_jobs=None, source=Path(input), records=source,
+                       split=split)
     if fmt == "auto" and source.template is None:
         print(f"note: no instruction fields in {input} (Words:/Summary: lines, prompt/response, messages, "
               "...): plain shards for pretraining; for instruction tuning, --words_from_story=3 makes Words: "
@@ -324,7 +328,8 @@ def _prepare_jobs(source: InputRecords, input, tok: Tokenizer, val_source: Input
 
 
 def write_shards(out_dir: Path, jobs: Iterable[tuple[str, tuple, int]], tok: Tokenizer, total: int,
-                 num_jobs: int | None, source: Path, records: InputRecords | None = None) -> Path:
+                 num_jobs: int | None, source: Path, records: InputRecords | None = None,
+                 split: dict | None = None) -> Path:
     """Encode jobs (shard name, source, weight) in a process pool. Shards (and the loss masks and record
     starts of instruction records, dataNN.mask and dataNN.idx) are written under temporary names and renamed
     into place only when every job succeeded; meta.json comes last."""
@@ -381,6 +386,8 @@ def write_shards(out_dir: Path, jobs: Iterable[tuple[str, tuple, int]], tok: Tok
             "eos_id": tok.eos_id, "num_stories": stories, "num_tokens": tokens, "dtype": "uint16",
             "source": str(Path(source).resolve()), "val_shard": names[0],
             "shards": {n: {"stories": results[n][0], "tokens": results[n][1]} for n in names}}
+    if split is not None:
+        meta["validation"] = split
     counted = ""
     if records is not None and records.template:
         loss_tokens = sum(results[n][2] for n in names)

@@ -231,8 +231,11 @@ def test_prepare_takes_its_validation_split_from_val_input_or_val_fraction(tok51
               "--data_dir", str(tmp_path)]
     assert ts.main(common + ["--val_input", str(tmp_path / "valid.txt")]) == 0
     assert decoded() == [own, docs]  # all of the own validation file, every document of --input trains
+    own_file = str((tmp_path / "valid.txt").resolve())
+    assert read_meta(tmp_path / "mine")["validation"] == {"val_input": own_file}  # for eval.py --held_out
     assert ts.main(common + ["--val_fraction", "0.2"]) == 0
     assert decoded() == [docs[::5], [d for i, d in enumerate(docs) if i % 5]]
+    assert read_meta(tmp_path / "mine")["validation"] == {"val_fraction": 0.2}
     capsys.readouterr()
     for extra, message in ((["--val_fraction", "0.2", "--val_input", str(tmp_path / "valid.txt")],
                             "--val_input is the whole validation split: leave out --val_fraction"),

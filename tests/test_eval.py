@@ -256,16 +256,32 @@ def test_tuning_on_words_from_its_stories_makes_a_model_use_the_requested_words(
     assert tuned["loss"] < base["loss"]  # on the held-out stories' responses
 
 
-def test_held_out_measures_the_records_prepare_held_out(tmp_path, tok_path, ckpts):
-    # eval --held_out=True on the input of a prepared dataset reads exactly its validation shard's tokens
+@pytest.mark.parametrize("val_fraction, held_out", [(None, 3), (0.04, 10)])
+def test_held_out_measures_the_records_prepare_held_out(tmp_path, tok_path, ckpts, val_fraction, held_out):
+    # eval --held_out=True on the input of a prepared dataset reads exactly its validation shard's tokens,
+    # with prepare's --val_fraction given back to it as meta.json records it
     write_endoftext(tmp_path / "s.txt", make_stories(250, seed=9))
-    ts.prepare(tmp_path, tmp_path / "s.txt", "words", tokenizer=tok_path, words_from_story=3)
+    ts.prepare(tmp_path, tmp_path / "s.txt", "words", tokenizer=tok_path, words_from_story=3,
+               val_fraction=val_fraction)
+    meta = json.loads((tmp_path / "words" / "meta.json").read_text())
+    assert meta["validation"] == {"val_fraction": val_fraction or 0.01}
+    share = [] if val_fraction is None else [f"--val_fraction={meta['validation']['val_fraction']}"]
     result = eval.main([f"--checkpoint={ckpts['story']}", f"--input={tmp_path / 's.txt'}",
-                        "--words_from_story=3", "--held_out=True", "--max_new_tokens=2"])
+                        "--words_from_story=3", "--held_out=True", "--max_new_tokens=2", *share])
     val = tmp_path / "words" / "data00.bin"
     mask = np.fromfile(val.with_name(mask_name(val.name)), dtype=np.uint8)
-    assert result["records"] == 3  # records 0, 100 and 200
+    assert result["records"] == held_out  # records 0, 100 and 200; or 0, 25, 50, ... 225
     assert result["tokens"] == val.stat().st_size // 2 == len(mask) and result["targets"] == int(mask.sum())
+
+
+@pytest.mark.parametrize("bad", ["--val_fraction=0.2", "--held_out=True --val_fraction=1.5",
+                                 "--held_out=True --val_fraction=1"])
+def test_val_fraction_is_a_share_given_with_held_out(tmp_path, ckpts, capsys, bad):
+    write_endoftext(tmp_path / "s.txt", make_stories(5, seed=9))
+    with pytest.raises(SystemExit):
+        eval.main([f"--checkpoint={ckpts['story']}", f"--input={tmp_path / 's.txt'}", *bad.split()])
+    err = capsys.readouterr().err
+    assert err.startswith("error: --val_fraction=") and "--held_out=True" in err and err.count("\n") == 1, err
 
 
 def test_max_records_reads_no_further(tmp_path, ckpts, capsys):
