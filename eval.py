@@ -205,10 +205,8 @@ def main(argv=None) -> dict | None:
         cfg = check_settings(parse_config(DEFAULTS, argv))
         device = runtime.resolve_device(cfg["device"])
         dtype = runtime.resolve_dtype(cfg["dtype"], device)
-        threads = ""
-        if device == "cpu":  # all of them on a busy machine would stall every batch and every token
-            torch.set_num_threads(runtime.cpu_threads(cfg["threads"])[0])
-            threads = f", {torch.get_num_threads()} CPU thread(s)"
+        # every core of a busy machine would stall each batch and token
+        threads = f", {runtime.use_cpu_threads(cfg['threads'])}" if device == "cpu" else ""
         cfg["checkpoint"] = runs.find_checkpoint(cfg["checkpoint"], DEFAULTS["checkpoint"])
         model, checkpoint = generate.load_model(cfg["checkpoint"], device)
         tok = generate.load_tokenizer(cfg, checkpoint, model.args.vocab_size)

@@ -181,12 +181,10 @@ def setup(argv):
         raise SampleError(str(e)) from None
     prompt = read_prompt(cfg)
     device = runtime.resolve_device(cfg["device"])
-    why = ""
     if device == "cpu" and cfg["threads"] != 0:
-        threads, why = runtime.cpu_threads(cfg["threads"])
-        torch.set_num_threads(threads)
-        why = "" if cfg["threads"] else f" ({why})"  # said when the rule chose
-    threads = f"{torch.get_num_threads()} CPU thread(s){why}"
+        threads = runtime.use_cpu_threads(cfg["threads"])
+    else:  # 0: torch's own choice
+        threads = f"{torch.get_num_threads()} CPU thread(s)"
     dtype = runtime.DTYPES[runtime.resolve_dtype(cfg["dtype"], device)]
     cfg["checkpoint"] = runs.find_checkpoint(cfg["checkpoint"], DEFAULTS["checkpoint"])
     model, checkpoint = load_model(cfg["checkpoint"], device)

@@ -804,10 +804,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         config = parse_settings(argv)
         # process-wide, like the allocator: here, not in train()
-        threads, why = runtime.cpu_threads(config["threads"])
-        torch.set_num_threads(threads)
+        threads = runtime.use_cpu_threads(config["threads"])
         if runtime.resolve_device(config["device"]) == "cpu":
-            print0(f"CPU threads: {threads} ({why})")
+            print0(f"using {threads}")
             if runtime.resolve_dtype(config["dtype"], "cpu") == "float32" and runtime.cpu_has_bf16():
                 # faster on some such CPUs, slower on others (bench/README.md): a pointer, not a promise
                 print0("this CPU has AVX512-BF16: --dtype=bfloat16 (autocast) may train faster than float32; "

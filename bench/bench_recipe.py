@@ -25,7 +25,6 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import torch  # noqa: E402
 
 import eval as evaluation  # noqa: E402  (the repository's eval.py)
 import tinystories  # noqa: E402
@@ -124,7 +123,7 @@ def main() -> None:
     p.add_argument("--work", default=None, help="data and runs go here (default: /tmp/bench_recipe_SIZE)")
     args = p.parse_args()
     args.work = os.path.abspath(args.work or f"/tmp/bench_recipe_{args.size}{'_tune' if args.tune else ''}")
-    torch.set_num_threads(train.runtime.cpu_threads(args.threads)[0])
+    train.runtime.use_cpu_threads(args.threads)
     data, valid_txt = prepare(args)
     budgets = [int(float(b)) for b in args.budgets.split(",")]
     recipes = {"old": (OLD[args.size] + shlex.split(args.old), OLD_WARMUP),

@@ -30,7 +30,6 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import torch  # noqa: E402
 
 import eval as evaluation  # noqa: E402  (the repository's eval.py)
 from llamatiny import generate, instruct, runtime  # noqa: E402
@@ -87,7 +86,7 @@ def main() -> None:
     p.add_argument("--reuse_base", action="store_true",
                    help="keep the data and the base model of an earlier run in --work: tune and measure only")
     args = p.parse_args()
-    torch.set_num_threads(runtime.cpu_threads(None))  # eval.py's, in this process: train.py's choice
+    runtime.use_cpu_threads(None)  # eval.py's, in this process: train.py's choice
     src = os.path.join(os.path.abspath(args.shared), "data", "tinystories")
     train_txt, valid_txt = os.path.join(src, "sample-train.txt"), os.path.join(src, "sample-valid.txt")
     if not os.path.isfile(train_txt):

@@ -117,6 +117,14 @@ def cpu_threads(setting: int | None) -> tuple[int, str]:
                                 f"would stall every thread; --threads={cores} takes them all")
 
 
+def use_cpu_threads(setting: int | None) -> str:
+    """Sets torch's CPU threads as cpu_threads(setting) chooses them; returns what a command's start-up line
+    says of them (why, when the rule chose)."""
+    threads, why = cpu_threads(setting)
+    torch.set_num_threads(threads)
+    return f"{threads} CPU thread(s)" + ("" if setting else f" ({why})")
+
+
 def cpu_has_bf16() -> bool:
     # AVX512-BF16 or AMX (Linux's flags): CPU bfloat16 autocast runs its matmuls natively, faster than float32
     try:

@@ -68,6 +68,12 @@ def test_cpu_threads_default_to_all_cores_when_idle_and_half_when_busy(monkeypat
     monkeypatch.setattr(runtime.os, "getloadavg", lambda: (1.2, 0.2, 0.3), raising=False)
     threads, why = runtime.cpu_threads(None)
     assert threads == 4 and "1.2" in why and "--threads=8" in why  # the start-up line says how to take all
+    before = torch.get_num_threads()
+    try:  # what sample.py, eval.py and train.py set and say
+        assert runtime.use_cpu_threads(None) == f"4 CPU thread(s) ({why})" and torch.get_num_threads() == 4
+        assert runtime.use_cpu_threads(3) == "3 CPU thread(s)" and torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
     monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: {0}, raising=False)
     assert runtime.cpu_threads(None)[0] == 1
     monkeypatch.setenv("OMP_NUM_THREADS", "2")  # torchrun's, or the user's: torch has already read it
