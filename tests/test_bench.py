@@ -15,6 +15,7 @@ from llamatiny.corpus import make_stories, write_endoftext, write_tinystories_ar
 
 sys.path.insert(0, str(ROOT / "bench"))
 import bench_recipe  # noqa: E402
+import bench_threads  # noqa: E402
 import bench_train  # noqa: E402
 import gpu_check  # noqa: E402
 
@@ -172,3 +173,14 @@ def test_bench_recipe_holds_out_whole_stories_and_its_recipes_are_valid_settings
                                  (bench_recipe.NEW[size], ("muon", "wsd"))):
             c = settings.resolve_config(train.parse_settings(shape + recipe))
             assert (c["optimizer"], c["lr_schedule"]) == expected
+
+
+def test_bench_threads_times_training_and_decoding_steps():
+    # the two steps bench_threads.py alternates thread counts over run as the bench calls them (a training
+    # step of the 260K shape; 3 tokens of the 15M shape's decoding, on weights packed once, at load)
+    step, tokens, what = bench_threads.train_step(batch_size=1)
+    step()
+    assert tokens == 512 and "260K" in what
+    decode, new_tokens, what = bench_threads.decode_step(new_tokens=3)
+    decode()
+    assert new_tokens == 3 and "15M" in what
